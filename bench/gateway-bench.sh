@@ -1,0 +1,723 @@
+#!/usr/bin/env bash
+# gateway-bench.sh - compare direct TCP, a strait gateway pair and an HAProxy
+# mTLS gateway pair side by side, on loopback only (127.0.0.1).
+#
+#   client -> nginx / iperf3                                  (direct)
+#   client -> strait B (import) =QUIC mTLS=> strait A (export) -> backend
+#   client -> haproxy B (tcp)   =TLS 1.3 mTLS=> haproxy A     -> backend
+#
+# Usage: bash bench/gateway-bench.sh      (see bench/README.md for env vars)
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+
+DURATION=${DURATION:-10}          # seconds per measured load (wrk and iperf3)
+DURATION=${DURATION%s}
+WARMUP=${WARMUP:-1}               # seconds of keep-alive wrk before measuring, 0 = none
+WARMUP=${WARMUP%s}
+THREADS=${THREADS:-2}             # strait STRAIT_WORKER_THREADS == haproxy nbthread
+WRK_THREADS=${WRK_THREADS:-2}
+WRK_CONNS=${WRK_CONNS:-16}
+NGINX_WORKERS=${NGINX_WORKERS:-1}
+PIN=${PIN:-0}                     # 1 = pin load generators / servers with taskset
+SKIP_STRAIT=${SKIP_STRAIT:-0}     # 1 = no strait column (no cargo build)
+STRAIT_BIN=${STRAIT_BIN:-}        # use this binary instead of building
+READY_TIMEOUT=${READY_TIMEOUT:-10}
+OUT_DIR=${OUT_DIR:-$SCRIPT_DIR/out}
+BODY_PATH=/1k.bin
+
+WORK=""
+PIDS=()
+SAMPLER_PID=""
+LAST_PID=""
+STRAIT=""
+PKI_TOOL=""
+declare -A R=()                   # results: R[setup:metric]
+declare -A STOPPED=()             # pids already stopped and reaped
+RUN_STRAIT=0                      # 1 = measure the strait column
+SERVER_PREFIX=()                  # taskset prefix for backends + gateways
+CLIENT_PREFIX=()                  # taskset prefix for wrk / iperf3 client
+PIN_NOTE="no CPU pinning (default; set PIN=1 to pin)"
+
+# ---------------------------------------------------------------- helpers --
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+is_num() { [[ ${1:-} =~ ^[0-9]+([.][0-9]+)?([eE][-+]?[0-9]+)?$ ]]; }
+
+# alive PID: true if the process exists and is not a zombie.
+alive() {
+  local s
+  [[ -r /proc/$1/stat ]] || return 1
+  s=$(<"/proc/$1/stat") 2>/dev/null || return 1
+  s=${s##*) }
+  [[ ${s%% *} != Z ]]
+}
+
+# start_bg NAME CMD...: start CMD in its own process group (setsid, no fork),
+# log to $WORK/logs/NAME.log, remember the pid for cleanup; sets LAST_PID.
+start_bg() {
+  local name=$1; shift
+  setsid "${SERVER_PREFIX[@]}" "$@" >"$WORK/logs/$name.log" 2>&1 </dev/null &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# stop_proc PID: TERM the process group, wait up to 3 s, then KILL it.
+stop_proc() {
+  local pid=$1 i
+  [[ -z ${STOPPED[$pid]:-} ]] || return 0
+  if alive "$pid"; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 30; i++)); do alive "$pid" || break; sleep 0.1; done
+  fi
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  STOPPED[$pid]=1 # reaped: the pid may be reused, never signal it again
+}
+
+stop_sampler() {
+  if [[ -n $SAMPLER_PID ]]; then
+    kill "$SAMPLER_PID" 2>/dev/null || true
+    wait "$SAMPLER_PID" 2>/dev/null || true
+    SAMPLER_PID=""
+  fi
+}
+
+cleanup() {
+  local rc=$? pid
+  trap - EXIT INT TERM
+  stop_sampler
+  for pid in "${PIDS[@]}"; do stop_proc "$pid"; done
+  if [[ -n $WORK && -d $WORK ]]; then
+    if [[ ${KEEP_WORK:-0} == 1 ]]; then log "KEEP_WORK=1: left $WORK"; else rm -rf -- "$WORK"; fi
+  fi
+  exit "$rc"
+}
+
+dump_log() { # dump_log NAME
+  local f="$WORK/logs/$1.log"
+  [[ -s $f ]] || return 0
+  log "---- last lines of $1 log ----"
+  tail -n 30 "$f" >&2 || true
+}
+
+# alloc_ports N: N distinct ports on 127.0.0.1, each free for TCP *and* UDP
+# (sockets are held until all are chosen, so the N ports never repeat).
+alloc_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+n, held, ports = int(sys.argv[1]), [], []
+while len(ports) < n:
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); u.close(); continue
+    held += [t, u]; ports.append(p)
+print(" ".join(map(str, ports)))
+EOF
+}
+
+tcp_open() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+# wait_until NAME PID CMD...: poll CMD every 100 ms for up to READY_TIMEOUT s,
+# failing early (with the log) if the process PID dies.
+wait_until() {
+  local name=$1 pid=$2; shift 2
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until "$@"; do
+    if [[ $pid != - ]] && ! alive "$pid"; then
+      dump_log "$name"; die "$name exited during startup"
+    fi
+    if ((SECONDS >= deadline)); then
+      dump_log "$name"; die "$name not ready after ${READY_TIMEOUT}s ($*)"
+    fi
+    sleep 0.1
+  done
+}
+
+http_ok() { curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null; }
+
+# body_ok URL: GET returns 200 and exactly the 1 KiB body.
+body_ok() {
+  local n
+  n=$(curl -fsS --max-time 2 -o /dev/null -w '%{size_download}' "$1" 2>/dev/null) || return 1
+  [[ $n == 1024 ]]
+}
+
+rss_kb() { # rss_kb PID -> VmRSS in KiB on stdout
+  local k v _
+  while read -r k v _; do
+    if [[ $k == VmRSS: ]]; then echo "$v"; return 0; fi
+  done <"/proc/$1/status"
+  return 1
+}
+
+cpu_ticks() { # cpu_ticks PID -> utime+stime (all threads) in clock ticks
+  local s fields
+  s=$(<"/proc/$1/stat")
+  s=${s##*) }
+  read -r -a fields <<<"$s"
+  echo $((fields[11] + fields[12]))
+}
+
+# start_sampler OUT NAME=PID...: every 200 ms append "NAME VmRSS_KiB" lines.
+start_sampler() {
+  local out=$1; shift
+  (
+    set +e
+    while :; do
+      for np in "$@"; do
+        v=$(rss_kb "${np#*=}" 2>/dev/null) && echo "${np%%=*} $v"
+      done
+      sleep 0.2
+    done
+  ) >"$out" 2>/dev/null &
+  SAMPLER_PID=$!
+}
+
+peak_kb() { # peak_kb FILE NAME
+  awk -v n="$2" '$1 == n && $2 > m { m = $2 } END { print (m == "" ? "NA" : m) }' "$1"
+}
+
+# ------------------------------------------------------------------ setup --
+ensure_tools() {
+  local c missing=()
+  for c in haproxy nginx wrk iperf3; do
+    command -v "$c" >/dev/null || missing+=("$c")
+  done
+  command -v curl >/dev/null || missing+=(curl)
+  if ((${#missing[@]})); then
+    ((EUID == 0)) || die "missing ${missing[*]} and not root; install them first"
+    log "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx wrk iperf3 curl >&2
+  fi
+  for c in python3 openssl setsid timeout awk; do
+    command -v "$c" >/dev/null || die "required command not found: $c"
+  done
+}
+
+validate_env() {
+  [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be whole seconds (got '$DURATION')"
+  [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be whole seconds (got '$WARMUP')"
+  [[ $THREADS =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer"
+  [[ $WRK_THREADS =~ ^[1-9][0-9]*$ && $WRK_CONNS =~ ^[1-9][0-9]*$ ]] ||
+    die "WRK_THREADS / WRK_CONNS must be positive integers"
+  ((WRK_CONNS >= WRK_THREADS)) || die "WRK_CONNS must be >= WRK_THREADS"
+}
+
+setup_pinning() {
+  local ncpu
+  ncpu=$(nproc)
+  [[ $PIN == 1 ]] || return 0
+  if ! command -v taskset >/dev/null; then
+    PIN_NOTE="PIN=1 requested but taskset not found: no pinning"
+  elif ((ncpu < 2)); then
+    PIN_NOTE="PIN=1 requested but only 1 CPU: no pinning"
+  else
+    CLIENT_CPUS=${CLIENT_CPUS:-$((ncpu - 1))}
+    SERVER_CPUS=${SERVER_CPUS:-0-$((ncpu - 2))}
+    SERVER_PREFIX=(taskset -c "$SERVER_CPUS")
+    CLIENT_PREFIX=(taskset -c "$CLIENT_CPUS")
+    PIN_NOTE="PIN=1: wrk/iperf3 client on CPU(s) $CLIENT_CPUS; nginx, iperf3 server and all gateways on CPU(s) $SERVER_CPUS"
+  fi
+  log "$PIN_NOTE"
+}
+
+ensure_strait() {
+  if [[ -n $STRAIT_BIN ]]; then
+    [[ -x $STRAIT_BIN ]] || die "STRAIT_BIN=$STRAIT_BIN is not executable"
+    STRAIT=$STRAIT_BIN
+  elif [[ $SKIP_STRAIT != 1 ]]; then
+    log "building strait: cargo build --release -p strait-gateway"
+    (cd "$REPO_ROOT" && cargo build --release -p strait-gateway) >&2
+    local tdir=${CARGO_TARGET_DIR:-target}
+    [[ $tdir == /* ]] || tdir=$REPO_ROOT/$tdir
+    STRAIT=$tdir/release/strait
+    [[ -x $STRAIT ]] || die "build finished but $STRAIT not found"
+  fi
+  if [[ -n $STRAIT ]]; then PKI_TOOL=strait; else PKI_TOOL=openssl; fi
+  if [[ -n $STRAIT && $SKIP_STRAIT != 1 ]]; then RUN_STRAIT=1; fi
+}
+
+# openssl_leaf ID: ECDSA P-256 leaf for cluster ID signed by the test CA.
+openssl_leaf() {
+  local id=$1 ca=$WORK/ca pki=$WORK/pki
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$pki/$id.key" -subj "/O=strait-bench/CN=$id" -out "$pki/$id.csr" 2>/dev/null
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth,clientAuth" \
+    "subjectAltName=URI:spiffe://bench.strait/cluster/$id,DNS:$id" >"$pki/$id.ext"
+  openssl x509 -req -in "$pki/$id.csr" -CA "$ca/ca.pem" -CAkey "$ca/ca.key" \
+    -CAcreateserial -days 2 -sha256 -extfile "$pki/$id.ext" -out "$pki/$id.pem" 2>/dev/null
+}
+
+# setup_pki: CA in $WORK/ca, leaf certs + ca.pem copy in $WORK/pki.
+# Uses `strait pki` whenever a strait binary is available; the openssl path
+# exists only so SKIP_STRAIT=1 runs work without strait.
+setup_pki() {
+  local id ids=(haproxy-a haproxy-b)
+  mkdir -p "$WORK/ca" "$WORK/pki"
+  if [[ $PKI_TOOL == strait ]]; then
+    ids+=(bench-a bench-b)
+    "$STRAIT" pki init --dir "$WORK/ca" --trust-domain bench.strait >&2
+    for id in "${ids[@]}"; do
+      "$STRAIT" pki issue --ca "$WORK/ca" --cluster "$id" --out "$WORK/pki" >&2
+    done
+  else
+    log "no strait binary: generating an openssl test PKI (ECDSA P-256)"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -keyout "$WORK/ca/ca.key" -out "$WORK/ca/ca.pem" -days 2 \
+      -subj "/O=strait-bench/CN=bench test CA" \
+      -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    for id in "${ids[@]}"; do openssl_leaf "$id"; done
+  fi
+  cp "$WORK/ca/ca.pem" "$WORK/pki/ca.pem"
+  for id in "${ids[@]}"; do
+    [[ -s $WORK/pki/$id.pem && -s $WORK/pki/$id.key ]] || die "PKI: missing $id.pem/$id.key"
+  done
+  for id in haproxy-a haproxy-b; do # haproxy `crt` wants cert + key in one file
+    cat "$WORK/pki/$id.pem" "$WORK/pki/$id.key" >"$WORK/pki/$id.bundle.pem"
+  done
+}
+
+# --------------------------------------------------------------- backends --
+start_nginx() {
+  local d=$WORK/nginx
+  mkdir -p "$d/www" "$d/tmp"
+  head -c 1024 /dev/zero | tr '\0' 'x' >"$d/www${BODY_PATH}"
+  {
+    ((EUID == 0)) && echo "user root;  # workdir is 0700; workers must read it"
+    cat <<EOF
+worker_processes $NGINX_WORKERS;
+pid $d/nginx.pid;
+error_log $WORK/logs/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    open_file_cache max=16;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path $d/tmp/body;
+    proxy_temp_path $d/tmp/proxy;
+    fastcgi_temp_path $d/tmp/fastcgi;
+    uwsgi_temp_path $d/tmp/uwsgi;
+    scgi_temp_path $d/tmp/scgi;
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        root $d/www;
+    }
+}
+EOF
+  } >"$d/nginx.conf"
+  start_bg nginx nginx -p "$d" -e "$WORK/logs/nginx-error.log" -c "$d/nginx.conf" -g 'daemon off;'
+  wait_until nginx "$LAST_PID" tcp_open "$P_NGINX"
+  body_ok "http://127.0.0.1:$P_NGINX$BODY_PATH" || die "nginx does not serve the 1 KiB body"
+}
+
+start_iperf_server() {
+  start_bg iperf3-server iperf3 -s -B 127.0.0.1 -p "$P_IPERF"
+  wait_until iperf3-server "$LAST_PID" tcp_open "$P_IPERF"
+}
+
+# ------------------------------------------------------------------ strait --
+write_strait_configs() {
+  cat >"$WORK/pki/bench-a.yaml" <<EOF
+cluster: bench-a
+region: bench
+zone: ""
+trust_domain: bench.strait
+listen:
+  tunnel: 127.0.0.1:$P_SA_TUNNEL
+  admin: 127.0.0.1:$P_SA_ADMIN
+tls:
+  ca: ca.pem
+  cert: bench-a.pem
+  key: bench-a.key
+exports:
+  - name: nginx
+    namespace: bench
+    ports: [{name: http, port: 80, target_port: $P_NGINX}]
+    endpoints: [{address: 127.0.0.1}]
+  - name: iperf
+    namespace: bench
+    ports: [{name: iperf, port: 5201, target_port: $P_IPERF}]
+    endpoints: [{address: 127.0.0.1}]
+EOF
+  cat >"$WORK/pki/bench-b.yaml" <<EOF
+cluster: bench-b
+region: bench
+zone: ""
+trust_domain: bench.strait
+listen:
+  tunnel: 127.0.0.1:$P_SB_TUNNEL
+  admin: 127.0.0.1:$P_SB_ADMIN
+tls:
+  ca: ca.pem
+  cert: bench-b.pem
+  key: bench-b.key
+peers:
+  - cluster: bench-a
+    address: 127.0.0.1:$P_SA_TUNNEL
+imports:
+  - name: nginx
+    namespace: bench
+    address: 127.0.0.1
+    ports: [{name: http, port: 80, listen_port: $P_SB_NGINX}]
+    clusters: [bench-a]
+  - name: iperf
+    namespace: bench
+    address: 127.0.0.1
+    ports: [{name: iperf, port: 5201, listen_port: $P_SB_IPERF}]
+    clusters: [bench-a]
+EOF
+}
+
+start_strait() { # start_strait NAME CONFIG ADMIN_PORT; sets LAST_PID
+  local name=$1 cfg=$2 admin=$3
+  start_bg "$name" env STRAIT_WORKER_THREADS="$THREADS" RUST_LOG="${RUST_LOG:-warn}" \
+    "$STRAIT" run --config "$cfg"
+  wait_until "$name" "$LAST_PID" http_ok "http://127.0.0.1:$admin/ready"
+}
+
+# ----------------------------------------------------------------- haproxy --
+haproxy_global() { # haproxy_global STATS_SOCKET
+  cat <<EOF
+global
+    nbthread $THREADS
+    maxconn 4000
+    stats socket $1 mode 600 level admin
+    # TLS 1.3 only; tune.ssl.cachesize left at its default (20000 sessions);
+    # session resumption is allowed (HAProxy default: server-side reuse on,
+    # TLS tickets on) - what a real deployment would run.
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+    ssl-default-server-options ssl-min-ver TLSv1.3
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client $((DURATION + 30))s
+    timeout server $((DURATION + 30))s
+
+EOF
+}
+
+write_haproxy_configs() {
+  local pki=$WORK/pki
+  {
+    haproxy_global "$WORK/haproxy-a.sock"
+    cat <<EOF
+# exporter side: TLS termination, client certificate required (mTLS)
+frontend a_nginx
+    bind 127.0.0.1:$P_HA_NGINX ssl crt $pki/haproxy-a.bundle.pem ca-file $pki/ca.pem verify required
+    default_backend nginx
+frontend a_iperf
+    bind 127.0.0.1:$P_HA_IPERF ssl crt $pki/haproxy-a.bundle.pem ca-file $pki/ca.pem verify required
+    default_backend iperf
+backend nginx
+    server nginx 127.0.0.1:$P_NGINX
+backend iperf
+    server iperf 127.0.0.1:$P_IPERF
+EOF
+  } >"$WORK/haproxy-a.cfg"
+  {
+    haproxy_global "$WORK/haproxy-b.sock"
+    cat <<EOF
+# importer side: plain TCP in, TLS 1.3 with client certificate out
+frontend b_nginx
+    bind 127.0.0.1:$P_HB_NGINX
+    default_backend to_a_nginx
+frontend b_iperf
+    bind 127.0.0.1:$P_HB_IPERF
+    default_backend to_a_iperf
+backend to_a_nginx
+    server a 127.0.0.1:$P_HA_NGINX ssl crt $pki/haproxy-b.bundle.pem ca-file $pki/ca.pem verify required
+backend to_a_iperf
+    server a 127.0.0.1:$P_HA_IPERF ssl crt $pki/haproxy-b.bundle.pem ca-file $pki/ca.pem verify required
+EOF
+  } >"$WORK/haproxy-b.cfg"
+}
+
+start_haproxy() { # start_haproxy NAME CONFIG PORT; -db: foreground, no master-worker
+  local name=$1 cfg=$2 port=$3
+  haproxy -c -q -f "$cfg" >&2 || die "haproxy config check failed: $cfg"
+  start_bg "$name" haproxy -db -f "$cfg"
+  wait_until "$name" "$LAST_PID" tcp_open "$port"
+}
+
+haproxy_info() { # haproxy_info SOCKET -> `show info` output
+  python3 - "$1" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])
+s.sendall(b"show info\n"); buf = b""
+while True:
+    d = s.recv(65536)
+    if not d: break
+    buf += d
+sys.stdout.write(buf.decode(errors="replace"))
+EOF
+}
+
+# ---------------------------------------------------------- measurements --
+# parse_wrk FILE -> "rps p50_ms p99_ms socket_errors non2xx"
+parse_wrk() {
+  awk '
+    function ms(v,  n, u) { n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+      if (u == "us") return n / 1000; if (u == "s") return n * 1000
+      if (u == "m") return n * 60000; return n }
+    /^ +50%/ { p50 = ms($2) }
+    /^ +99%/ { p99 = ms($2) }
+    /^Requests\/sec:/ { rps = $2 }
+    /Socket errors:/ { gsub(/,/, ""); err = $4 + $6 + $8 + $10 }
+    /Non-2xx or 3xx responses:/ { bad = $5 }
+    END { printf "%s %s %s %d %d\n", (rps == "" ? "NA" : rps), (p50 == "" ? "NA" : p50),
+          (p99 == "" ? "NA" : p99), err, bad }' "$1"
+}
+
+run_wrk() { # run_wrk SETUP KIND URL [wrk args...]
+  local setup=$1 kind=$2 url=$3; shift 3
+  local f=$WORK/results/$setup-$kind.wrk rps p50 p99 err bad
+  log "$setup: wrk $kind ${DURATION}s -t$WRK_THREADS -c$WRK_CONNS $*"
+  "${CLIENT_PREFIX[@]}" timeout $((DURATION + 30)) \
+    wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" --latency "$@" "$url" >"$f" 2>&1 ||
+    log "$setup: wrk $kind exited non-zero (see below)"
+  read -r rps p50 p99 err bad < <(parse_wrk "$f")
+  [[ $rps != NA ]] || { log "$setup: wrk $kind produced no result:"; tail -n 20 "$f" >&2; }
+  R[$setup:$kind.rps]=$rps; R[$setup:$kind.p50]=$p50; R[$setup:$kind.p99]=$p99
+  R[$setup:$kind.err]=$err; R[$setup:$kind.non2xx]=$bad
+}
+
+run_iperf() { # run_iperf SETUP PORT
+  local setup=$1 port=$2 f=$WORK/results/$1.iperf.json
+  log "$setup: iperf3 ${DURATION}s single stream"
+  "${CLIENT_PREFIX[@]}" timeout $((DURATION + 30)) \
+    iperf3 -c 127.0.0.1 -p "$port" -t "$DURATION" -J >"$f" 2>&1 ||
+    log "$setup: iperf3 exited non-zero"
+  R[$setup:iperf.bps]=$(python3 - "$f" <<'EOF'
+import json, sys
+try:
+    print(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"])
+except Exception:
+    print("NA")
+EOF
+)
+  [[ ${R[$setup:iperf.bps]} != NA ]] || { log "$setup: iperf3 failed:"; tail -n 20 "$f" >&2; }
+}
+
+# bench_setup SETUP HTTP_PORT IPERF_PORT [ROLE=PID...]: smoke check, idle RSS,
+# then the three loads with RSS sampling and CPU accounting for the gateways.
+bench_setup() {
+  local setup=$1 hport=$2 iport=$3; shift 3
+  local url="http://127.0.0.1:$hport$BODY_PATH" np role pid
+  local -A cpu0=()
+  wait_until "$setup-path" - body_ok "$url"
+  sleep 1 # let post-handshake bookkeeping settle before the idle sample
+  for np in "$@"; do
+    role=${np%%=*}; pid=${np#*=}
+    R[$setup:rss_idle.$role]=$(rss_kb "$pid" || echo NA)
+    cpu0[$role]=$(cpu_ticks "$pid")
+  done
+  (($# == 0)) || start_sampler "$WORK/results/$setup.rss" "$@"
+  if ((WARMUP > 0)); then
+    "${CLIENT_PREFIX[@]}" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+  fi
+  run_wrk "$setup" ka "$url"
+  run_wrk "$setup" nc "$url" -H 'Connection: close'
+  run_iperf "$setup" "$iport"
+  stop_sampler
+  local hz total=0
+  hz=$(getconf CLK_TCK)
+  for np in "$@"; do
+    role=${np%%=*}; pid=${np#*=}
+    alive "$pid" || log "WARNING: $setup gateway $role died during the run"
+    R[$setup:rss_peak.$role]=$(peak_kb "$WORK/results/$setup.rss" "$role")
+    if alive "$pid"; then total=$((total + $(cpu_ticks "$pid") - ${cpu0[$role]})); fi
+  done
+  (($# == 0)) || R[$setup:cpu_s]=$(awk -v t="$total" -v hz="$hz" 'BEGIN { printf "%.1f", t / hz }')
+}
+
+bench_direct() {
+  bench_setup direct "$P_NGINX" "$P_IPERF"
+}
+
+bench_strait() {
+  if ((!RUN_STRAIT)); then log "strait: skipped (SKIP_STRAIT=1)"; return 0; fi
+  write_strait_configs
+  local a b
+  start_strait strait-a "$WORK/pki/bench-a.yaml" "$P_SA_ADMIN"; a=$LAST_PID
+  start_strait strait-b "$WORK/pki/bench-b.yaml" "$P_SB_ADMIN"; b=$LAST_PID
+  wait_until strait-b "$b" tcp_open "$P_SB_NGINX"
+  wait_until strait-b "$b" tcp_open "$P_SB_IPERF"
+  R[strait:version]=$("$STRAIT" --version 2>/dev/null | head -n1 || true)
+  bench_setup strait "$P_SB_NGINX" "$P_SB_IPERF" A="$a" B="$b"
+  stop_proc "$b"; stop_proc "$a"
+}
+
+bench_haproxy() {
+  write_haproxy_configs
+  local a b k
+  start_haproxy haproxy-a "$WORK/haproxy-a.cfg" "$P_HA_NGINX"; a=$LAST_PID
+  start_haproxy haproxy-b "$WORK/haproxy-b.cfg" "$P_HB_NGINX"; b=$LAST_PID
+  bench_setup haproxy "$P_HB_NGINX" "$P_HB_IPERF" A="$a" B="$b"
+  haproxy_info "$WORK/haproxy-a.sock" >"$WORK/results/haproxy-a.info" 2>/dev/null || true
+  haproxy_info "$WORK/haproxy-b.sock" >"$WORK/results/haproxy-b.info" 2>/dev/null || true
+  for k in CumSslConns SslFrontendSessionReuse_pct; do
+    R[haproxy:a.$k]=$(awk -F': ' -v k="$k" '$1 == k { print $2 }' "$WORK/results/haproxy-a.info")
+  done
+  R[haproxy:b.CumSslConns]=$(awk -F': ' '$1 == "CumSslConns" { print $2 }' "$WORK/results/haproxy-b.info")
+  stop_proc "$b"; stop_proc "$a"
+}
+
+# ------------------------------------------------------------------ report --
+fmt() { # fmt VALUE KIND -> formatted cell
+  local v=${1:-NA}
+  is_num "$v" || { echo "n/a"; return; }
+  case $2 in
+    int) awk -v v="$v" 'BEGIN { printf "%.0f", v }' ;;
+    ms) awk -v v="$v" 'BEGIN { printf "%.3f", v }' ;;
+    gbit) awk -v v="$v" 'BEGIN { printf "%.2f", v / 1e9 }' ;;
+    mib) awk -v v="$v" 'BEGIN { printf "%.1f", v / 1024 }' ;;
+    *) echo "$v" ;;
+  esac
+}
+
+row() { # row LABEL KEY KIND: one table row across the three setups
+  local label=$1 key=$2 kind=$3 s cells=()
+  for s in direct strait haproxy; do
+    if [[ $s == strait ]] && ((!RUN_STRAIT)); then cells+=("skipped")
+    elif [[ $s == direct && $key == rss* || $s == direct && $key == cpu_s ]]; then cells+=("-")
+    else cells+=("$(fmt "${R[$s:$key]:-NA}" "$kind")"); fi
+  done
+  printf '| %s | %s | %s | %s |\n' "$label" "${cells[@]}"
+}
+
+errs_cell() { # errs_cell SETUP
+  local s=$1
+  if [[ $s == strait ]] && ((!RUN_STRAIT)); then echo skipped; return; fi
+  echo "${R[$s:ka.err]:-?}/${R[$s:ka.non2xx]:-?} / ${R[$s:nc.err]:-?}/${R[$s:nc.non2xx]:-?}"
+}
+
+# ratio_row LABEL NUM DEN OP TARGET UNIT
+ratio_row() {
+  local label=$1 num=$2 den=$3 op=$4 target=$5 unit=$6 val verdict
+  if is_num "$num" && is_num "$den" && awk -v d="$den" 'BEGIN { exit !(d > 0) }'; then
+    val=$(awk -v n="$num" -v d="$den" 'BEGIN { printf "%.2f", n / d }')
+    if awk -v v="$val" -v t="$target" -v op="$op" \
+      'BEGIN { exit !((op == ">=") ? (v >= t) : (v <= t)) }'; then verdict=met
+    else verdict="NOT met"; fi
+    printf '| %s | %s%s | %s %s%s | %s |\n' "$label" "$val" "$unit" "$op" "$target" "$unit" "$verdict"
+  else
+    printf '| %s | n/a | %s %s%s | n/a (not measured) |\n' "$label" "$op" "$target" "$unit"
+  fi
+}
+
+report() {
+  local ncpu cpu_model
+  ncpu=$(nproc)
+  cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+  echo "# strait gateway benchmark ($(date -u '+%Y-%m-%d %H:%M:%SZ'))"
+  echo
+  echo "Host: $(uname -sr), $ncpu CPU(s) ($cpu_model). Loopback (127.0.0.1) only."
+  echo "Client (wrk/iperf3), backends (nginx, iperf3 -s) and both gateways of a pair all share these $ncpu CPU(s)."
+  echo
+  echo "| Metric | direct | strait | haproxy |"
+  echo "|---|---:|---:|---:|"
+  row "Keep-alive rate (req/s)" ka.rps int
+  row "Keep-alive latency p50 (ms)" ka.p50 ms
+  row "Keep-alive latency p99 (ms)" ka.p99 ms
+  row "New-connection rate (req/s, Connection: close)" nc.rps int
+  row "New-connection latency p50 (ms)" nc.p50 ms
+  row "New-connection latency p99 (ms)" nc.p99 ms
+  row "iperf3 single stream (Gbit/s, received)" iperf.bps gbit
+  printf '| wrk socket errors/non-2xx (keep-alive / new-conn) | %s | %s | %s |\n' \
+    "$(errs_cell direct)" "$(errs_cell strait)" "$(errs_cell haproxy)"
+  row "Gateway A (exporter) RSS idle (MiB)" rss_idle.A mib
+  row "Gateway B (importer) RSS idle (MiB)" rss_idle.B mib
+  row "Gateway A (exporter) RSS peak under load (MiB)" rss_peak.A mib
+  row "Gateway B (importer) RSS peak under load (MiB)" rss_peak.B mib
+  row "Gateway CPU time A+B during load (s)" cpu_s raw
+  echo
+  echo "## Ratios (strait / haproxy)"
+  echo
+  echo "| Ratio | value | target | verdict |"
+  echo "|---|---:|---:|---|"
+  ratio_row "keep-alive req/s" "${R[strait:ka.rps]:-NA}" "${R[haproxy:ka.rps]:-NA}" ">=" 1.2 x
+  ratio_row "new-connection req/s" "${R[strait:nc.rps]:-NA}" "${R[haproxy:nc.rps]:-NA}" ">=" 10 x
+  ratio_row "iperf3 throughput" "${R[strait:iperf.bps]:-NA}" "${R[haproxy:iperf.bps]:-NA}" ">=" 1.0 x
+  local role
+  for role in A B; do
+    ratio_row "strait idle RSS, gateway $role (MiB)" "${R[strait:rss_idle.$role]:-NA}" 1024 "<=" 10 " MiB"
+  done
+  echo
+  echo "## Setup"
+  echo
+  echo "- Loads: each ${DURATION}s (DURATION), after ${WARMUP}s keep-alive warm-up per setup (WARMUP)." \
+    "Keep-alive: \`wrk -t$WRK_THREADS -c$WRK_CONNS -d${DURATION}s --latency\`;" \
+    "new-connection: same plus \`-H 'Connection: close'\` (wrk latency excludes TCP connect);" \
+    "throughput: \`iperf3 -c ... -t $DURATION -J\`, end.sum_received.bits_per_second."
+  echo "- Backends: $(nginx -v 2>&1 | sed 's/^nginx version: //'), worker_processes $NGINX_WORKERS (NGINX_WORKERS)," \
+    "access_log off, keepalive_requests 1000000, static ${BODY_PATH} of 1024 bytes; $(iperf3 -v | head -n1 | cut -d' ' -f1-2) server."
+  echo "- Threads: strait STRAIT_WORKER_THREADS=$THREADS, haproxy nbthread $THREADS (THREADS)."
+  if ((RUN_STRAIT)); then
+    echo "- strait: ${R[strait:version]:-$STRAIT}; QUIC mTLS tunnel, default tunnel settings, RUST_LOG=${RUST_LOG:-warn}."
+  else
+    echo "- strait: skipped (SKIP_STRAIT=1)."
+  fi
+  echo "- HAProxy: $(haproxy -v | head -n1 | awk '{ print $1, $2, $3 }'), OpenSSL $(openssl version | awk '{ print $2 }')," \
+    "mode tcp, TLS 1.3 only, mTLS (A: \`ssl crt ... ca-file ca.pem verify required\`;" \
+    "B: \`server ... ssl crt ... ca-file ca.pem verify required\`; chain check only, no identity/SAN check)." \
+    "Each gateway is one process (\`haproxy -db\`, no master-worker), so its RSS covers all its threads."
+  echo "- HAProxy TLS session reuse: allowed (defaults: server-side session reuse, TLS tickets, tune.ssl.cachesize 20000)." \
+    "haproxy A after the run: CumSslConns=${R[haproxy:a.CumSslConns]:-n/a}," \
+    "SslFrontendSessionReuse_pct=${R[haproxy:a.SslFrontendSessionReuse_pct]:-n/a} (cumulative over all handshakes incl. iperf3);" \
+    "haproxy B CumSslConns=${R[haproxy:b.CumSslConns]:-n/a}." \
+    "In mode tcp every client TCP connection is its own TLS connection (no pooling); keep-alive is end to end."
+  # shellcheck disable=SC2016
+  echo "- PKI: $PKI_TOOL ($( [[ $PKI_TOOL == strait ]] && echo '`strait pki init/issue`' || echo 'openssl test PKI, SKIP_STRAIT run only'))," \
+    "ECDSA P-256, one CA for both strait and HAProxy."
+  echo "- RSS: VmRSS from /proc/PID/status; idle = after readiness, one smoke request and 1 s settle;" \
+    "peak = max of 200 ms samples during warm-up + all loads. CPU time = utime+stime of both gateway processes over the loads."
+  echo "- CPU pinning: $PIN_NOTE."
+}
+
+# -------------------------------------------------------------------- main --
+main() {
+  validate_env
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  ensure_tools
+  ensure_strait
+  setup_pinning
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+  WORK=$(mktemp -d -t strait-bench.XXXXXX)
+  mkdir -p "$WORK/logs" "$WORK/results"
+  log "workdir $WORK"
+  read -r P_NGINX P_IPERF P_SA_TUNNEL P_SA_ADMIN P_SB_TUNNEL P_SB_ADMIN P_SB_NGINX P_SB_IPERF \
+    P_HA_NGINX P_HA_IPERF P_HB_NGINX P_HB_IPERF <<<"$(alloc_ports 12)"
+  [[ -n ${P_HB_IPERF:-} ]] || die "could not allocate ports"
+
+  setup_pki
+  start_nginx
+  start_iperf_server
+
+  bench_direct
+  bench_strait
+  bench_haproxy
+
+  mkdir -p "$OUT_DIR"
+  local out
+  out=$OUT_DIR/gateway-bench-$(date -u +%Y%m%dT%H%M%SZ).md
+  report | tee "$out"
+  log "report written to $out"
+}
+
+main "$@"

@@ -1,0 +1,649 @@
+//! Gateway configuration: the YAML model, parsing with field paths, and semantic validation.
+//!
+//! Every error names the file, the field path and what to do about it, because a gateway
+//! that refuses to start is only useful if the operator can fix it from the message alone.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{is_dns_label, is_trust_domain};
+use crate::units::{ByteSize, HumanDuration};
+
+/// One gateway's configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This cluster's id, unique in the federation (a DNS label, e.g. `us-east`).
+    pub cluster: String,
+    /// Region this cluster runs in (e.g. `us-east-1`).
+    pub region: String,
+    /// Zone inside the region; empty when the cluster spans zones.
+    #[serde(default)]
+    pub zone: String,
+    /// SPIFFE trust domain shared by every gateway of the federation.
+    pub trust_domain: String,
+    /// Addresses this gateway listens on.
+    pub listen: Listen,
+    /// Certificate, key and federation CA.
+    pub tls: TlsFiles,
+    /// QUIC tunnel tuning; the defaults suit most deployments.
+    #[serde(default)]
+    pub tunnel: TunnelTuning,
+    /// Services of this cluster offered to other clusters.
+    #[serde(default)]
+    pub exports: Vec<Export>,
+    /// Peer gateways to connect to (static until discovery replaces them).
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// Services of other clusters made reachable here.
+    #[serde(default)]
+    pub imports: Vec<Import>,
+}
+
+/// Listen addresses. The admin API must never share the peer-facing port.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// UDP address for the QUIC tunnel (peer-facing).
+    pub tunnel: SocketAddr,
+    /// HTTP admin API; keep it on loopback.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// gRPC discovery address (served once discovery lands; accepted and checked now).
+    #[serde(default)]
+    pub discovery: Option<SocketAddr>,
+    /// DNS address for `clusterset.local` (served once the DNS server lands; checked now).
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+/// PEM files of this gateway's identity.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Federation root CA bundle (PEM) that peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// This gateway's certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// This gateway's private key (PEM, PKCS#8).
+    pub key: PathBuf,
+    /// How often the files are checked for changes; rotated files take effect for new
+    /// connections without dropping established ones.
+    #[serde(default = "default_reload_interval")]
+    pub reload_interval: HumanDuration,
+}
+
+fn default_reload_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+/// QUIC and proxy tuning knobs.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelTuning {
+    /// Keep-alive interval on peer connections; also bounds how fast a silent peer is noticed.
+    pub keep_alive: HumanDuration,
+    /// A peer connection with no traffic (keep-alives included) for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Time allowed for the QUIC handshake and for the remote's stream status.
+    pub connect_timeout: HumanDuration,
+    /// Time the remote gateway allows for connecting to a service endpoint.
+    pub endpoint_connect_timeout: HumanDuration,
+    /// Longest wait between reconnect attempts to a peer (backoff starts at 50 ms).
+    pub max_backoff: HumanDuration,
+    /// Concurrent streams a peer may open on one connection.
+    pub max_concurrent_streams: u32,
+    /// Inbound streams (proxied connections) this gateway serves at once before
+    /// answering `overloaded`.
+    pub max_inbound_streams: u32,
+    /// Per-stream flow-control window.
+    pub stream_window: ByteSize,
+    /// Per-connection flow-control window (shared by all streams).
+    pub connection_window: ByteSize,
+    /// UDP socket send and receive buffer size.
+    pub udp_buffer: ByteSize,
+    /// Copy buffer per direction of a proxied connection.
+    pub copy_buffer: ByteSize,
+    /// Largest UDP payload path MTU discovery may probe for (1200..=65527).
+    pub max_udp_payload: u16,
+}
+
+impl Default for TunnelTuning {
+    fn default() -> Self {
+        Self {
+            keep_alive: HumanDuration(Duration::from_millis(500)),
+            idle_timeout: HumanDuration(Duration::from_secs(3)),
+            connect_timeout: HumanDuration(Duration::from_secs(2)),
+            endpoint_connect_timeout: HumanDuration(Duration::from_secs(2)),
+            max_backoff: HumanDuration(Duration::from_secs(2)),
+            max_concurrent_streams: 16_384,
+            max_inbound_streams: 16_384,
+            stream_window: ByteSize(4 << 20),
+            connection_window: ByteSize(64 << 20),
+            udp_buffer: ByteSize(8 << 20),
+            copy_buffer: ByteSize(64 << 10),
+            max_udp_payload: 1452,
+        }
+    }
+}
+
+/// A service of this cluster offered to others.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    /// Service name (DNS label).
+    pub name: String,
+    /// Namespace (DNS label).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Service ports.
+    pub ports: Vec<ServicePort>,
+    /// Backends serving the service.
+    pub endpoints: Vec<Endpoint>,
+    /// Clusters allowed to import the service; `["*"]` (the default) means every cluster
+    /// of the trust domain.
+    #[serde(default = "default_export_to")]
+    pub export_to: Vec<String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+fn default_export_to() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+impl Export {
+    /// Whether `cluster` may import this service.
+    pub fn exported_to(&self, cluster: &str) -> bool {
+        self.export_to.iter().any(|c| c == "*" || c == cluster)
+    }
+
+    /// The port entry for a service port number.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// Port name (used for SRV records); optional for single-port services.
+    #[serde(default)]
+    pub name: String,
+    /// The service port clients connect to.
+    pub port: u16,
+    /// The port endpoints listen on; defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    /// Transport protocol; only TCP is proxied.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl ServicePort {
+    /// The port on the endpoints.
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// Transport protocol of a service port.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// TCP, proxied through the tunnel.
+    #[default]
+    Tcp,
+}
+
+/// One backend of an exported service.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Endpoint IP address.
+    pub address: IpAddr,
+    /// Stable hostname (e.g. a StatefulSet pod name), if any.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Whether the endpoint takes traffic.
+    #[serde(default = "yes")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A peer gateway to keep a tunnel connection to.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// The peer's cluster id; its certificate must carry this identity.
+    pub cluster: String,
+    /// The peer's tunnel (UDP) address.
+    pub address: SocketAddr,
+}
+
+/// A service of other clusters made reachable on a local address.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Import {
+    /// Service name.
+    pub name: String,
+    /// Namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Local address the service's listeners bind (one address per service keeps every
+    /// service on its own port numbers).
+    pub address: IpAddr,
+    /// Ports to listen on.
+    pub ports: Vec<ImportPort>,
+    /// Clusters serving the service, tried in this order.
+    pub clusters: Vec<String>,
+}
+
+/// One port of an imported service.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportPort {
+    /// Port name.
+    #[serde(default)]
+    pub name: String,
+    /// The service port (as exported by the remote cluster).
+    pub port: u16,
+    /// Local port to listen on instead of `port` (0 picks a free port; for tests).
+    #[serde(default)]
+    pub listen_port: Option<u16>,
+}
+
+impl ImportPort {
+    /// The local port the listener binds.
+    pub fn local_port(&self) -> u16 {
+        self.listen_port.unwrap_or(self.port)
+    }
+}
+
+/// A configuration error: which file, which field, what is wrong, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file the configuration came from.
+    pub file: PathBuf,
+    /// The field path, e.g. `exports[0].ports[1].port`; empty for whole-file problems.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if !self.field.is_empty() {
+            write!(f, ": field `{}`", self.field)?;
+        }
+        write!(f, ": {}", self.problem)?;
+        if !self.fix.is_empty() {
+            write!(f, "\n  fix: {}", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in one file, reported together so one edit fixes them all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Relative certificate paths are
+    /// resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                field: String::new(),
+                problem: format!("cannot read the file: {e}"),
+                fix: "check the path and its permissions".to_owned(),
+            }])
+        })?;
+        let mut config = Config::parse(path, &text)?;
+        if let Some(dir) = path.parent() {
+            config.tls.resolve_relative_to(dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text; `file` is only used in error messages.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigErrors(vec![ConfigError {
+                file: file.to_owned(),
+                field: if field == "." { String::new() } else { field },
+                fix: fix_for_parse_error(&inner.to_string()),
+                problem: inner.to_string(),
+            }])
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(
+                problems
+                    .into_iter()
+                    .map(|(field, problem, fix)| ConfigError {
+                        file: file.to_owned(),
+                        field,
+                        problem,
+                        fix,
+                    })
+                    .collect(),
+            ))
+        }
+    }
+
+    /// Semantic checks serde cannot express: (field path, problem, fix) for each.
+    fn validate(&self) -> Vec<(String, String, String)> {
+        let mut v = Validator::default();
+        v.label("cluster", &self.cluster);
+        if self.region.trim().is_empty() {
+            v.push("region", "is empty", "set the region this cluster runs in, e.g. `us-east-1`");
+        }
+        if !is_trust_domain(&self.trust_domain) {
+            v.push(
+                "trust_domain",
+                format!("`{}` is not a valid SPIFFE trust domain", self.trust_domain),
+                "use lowercase letters, digits, `.`, `-` and `_`, e.g. `strait.example`",
+            );
+        }
+        self.validate_listen(&mut v);
+        self.tunnel.validate(&mut v);
+        self.validate_exports(&mut v);
+        self.validate_peers(&mut v);
+        self.validate_imports(&mut v);
+        v.problems
+    }
+
+    fn validate_listen(&self, v: &mut Validator) {
+        let l = &self.listen;
+        if l.admin.port() != 0 && l.admin.port() == l.tunnel.port() && l.admin.ip() == l.tunnel.ip() {
+            v.push(
+                "listen.admin",
+                "shares the tunnel's address",
+                "give the admin API its own address; it must never be reachable on the peer port",
+            );
+        }
+        if !l.admin.ip().is_loopback() {
+            tracing::warn!(admin = %l.admin, "admin API listens on a non-loopback address");
+        }
+    }
+
+    fn validate_exports(&self, v: &mut Validator) {
+        let mut seen = HashSet::new();
+        for (i, e) in self.exports.iter().enumerate() {
+            let at = format!("exports[{i}]");
+            v.label(&format!("{at}.name"), &e.name);
+            v.label(&format!("{at}.namespace"), &e.namespace);
+            if !seen.insert((&e.namespace, &e.name)) {
+                v.push(
+                    &format!("{at}.name"),
+                    format!("service {}/{} is exported twice", e.namespace, e.name),
+                    "merge the two entries into one",
+                );
+            }
+            validate_ports(v, &at, e.ports.iter().map(|p| (p.name.as_str(), p.port)));
+            for (j, p) in e.ports.iter().enumerate() {
+                if p.target_port == Some(0) {
+                    v.push(&format!("{at}.ports[{j}].target_port"), "is 0", "set the port the endpoints listen on");
+                }
+            }
+            if e.endpoints.is_empty() {
+                v.push(
+                    &format!("{at}.endpoints"),
+                    "is empty",
+                    "list at least one endpoint address, or remove the export",
+                );
+            }
+            for (j, ep) in e.endpoints.iter().enumerate() {
+                if let Some(h) = &ep.hostname {
+                    v.label(&format!("{at}.endpoints[{j}].hostname"), h);
+                }
+            }
+            if e.export_to.is_empty() {
+                v.push(
+                    &format!("{at}.export_to"),
+                    "is empty, so no cluster may import the service",
+                    "list the cluster ids allowed to import it, or `\"*\"` for all",
+                );
+            }
+            for (j, c) in e.export_to.iter().enumerate() {
+                if c != "*" {
+                    v.label(&format!("{at}.export_to[{j}]"), c);
+                }
+            }
+        }
+    }
+
+    fn validate_peers(&self, v: &mut Validator) {
+        let mut seen = HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let at = format!("peers[{i}]");
+            v.label(&format!("{at}.cluster"), &p.cluster);
+            if p.cluster == self.cluster {
+                v.push(
+                    &format!("{at}.cluster"),
+                    "names this gateway's own cluster",
+                    "remove this peer; a gateway does not tunnel to itself",
+                );
+            }
+            if !seen.insert(&p.cluster) {
+                v.push(
+                    &format!("{at}.cluster"),
+                    format!("peer `{}` is listed twice", p.cluster),
+                    "keep one entry per peer cluster",
+                );
+            }
+            if p.address.port() == 0 || p.address.ip().is_unspecified() {
+                v.push(
+                    &format!("{at}.address"),
+                    format!("`{}` cannot be connected to", p.address),
+                    "give the peer gateway's tunnel address with a concrete IP and port",
+                );
+            }
+        }
+    }
+
+    fn validate_imports(&self, v: &mut Validator) {
+        let peers: BTreeSet<&str> = self.peers.iter().map(|p| p.cluster.as_str()).collect();
+        let mut bound = HashSet::new();
+        let mut seen = HashSet::new();
+        for (i, imp) in self.imports.iter().enumerate() {
+            let at = format!("imports[{i}]");
+            v.label(&format!("{at}.name"), &imp.name);
+            v.label(&format!("{at}.namespace"), &imp.namespace);
+            if !seen.insert((&imp.namespace, &imp.name)) {
+                v.push(
+                    &format!("{at}.name"),
+                    format!("service {}/{} is imported twice", imp.namespace, imp.name),
+                    "merge the two entries into one",
+                );
+            }
+            validate_ports(v, &at, imp.ports.iter().map(|p| (p.name.as_str(), p.port)));
+            for (j, p) in imp.ports.iter().enumerate() {
+                let port = p.local_port();
+                if port != 0 && !bound.insert((imp.address, port)) {
+                    v.push(
+                        &format!("{at}.ports[{j}]"),
+                        format!("{}:{port} is already used by another import", imp.address),
+                        "give each imported service its own address (or listen_port)",
+                    );
+                }
+            }
+            if imp.clusters.is_empty() {
+                v.push(&format!("{at}.clusters"), "is empty", "list the clusters that export this service");
+            }
+            for (j, c) in imp.clusters.iter().enumerate() {
+                if !peers.contains(c.as_str()) {
+                    v.push(
+                        &format!("{at}.clusters[{j}]"),
+                        format!("`{c}` is not a configured peer"),
+                        format!("add `{c}` under `peers`, or use one of: {}", join(&peers)),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn validate_ports<'a>(v: &mut Validator, at: &str, ports: impl Iterator<Item = (&'a str, u16)>) {
+    let mut numbers = HashSet::new();
+    let mut names = HashSet::new();
+    let mut count = 0;
+    for (j, (name, port)) in ports.enumerate() {
+        count += 1;
+        if port == 0 {
+            v.push(&format!("{at}.ports[{j}].port"), "is 0", "use the service's real port number (1-65535)");
+        }
+        if !numbers.insert(port) {
+            v.push(&format!("{at}.ports[{j}].port"), format!("port {port} is listed twice"), "list each port once");
+        }
+        if !name.is_empty() {
+            v.label(&format!("{at}.ports[{j}].name"), name);
+            if !names.insert(name) {
+                v.push(&format!("{at}.ports[{j}].name"), format!("port name `{name}` is used twice"), "give each port its own name");
+            }
+        }
+    }
+    if count == 0 {
+        v.push(&format!("{at}.ports"), "is empty", "list at least one port, e.g. `[{port: 80}]`");
+    }
+    if count > 1 && names.len() < count {
+        v.push(&format!("{at}.ports"), "a multi-port service has unnamed ports", "name every port (names make SRV records)");
+    }
+}
+
+impl TunnelTuning {
+    fn validate(&self, v: &mut Validator) {
+        let zero = |d: &HumanDuration| d.0.is_zero();
+        for (field, d) in [
+            ("tunnel.keep_alive", &self.keep_alive),
+            ("tunnel.idle_timeout", &self.idle_timeout),
+            ("tunnel.connect_timeout", &self.connect_timeout),
+            ("tunnel.endpoint_connect_timeout", &self.endpoint_connect_timeout),
+            ("tunnel.max_backoff", &self.max_backoff),
+        ] {
+            if zero(d) {
+                v.push(field, "is zero", "use a positive duration such as `500ms` or `2s`");
+            }
+        }
+        if self.keep_alive.0 >= self.idle_timeout.0 {
+            v.push(
+                "tunnel.keep_alive",
+                format!("{} is not shorter than tunnel.idle_timeout ({})", self.keep_alive, self.idle_timeout),
+                "keep-alives must be sent well within the idle timeout, e.g. keep_alive: 500ms with idle_timeout: 3s",
+            );
+        }
+        if self.max_concurrent_streams == 0 || self.max_inbound_streams == 0 {
+            v.push("tunnel.max_concurrent_streams", "is zero", "allow at least one stream");
+        }
+        if self.stream_window.0 < 16 << 10 || self.stream_window.0 > (1 << 30) {
+            v.push("tunnel.stream_window", "must be between 16KiB and 1GiB", "use e.g. `4MiB`");
+        }
+        if self.connection_window.0 < self.stream_window.0 || self.connection_window.0 > (4 << 30) {
+            v.push(
+                "tunnel.connection_window",
+                "must be at least tunnel.stream_window and at most 4GiB",
+                "use e.g. `64MiB`",
+            );
+        }
+        if self.copy_buffer.0 < 1024 || self.copy_buffer.0 > (16 << 20) {
+            v.push("tunnel.copy_buffer", "must be between 1KiB and 16MiB", "use e.g. `64KiB`");
+        }
+        if self.udp_buffer.0 > (1 << 30) {
+            v.push("tunnel.udp_buffer", "is larger than 1GiB", "use e.g. `8MiB`");
+        }
+        if !(1200..=65527).contains(&self.max_udp_payload) {
+            v.push("tunnel.max_udp_payload", "must be between 1200 and 65527", "use 1452 for Ethernet paths");
+        }
+    }
+}
+
+impl TlsFiles {
+    fn resolve_relative_to(&mut self, dir: &Path) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<(String, String, String)>,
+}
+
+impl Validator {
+    fn push(&mut self, field: &str, problem: impl Into<String>, fix: impl Into<String>) {
+        self.problems.push((field.to_owned(), problem.into(), fix.into()));
+    }
+
+    fn label(&mut self, field: &str, value: &str) {
+        if !is_dns_label(value) {
+            self.push(
+                field,
+                format!("`{value}` is not a DNS label"),
+                "use 1-63 lowercase letters, digits and `-`, starting and ending with a letter or digit",
+            );
+        }
+    }
+}
+
+fn join(set: &BTreeSet<&str>) -> String {
+    if set.is_empty() {
+        "(no peers configured)".to_owned()
+    } else {
+        set.iter().copied().collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn fix_for_parse_error(msg: &str) -> String {
+    if msg.contains("unknown field") {
+        "remove the field or correct its spelling (the message lists the expected fields)".to_owned()
+    } else if msg.contains("missing field") {
+        "add the missing field".to_owned()
+    } else if msg.contains("invalid type") || msg.contains("invalid value") {
+        "give the field a value of the expected type".to_owned()
+    } else {
+        "correct the YAML at the reported line and column".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,11 @@
+//! strait-common: what every strait crate shares: the configuration model and its
+//! validation, SPIFFE identities, the federation PKI, and telemetry setup.
+
+pub mod config;
+pub mod identity;
+pub mod pki;
+pub mod telemetry;
+pub mod units;
+
+pub use config::Config;
+pub use identity::GatewayId;

@@ -1,0 +1,96 @@
+//! Admin API (loopback by default; never on the peer-facing port): health, readiness,
+//! Prometheus metrics, and JSON views of peers, services and identity.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::gateway::Shared;
+use crate::tunnel::peers::{PeerStatus, age};
+
+/// Serves the admin API on an already-bound listener.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/peers", get(peers))
+        .route("/v1/services", get(services))
+        .route("/v1/identity", get(identity))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+async fn ready(State(s): State<Arc<Shared>>) -> Response {
+    let expired = s.identity.load().not_after <= SystemTime::now();
+    let up = s.peers.iter().filter(|p| p.state().status == PeerStatus::Up).count();
+    let body = json!({
+        "ready": !expired,
+        "certificate_expired": expired,
+        "peers_up": up,
+        "peers": s.peers.iter().count(),
+        "listeners": s.listeners.len(),
+    });
+    let code = if expired { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+/// One peer in `/v1/peers`.
+#[derive(Serialize)]
+struct PeerView {
+    cluster: String,
+    address: String,
+    status: PeerStatus,
+    since_seconds: f64,
+    rtt_ms: Option<f64>,
+    connects: u64,
+    last_error: Option<String>,
+}
+
+async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerView>> {
+    Json(
+        s.peers
+            .iter()
+            .map(|p| {
+                let st = p.state();
+                PeerView {
+                    cluster: p.config.cluster.clone(),
+                    address: p.config.address.to_string(),
+                    status: st.status,
+                    since_seconds: age(st.since),
+                    rtt_ms: st.connection.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
+                    connects: st.connects,
+                    last_error: st.last_error,
+                }
+            })
+            .collect(),
+    )
+}
+
+async fn services(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "cluster": s.config.cluster,
+        "exports": s.config.exports,
+        "imports": s.listeners,
+    }))
+}
+
+async fn identity(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let id = s.identity.load();
+    let expires = id.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    Json(json!({ "spiffe_id": id.id.uri(), "serial": id.serial, "not_after_unix": expires }))
+}

@@ -1,0 +1,12 @@
+//! strait-gateway: the QUIC mTLS tunnel between clusters, the service listeners that feed
+//! it, the admin API, certificate reloading, and the local demo federation.
+
+pub mod admin;
+pub mod demo;
+pub mod gateway;
+pub mod listener;
+pub mod metrics;
+pub mod reload;
+pub mod tunnel;
+
+pub use gateway::{Gateway, raise_fd_limit};

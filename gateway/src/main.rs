@@ -1,0 +1,175 @@
+//! The `strait` command: run a gateway, check a config, manage the federation PKI, or
+//! start the local demo federation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use strait_common::pki::{CA_CERT_FILE, CertificateAuthority, write_atomic};
+use strait_common::telemetry::{self, LogFormat};
+use strait_common::{Config, GatewayId};
+use strait_gateway::{Gateway, demo, raise_fd_limit};
+
+#[derive(Parser)]
+#[command(name = "strait", version, about = "Multi-cluster federation gateway: mTLS over QUIC between clusters")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one gateway in the foreground.
+    Run {
+        /// The gateway's YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Federation PKI: create the root CA and issue gateway certificates.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Start a local federation of several regions on loopback and show what to try.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse and validate a configuration file; prints every problem with its field and fix.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a federation root CA (ca.pem, ca.key, trust-domain) in a directory.
+    Init {
+        /// Directory to create the CA in.
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain of the federation.
+        #[arg(long)]
+        trust_domain: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+    },
+    /// Issue a gateway certificate with the SPIFFE ID spiffe://<td>/cluster/<id>/gateway.
+    Issue {
+        /// The CA directory made by `pki init`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Cluster id of the gateway.
+        #[arg(long)]
+        cluster: String,
+        /// Output directory for <cluster>.pem and <cluster>.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(if cli.log_json { LogFormat::Json } else { LogFormat::Text });
+    match cli.command {
+        Command::Config(ConfigCmd::Check { file }) => config_check(&file),
+        Command::Pki(cmd) => pki(cmd),
+        Command::Run { config } => {
+            let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            runtime()?.block_on(run(config))
+        }
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    raise_fd_limit();
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("STRAIT_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
+        b.worker_threads(n);
+    }
+    Ok(b.enable_all().build()?)
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let mut gateway = Gateway::start(config).await?;
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = gateway.wait() => bail!("a gateway task stopped unexpectedly"),
+    }
+    gateway.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn config_check(file: &std::path::Path) -> anyhow::Result<()> {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok (cluster {}, {} exports, {} peers, {} imports)",
+                file.display(),
+                c.cluster,
+                c.exports.len(),
+                c.peers.len(),
+                c.imports.len()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+const TRUST_DOMAIN_FILE: &str = "trust-domain";
+
+fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
+    match cmd {
+        PkiCmd::Init { dir, trust_domain, days } => {
+            if !strait_common::identity::is_trust_domain(&trust_domain) {
+                bail!("`{trust_domain}` is not a valid trust domain: use lowercase letters, digits, `.`, `-`, `_`");
+            }
+            let ca = CertificateAuthority::generate(&trust_domain, Duration::from_secs(days * 86_400))?;
+            ca.save(&dir)?;
+            write_atomic(&dir.join(TRUST_DOMAIN_FILE), trust_domain.as_bytes(), false)?;
+            println!("created CA for trust domain {trust_domain} in {}", dir.display());
+            Ok(())
+        }
+        PkiCmd::Issue { ca, cluster, out, days } => {
+            if !strait_common::identity::is_dns_label(&cluster) {
+                bail!("`{cluster}` is not a valid cluster id: use a DNS label (lowercase letters, digits, `-`)");
+            }
+            let td_path = ca.join(TRUST_DOMAIN_FILE);
+            let td = std::fs::read_to_string(&td_path)
+                .with_context(|| format!("reading {} (is {} a CA made by `strait pki init`?)", td_path.display(), ca.display()))?;
+            let authority = CertificateAuthority::load(&ca)?;
+            let id = GatewayId::new(td.trim(), &cluster);
+            let cert = authority.issue_gateway_for(&id, Duration::from_secs(days * 86_400))?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            write_atomic(&out.join(format!("{cluster}.pem")), cert.cert_pem.as_bytes(), false)?;
+            write_atomic(&out.join(format!("{cluster}.key")), cert.key_pem.as_bytes(), true)?;
+            println!("issued {id} -> {}/{cluster}.pem (CA: {})", out.display(), ca.join(CA_CERT_FILE).display());
+            Ok(())
+        }
+    }
+}

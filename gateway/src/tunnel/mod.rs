@@ -1,0 +1,91 @@
+//! The QUIC mTLS tunnel between gateways: one connection per peer, one bidirectional
+//! stream per proxied TCP connection, a [`header`] exchange before payload.
+
+pub mod header;
+pub mod inbound;
+pub mod outbound;
+pub mod peers;
+pub mod splice;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use strait_common::config::TunnelTuning;
+use strait_common::pki::{Identity, PkiError};
+
+/// QUIC application error codes used when closing connections and resetting streams.
+pub mod codes {
+    use quinn::VarInt;
+    /// Gateway shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// The TCP side of the proxied connection was reset.
+    pub const TCP_RESET: VarInt = VarInt::from_u32(1);
+    /// The stream header was malformed or late.
+    pub const BAD_HEADER: VarInt = VarInt::from_u32(2);
+    /// The peer's identity could not be read after the handshake.
+    pub const BAD_IDENTITY: VarInt = VarInt::from_u32(3);
+}
+
+/// Builds the transport tuning shared by both directions.
+pub fn transport_config(t: &TunnelTuning) -> Arc<TransportConfig> {
+    let mut c = TransportConfig::default();
+    c.max_concurrent_bidi_streams(VarInt::from_u32(t.max_concurrent_streams));
+    c.max_concurrent_uni_streams(VarInt::from_u32(0));
+    c.stream_receive_window(VarInt::from_u64(t.stream_window.0).unwrap_or(VarInt::MAX));
+    c.receive_window(VarInt::from_u64(t.connection_window.0).unwrap_or(VarInt::MAX));
+    c.send_window(t.connection_window.0);
+    c.keep_alive_interval(Some(t.keep_alive.0));
+    c.max_idle_timeout(IdleTimeout::try_from(t.idle_timeout.0).ok());
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(t.max_udp_payload);
+    c.mtu_discovery_config(Some(mtu));
+    Arc::new(c)
+}
+
+/// The server side: requires and verifies a peer gateway certificate.
+pub fn server_config(identity: &Identity, t: &TunnelTuning) -> Result<quinn::ServerConfig, PkiError> {
+    let tls = identity.server_config()?;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport_config(t));
+    Ok(cfg)
+}
+
+/// The client side towards `peer_cluster`, whose certificate must carry that identity.
+pub fn client_config(identity: &Identity, peer_cluster: &str, t: &TunnelTuning) -> Result<quinn::ClientConfig, PkiError> {
+    let tls = identity.client_config(peer_cluster)?;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport_config(t));
+    Ok(cfg)
+}
+
+/// Binds the tunnel's UDP socket with large buffers (so callers can learn its address
+/// before the gateway starts, e.g. to wire up a local federation on ephemeral ports).
+pub fn bind_udp(addr: SocketAddr, t: &TunnelTuning) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    let size = t.udp_buffer.0 as usize;
+    // Larger buffers absorb bursts at high throughput; the kernel caps them at
+    // net.core.{r,w}mem_max, which is reported so operators can raise it.
+    if socket.set_recv_buffer_size(size).is_err() || socket.set_send_buffer_size(size).is_err() {
+        tracing::warn!(size, "could not set UDP socket buffer sizes");
+    }
+    let (rcv, snd) = (socket.recv_buffer_size().unwrap_or(0), socket.send_buffer_size().unwrap_or(0));
+    if rcv < size {
+        tracing::debug!(requested = size, receive = rcv, send = snd, "kernel capped UDP buffers; raise net.core.rmem_max/wmem_max for more throughput");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Starts the QUIC endpoint on a bound UDP socket.
+pub fn endpoint_on(socket: std::net::UdpSocket, server: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+}

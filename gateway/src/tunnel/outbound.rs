@@ -1,0 +1,89 @@
+//! Opening a stream to a peer gateway: send the header, wait for the remote's status.
+
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream, SendStream};
+
+use super::header::{self, HeaderError, Status, StreamRequest, StreamResponse};
+
+/// Why a stream to a peer did not become usable. No payload has been sent in any of
+/// these cases, so [`OpenError::retryable`] tells whether another cluster may be tried.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// No tunnel connection to the peer is established.
+    #[error("no tunnel connection to peer")]
+    PeerDown,
+    /// The remote gateway answered with a non-ok status.
+    #[error("remote answered {}: {detail}", status.label())]
+    Refused {
+        /// The remote's status.
+        status: Status,
+        /// The remote's explanation.
+        detail: String,
+    },
+    /// The stream could not be opened or was lost before the status arrived.
+    #[error("stream failed: {0}")]
+    Stream(String),
+    /// The remote did not answer in time.
+    #[error("remote did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The remote's answer was not a valid header.
+    #[error(transparent)]
+    Protocol(#[from] HeaderError),
+}
+
+impl OpenError {
+    /// Whether another cluster may be tried: true for every failure before payload,
+    /// since nothing was sent that could be replayed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            OpenError::PeerDown | OpenError::Stream(_) | OpenError::Timeout(_) | OpenError::Protocol(_) => true,
+            OpenError::Refused { status, .. } => *status != Status::Ok,
+        }
+    }
+
+    /// Short reason label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            OpenError::PeerDown => "peer-down",
+            OpenError::Refused { status, .. } => status.label(),
+            OpenError::Stream(_) => "stream-error",
+            OpenError::Timeout(_) => "timeout",
+            OpenError::Protocol(_) => "protocol-error",
+        }
+    }
+}
+
+/// Opens a stream on `conn`, asks for `req`, and returns the stream once the remote says ok.
+pub async fn open_stream(conn: &Connection, req: &StreamRequest, timeout: Duration) -> Result<(SendStream, RecvStream), OpenError> {
+    let fut = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Stream(e.to_string()))?;
+        send.write_all(&header::encode(req)).await.map_err(|e| OpenError::Stream(e.to_string()))?;
+        let resp: StreamResponse = read_frame(&mut recv).await?;
+        match resp.status() {
+            Status::Ok => Ok((send, recv)),
+            status => Err(OpenError::Refused { status, detail: resp.detail }),
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| OpenError::Timeout(timeout))?
+}
+
+/// Reads one header frame from a stream.
+pub async fn read_frame<M: prost::Message + Default>(recv: &mut RecvStream) -> Result<M, OpenError> {
+    let mut prefix = [0u8; header::PREFIX_LEN];
+    recv.read_exact(&mut prefix).await.map_err(|e| OpenError::Stream(e.to_string()))?;
+    let len = header::parse_prefix(prefix)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| OpenError::Stream(e.to_string()))?;
+    Ok(header::decode_body(&body)?)
+}
+
+/// Writes a response frame and, for refusals, finishes the stream.
+pub async fn respond(send: &mut SendStream, resp: &StreamResponse) -> Result<(), quinn::WriteError> {
+    send.write_all(&header::encode(resp)).await?;
+    if resp.status() != Status::Ok {
+        let _ = send.finish();
+    }
+    Ok(())
+}
