@@ -30,6 +30,7 @@ BODY_PATH=/1k.bin
 WORK=""
 PIDS=()
 SAMPLER_PID=""
+CLIENT_PID=""
 LAST_PID=""
 STRAIT=""
 PKI_TOOL=""
@@ -87,6 +88,10 @@ stop_sampler() {
 cleanup() {
   local rc=$? pid
   trap - EXIT INT TERM
+  if [[ -n $CLIENT_PID ]]; then # timeout forwards TERM to wrk / iperf3
+    kill -TERM "$CLIENT_PID" 2>/dev/null || true
+    wait "$CLIENT_PID" 2>/dev/null || true
+  fi
   stop_sampler
   for pid in "${PIDS[@]}"; do stop_proc "$pid"; done
   if [[ -n $WORK && -d $WORK ]]; then
@@ -452,20 +457,38 @@ start_haproxy() { # start_haproxy NAME CONFIG PORT; -db: foreground, no master-w
   wait_until "$name" "$LAST_PID" tcp_open "$port"
 }
 
-haproxy_info() { # haproxy_info SOCKET -> `show info` output
+# haproxy_tls_stats SOCKET -> "handshakes resumed" summed over all FRONTEND rows
+# of `show stat` (cumulative ssl_sess / ssl_reused_sess counters).
+haproxy_tls_stats() {
   python3 - "$1" <<'EOF'
-import socket, sys
+import csv, io, socket, sys
 s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])
-s.sendall(b"show info\n"); buf = b""
+s.sendall(b"show stat\n"); buf = b""
 while True:
     d = s.recv(65536)
     if not d: break
     buf += d
-sys.stdout.write(buf.decode(errors="replace"))
+rows = [r for r in csv.DictReader(io.StringIO(buf.decode().lstrip("# ")))
+        if r["svname"] == "FRONTEND"]
+print(sum(int(r.get("ssl_sess") or 0) for r in rows),
+      sum(int(r.get("ssl_reused_sess") or 0) for r in rows))
 EOF
 }
 
 # ---------------------------------------------------------- measurements --
+# run_client CMD...: run a load generator (pinned if PIN=1) with a hard time
+# limit. It runs in the background and we `wait` for it, so Ctrl-C interrupts
+# the wait at once and the EXIT trap stops it (a foreground child that exits
+# normally after SIGINT would make bash skip the INT trap).
+run_client() {
+  local rc=0
+  "${CLIENT_PREFIX[@]}" timeout $((DURATION + 30)) "$@" &
+  CLIENT_PID=$!
+  wait "$CLIENT_PID" || rc=$?
+  CLIENT_PID=""
+  return "$rc"
+}
+
 # parse_wrk FILE -> "rps p50_ms p99_ms socket_errors non2xx"
 parse_wrk() {
   awk '
@@ -485,8 +508,7 @@ run_wrk() { # run_wrk SETUP KIND URL [wrk args...]
   local setup=$1 kind=$2 url=$3; shift 3
   local f=$WORK/results/$setup-$kind.wrk rps p50 p99 err bad
   log "$setup: wrk $kind ${DURATION}s -t$WRK_THREADS -c$WRK_CONNS $*"
-  "${CLIENT_PREFIX[@]}" timeout $((DURATION + 30)) \
-    wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" --latency "$@" "$url" >"$f" 2>&1 ||
+  run_client wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" --latency "$@" "$url" >"$f" 2>&1 ||
     log "$setup: wrk $kind exited non-zero (see below)"
   read -r rps p50 p99 err bad < <(parse_wrk "$f")
   [[ $rps != NA ]] || { log "$setup: wrk $kind produced no result:"; tail -n 20 "$f" >&2; }
@@ -497,8 +519,7 @@ run_wrk() { # run_wrk SETUP KIND URL [wrk args...]
 run_iperf() { # run_iperf SETUP PORT
   local setup=$1 port=$2 f=$WORK/results/$1.iperf.json
   log "$setup: iperf3 ${DURATION}s single stream"
-  "${CLIENT_PREFIX[@]}" timeout $((DURATION + 30)) \
-    iperf3 -c 127.0.0.1 -p "$port" -t "$DURATION" -J >"$f" 2>&1 ||
+  run_client iperf3 -c 127.0.0.1 -p "$port" -t "$DURATION" -J >"$f" 2>&1 ||
     log "$setup: iperf3 exited non-zero"
   R[$setup:iperf.bps]=$(python3 - "$f" <<'EOF'
 import json, sys
@@ -526,7 +547,7 @@ bench_setup() {
   done
   (($# == 0)) || start_sampler "$WORK/results/$setup.rss" "$@"
   if ((WARMUP > 0)); then
-    "${CLIENT_PREFIX[@]}" wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+    run_client wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
   fi
   run_wrk "$setup" ka "$url"
   run_wrk "$setup" nc "$url" -H 'Connection: close'
@@ -562,16 +583,12 @@ bench_strait() {
 
 bench_haproxy() {
   write_haproxy_configs
-  local a b k
+  local a b sess reused
   start_haproxy haproxy-a "$WORK/haproxy-a.cfg" "$P_HA_NGINX"; a=$LAST_PID
   start_haproxy haproxy-b "$WORK/haproxy-b.cfg" "$P_HB_NGINX"; b=$LAST_PID
   bench_setup haproxy "$P_HB_NGINX" "$P_HB_IPERF" A="$a" B="$b"
-  haproxy_info "$WORK/haproxy-a.sock" >"$WORK/results/haproxy-a.info" 2>/dev/null || true
-  haproxy_info "$WORK/haproxy-b.sock" >"$WORK/results/haproxy-b.info" 2>/dev/null || true
-  for k in CumSslConns SslFrontendSessionReuse_pct; do
-    R[haproxy:a.$k]=$(awk -F': ' -v k="$k" '$1 == k { print $2 }' "$WORK/results/haproxy-a.info")
-  done
-  R[haproxy:b.CumSslConns]=$(awk -F': ' '$1 == "CumSslConns" { print $2 }' "$WORK/results/haproxy-b.info")
+  read -r sess reused < <(haproxy_tls_stats "$WORK/haproxy-a.sock" 2>/dev/null || echo "n/a n/a")
+  R[haproxy:tls_sess]=$sess; R[haproxy:tls_reused]=$reused
   stop_proc "$b"; stop_proc "$a"
 }
 
@@ -616,6 +633,12 @@ ratio_row() {
   else
     printf '| %s | n/a | %s %s%s | n/a (not measured) |\n' "$label" "$op" "$target" "$unit"
   fi
+}
+
+pct() { # pct PART WHOLE -> "N.N%" or n/a
+  if is_num "${1:-}" && is_num "${2:-}" && (($2 > 0)); then
+    awk -v p="$1" -v w="$2" 'BEGIN { printf "%.1f%%", 100 * p / w }'
+  else echo n/a; fi
 }
 
 report() {
@@ -675,13 +698,14 @@ report() {
     "B: \`server ... ssl crt ... ca-file ca.pem verify required\`; chain check only, no identity/SAN check)." \
     "Each gateway is one process (\`haproxy -db\`, no master-worker), so its RSS covers all its threads."
   echo "- HAProxy TLS session reuse: allowed (defaults: server-side session reuse, TLS tickets, tune.ssl.cachesize 20000)." \
-    "haproxy A after the run: CumSslConns=${R[haproxy:a.CumSslConns]:-n/a}," \
-    "SslFrontendSessionReuse_pct=${R[haproxy:a.SslFrontendSessionReuse_pct]:-n/a} (cumulative over all handshakes incl. iperf3);" \
-    "haproxy B CumSslConns=${R[haproxy:b.CumSslConns]:-n/a}." \
+    "Observed on haproxy A over the whole run: ${R[haproxy:tls_sess]:-n/a} TLS handshakes," \
+    "${R[haproxy:tls_reused]:-n/a} of them resumed ($(pct "${R[haproxy:tls_reused]:-}" "${R[haproxy:tls_sess]:-}"))." \
     "In mode tcp every client TCP connection is its own TLS connection (no pooling); keep-alive is end to end."
-  # shellcheck disable=SC2016
-  echo "- PKI: $PKI_TOOL ($( [[ $PKI_TOOL == strait ]] && echo '`strait pki init/issue`' || echo 'openssl test PKI, SKIP_STRAIT run only'))," \
-    "ECDSA P-256, one CA for both strait and HAProxy."
+  echo "- Caveat: this is the distro HAProxy build linked against OpenSSL 3.0, which HAProxy upstream reports as" \
+    "clearly slower than OpenSSL 1.1.1 for TLS handshakes with several threads; the new-connection column inherits that."
+  local pki_note="\`strait pki init\` / \`strait pki issue\`"
+  [[ $PKI_TOOL == strait ]] || pki_note="openssl test PKI (no strait binary; SKIP_STRAIT run only)"
+  echo "- PKI: $pki_note; ECDSA P-256, one CA for both strait and HAProxy."
   echo "- RSS: VmRSS from /proc/PID/status; idle = after readiness, one smoke request and 1 s settle;" \
     "peak = max of 200 ms samples during warm-up + all loads. CPU time = utime+stime of both gateway processes over the loads."
   echo "- CPU pinning: $PIN_NOTE."

@@ -1,1 +1,132 @@
+//! Test harness: a throwaway federation PKI, gateways on ephemeral loopback ports, and
+//! bounded waits on conditions (never sleeps as synchronisation).
 
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use strait_common::pki::{CertificateAuthority, IssuedCert, write_atomic};
+use strait_common::{Config, GatewayId};
+use strait_gateway::Gateway;
+use strait_gateway::tunnel::peers::PeerStatus;
+
+/// Trust domain of test federations.
+pub const TD: &str = "test.strait";
+
+/// A federation CA and a directory for its files.
+pub struct TestPki {
+    /// Holds certificates and configs.
+    pub dir: tempfile::TempDir,
+    /// The federation CA.
+    pub ca: CertificateAuthority,
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestPki {
+    /// A fresh CA in a fresh directory.
+    pub fn new() -> Self {
+        strait_gateway::raise_fd_limit();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = CertificateAuthority::generate(TD, Duration::from_secs(86_400)).expect("CA");
+        write_atomic(&dir.path().join("ca.pem"), ca.cert_pem.as_bytes(), false).expect("write CA");
+        Self { dir, ca }
+    }
+
+    /// Path of the CA bundle.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A valid certificate for `cluster`.
+    pub fn issue(&self, cluster: &str) -> IssuedCert {
+        self.ca.issue_gateway_for(&GatewayId::new(TD, cluster), Duration::from_secs(86_400)).expect("issue")
+    }
+
+    /// Writes a certificate and key as `<name>.pem` / `<name>.key`.
+    pub fn write(&self, name: &str, cert: &IssuedCert) {
+        write_atomic(&self.dir.path().join(format!("{name}.pem")), cert.cert_pem.as_bytes(), false).expect("write cert");
+        write_atomic(&self.dir.path().join(format!("{name}.key")), cert.key_pem.as_bytes(), true).expect("write key");
+    }
+
+    /// Starts a gateway for `cluster` on `udp` with a fresh certificate; `extra` is YAML
+    /// appended to the generated base config (exports, peers, imports, tunnel tuning).
+    pub async fn gateway(&self, cluster: &str, udp: UdpSocket, extra: &str) -> Gateway {
+        self.write(cluster, &self.issue(cluster));
+        let yaml = format!(
+            "cluster: {cluster}\nregion: {cluster}-region\ntrust_domain: {TD}\nlisten:\n  tunnel: {}\n  admin: 127.0.0.1:0\ntls:\n  ca: ca.pem\n  cert: {cluster}.pem\n  key: {cluster}.key\n  reload_interval: 100ms\n{extra}",
+            udp.local_addr().expect("addr")
+        );
+        let path = self.dir.path().join(format!("{cluster}.yaml"));
+        std::fs::write(&path, yaml).expect("write config");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        Gateway::start_on(config, udp).await.expect("gateway starts")
+    }
+}
+
+/// A UDP socket on an ephemeral loopback port, and its address.
+pub fn udp() -> (UdpSocket, SocketAddr) {
+    let s = strait_gateway::tunnel::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), &Default::default()).expect("bind udp");
+    let a = s.local_addr().expect("addr");
+    (s, a)
+}
+
+/// YAML exporting `service` (namespace `default`) on `port` to `target` on 127.0.0.1.
+pub fn export(service: &str, port: u16, target: SocketAddr, export_to: &str) -> String {
+    format!(
+        "  - name: {service}\n    ports: [{{name: p, port: {port}, target_port: {}}}]\n    endpoints: [{{address: {}}}]\n    export_to: {export_to}\n",
+        target.port(),
+        target.ip()
+    )
+}
+
+/// YAML with peers and an import of `service`/`port` from them, on an ephemeral port.
+pub fn import_from(service: &str, port: u16, peers: &[(&str, SocketAddr)]) -> String {
+    let mut y = String::from("peers:\n");
+    for (c, a) in peers {
+        y += &format!("  - cluster: {c}\n    address: {a}\n");
+    }
+    let names: Vec<_> = peers.iter().map(|(c, _)| *c).collect();
+    y += &format!(
+        "imports:\n  - name: {service}\n    address: 127.0.0.1\n    ports: [{{name: p, port: {port}, listen_port: 0}}]\n    clusters: [{}]\n",
+        names.join(", ")
+    );
+    y
+}
+
+/// Waits (bounded) for a peer of `g` to reach `status`.
+pub async fn wait_peer(g: &Gateway, cluster: &str, status: PeerStatus) {
+    let mut rx = g.shared().peers.get(cluster).expect("configured peer").subscribe();
+    within(Duration::from_secs(10), rx.wait_for(|s| s.status == status))
+        .await
+        .unwrap_or_else(|_| panic!("peer {cluster} never became {status:?}"));
+}
+
+/// Runs `fut` with a deadline; panics with the elapsed time if it is exceeded.
+pub async fn within<F: Future>(limit: Duration, fut: F) -> F::Output {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("not done within {limit:?}"))
+}
+
+/// Polls `cond` every 20 ms until it holds, for at most `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of a metric line (name with labels, exactly as rendered) in `text`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+/// A certificate for `cluster` in `td`, from `ca`, with explicit validity.
+pub fn issue_with(ca: &CertificateAuthority, td: &str, cluster: &str, not_before: SystemTime, not_after: SystemTime) -> IssuedCert {
+    ca.issue_gateway(&GatewayId::new(td, cluster), not_before, not_after).expect("issue")
+}
