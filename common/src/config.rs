@@ -373,7 +373,11 @@ impl Config {
         let mut v = Validator::default();
         v.label("cluster", &self.cluster);
         if self.region.trim().is_empty() {
-            v.push("region", "is empty", "set the region this cluster runs in, e.g. `us-east-1`");
+            v.push(
+                "region",
+                "is empty",
+                "set the region this cluster runs in, e.g. `us-east-1`",
+            );
         }
         if !is_trust_domain(&self.trust_domain) {
             v.push(
@@ -392,7 +396,8 @@ impl Config {
 
     fn validate_listen(&self, v: &mut Validator) {
         let l = &self.listen;
-        if l.admin.port() != 0 && l.admin.port() == l.tunnel.port() && l.admin.ip() == l.tunnel.ip() {
+        if l.admin.port() != 0 && l.admin.port() == l.tunnel.port() && l.admin.ip() == l.tunnel.ip()
+        {
             v.push(
                 "listen.admin",
                 "shares the tunnel's address",
@@ -420,7 +425,11 @@ impl Config {
             validate_ports(v, &at, e.ports.iter().map(|p| (p.name.as_str(), p.port)));
             for (j, p) in e.ports.iter().enumerate() {
                 if p.target_port == Some(0) {
-                    v.push(&format!("{at}.ports[{j}].target_port"), "is 0", "set the port the endpoints listen on");
+                    v.push(
+                        &format!("{at}.ports[{j}].target_port"),
+                        "is 0",
+                        "set the port the endpoints listen on",
+                    );
                 }
             }
             if e.endpoints.is_empty() {
@@ -506,7 +515,11 @@ impl Config {
                 }
             }
             if imp.clusters.is_empty() {
-                v.push(&format!("{at}.clusters"), "is empty", "list the clusters that export this service");
+                v.push(
+                    &format!("{at}.clusters"),
+                    "is empty",
+                    "list the clusters that export this service",
+                );
             }
             for (j, c) in imp.clusters.iter().enumerate() {
                 if !peers.contains(c.as_str()) {
@@ -528,23 +541,43 @@ fn validate_ports<'a>(v: &mut Validator, at: &str, ports: impl Iterator<Item = (
     for (j, (name, port)) in ports.enumerate() {
         count += 1;
         if port == 0 {
-            v.push(&format!("{at}.ports[{j}].port"), "is 0", "use the service's real port number (1-65535)");
+            v.push(
+                &format!("{at}.ports[{j}].port"),
+                "is 0",
+                "use the service's real port number (1-65535)",
+            );
         }
         if !numbers.insert(port) {
-            v.push(&format!("{at}.ports[{j}].port"), format!("port {port} is listed twice"), "list each port once");
+            v.push(
+                &format!("{at}.ports[{j}].port"),
+                format!("port {port} is listed twice"),
+                "list each port once",
+            );
         }
         if !name.is_empty() {
             v.label(&format!("{at}.ports[{j}].name"), name);
             if !names.insert(name) {
-                v.push(&format!("{at}.ports[{j}].name"), format!("port name `{name}` is used twice"), "give each port its own name");
+                v.push(
+                    &format!("{at}.ports[{j}].name"),
+                    format!("port name `{name}` is used twice"),
+                    "give each port its own name",
+                );
             }
         }
     }
     if count == 0 {
-        v.push(&format!("{at}.ports"), "is empty", "list at least one port, e.g. `[{port: 80}]`");
+        v.push(
+            &format!("{at}.ports"),
+            "is empty",
+            "list at least one port, e.g. `[{port: 80}]`",
+        );
     }
     if count > 1 && names.len() < count {
-        v.push(&format!("{at}.ports"), "a multi-port service has unnamed ports", "name every port (names make SRV records)");
+        v.push(
+            &format!("{at}.ports"),
+            "a multi-port service has unnamed ports",
+            "name every port (names make SRV records)",
+        );
     }
 }
 
@@ -555,11 +588,18 @@ impl TunnelTuning {
             ("tunnel.keep_alive", &self.keep_alive),
             ("tunnel.idle_timeout", &self.idle_timeout),
             ("tunnel.connect_timeout", &self.connect_timeout),
-            ("tunnel.endpoint_connect_timeout", &self.endpoint_connect_timeout),
+            (
+                "tunnel.endpoint_connect_timeout",
+                &self.endpoint_connect_timeout,
+            ),
             ("tunnel.max_backoff", &self.max_backoff),
         ] {
             if zero(d) {
-                v.push(field, "is zero", "use a positive duration such as `500ms` or `2s`");
+                v.push(
+                    field,
+                    "is zero",
+                    "use a positive duration such as `500ms` or `2s`",
+                );
             }
         }
         if self.keep_alive.0 >= self.idle_timeout.0 {
@@ -570,10 +610,18 @@ impl TunnelTuning {
             );
         }
         if self.max_concurrent_streams == 0 || self.max_inbound_streams == 0 {
-            v.push("tunnel.max_concurrent_streams", "is zero", "allow at least one stream");
+            v.push(
+                "tunnel.max_concurrent_streams",
+                "is zero",
+                "allow at least one stream",
+            );
         }
         if self.stream_window.0 < 16 << 10 || self.stream_window.0 > (1 << 30) {
-            v.push("tunnel.stream_window", "must be between 16KiB and 1GiB", "use e.g. `4MiB`");
+            v.push(
+                "tunnel.stream_window",
+                "must be between 16KiB and 1GiB",
+                "use e.g. `4MiB`",
+            );
         }
         if self.connection_window.0 < self.stream_window.0 || self.connection_window.0 > (4 << 30) {
             v.push(
@@ -583,13 +631,25 @@ impl TunnelTuning {
             );
         }
         if self.copy_buffer.0 < 1024 || self.copy_buffer.0 > (16 << 20) {
-            v.push("tunnel.copy_buffer", "must be between 1KiB and 16MiB", "use e.g. `64KiB`");
+            v.push(
+                "tunnel.copy_buffer",
+                "must be between 1KiB and 16MiB",
+                "use e.g. `64KiB`",
+            );
         }
         if self.udp_buffer.0 > (1 << 30) {
-            v.push("tunnel.udp_buffer", "is larger than 1GiB", "use e.g. `8MiB`");
+            v.push(
+                "tunnel.udp_buffer",
+                "is larger than 1GiB",
+                "use e.g. `8MiB`",
+            );
         }
         if !(1200..=65527).contains(&self.max_udp_payload) {
-            v.push("tunnel.max_udp_payload", "must be between 1200 and 65527", "use 1452 for Ethernet paths");
+            v.push(
+                "tunnel.max_udp_payload",
+                "must be between 1200 and 65527",
+                "use 1452 for Ethernet paths",
+            );
         }
     }
 }
@@ -611,7 +671,8 @@ struct Validator {
 
 impl Validator {
     fn push(&mut self, field: &str, problem: impl Into<String>, fix: impl Into<String>) {
-        self.problems.push((field.to_owned(), problem.into(), fix.into()));
+        self.problems
+            .push((field.to_owned(), problem.into(), fix.into()));
     }
 
     fn label(&mut self, field: &str, value: &str) {
@@ -635,7 +696,8 @@ fn join(set: &BTreeSet<&str>) -> String {
 
 fn fix_for_parse_error(msg: &str) -> String {
     if msg.contains("unknown field") {
-        "remove the field or correct its spelling (the message lists the expected fields)".to_owned()
+        "remove the field or correct its spelling (the message lists the expected fields)"
+            .to_owned()
     } else if msg.contains("missing field") {
         "add the missing field".to_owned()
     } else if msg.contains("invalid type") || msg.contains("invalid value") {

@@ -22,14 +22,19 @@ pub enum IdentityError {
     #[error("`{0}` has an invalid trust domain")]
     BadTrustDomain(String),
     /// The path is not `/cluster/<id>/gateway`.
-    #[error("`{0}` is not a gateway identity (expected spiffe://<trust-domain>/cluster/<id>/gateway)")]
+    #[error(
+        "`{0}` is not a gateway identity (expected spiffe://<trust-domain>/cluster/<id>/gateway)"
+    )]
     NotGateway(String),
 }
 
 impl GatewayId {
     /// A gateway identity; callers validate the parts (config validation does).
     pub fn new(trust_domain: &str, cluster: &str) -> Self {
-        Self { trust_domain: trust_domain.to_owned(), cluster: cluster.to_owned() }
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            cluster: cluster.to_owned(),
+        }
     }
 
     /// The SPIFFE URI.
@@ -42,7 +47,9 @@ impl GatewayId {
         let rest = uri
             .strip_prefix("spiffe://")
             .ok_or_else(|| IdentityError::NotSpiffe(uri.to_owned()))?;
-        let (td, path) = rest.split_once('/').ok_or_else(|| IdentityError::NotGateway(uri.to_owned()))?;
+        let (td, path) = rest
+            .split_once('/')
+            .ok_or_else(|| IdentityError::NotGateway(uri.to_owned()))?;
         if !is_trust_domain(td) {
             return Err(IdentityError::BadTrustDomain(uri.to_owned()));
         }
@@ -58,7 +65,11 @@ impl GatewayId {
 
 impl fmt::Display for GatewayId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/cluster/{}/gateway", self.trust_domain, self.cluster)
+        write!(
+            f,
+            "spiffe://{}/cluster/{}/gateway",
+            self.trust_domain, self.cluster
+        )
     }
 }
 
@@ -66,7 +77,8 @@ impl fmt::Display for GatewayId {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -75,8 +87,9 @@ pub fn is_dns_label(s: &str) -> bool {
 pub fn is_trust_domain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 #[cfg(test)]

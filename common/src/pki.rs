@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName as TlsName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName as TlsName, RootCertStore,
+    SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use time::OffsetDateTime;
@@ -55,17 +58,27 @@ pub enum PkiError {
 }
 
 fn bad_file(path: &Path, problem: impl Into<String>, fix: impl Into<String>) -> PkiError {
-    PkiError::BadFile { path: path.to_owned(), problem: problem.into(), fix: fix.into() }
+    PkiError::BadFile {
+        path: path.to_owned(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
-    std::fs::read(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+    std::fs::read(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes a file atomically (temp file + rename) so a reloading gateway never sees half of it.
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), PkiError> {
     use std::io::Write;
-    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -91,7 +104,8 @@ pub struct CertificateAuthority {
 
 impl fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,10 +129,17 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "strait federation");
-        dn.push(DnType::CommonName, format!("strait root CA for {trust_domain}"));
+        dn.push(
+            DnType::CommonName,
+            format!("strait root CA for {trust_domain}"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + validity;
@@ -126,14 +147,22 @@ impl CertificateAuthority {
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let key_pem = key.serialize_pem();
-        Ok(Self { issuer: Issuer::new(params, key), cert_pem, key_pem })
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
     }
 
     /// Loads a CA from PEM text.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), issuer })
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            issuer,
+        })
     }
 
     /// Loads a CA from a directory made by [`CertificateAuthority::save`].
@@ -141,47 +170,87 @@ impl CertificateAuthority {
         let cert = read(&dir.join(CA_CERT_FILE))?;
         let key = read(&dir.join(CA_KEY_FILE))?;
         let as_text = |b: Vec<u8>, f: &str| {
-            String::from_utf8(b).map_err(|_| bad_file(&dir.join(f), "is not PEM text", "point at the directory made by `strait pki init`"))
+            String::from_utf8(b).map_err(|_| {
+                bad_file(
+                    &dir.join(f),
+                    "is not PEM text",
+                    "point at the directory made by `strait pki init`",
+                )
+            })
         };
-        Self::from_pem(&as_text(cert, CA_CERT_FILE)?, &as_text(key, CA_KEY_FILE)?).map_err(|e| match e {
-            PkiError::Generate(g) => bad_file(dir, format!("does not hold a usable CA: {g}"), "run `strait pki init` to create one"),
-            other => other,
+        Self::from_pem(&as_text(cert, CA_CERT_FILE)?, &as_text(key, CA_KEY_FILE)?).map_err(|e| {
+            match e {
+                PkiError::Generate(g) => bad_file(
+                    dir,
+                    format!("does not hold a usable CA: {g}"),
+                    "run `strait pki init` to create one",
+                ),
+                other => other,
+            }
         })
     }
 
     /// Writes `ca.pem` and `ca.key` (mode 0600) into `dir`; refuses to overwrite a CA.
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
-        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         let key_path = dir.join(CA_KEY_FILE);
         if key_path.exists() {
-            return Err(bad_file(&key_path, "a CA already exists here", "choose another directory, or delete the old CA on purpose"));
+            return Err(bad_file(
+                &key_path,
+                "a CA already exists here",
+                "choose another directory, or delete the old CA on purpose",
+            ));
         }
         write_atomic(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), false)?;
         write_atomic(&key_path, self.key_pem.as_bytes(), true)
     }
 
     /// Issues a gateway certificate for `id`, valid from `not_before` to `not_after`.
-    pub fn issue_gateway(&self, id: &GatewayId, not_before: SystemTime, not_after: SystemTime) -> Result<IssuedCert, PkiError> {
+    pub fn issue_gateway(
+        &self,
+        id: &GatewayId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<IssuedCert, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "strait federation");
         dn.push(DnType::CommonName, format!("{} gateway", id.cluster));
         params.distinguished_name = dn;
-        let uri = id.uri().try_into().map_err(|_| bad_file(Path::new("-"), "identity is not ASCII", "use lowercase ASCII ids"))?;
+        let uri = id.uri().try_into().map_err(|_| {
+            bad_file(
+                Path::new("-"),
+                "identity is not ASCII",
+                "use lowercase ASCII ids",
+            )
+        })?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Issues a gateway certificate valid from five minutes ago for `validity`.
-    pub fn issue_gateway_for(&self, id: &GatewayId, validity: Duration) -> Result<IssuedCert, PkiError> {
+    pub fn issue_gateway_for(
+        &self,
+        id: &GatewayId,
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
         let now = SystemTime::now();
         self.issue_gateway(id, now - Duration::from_secs(300), now + validity)
     }
@@ -206,36 +275,68 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("id", &self.id).field("serial", &self.serial).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
     }
 }
 
 impl Identity {
     /// Loads and checks an identity from PEM files: the leaf must carry
     /// `expected`'s SPIFFE ID, chain to the CA bundle and be valid now.
-    pub fn load(ca: &Path, cert: &Path, key: &Path, expected: &GatewayId) -> Result<Self, PkiError> {
+    pub fn load(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        expected: &GatewayId,
+    ) -> Result<Self, PkiError> {
         let ca_pem = read(ca)?;
         let cert_pem = read(cert)?;
         let key_pem = read(key)?;
         let roots = roots_from_pem(ca, &ca_pem)?;
         let certs: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<_, _>>()
-            .map_err(|e| bad_file(cert, format!("is not a PEM certificate chain: {e}"), "use the .pem written by `strait pki issue`"))?;
+            .map_err(|e| {
+                bad_file(
+                    cert,
+                    format!("is not a PEM certificate chain: {e}"),
+                    "use the .pem written by `strait pki issue`",
+                )
+            })?;
         if certs.is_empty() {
-            return Err(bad_file(cert, "contains no certificate", "use the .pem written by `strait pki issue`"));
+            return Err(bad_file(
+                cert,
+                "contains no certificate",
+                "use the .pem written by `strait pki issue`",
+            ));
         }
-        let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| bad_file(key, format!("holds no private key: {e}"), "use the .key written by `strait pki issue`"))?;
-        let identity = Self::from_parts(certs, key_der, roots).map_err(|problem| bad_file(cert, problem, "issue a certificate with `strait pki issue`"))?;
+        let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            bad_file(
+                key,
+                format!("holds no private key: {e}"),
+                "use the .key written by `strait pki issue`",
+            )
+        })?;
+        let identity = Self::from_parts(certs, key_der, roots).map_err(|problem| {
+            bad_file(cert, problem, "issue a certificate with `strait pki issue`")
+        })?;
         if identity.id != *expected {
             return Err(bad_file(
                 cert,
-                format!("carries identity {} but this gateway is {expected}", identity.id),
-                format!("issue a certificate for this cluster: `strait pki issue --cluster {}`", expected.cluster),
+                format!(
+                    "carries identity {} but this gateway is {expected}",
+                    identity.id
+                ),
+                format!(
+                    "issue a certificate for this cluster: `strait pki issue --cluster {}`",
+                    expected.cluster
+                ),
             ));
         }
         let provider = provider();
-        let parsed = ParsedCertificate::try_from(&identity.certs[0]).map_err(|e| bad_file(cert, e.to_string(), "re-issue the certificate"))?;
+        let parsed = ParsedCertificate::try_from(&identity.certs[0])
+            .map_err(|e| bad_file(cert, e.to_string(), "re-issue the certificate"))?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &identity.roots,
@@ -244,10 +345,24 @@ impl Identity {
             provider.signature_verification_algorithms.all,
         )
         .map_err(|e| match e {
-            rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
-                bad_file(cert, "has expired", format!("issue a fresh one: `strait pki issue --cluster {}`", expected.cluster))
-            }
-            other => bad_file(cert, format!("does not verify against the CA bundle {}: {other}", ca.display()), "issue it from the federation CA, or fix tls.ca"),
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => bad_file(
+                cert,
+                "has expired",
+                format!(
+                    "issue a fresh one: `strait pki issue --cluster {}`",
+                    expected.cluster
+                ),
+            ),
+            other => bad_file(
+                cert,
+                format!(
+                    "does not verify against the CA bundle {}: {other}",
+                    ca.display()
+                ),
+                "issue it from the federation CA, or fix tls.ca",
+            ),
         })?;
         Ok(identity)
     }
@@ -261,14 +376,25 @@ impl Identity {
     ) -> Result<Self, String> {
         let leaf = certs.first().ok_or("contains no certificate")?;
         let info = leaf_info(leaf)?;
-        let id = info.id.ok_or("carries no SPIFFE gateway identity (URI SAN)")?;
-        Ok(Self { id, certs, key: Arc::new(key), roots: Arc::new(roots), not_after: info.not_after, serial: info.serial })
+        let id = info
+            .id
+            .ok_or("carries no SPIFFE gateway identity (URI SAN)")?;
+        Ok(Self {
+            id,
+            certs,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+            not_after: info.not_after,
+            serial: info.serial,
+        })
     }
 
     /// Builds an identity from PEM text (no validity checks; see [`Identity::from_parts`]).
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, String> {
         let roots = roots_from_pem(Path::new("-"), ca_pem.as_bytes()).map_err(|e| e.to_string())?;
-        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
         Self::from_parts(certs, key, roots)
     }
@@ -277,10 +403,14 @@ impl Identity {
     /// identity in this trust domain. The caller's cluster is read after the handshake.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, PkiError> {
         let provider = provider();
-        let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
-        let verifier = SpiffeClientVerifier { inner, trust_domain: self.id.trust_domain.clone() };
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+        let verifier = SpiffeClientVerifier {
+            inner,
+            trust_domain: self.id.trust_domain.clone(),
+        };
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(verifier))
@@ -317,11 +447,27 @@ pub fn provider() -> Arc<CryptoProvider> {
 fn roots_from_pem(path: &Path, pem: &[u8]) -> Result<RootCertStore, PkiError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| bad_file(path, format!("is not a PEM CA bundle: {e}"), "point tls.ca at the ca.pem made by `strait pki init`"))?;
-        roots.add(cert).map_err(|e| bad_file(path, format!("holds an unusable CA certificate: {e}"), "point tls.ca at the ca.pem made by `strait pki init`"))?;
+        let cert = cert.map_err(|e| {
+            bad_file(
+                path,
+                format!("is not a PEM CA bundle: {e}"),
+                "point tls.ca at the ca.pem made by `strait pki init`",
+            )
+        })?;
+        roots.add(cert).map_err(|e| {
+            bad_file(
+                path,
+                format!("holds an unusable CA certificate: {e}"),
+                "point tls.ca at the ca.pem made by `strait pki init`",
+            )
+        })?;
     }
     if roots.is_empty() {
-        return Err(bad_file(path, "contains no CA certificate", "point tls.ca at the ca.pem made by `strait pki init`"));
+        return Err(bad_file(
+            path,
+            "contains no CA certificate",
+            "point tls.ca at the ca.pem made by `strait pki init`",
+        ));
     }
     Ok(roots)
 }
@@ -333,10 +479,16 @@ struct LeafInfo {
 }
 
 fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("is not an X.509 certificate: {e}"))?;
-    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("is not an X.509 certificate: {e}"))?;
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
     let serial = cert.raw_serial_as_string().replace(':', "");
-    Ok(LeafInfo { id: spiffe_id(&cert).ok(), not_after, serial })
+    Ok(LeafInfo {
+        id: spiffe_id(&cert).ok(),
+        not_after,
+        serial,
+    })
 }
 
 /// The gateway identity in a certificate: SPIFFE requires exactly one URI SAN.
@@ -364,7 +516,9 @@ pub fn peer_id(der: &CertificateDer<'_>) -> Result<GatewayId, String> {
 }
 
 fn identity_error(problem: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(SpiffeError(problem)))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        SpiffeError(problem),
+    ))))
 }
 
 #[derive(Debug)]
@@ -398,19 +552,38 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algs.all)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         let got = peer_id(end_entity).map_err(identity_error)?;
         if got != self.expected {
-            return Err(identity_error(format!("expected {}, peer presented {got}", self.expected)));
+            return Err(identity_error(format!(
+                "expected {}, peer presented {got}",
+                self.expected
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
     }
 
@@ -432,20 +605,39 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         self.inner.root_hint_subjects()
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let got = peer_id(end_entity).map_err(identity_error)?;
         if got.trust_domain != self.trust_domain {
-            return Err(identity_error(format!("trust domain {} is not {}", got.trust_domain, self.trust_domain)));
+            return Err(identity_error(format!(
+                "trust domain {} is not {}",
+                got.trust_domain, self.trust_domain
+            )));
         }
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
 

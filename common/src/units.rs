@@ -25,7 +25,11 @@ impl FromStr for HumanDuration {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            _ => return Err(format!("`{s}` has no known unit; use ms, s, m or h (e.g. `2s`)")),
+            _ => {
+                return Err(format!(
+                    "`{s}` has no known unit; use ms, s, m or h (e.g. `2s`)"
+                ));
+            }
         };
         Ok(HumanDuration(d))
     }
@@ -34,7 +38,7 @@ impl FromStr for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -85,9 +89,9 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            n if n >= 1 << 30 && n % (1 << 30) == 0 => write!(f, "{}GiB", n >> 30),
-            n if n >= 1 << 20 && n % (1 << 20) == 0 => write!(f, "{}MiB", n >> 20),
-            n if n >= 1 << 10 && n % (1 << 10) == 0 => write!(f, "{}KiB", n >> 10),
+            n if n >= 1 << 30 && n.is_multiple_of(1 << 30) => write!(f, "{}GiB", n >> 30),
+            n if n >= 1 << 20 && n.is_multiple_of(1 << 20) => write!(f, "{}MiB", n >> 20),
+            n if n >= 1 << 10 && n.is_multiple_of(1 << 10) => write!(f, "{}KiB", n >> 10),
             n => write!(f, "{n}"),
         }
     }
@@ -120,10 +124,22 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print() {
-        assert_eq!("500ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(500));
-        assert_eq!("2s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(2));
-        assert_eq!("1m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(60));
-        assert_eq!(HumanDuration(Duration::from_millis(1500)).to_string(), "1500ms");
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "2s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            "1m".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            HumanDuration(Duration::from_millis(1500)).to_string(),
+            "1500ms"
+        );
         assert_eq!(HumanDuration(Duration::from_secs(3)).to_string(), "3s");
         assert!("2".parse::<HumanDuration>().unwrap_err().contains("unit"));
         assert!("fast".parse::<HumanDuration>().is_err());

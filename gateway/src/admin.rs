@@ -33,7 +33,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 
 async fn ready(State(s): State<Arc<Shared>>) -> Response {
     let expired = s.identity.load().not_after <= SystemTime::now();
-    let up = s.peers.iter().filter(|p| p.state().status == PeerStatus::Up).count();
+    let up = s
+        .peers
+        .iter()
+        .filter(|p| p.state().status == PeerStatus::Up)
+        .count();
     let body = json!({
         "ready": !expired,
         "certificate_expired": expired,
@@ -41,12 +45,20 @@ async fn ready(State(s): State<Arc<Shared>>) -> Response {
         "peers": s.peers.iter().count(),
         "listeners": s.listeners.len(),
     });
-    let code = if expired { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let code = if expired {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     (code, Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 /// One peer in `/v1/peers`.
@@ -72,7 +84,10 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerView>> {
                     address: p.config.address.to_string(),
                     status: st.status,
                     since_seconds: age(st.since),
-                    rtt_ms: st.connection.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
+                    rtt_ms: st
+                        .connection
+                        .as_ref()
+                        .map(|c| c.rtt().as_secs_f64() * 1000.0),
                     connects: st.connects,
                     last_error: st.last_error,
                 }
@@ -91,6 +106,10 @@ async fn services(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
 
 async fn identity(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let id = s.identity.load();
-    let expires = id.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let expires = id
+        .not_after
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     Json(json!({ "spiffe_id": id.id.uri(), "serial": id.serial, "not_after_unix": expires }))
 }

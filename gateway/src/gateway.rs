@@ -60,15 +60,20 @@ impl Gateway {
     /// Like [`Gateway::start`], on an already-bound tunnel socket (see [`tunnel::bind_udp`]).
     pub async fn start_on(config: Config, udp: std::net::UdpSocket) -> anyhow::Result<Gateway> {
         let me = GatewayId::new(&config.trust_domain, &config.cluster);
-        let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key, &me).context("loading the gateway certificate")?;
-        let server = tunnel::server_config(&identity, &config.tunnel).context("building the tunnel TLS configuration")?;
+        let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key, &me)
+            .context("loading the gateway certificate")?;
+        let server = tunnel::server_config(&identity, &config.tunnel)
+            .context("building the tunnel TLS configuration")?;
         let endpoint = tunnel::endpoint_on(udp, server).context("starting the QUIC endpoint")?;
         let bound = listener::bind_all(&config.imports).await?;
         let admin_listener = tokio::net::TcpListener::bind(config.listen.admin)
             .await
             .with_context(|| format!("binding the admin API {}", config.listen.admin))?;
         let admin_addr = admin_listener.local_addr()?;
-        for (what, addr) in [("discovery", config.listen.discovery), ("dns", config.listen.dns)] {
+        for (what, addr) in [
+            ("discovery", config.listen.discovery),
+            ("dns", config.listen.dns),
+        ] {
             if let Some(addr) = addr {
                 tracing::warn!(%addr, "listen.{what} is configured but not served by this version");
             }
@@ -107,12 +112,19 @@ impl Gateway {
         tasks.spawn(admin::serve(shared.clone(), admin_listener).instrument(span.clone()));
         tasks.spawn(reload::watch_certificates(shared.clone()).instrument(span.clone()));
         tracing::info!(parent: &span, tunnel = %shared.endpoint.local_addr()?, admin = %admin_addr, listeners = shared.listeners.len(), "gateway started");
-        Ok(Gateway { shared, admin_addr, tasks })
+        Ok(Gateway {
+            shared,
+            admin_addr,
+            tasks,
+        })
     }
 
     /// The tunnel's bound UDP address.
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.shared.endpoint.local_addr().expect("bound socket has an address")
+        self.shared
+            .endpoint
+            .local_addr()
+            .expect("bound socket has an address")
     }
 
     /// The admin API's bound address.
@@ -127,7 +139,11 @@ impl Gateway {
 
     /// The listener address for an imported `namespace/name` and service port.
     pub fn listener(&self, service: &str, port: u16) -> Option<SocketAddr> {
-        self.shared.listeners.iter().find(|l| l.service == service && l.port == port).map(|l| l.address)
+        self.shared
+            .listeners
+            .iter()
+            .find(|l| l.service == service && l.port == port)
+            .map(|l| l.address)
     }
 
     /// Shared state, for inspection.
@@ -142,15 +158,20 @@ impl Gateway {
 
     /// Closes every connection and stops every task, waiting briefly for peers to be told.
     pub async fn shutdown(mut self) {
-        self.shared.endpoint.close(codes::SHUTDOWN, b"gateway shutting down");
+        self.shared
+            .endpoint
+            .close(codes::SHUTDOWN, b"gateway shutting down");
         self.tasks.shutdown().await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.shared.endpoint.close(codes::SHUTDOWN, b"gateway shutting down");
+        self.shared
+            .endpoint
+            .close(codes::SHUTDOWN, b"gateway shutting down");
     }
 }
 
@@ -159,7 +180,10 @@ impl Drop for Gateway {
 pub fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);

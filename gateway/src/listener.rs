@@ -35,9 +35,12 @@ pub async fn bind_all(imports: &[Import]) -> anyhow::Result<Vec<(BoundListener, 
     for imp in imports {
         for p in &imp.ports {
             let addr = SocketAddr::new(imp.address, p.local_port());
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding listener {addr} for imported service {}/{}", imp.namespace, imp.name))?;
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "binding listener {addr} for imported service {}/{}",
+                    imp.namespace, imp.name
+                )
+            })?;
             let info = BoundListener {
                 service: format!("{}/{}", imp.namespace, imp.name),
                 port: p.port,
@@ -51,14 +54,21 @@ pub async fn bind_all(imports: &[Import]) -> anyhow::Result<Vec<(BoundListener, 
 }
 
 /// Accepts connections on one listener until the gateway shuts down.
-pub async fn serve(shared: Arc<Shared>, info: BoundListener, listener: TcpListener, import: Import) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    info: BoundListener,
+    listener: TcpListener,
+    import: Import,
+) {
     let import = Arc::new(import);
     let info = Arc::new(info);
     loop {
         match listener.accept().await {
             Ok((tcp, client)) => {
                 let span = tracing::info_span!("outbound", service = %info.service, port = info.port, %client);
-                tokio::spawn(forward(shared.clone(), info.clone(), import.clone(), tcp).instrument(span));
+                tokio::spawn(
+                    forward(shared.clone(), info.clone(), import.clone(), tcp).instrument(span),
+                );
             }
             Err(e) => {
                 // Out of file descriptors and similar are transient: report and keep serving.
@@ -69,31 +79,76 @@ pub async fn serve(shared: Arc<Shared>, info: BoundListener, listener: TcpListen
     }
 }
 
-async fn forward(shared: Arc<Shared>, info: Arc<BoundListener>, import: Arc<Import>, tcp: TcpStream) {
+async fn forward(
+    shared: Arc<Shared>,
+    info: Arc<BoundListener>,
+    import: Arc<Import>,
+    tcp: TcpStream,
+) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let req = StreamRequest { service: import.name.clone(), namespace: import.namespace.clone(), port: info.port.into(), endpoint: None };
+    let req = StreamRequest {
+        service: import.name.clone(),
+        namespace: import.namespace.clone(),
+        port: info.port.into(),
+        endpoint: None,
+    };
     let timeout = shared.config.tunnel.connect_timeout.0;
     for cluster in &import.clusters {
-        let labels = [("service", info.service.as_str()), ("peer", cluster.as_str())];
+        let labels = [
+            ("service", info.service.as_str()),
+            ("peer", cluster.as_str()),
+        ];
         let opened = match shared.peers.get(cluster).and_then(|p| p.connection()) {
             Some(conn) => open_stream(&conn, &req, timeout).await,
             None => Err(OpenError::PeerDown),
         };
         match opened {
             Ok((send, recv)) => {
-                shared.metrics.histogram("strait_connect_duration_seconds", &[("peer", cluster)]).record(started.elapsed().as_secs_f64());
-                shared.metrics.counter("strait_streams_opened_total", &[labels[0], labels[1], ("direction", "outbound")]).increment(1);
-                let active = shared.metrics.gauge("strait_active_connections", &[("service", &info.service), ("direction", "outbound")]);
+                shared
+                    .metrics
+                    .histogram("strait_connect_duration_seconds", &[("peer", cluster)])
+                    .record(started.elapsed().as_secs_f64());
+                shared
+                    .metrics
+                    .counter(
+                        "strait_streams_opened_total",
+                        &[labels[0], labels[1], ("direction", "outbound")],
+                    )
+                    .increment(1);
+                let active = shared.metrics.gauge(
+                    "strait_active_connections",
+                    &[("service", &info.service), ("direction", "outbound")],
+                );
                 active.increment(1.0);
-                let moved = splice::splice(tcp, send, recv, shared.config.tunnel.copy_buffer.0 as usize).await;
+                let moved =
+                    splice::splice(tcp, send, recv, shared.config.tunnel.copy_buffer.0 as usize)
+                        .await;
                 active.decrement(1.0);
-                shared.metrics.counter("strait_bytes_total", &[labels[0], labels[1], ("direction", "sent")]).increment(moved.tcp_to_quic);
-                shared.metrics.counter("strait_bytes_total", &[labels[0], labels[1], ("direction", "received")]).increment(moved.quic_to_tcp);
+                shared
+                    .metrics
+                    .counter(
+                        "strait_bytes_total",
+                        &[labels[0], labels[1], ("direction", "sent")],
+                    )
+                    .increment(moved.tcp_to_quic);
+                shared
+                    .metrics
+                    .counter(
+                        "strait_bytes_total",
+                        &[labels[0], labels[1], ("direction", "received")],
+                    )
+                    .increment(moved.quic_to_tcp);
                 return;
             }
             Err(e) => {
-                shared.metrics.counter("strait_streams_failed_total", &[labels[0], labels[1], ("reason", e.label())]).increment(1);
+                shared
+                    .metrics
+                    .counter(
+                        "strait_streams_failed_total",
+                        &[labels[0], labels[1], ("reason", e.label())],
+                    )
+                    .increment(1);
                 tracing::info!(peer = %cluster, error = %e, "stream to peer failed");
                 if !e.retryable() {
                     break;

@@ -12,7 +12,11 @@ use strait_common::{Config, GatewayId};
 use strait_gateway::{Gateway, demo, raise_fd_limit};
 
 #[derive(Parser)]
-#[command(name = "strait", version, about = "Multi-cluster federation gateway: mTLS over QUIC between clusters")]
+#[command(
+    name = "strait",
+    version,
+    about = "Multi-cluster federation gateway: mTLS over QUIC between clusters"
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
@@ -81,7 +85,11 @@ enum PkiCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init(if cli.log_json { LogFormat::Json } else { LogFormat::Text });
+    telemetry::init(if cli.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    });
     match cli.command {
         Command::Config(ConfigCmd::Check { file }) => config_check(&file),
         Command::Pki(cmd) => pki(cmd),
@@ -96,7 +104,10 @@ fn main() -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     raise_fd_limit();
     let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("STRAIT_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("STRAIT_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         b.worker_threads(n);
     }
     Ok(b.enable_all().build()?)
@@ -145,30 +156,64 @@ const TRUST_DOMAIN_FILE: &str = "trust-domain";
 
 fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
     match cmd {
-        PkiCmd::Init { dir, trust_domain, days } => {
+        PkiCmd::Init {
+            dir,
+            trust_domain,
+            days,
+        } => {
             if !strait_common::identity::is_trust_domain(&trust_domain) {
-                bail!("`{trust_domain}` is not a valid trust domain: use lowercase letters, digits, `.`, `-`, `_`");
+                bail!(
+                    "`{trust_domain}` is not a valid trust domain: use lowercase letters, digits, `.`, `-`, `_`"
+                );
             }
-            let ca = CertificateAuthority::generate(&trust_domain, Duration::from_secs(days * 86_400))?;
+            let ca =
+                CertificateAuthority::generate(&trust_domain, Duration::from_secs(days * 86_400))?;
             ca.save(&dir)?;
             write_atomic(&dir.join(TRUST_DOMAIN_FILE), trust_domain.as_bytes(), false)?;
-            println!("created CA for trust domain {trust_domain} in {}", dir.display());
+            println!(
+                "created CA for trust domain {trust_domain} in {}",
+                dir.display()
+            );
             Ok(())
         }
-        PkiCmd::Issue { ca, cluster, out, days } => {
+        PkiCmd::Issue {
+            ca,
+            cluster,
+            out,
+            days,
+        } => {
             if !strait_common::identity::is_dns_label(&cluster) {
-                bail!("`{cluster}` is not a valid cluster id: use a DNS label (lowercase letters, digits, `-`)");
+                bail!(
+                    "`{cluster}` is not a valid cluster id: use a DNS label (lowercase letters, digits, `-`)"
+                );
             }
             let td_path = ca.join(TRUST_DOMAIN_FILE);
-            let td = std::fs::read_to_string(&td_path)
-                .with_context(|| format!("reading {} (is {} a CA made by `strait pki init`?)", td_path.display(), ca.display()))?;
+            let td = std::fs::read_to_string(&td_path).with_context(|| {
+                format!(
+                    "reading {} (is {} a CA made by `strait pki init`?)",
+                    td_path.display(),
+                    ca.display()
+                )
+            })?;
             let authority = CertificateAuthority::load(&ca)?;
             let id = GatewayId::new(td.trim(), &cluster);
             let cert = authority.issue_gateway_for(&id, Duration::from_secs(days * 86_400))?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            write_atomic(&out.join(format!("{cluster}.pem")), cert.cert_pem.as_bytes(), false)?;
-            write_atomic(&out.join(format!("{cluster}.key")), cert.key_pem.as_bytes(), true)?;
-            println!("issued {id} -> {}/{cluster}.pem (CA: {})", out.display(), ca.join(CA_CERT_FILE).display());
+            write_atomic(
+                &out.join(format!("{cluster}.pem")),
+                cert.cert_pem.as_bytes(),
+                false,
+            )?;
+            write_atomic(
+                &out.join(format!("{cluster}.key")),
+                cert.key_pem.as_bytes(),
+                true,
+            )?;
+            println!(
+                "issued {id} -> {}/{cluster}.pem (CA: {})",
+                out.display(),
+                ca.join(CA_CERT_FILE).display()
+            );
             Ok(())
         }
     }

@@ -14,8 +14,13 @@ use crate::tunnel;
 
 /// Publishes the certificate's expiry as a metric.
 pub fn publish_expiry(metrics: &Metrics, identity: &Identity) {
-    let expiry = identity.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    metrics.gauge("strait_cert_expiry_timestamp_seconds", &[]).set(expiry.as_secs_f64());
+    let expiry = identity
+        .not_after
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics
+        .gauge("strait_cert_expiry_timestamp_seconds", &[])
+        .set(expiry.as_secs_f64());
 }
 
 /// What identifies a version of the files without reading them.
@@ -24,7 +29,11 @@ type Fingerprint = Vec<Option<(SystemTime, u64)>>;
 fn fingerprint(paths: &[&Path]) -> Fingerprint {
     paths
         .iter()
-        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
         .collect()
 }
 
@@ -45,13 +54,19 @@ pub async fn watch_certificates(shared: Arc<Shared>) {
         seen = now;
         match reload(&shared, &me) {
             Ok(serial) => {
-                shared.metrics.counter("strait_cert_reloads_total", &[("result", "ok")]).increment(1);
+                shared
+                    .metrics
+                    .counter("strait_cert_reloads_total", &[("result", "ok")])
+                    .increment(1);
                 tracing::info!(%serial, "certificate reloaded; new connections use it");
             }
             Err(e) => {
                 // Keep serving with the old identity: a half-written or wrong file must not
                 // take the gateway down.
-                shared.metrics.counter("strait_cert_reloads_total", &[("result", "error")]).increment(1);
+                shared
+                    .metrics
+                    .counter("strait_cert_reloads_total", &[("result", "error")])
+                    .increment(1);
                 tracing::error!(error = %e, "certificate reload failed; keeping the current certificate");
             }
         }

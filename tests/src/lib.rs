@@ -45,13 +45,25 @@ impl TestPki {
 
     /// A valid certificate for `cluster`.
     pub fn issue(&self, cluster: &str) -> IssuedCert {
-        self.ca.issue_gateway_for(&GatewayId::new(TD, cluster), Duration::from_secs(86_400)).expect("issue")
+        self.ca
+            .issue_gateway_for(&GatewayId::new(TD, cluster), Duration::from_secs(86_400))
+            .expect("issue")
     }
 
     /// Writes a certificate and key as `<name>.pem` / `<name>.key`.
     pub fn write(&self, name: &str, cert: &IssuedCert) {
-        write_atomic(&self.dir.path().join(format!("{name}.pem")), cert.cert_pem.as_bytes(), false).expect("write cert");
-        write_atomic(&self.dir.path().join(format!("{name}.key")), cert.key_pem.as_bytes(), true).expect("write key");
+        write_atomic(
+            &self.dir.path().join(format!("{name}.pem")),
+            cert.cert_pem.as_bytes(),
+            false,
+        )
+        .expect("write cert");
+        write_atomic(
+            &self.dir.path().join(format!("{name}.key")),
+            cert.key_pem.as_bytes(),
+            true,
+        )
+        .expect("write key");
     }
 
     /// Starts a gateway for `cluster` on `udp` with a fresh certificate; `extra` is YAML
@@ -65,13 +77,19 @@ impl TestPki {
         let path = self.dir.path().join(format!("{cluster}.yaml"));
         std::fs::write(&path, yaml).expect("write config");
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-        Gateway::start_on(config, udp).await.expect("gateway starts")
+        Gateway::start_on(config, udp)
+            .await
+            .expect("gateway starts")
     }
 }
 
 /// A UDP socket on an ephemeral loopback port, and its address.
 pub fn udp() -> (UdpSocket, SocketAddr) {
-    let s = strait_gateway::tunnel::bind_udp(SocketAddr::from(([127, 0, 0, 1], 0)), &Default::default()).expect("bind udp");
+    let s = strait_gateway::tunnel::bind_udp(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &Default::default(),
+    )
+    .expect("bind udp");
     let a = s.local_addr().expect("addr");
     (s, a)
 }
@@ -101,7 +119,12 @@ pub fn import_from(service: &str, port: u16, peers: &[(&str, SocketAddr)]) -> St
 
 /// Waits (bounded) for a peer of `g` to reach `status`.
 pub async fn wait_peer(g: &Gateway, cluster: &str, status: PeerStatus) {
-    let mut rx = g.shared().peers.get(cluster).expect("configured peer").subscribe();
+    let mut rx = g
+        .shared()
+        .peers
+        .get(cluster)
+        .expect("configured peer")
+        .subscribe();
     within(Duration::from_secs(10), rx.wait_for(|s| s.status == status))
         .await
         .unwrap_or_else(|_| panic!("peer {cluster} never became {status:?}"));
@@ -109,24 +132,39 @@ pub async fn wait_peer(g: &Gateway, cluster: &str, status: PeerStatus) {
 
 /// Runs `fut` with a deadline; panics with the elapsed time if it is exceeded.
 pub async fn within<F: Future>(limit: Duration, fut: F) -> F::Output {
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("not done within {limit:?}"))
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("not done within {limit:?}"))
 }
 
 /// Polls `cond` every 20 ms until it holds, for at most `limit`.
 pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// The value of a metric line (name with labels, exactly as rendered) in `text`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
 }
 
 /// A certificate for `cluster` in `td`, from `ca`, with explicit validity.
-pub fn issue_with(ca: &CertificateAuthority, td: &str, cluster: &str, not_before: SystemTime, not_after: SystemTime) -> IssuedCert {
-    ca.issue_gateway(&GatewayId::new(td, cluster), not_before, not_after).expect("issue")
+pub fn issue_with(
+    ca: &CertificateAuthority,
+    td: &str,
+    cluster: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> IssuedCert {
+    ca.issue_gateway(&GatewayId::new(td, cluster), not_before, not_after)
+        .expect("issue")
 }

@@ -18,11 +18,26 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// East exports `echo` (port 7000) to everyone; west imports it. Returns both and the
 /// local listener address on west.
-async fn pair(pki: &TestPki, backend: SocketAddr, extra_east: &str) -> (Gateway, Gateway, SocketAddr) {
+async fn pair(
+    pki: &TestPki,
+    backend: SocketAddr,
+    extra_east: &str,
+) -> (Gateway, Gateway, SocketAddr) {
     let (ue, ae) = udp();
     let (uw, _) = udp();
-    let east = pki.gateway("east", ue, &format!("exports:\n{}{extra_east}", export("echo", 7000, backend, "[\"*\"]"))).await;
-    let west = pki.gateway("west", uw, &import_from("echo", 7000, &[("east", ae)])).await;
+    let east = pki
+        .gateway(
+            "east",
+            ue,
+            &format!(
+                "exports:\n{}{extra_east}",
+                export("echo", 7000, backend, "[\"*\"]")
+            ),
+        )
+        .await;
+    let west = pki
+        .gateway("west", uw, &import_from("echo", 7000, &[("east", ae)]))
+        .await;
     wait_peer(&west, "east", PeerStatus::Up).await;
     let listener = west.listener("default/echo", 7000).expect("listener bound");
     (east, west, listener)
@@ -49,7 +64,9 @@ async fn one_kib_round_trips() {
     let data = pattern(1024, 7);
     c.write_all(&data).await.unwrap();
     let mut back = vec![0u8; 1024];
-    within(Duration::from_secs(5), c.read_exact(&mut back)).await.unwrap();
+    within(Duration::from_secs(5), c.read_exact(&mut back))
+        .await
+        .unwrap();
     assert_eq!(back, data);
 }
 
@@ -94,7 +111,13 @@ async fn hundred_mib_both_ways() {
     assert_eq!(total, LEN, "every byte came back, then a clean EOF");
     assert_eq!(digest, expected, "bytes arrived intact and in order");
     let m = west.shared().metrics.render();
-    assert_eq!(metric(&m, "strait_bytes_total{service=\"default/echo\",peer=\"east\",direction=\"sent\"}"), Some(LEN as f64));
+    assert_eq!(
+        metric(
+            &m,
+            "strait_bytes_total{service=\"default/echo\",peer=\"east\",direction=\"sent\"}"
+        ),
+        Some(LEN as f64)
+    );
 }
 
 #[tokio::test]
@@ -106,7 +129,9 @@ async fn half_close_keeps_the_other_direction_open() {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
-        s.write_all(format!("got {} bytes", got.len()).as_bytes()).await.unwrap();
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
         s.shutdown().await.unwrap();
     });
     let pki = TestPki::new();
@@ -115,7 +140,9 @@ async fn half_close_keeps_the_other_direction_open() {
     c.write_all(&[1u8; 10_000]).await.unwrap();
     c.shutdown().await.unwrap();
     let mut reply = String::new();
-    within(Duration::from_secs(5), c.read_to_string(&mut reply)).await.unwrap();
+    within(Duration::from_secs(5), c.read_to_string(&mut reply))
+        .await
+        .unwrap();
     assert_eq!(reply, "got 10000 bytes");
 }
 
@@ -134,7 +161,9 @@ async fn backend_reset_reaches_the_client_as_reset() {
     let mut c = TcpStream::connect(addr).await.unwrap();
     c.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 16];
-    let err = within(Duration::from_secs(5), c.read(&mut buf)).await.expect_err("a reset, not a clean EOF");
+    let err = within(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect_err("a reset, not a clean EOF");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }
 
@@ -162,14 +191,27 @@ async fn thousand_concurrent_connections_share_one_quic_connection() {
     let held = within(Duration::from_secs(30), checks.join_all()).await;
     assert_eq!(held.len(), 1000);
     let m = east.shared().metrics.render();
-    assert_eq!(metric(&m, "strait_active_connections{service=\"default/echo\",direction=\"inbound\"}"), Some(1000.0));
-    assert_eq!(east.shared().endpoint.open_connections(), 1, "one QUIC connection carries every stream");
+    assert_eq!(
+        metric(
+            &m,
+            "strait_active_connections{service=\"default/echo\",direction=\"inbound\"}"
+        ),
+        Some(1000.0)
+    );
+    assert_eq!(
+        east.shared().endpoint.open_connections(),
+        1,
+        "one QUIC connection carries every stream"
+    );
     assert_eq!(west.shared().peers.get("east").unwrap().state().connects, 1);
 }
 
 /// A client presenting `cert` that trusts any server, so that only the server's
 /// verification of the client decides the outcome.
-async fn raw_connect(cert: Option<&strait_common::pki::IssuedCert>, server: SocketAddr) -> Result<quinn::Connection, quinn::ConnectionError> {
+async fn raw_connect(
+    cert: Option<&strait_common::pki::IssuedCert>,
+    server: SocketAddr,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     use rustls::pki_types::pem::PemObject;
     let builder = rustls::ClientConfig::builder_with_provider(strait_common::pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -178,14 +220,19 @@ async fn raw_connect(cert: Option<&strait_common::pki::IssuedCert>, server: Sock
         .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
     let mut tls = match cert {
         Some(c) => {
-            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(c.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap();
+            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap();
             builder.with_client_auth_cert(chain, key).unwrap()
         }
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![strait_common::pki::ALPN.to_vec()];
-    let cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    let cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
     let ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
     ep.connect_with(cfg, server, "east").unwrap().await
 }
@@ -195,8 +242,15 @@ async fn refused(res: Result<quinn::Connection, quinn::ConnectionError>) -> bool
     match res {
         Err(_) => true,
         Ok(conn) => {
-            let req = StreamRequest { service: "echo".into(), namespace: "default".into(), port: 7000, endpoint: None };
-            open_stream(&conn, &req, Duration::from_secs(2)).await.is_err()
+            let req = StreamRequest {
+                service: "echo".into(),
+                namespace: "default".into(),
+                port: 7000,
+                endpoint: None,
+            };
+            open_stream(&conn, &req, Duration::from_secs(2))
+                .await
+                .is_err()
         }
     }
 }
@@ -206,27 +260,58 @@ async fn bad_peer_certificates_are_refused() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
     let (ue, ae) = udp();
-    let east = pki.gateway("east", ue, &format!("exports:\n{}", export("echo", 7000, echo.addr, "[\"*\"]"))).await;
+    let east = pki
+        .gateway(
+            "east",
+            ue,
+            &format!("exports:\n{}", export("echo", 7000, echo.addr, "[\"*\"]")),
+        )
+        .await;
     let now = SystemTime::now();
     let day = Duration::from_secs(86_400);
 
     // Control: a good certificate is admitted and served, so the refusals below are
     // about the certificates.
-    assert!(!refused(raw_connect(Some(&pki.issue("west")), ae).await).await, "a valid peer is served");
+    assert!(
+        !refused(raw_connect(Some(&pki.issue("west")), ae).await).await,
+        "a valid peer is served"
+    );
 
     let other_ca = CertificateAuthority::generate(TD, day).unwrap();
     let cases = [
-        ("another CA", issue_with(&other_ca, TD, "west", now - day, now + day)),
-        ("wrong trust domain", issue_with(&pki.ca, "other.example", "west", now - day, now + day)),
-        ("expired", issue_with(&pki.ca, TD, "west", now - 2 * day, now - day)),
+        (
+            "another CA",
+            issue_with(&other_ca, TD, "west", now - day, now + day),
+        ),
+        (
+            "wrong trust domain",
+            issue_with(&pki.ca, "other.example", "west", now - day, now + day),
+        ),
+        (
+            "expired",
+            issue_with(&pki.ca, TD, "west", now - 2 * day, now - day),
+        ),
     ];
     for (what, cert) in &cases {
-        assert!(refused(raw_connect(Some(cert), ae).await).await, "{what}: peer was admitted");
+        assert!(
+            refused(raw_connect(Some(cert), ae).await).await,
+            "{what}: peer was admitted"
+        );
     }
-    assert!(refused(raw_connect(None, ae).await).await, "no client certificate: peer was admitted");
-    eventually(Duration::from_secs(5), "four refused handshakes counted", || {
-        metric(&east.shared().metrics.render(), "strait_handshakes_rejected_total") >= Some(4.0)
-    })
+    assert!(
+        refused(raw_connect(None, ae).await).await,
+        "no client certificate: peer was admitted"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "four refused handshakes counted",
+        || {
+            metric(
+                &east.shared().metrics.render(),
+                "strait_handshakes_rejected_total",
+            ) >= Some(4.0)
+        },
+    )
     .await;
 }
 
@@ -237,20 +322,40 @@ async fn server_with_unexpected_identity_is_refused_by_the_caller() {
     let (uw, _) = udp();
     let _east = pki.gateway("east", ue, "").await;
     // West believes the gateway at east's address is "north": the SPIFFE ID will not match.
-    let west = pki.gateway("west", uw, &format!("peers:\n  - cluster: north\n    address: {ae}\n")).await;
+    let west = pki
+        .gateway(
+            "west",
+            uw,
+            &format!("peers:\n  - cluster: north\n    address: {ae}\n"),
+        )
+        .await;
     let peer = west.shared().peers.get("north").unwrap();
     let mut rx = peer.subscribe();
-    within(Duration::from_secs(10), rx.wait_for(|s| s.last_error.is_some())).await.unwrap();
+    within(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .unwrap();
     let st = peer.state();
     assert_ne!(st.status, PeerStatus::Up);
-    assert!(st.last_error.unwrap().contains("spiffe://test.strait/cluster/north/gateway"), "error names the expected identity");
+    assert!(
+        st.last_error
+            .unwrap()
+            .contains("spiffe://test.strait/cluster/north/gateway"),
+        "error names the expected identity"
+    );
 }
 
 #[tokio::test]
 async fn streams_are_refused_with_the_right_status() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap(); // closed again: refuses
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap(); // closed again: refuses
     let exports = format!(
         "{}{}{}",
         export("secret", 7001, echo.addr, "[north]"),
@@ -258,23 +363,60 @@ async fn streams_are_refused_with_the_right_status() {
         "  - name: drained\n    ports: [{port: 7003}]\n    endpoints: [{address: 127.0.0.1, ready: false}]\n"
     );
     let (_east, west, listener) = pair(&pki, echo.addr, &exports).await;
-    let conn = west.shared().peers.get("east").unwrap().connection().unwrap();
-    let ask = |service: &str, port: u32| StreamRequest { service: service.into(), namespace: "default".into(), port, endpoint: None };
+    let conn = west
+        .shared()
+        .peers
+        .get("east")
+        .unwrap()
+        .connection()
+        .unwrap();
+    let ask = |service: &str, port: u32| StreamRequest {
+        service: service.into(),
+        namespace: "default".into(),
+        port,
+        endpoint: None,
+    };
     let status = |r: Result<_, OpenError>| match r {
         Ok(_) => Status::Ok,
         Err(OpenError::Refused { status, .. }) => status,
         Err(e) => panic!("unexpected error {e}"),
     };
     let t = Duration::from_secs(5);
-    assert_eq!(status(open_stream(&conn, &ask("echo", 7000), t).await), Status::Ok);
-    assert_eq!(status(open_stream(&conn, &ask("secret", 7001), t).await), Status::Forbidden, "not exported to west");
-    assert_eq!(status(open_stream(&conn, &ask("nosuch", 7000), t).await), Status::Forbidden, "unknown looks like forbidden");
-    assert_eq!(status(open_stream(&conn, &ask("echo", 9999), t).await), Status::NoEndpoints, "no such port");
-    assert_eq!(status(open_stream(&conn, &ask("drained", 7003), t).await), Status::NoEndpoints, "no ready endpoint");
-    assert_eq!(status(open_stream(&conn, &ask("broken", 7002), t).await), Status::ConnectFailed);
+    assert_eq!(
+        status(open_stream(&conn, &ask("echo", 7000), t).await),
+        Status::Ok
+    );
+    assert_eq!(
+        status(open_stream(&conn, &ask("secret", 7001), t).await),
+        Status::Forbidden,
+        "not exported to west"
+    );
+    assert_eq!(
+        status(open_stream(&conn, &ask("nosuch", 7000), t).await),
+        Status::Forbidden,
+        "unknown looks like forbidden"
+    );
+    assert_eq!(
+        status(open_stream(&conn, &ask("echo", 9999), t).await),
+        Status::NoEndpoints,
+        "no such port"
+    );
+    assert_eq!(
+        status(open_stream(&conn, &ask("drained", 7003), t).await),
+        Status::NoEndpoints,
+        "no ready endpoint"
+    );
+    assert_eq!(
+        status(open_stream(&conn, &ask("broken", 7002), t).await),
+        Status::ConnectFailed
+    );
     let mut named = ask("echo", 7000);
     named.endpoint = Some("127.0.0.9".into());
-    assert_eq!(status(open_stream(&conn, &named, t).await), Status::NoEndpoints, "unknown named endpoint");
+    assert_eq!(
+        status(open_stream(&conn, &named, t).await),
+        Status::NoEndpoints,
+        "unknown named endpoint"
+    );
     // The tunnel connection survives every refusal.
     let mut c = TcpStream::connect(listener).await.unwrap();
     c.write_all(b"still").await.unwrap();
@@ -307,15 +449,31 @@ async fn garbage_on_every_port_does_no_harm() {
     }
     // A verified peer sending a garbage stream header: that stream is reset, the
     // connection and other streams carry on.
-    let conn = west.shared().peers.get("east").unwrap().connection().unwrap();
+    let conn = west
+        .shared()
+        .peers
+        .get("east")
+        .unwrap()
+        .connection()
+        .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[0x01, 0x00, 0x05, 0xff, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    send.write_all(&[0x01, 0x00, 0x05, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     let mut b = [0u8; 1];
-    assert!(within(Duration::from_secs(5), recv.read_exact(&mut b)).await.is_err(), "garbage header is refused");
+    assert!(
+        within(Duration::from_secs(5), recv.read_exact(&mut b))
+            .await
+            .is_err(),
+        "garbage header is refused"
+    );
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(&[0x09; 64]).await.unwrap();
     eventually(Duration::from_secs(5), "bad headers counted", || {
-        metric(&east.shared().metrics.render(), "strait_stream_headers_rejected_total{peer=\"west\"}") >= Some(2.0)
+        metric(
+            &east.shared().metrics.render(),
+            "strait_stream_headers_rejected_total{peer=\"west\"}",
+        ) >= Some(2.0)
     })
     .await;
     // Garbage through a listener is just payload: it is proxied verbatim.
@@ -323,20 +481,31 @@ async fn garbage_on_every_port_does_no_harm() {
     let junk = pattern(70_000, 5);
     c.write_all(&junk).await.unwrap();
     let mut back = vec![0u8; junk.len()];
-    within(Duration::from_secs(5), c.read_exact(&mut back)).await.unwrap();
+    within(Duration::from_secs(5), c.read_exact(&mut back))
+        .await
+        .unwrap();
     assert_eq!(back, junk);
     let status = reqwest_status(east.admin_addr(), "/healthz").await;
     assert_eq!(status, 200);
-    assert_eq!(west.shared().peers.get("east").unwrap().state().connects, 1, "tunnel never dropped");
+    assert_eq!(
+        west.shared().peers.get("east").unwrap().state().connects,
+        1,
+        "tunnel never dropped"
+    );
 }
 
 /// Minimal HTTP/1.1 GET returning the status code.
 async fn reqwest_status(addr: SocketAddr, path: &str) -> u16 {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -347,30 +516,66 @@ async fn certificate_rotation_keeps_established_streams() {
     let mut c = TcpStream::connect(addr).await.unwrap();
     c.write_all(b"before").await.unwrap();
     let mut b = [0u8; 6];
-    within(Duration::from_secs(5), c.read_exact(&mut b)).await.unwrap();
+    within(Duration::from_secs(5), c.read_exact(&mut b))
+        .await
+        .unwrap();
     let old_serial = east.shared().identity.load().serial.clone();
 
     pki.write("east", &pki.issue("east"));
-    eventually(Duration::from_secs(10), "rotated certificate loaded", || east.shared().identity.load().serial != old_serial).await;
+    eventually(
+        Duration::from_secs(10),
+        "rotated certificate loaded",
+        || east.shared().identity.load().serial != old_serial,
+    )
+    .await;
     let new_serial = east.shared().identity.load().serial.clone();
 
     // The connection established under the old certificate still carries bytes.
     c.write_all(b"after!").await.unwrap();
-    within(Duration::from_secs(5), c.read_exact(&mut b)).await.unwrap();
+    within(Duration::from_secs(5), c.read_exact(&mut b))
+        .await
+        .unwrap();
     assert_eq!(&b, b"after!");
     // A new peer handshakes against the new certificate.
     let (un, _) = udp();
-    let north = pki.gateway("north", un, &format!("peers:\n  - cluster: east\n    address: {}\n", east.tunnel_addr())).await;
+    let north = pki
+        .gateway(
+            "north",
+            un,
+            &format!(
+                "peers:\n  - cluster: east\n    address: {}\n",
+                east.tunnel_addr()
+            ),
+        )
+        .await;
     wait_peer(&north, "east", PeerStatus::Up).await;
-    let conn = north.shared().peers.get("east").unwrap().connection().unwrap();
-    let certs = conn.peer_identity().unwrap().downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().unwrap();
-    let presented = Identity::from_parts(certs.to_vec(), rustls::pki_types::PrivateKeyDer::Pkcs8(vec![0u8].into()), rustls::RootCertStore::empty()).unwrap();
+    let conn = north
+        .shared()
+        .peers
+        .get("east")
+        .unwrap()
+        .connection()
+        .unwrap();
+    let certs = conn
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    let presented = Identity::from_parts(
+        certs.to_vec(),
+        rustls::pki_types::PrivateKeyDer::Pkcs8(vec![0u8].into()),
+        rustls::RootCertStore::empty(),
+    )
+    .unwrap();
     assert_eq!(presented.serial, new_serial);
 
     // A broken file on disk is refused and the current certificate stays.
     std::fs::write(pki.dir.path().join("east.pem"), b"not a certificate").unwrap();
     eventually(Duration::from_secs(10), "failed reload counted", || {
-        metric(&east.shared().metrics.render(), "strait_cert_reloads_total{result=\"error\"}") >= Some(1.0)
+        metric(
+            &east.shared().metrics.render(),
+            "strait_cert_reloads_total{result=\"error\"}",
+        ) >= Some(1.0)
     })
     .await;
     assert_eq!(east.shared().identity.load().serial, new_serial);
@@ -390,13 +595,35 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &strait_common::pki::provider().signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &strait_common::pki::provider().signature_verification_algorithms,
+        )
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &strait_common::pki::provider().signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &strait_common::pki::provider().signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        strait_common::pki::provider().signature_verification_algorithms.supported_schemes()
+        strait_common::pki::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -1,0 +1,229 @@
+use std::path::Path;
+
+use super::*;
+
+const BASE: &str = "
+cluster: us-east
+region: us-east-1
+zone: us-east-1a
+trust_domain: strait.example
+listen:
+  tunnel: 0.0.0.0:4433
+  admin: 127.0.0.1:9901
+tls:
+  ca: ca.pem
+  cert: us-east.pem
+  key: us-east.key
+";
+
+fn parse(extra: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(Path::new("us-east.yaml"), &format!("{BASE}{extra}"))
+}
+
+fn only_error(extra: &str) -> ConfigError {
+    let errs = parse(extra).expect_err("config should be rejected").0;
+    assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
+    errs.into_iter().next().unwrap()
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse("").unwrap();
+    assert_eq!(c.cluster, "us-east");
+    assert_eq!(c.tunnel, TunnelTuning::default());
+    assert_eq!(c.tls.reload_interval.0, Duration::from_secs(10));
+    assert!(c.exports.is_empty() && c.peers.is_empty() && c.imports.is_empty());
+}
+
+#[test]
+fn full_config_parses() {
+    let c = parse(
+        "
+tunnel:
+  keep_alive: 250ms
+  idle_timeout: 2s
+  stream_window: 8MiB
+  copy_buffer: 131072
+exports:
+  - name: web
+    namespace: shop
+    ports: [{name: http, port: 80, target_port: 8080}, {name: admin, port: 81}]
+    endpoints: [{address: 10.0.0.1, hostname: web-0}, {address: 10.0.0.2, ready: false}]
+    export_to: [eu-west]
+peers:
+  - cluster: eu-west
+    address: 192.0.2.10:4433
+imports:
+  - name: cart
+    namespace: shop
+    address: 127.0.10.1
+    ports: [{name: http, port: 80}]
+    clusters: [eu-west]
+",
+    )
+    .unwrap();
+    assert_eq!(c.tunnel.stream_window.0, 8 << 20);
+    assert_eq!(c.tunnel.copy_buffer.0, 131072);
+    let web = &c.exports[0];
+    assert_eq!(web.ports[0].target(), 8080);
+    assert_eq!(web.ports[1].target(), 81);
+    assert!(web.exported_to("eu-west"));
+    assert!(!web.exported_to("ap-south"));
+    assert!(!web.endpoints[1].ready);
+    assert_eq!(c.imports[0].ports[0].local_port(), 80);
+}
+
+#[test]
+fn typo_names_file_field_and_fix() {
+    let e = only_error("exports:\n  - name: web\n    prots: [{port: 80}]\n    endpoints: []\n");
+    assert_eq!(e.file, Path::new("us-east.yaml"));
+    assert!(e.field.starts_with("exports[0]"), "field was {}", e.field);
+    assert!(e.problem.contains("unknown field `prots`"), "{}", e.problem);
+    assert!(
+        e.problem.contains("ports"),
+        "the message lists the expected fields: {}",
+        e.problem
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with("us-east.yaml: field `exports[0]"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("fix: remove the field or correct its spelling"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn wrong_types_and_bad_units_name_the_field() {
+    let e = only_error("tunnel:\n  keep_alive: 5\n");
+    assert_eq!(e.field, "tunnel.keep_alive");
+    let e = only_error("tunnel:\n  stream_window: 4MB\n");
+    assert_eq!(e.field, "tunnel.stream_window");
+    assert!(e.problem.contains("KiB, MiB or GiB"));
+    let e = only_error("peers:\n  - cluster: eu-west\n    address: not-an-address\n");
+    assert_eq!(e.field, "peers[0].address");
+}
+
+#[test]
+fn missing_field_is_named() {
+    let e = Config::parse(
+        Path::new("x.yaml"),
+        "cluster: a\nregion: r\ntrust_domain: t\ntls: {ca: a, cert: b, key: c}\n",
+    )
+    .unwrap_err()
+    .0
+    .remove(0);
+    assert!(
+        e.problem.contains("missing field `listen`"),
+        "{}",
+        e.problem
+    );
+    assert_eq!(e.fix, "add the missing field");
+}
+
+#[test]
+fn semantic_errors_are_all_reported_with_paths() {
+    let errs = parse(
+        "
+exports:
+  - name: Web
+    ports: [{port: 0}]
+    endpoints: []
+    export_to: []
+peers:
+  - cluster: us-east
+    address: 0.0.0.0:0
+imports:
+  - name: cart
+    address: 127.0.10.1
+    ports: [{port: 80}]
+    clusters: [nowhere]
+",
+    )
+    .unwrap_err()
+    .0;
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    for want in [
+        "exports[0].name",
+        "exports[0].ports[0].port",
+        "exports[0].endpoints",
+        "exports[0].export_to",
+        "peers[0].cluster",
+        "peers[0].address",
+        "imports[0].clusters[0]",
+    ] {
+        assert!(
+            fields.contains(&want),
+            "no error for {want}; got {fields:?}"
+        );
+    }
+    let unknown_peer = errs
+        .iter()
+        .find(|e| e.field == "imports[0].clusters[0]")
+        .unwrap();
+    assert!(
+        unknown_peer.fix.contains("add `nowhere` under `peers`"),
+        "{}",
+        unknown_peer.fix
+    );
+    assert!(
+        errs.iter().all(|e| !e.fix.is_empty()),
+        "every error says how to fix it"
+    );
+}
+
+#[test]
+fn keep_alive_must_be_shorter_than_idle_timeout() {
+    let e = only_error("tunnel:\n  keep_alive: 5s\n  idle_timeout: 3s\n");
+    assert_eq!(e.field, "tunnel.keep_alive");
+}
+
+#[test]
+fn admin_may_not_share_the_tunnel_address() {
+    let text = BASE.replace("admin: 127.0.0.1:9901", "admin: 0.0.0.0:4433");
+    let e = Config::parse(Path::new("x.yaml"), &text)
+        .unwrap_err()
+        .0
+        .remove(0);
+    assert_eq!(e.field, "listen.admin");
+}
+
+#[test]
+fn duplicate_imports_on_one_address_are_rejected() {
+    let e = only_error(
+        "
+peers: [{cluster: eu-west, address: 127.0.0.1:4433}]
+imports:
+  - {name: a, address: 127.0.10.1, ports: [{port: 80}], clusters: [eu-west]}
+  - {name: b, address: 127.0.10.1, ports: [{port: 80}], clusters: [eu-west]}
+",
+    );
+    assert_eq!(e.field, "imports[1].ports[0]");
+}
+
+#[test]
+fn multi_port_services_need_port_names() {
+    let e = only_error(
+        "exports:\n  - name: web\n    ports: [{port: 80}, {port: 443}]\n    endpoints: [{address: 10.0.0.1}]\n",
+    );
+    assert_eq!(e.field, "exports[0].ports");
+}
+
+#[test]
+fn load_reports_unreadable_file_and_resolves_relative_paths() {
+    let e = Config::load(Path::new("/nonexistent/strait.yaml"))
+        .unwrap_err()
+        .0
+        .remove(0);
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/strait.yaml: cannot read the file")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(&path, BASE).unwrap();
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.tls.ca, dir.path().join("ca.pem"));
+}

@@ -33,7 +33,11 @@ async fn serve_connection(shared: Arc<Shared>, incoming: Incoming) {
     };
     let Some(peer) = peer_cluster(&conn) else {
         conn.close(codes::BAD_IDENTITY, b"no gateway identity");
-        return reject_handshake(&shared, remote, "verified certificate carries no gateway identity");
+        return reject_handshake(
+            &shared,
+            remote,
+            "verified certificate carries no gateway identity",
+        );
     };
     let span = tracing::info_span!("inbound", peer = %peer, %remote);
     async {
@@ -43,7 +47,10 @@ async fn serve_connection(shared: Arc<Shared>, incoming: Incoming) {
                 Ok((send, recv)) => {
                     let shared = shared.clone();
                     let peer = peer.clone();
-                    tokio::spawn(async move { serve_stream(shared, peer, send, recv).await }.in_current_span());
+                    tokio::spawn(
+                        async move { serve_stream(shared, peer, send, recv).await }
+                            .in_current_span(),
+                    );
                 }
                 Err(e) => {
                     tracing::debug!(reason = %e, "peer connection ended");
@@ -57,18 +64,34 @@ async fn serve_connection(shared: Arc<Shared>, incoming: Incoming) {
 }
 
 fn reject_handshake(shared: &Shared, remote: SocketAddr, reason: &str) {
-    shared.metrics.counter("strait_handshakes_rejected_total", &[]).increment(1);
+    shared
+        .metrics
+        .counter("strait_handshakes_rejected_total", &[])
+        .increment(1);
     tracing::warn!(%remote, %reason, "tunnel handshake refused");
 }
 
 /// The cluster id from the peer's verified certificate.
 fn peer_cluster(conn: &Connection) -> Option<String> {
-    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
     peer_id(certs.first()?).ok().map(|id| id.cluster)
 }
 
-async fn serve_stream(shared: Arc<Shared>, peer: String, mut send: SendStream, mut recv: RecvStream) {
-    let req: StreamRequest = match tokio::time::timeout(shared.config.tunnel.connect_timeout.0, read_frame(&mut recv)).await {
+async fn serve_stream(
+    shared: Arc<Shared>,
+    peer: String,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let req: StreamRequest = match tokio::time::timeout(
+        shared.config.tunnel.connect_timeout.0,
+        read_frame(&mut recv),
+    )
+    .await
+    {
         Ok(Ok(req)) => req,
         Ok(Err(e)) => return reject_header(&shared, &peer, &e.to_string(), send, recv),
         Err(_) => return reject_header(&shared, &peer, "no header in time", send, recv),
@@ -79,32 +102,75 @@ async fn serve_stream(shared: Arc<Shared>, peer: String, mut send: SendStream, m
         Ok(ok) => ok,
         Err(resp) => {
             tracing::info!(%service, status = resp.status().label(), detail = %resp.detail, "stream refused");
-            shared.metrics.counter("strait_streams_failed_total", &[labels[0], labels[1], ("reason", resp.status().label())]).increment(1);
+            shared
+                .metrics
+                .counter(
+                    "strait_streams_failed_total",
+                    &[labels[0], labels[1], ("reason", resp.status().label())],
+                )
+                .increment(1);
             let _ = respond(&mut send, &resp).await;
             return;
         }
     };
-    if respond(&mut send, &StreamResponse::new(Status::Ok, "")).await.is_err() {
+    if respond(&mut send, &StreamResponse::new(Status::Ok, ""))
+        .await
+        .is_err()
+    {
         return;
     }
-    shared.metrics.counter("strait_streams_opened_total", &[labels[0], labels[1], ("direction", "inbound")]).increment(1);
-    let active = shared.metrics.gauge("strait_active_connections", &[("service", &service), ("direction", "inbound")]);
+    shared
+        .metrics
+        .counter(
+            "strait_streams_opened_total",
+            &[labels[0], labels[1], ("direction", "inbound")],
+        )
+        .increment(1);
+    let active = shared.metrics.gauge(
+        "strait_active_connections",
+        &[("service", &service), ("direction", "inbound")],
+    );
     active.increment(1.0);
     let moved = splice::splice(tcp, send, recv, shared.config.tunnel.copy_buffer.0 as usize).await;
     active.decrement(1.0);
-    shared.metrics.counter("strait_bytes_total", &[labels[0], labels[1], ("direction", "sent")]).increment(moved.quic_to_tcp);
-    shared.metrics.counter("strait_bytes_total", &[labels[0], labels[1], ("direction", "received")]).increment(moved.tcp_to_quic);
+    shared
+        .metrics
+        .counter(
+            "strait_bytes_total",
+            &[labels[0], labels[1], ("direction", "sent")],
+        )
+        .increment(moved.quic_to_tcp);
+    shared
+        .metrics
+        .counter(
+            "strait_bytes_total",
+            &[labels[0], labels[1], ("direction", "received")],
+        )
+        .increment(moved.tcp_to_quic);
 }
 
-fn reject_header(shared: &Shared, peer: &str, reason: &str, mut send: SendStream, mut recv: RecvStream) {
-    shared.metrics.counter("strait_stream_headers_rejected_total", &[("peer", peer)]).increment(1);
+fn reject_header(
+    shared: &Shared,
+    peer: &str,
+    reason: &str,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    shared
+        .metrics
+        .counter("strait_stream_headers_rejected_total", &[("peer", peer)])
+        .increment(1);
     tracing::warn!(%reason, "stream header rejected");
     let _ = send.reset(codes::BAD_HEADER);
     let _ = recv.stop(codes::BAD_HEADER);
 }
 
 /// Authorizes the request and connects to an endpoint; the answer to send on refusal.
-async fn connect_endpoint(shared: &Shared, peer: &str, req: &StreamRequest) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), StreamResponse> {
+async fn connect_endpoint(
+    shared: &Shared,
+    peer: &str,
+    req: &StreamRequest,
+) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), StreamResponse> {
     let export = shared
         .config
         .exports
@@ -113,19 +179,37 @@ async fn connect_endpoint(shared: &Shared, peer: &str, req: &StreamRequest) -> R
         .filter(|e| e.exported_to(peer))
         // An unknown service and one not exported to the caller look the same, so peers
         // cannot probe for names they are not allowed to see.
-        .ok_or_else(|| StreamResponse::new(Status::Forbidden, format!("{}/{} is not exported to {peer}", req.namespace, req.service)))?;
+        .ok_or_else(|| {
+            StreamResponse::new(
+                Status::Forbidden,
+                format!(
+                    "{}/{} is not exported to {peer}",
+                    req.namespace, req.service
+                ),
+            )
+        })?;
     let port = u16::try_from(req.port)
         .ok()
         .and_then(|p| export.port(p))
-        .ok_or_else(|| StreamResponse::new(Status::NoEndpoints, format!("{}/{} has no port {}", req.namespace, req.service, req.port)))?;
+        .ok_or_else(|| {
+            StreamResponse::new(
+                Status::NoEndpoints,
+                format!("{}/{} has no port {}", req.namespace, req.service, req.port),
+            )
+        })?;
     let permit = shared
         .inbound_streams
         .clone()
         .try_acquire_owned()
-        .map_err(|_| StreamResponse::new(Status::Overloaded, "gateway at its inbound stream limit"))?;
+        .map_err(|_| {
+            StreamResponse::new(Status::Overloaded, "gateway at its inbound stream limit")
+        })?;
     let candidates = candidates(export, req.endpoint.as_deref(), &shared.next_endpoint);
     if candidates.is_empty() {
-        return Err(StreamResponse::new(Status::NoEndpoints, format!("{}/{} has no ready endpoint", req.namespace, req.service)));
+        return Err(StreamResponse::new(
+            Status::NoEndpoints,
+            format!("{}/{} has no ready endpoint", req.namespace, req.service),
+        ));
     }
     let timeout = shared.config.tunnel.endpoint_connect_timeout.0;
     let mut last = String::new();
@@ -158,5 +242,11 @@ fn candidates(export: &Export, named: Option<&str>, next: &AtomicUsize) -> Vec<s
         return Vec::new();
     }
     let start = next.fetch_add(1, Ordering::Relaxed) % ready.len();
-    ready.iter().cycle().skip(start).take(ready.len()).map(|e| e.address).collect()
+    ready
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(ready.len())
+        .map(|e| e.address)
+        .collect()
 }

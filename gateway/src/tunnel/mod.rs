@@ -45,18 +45,27 @@ pub fn transport_config(t: &TunnelTuning) -> Arc<TransportConfig> {
 }
 
 /// The server side: requires and verifies a peer gateway certificate.
-pub fn server_config(identity: &Identity, t: &TunnelTuning) -> Result<quinn::ServerConfig, PkiError> {
+pub fn server_config(
+    identity: &Identity,
+    t: &TunnelTuning,
+) -> Result<quinn::ServerConfig, PkiError> {
     let tls = identity.server_config()?;
-    let quic = QuicServerConfig::try_from(tls).map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let quic = QuicServerConfig::try_from(tls)
+        .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport_config(t));
     Ok(cfg)
 }
 
 /// The client side towards `peer_cluster`, whose certificate must carry that identity.
-pub fn client_config(identity: &Identity, peer_cluster: &str, t: &TunnelTuning) -> Result<quinn::ClientConfig, PkiError> {
+pub fn client_config(
+    identity: &Identity,
+    peer_cluster: &str,
+    t: &TunnelTuning,
+) -> Result<quinn::ClientConfig, PkiError> {
     let tls = identity.client_config(peer_cluster)?;
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
+    let quic = QuicClientConfig::try_from(tls)
+        .map_err(|e| PkiError::Tls(rustls::Error::General(e.to_string())))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport_config(t));
     Ok(cfg)
@@ -76,16 +85,33 @@ pub fn bind_udp(addr: SocketAddr, t: &TunnelTuning) -> std::io::Result<std::net:
     if socket.set_recv_buffer_size(size).is_err() || socket.set_send_buffer_size(size).is_err() {
         tracing::warn!(size, "could not set UDP socket buffer sizes");
     }
-    let (rcv, snd) = (socket.recv_buffer_size().unwrap_or(0), socket.send_buffer_size().unwrap_or(0));
+    let (rcv, snd) = (
+        socket.recv_buffer_size().unwrap_or(0),
+        socket.send_buffer_size().unwrap_or(0),
+    );
     if rcv < size {
-        tracing::debug!(requested = size, receive = rcv, send = snd, "kernel capped UDP buffers; raise net.core.rmem_max/wmem_max for more throughput");
+        tracing::debug!(
+            requested = size,
+            receive = rcv,
+            send = snd,
+            "kernel capped UDP buffers; raise net.core.rmem_max/wmem_max for more throughput"
+        );
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
 
 /// Starts the QUIC endpoint on a bound UDP socket.
-pub fn endpoint_on(socket: std::net::UdpSocket, server: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
-    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+pub fn endpoint_on(
+    socket: std::net::UdpSocket,
+    server: quinn::ServerConfig,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
 }

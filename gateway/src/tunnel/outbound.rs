@@ -38,7 +38,10 @@ impl OpenError {
     /// since nothing was sent that could be replayed.
     pub fn retryable(&self) -> bool {
         match self {
-            OpenError::PeerDown | OpenError::Stream(_) | OpenError::Timeout(_) | OpenError::Protocol(_) => true,
+            OpenError::PeerDown
+            | OpenError::Stream(_)
+            | OpenError::Timeout(_)
+            | OpenError::Protocol(_) => true,
             OpenError::Refused { status, .. } => *status != Status::Ok,
         }
     }
@@ -56,31 +59,54 @@ impl OpenError {
 }
 
 /// Opens a stream on `conn`, asks for `req`, and returns the stream once the remote says ok.
-pub async fn open_stream(conn: &Connection, req: &StreamRequest, timeout: Duration) -> Result<(SendStream, RecvStream), OpenError> {
+pub async fn open_stream(
+    conn: &Connection,
+    req: &StreamRequest,
+    timeout: Duration,
+) -> Result<(SendStream, RecvStream), OpenError> {
     let fut = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| OpenError::Stream(e.to_string()))?;
-        send.write_all(&header::encode(req)).await.map_err(|e| OpenError::Stream(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| OpenError::Stream(e.to_string()))?;
+        send.write_all(&header::encode(req))
+            .await
+            .map_err(|e| OpenError::Stream(e.to_string()))?;
         let resp: StreamResponse = read_frame(&mut recv).await?;
         match resp.status() {
             Status::Ok => Ok((send, recv)),
-            status => Err(OpenError::Refused { status, detail: resp.detail }),
+            status => Err(OpenError::Refused {
+                status,
+                detail: resp.detail,
+            }),
         }
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| OpenError::Timeout(timeout))?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| OpenError::Timeout(timeout))?
 }
 
 /// Reads one header frame from a stream.
-pub async fn read_frame<M: prost::Message + Default>(recv: &mut RecvStream) -> Result<M, OpenError> {
+pub async fn read_frame<M: prost::Message + Default>(
+    recv: &mut RecvStream,
+) -> Result<M, OpenError> {
     let mut prefix = [0u8; header::PREFIX_LEN];
-    recv.read_exact(&mut prefix).await.map_err(|e| OpenError::Stream(e.to_string()))?;
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| OpenError::Stream(e.to_string()))?;
     let len = header::parse_prefix(prefix)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| OpenError::Stream(e.to_string()))?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| OpenError::Stream(e.to_string()))?;
     Ok(header::decode_body(&body)?)
 }
 
 /// Writes a response frame and, for refusals, finishes the stream.
-pub async fn respond(send: &mut SendStream, resp: &StreamResponse) -> Result<(), quinn::WriteError> {
+pub async fn respond(
+    send: &mut SendStream,
+    resp: &StreamResponse,
+) -> Result<(), quinn::WriteError> {
     send.write_all(&header::encode(resp)).await?;
     if resp.status() != Status::Ok {
         let _ = send.finish();

@@ -48,8 +48,17 @@ pub struct PeerHandle {
 
 impl PeerHandle {
     fn new(config: Peer) -> Self {
-        let state = PeerState { status: PeerStatus::Connecting, connection: None, since: SystemTime::now(), last_error: None, connects: 0 };
-        Self { config, state: watch::channel(state).0 }
+        let state = PeerState {
+            status: PeerStatus::Connecting,
+            connection: None,
+            since: SystemTime::now(),
+            last_error: None,
+            connects: 0,
+        };
+        Self {
+            config,
+            state: watch::channel(state).0,
+        }
     }
 
     /// The live connection, if the peer is up.
@@ -91,7 +100,12 @@ pub struct Peers(BTreeMap<String, Arc<PeerHandle>>);
 impl Peers {
     /// Peers from configuration.
     pub fn new(config: &[Peer]) -> Self {
-        Self(config.iter().map(|p| (p.cluster.clone(), Arc::new(PeerHandle::new(p.clone())))).collect())
+        Self(
+            config
+                .iter()
+                .map(|p| (p.cluster.clone(), Arc::new(PeerHandle::new(p.clone()))))
+                .collect(),
+        )
     }
 
     /// One peer.
@@ -110,15 +124,25 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// Keeps the connection to `peer` up until the gateway shuts down.
 pub async fn maintain(shared: Arc<Shared>, peer: Arc<PeerHandle>) {
     let cluster = peer.config.cluster.clone();
-    let up = shared.metrics.gauge("strait_peer_up", &[("peer", &cluster)]);
-    let rtt = shared.metrics.gauge("strait_peer_rtt_seconds", &[("peer", &cluster)]);
+    let up = shared
+        .metrics
+        .gauge("strait_peer_up", &[("peer", &cluster)]);
+    let rtt = shared
+        .metrics
+        .gauge("strait_peer_rtt_seconds", &[("peer", &cluster)]);
     let mut backoff = INITIAL_BACKOFF;
     loop {
         peer.set(PeerStatus::Connecting, None, None);
         match connect(&shared, &peer).await {
             Ok(conn) => {
                 tracing::info!(peer = %cluster, address = %peer.config.address, "tunnel up");
-                shared.metrics.counter("strait_peer_connects_total", &[("peer", &cluster), ("result", "ok")]).increment(1);
+                shared
+                    .metrics
+                    .counter(
+                        "strait_peer_connects_total",
+                        &[("peer", &cluster), ("result", "ok")],
+                    )
+                    .increment(1);
                 backoff = INITIAL_BACKOFF;
                 up.set(1.0);
                 peer.set(PeerStatus::Up, Some(conn.clone()), None);
@@ -128,7 +152,13 @@ pub async fn maintain(shared: Arc<Shared>, peer: Arc<PeerHandle>) {
                 peer.set(PeerStatus::Down, None, Some(reason));
             }
             Err(e) => {
-                shared.metrics.counter("strait_peer_connects_total", &[("peer", &cluster), ("result", "error")]).increment(1);
+                shared
+                    .metrics
+                    .counter(
+                        "strait_peer_connects_total",
+                        &[("peer", &cluster), ("result", "error")],
+                    )
+                    .increment(1);
                 tracing::warn!(peer = %cluster, address = %peer.config.address, error = %e, retry_in = ?backoff, "tunnel connect failed");
                 peer.set(PeerStatus::Down, None, Some(e));
                 // Jitter keeps a federation that lost a peer from reconnecting in lockstep.
@@ -142,7 +172,8 @@ pub async fn maintain(shared: Arc<Shared>, peer: Arc<PeerHandle>) {
 
 async fn connect(shared: &Shared, peer: &PeerHandle) -> Result<Connection, String> {
     let identity = shared.identity.load();
-    let cfg = super::client_config(&identity, &peer.config.cluster, &shared.config.tunnel).map_err(|e| e.to_string())?;
+    let cfg = super::client_config(&identity, &peer.config.cluster, &shared.config.tunnel)
+        .map_err(|e| e.to_string())?;
     let connecting = shared
         .endpoint
         .connect_with(cfg, peer.config.address, &peer.config.cluster)
@@ -168,5 +199,8 @@ async fn watch_connection(conn: &Connection, rtt: &metrics::Gauge) -> String {
 
 /// Seconds since `t`, for the admin API.
 pub fn age(t: SystemTime) -> f64 {
-    SystemTime::now().duration_since(t).unwrap_or_default().as_secs_f64()
+    SystemTime::now()
+        .duration_since(t)
+        .unwrap_or_default()
+        .as_secs_f64()
 }

@@ -30,7 +30,12 @@ pub struct Spliced {
 }
 
 /// Runs both directions until both finished or either side reset.
-pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStream, buf_size: usize) -> Spliced {
+pub async fn splice(
+    mut tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    buf_size: usize,
+) -> Spliced {
     let mut out = Spliced::default();
     let (up_end, down_end) = {
         let (mut r, mut w) = tcp.split();
@@ -59,13 +64,22 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
     out
 }
 
-async fn tcp_to_quic(r: &mut ReadHalf<'_>, send: &mut SendStream, buf_size: usize, moved: &mut u64) -> End {
+async fn tcp_to_quic(
+    r: &mut ReadHalf<'_>,
+    send: &mut SendStream,
+    buf_size: usize,
+    moved: &mut u64,
+) -> End {
     let mut buf = BytesMut::with_capacity(buf_size);
     loop {
         buf.reserve(buf_size);
         match r.read_buf(&mut buf).await {
             Ok(0) => {
-                return if send.finish().is_ok() { End::Finished } else { End::Reset };
+                return if send.finish().is_ok() {
+                    End::Finished
+                } else {
+                    End::Reset
+                };
             }
             Ok(n) => {
                 *moved += n as u64;
@@ -83,7 +97,12 @@ async fn tcp_to_quic(r: &mut ReadHalf<'_>, send: &mut SendStream, buf_size: usiz
     }
 }
 
-async fn quic_to_tcp(recv: &mut RecvStream, w: &mut WriteHalf<'_>, buf_size: usize, moved: &mut u64) -> End {
+async fn quic_to_tcp(
+    recv: &mut RecvStream,
+    w: &mut WriteHalf<'_>,
+    buf_size: usize,
+    moved: &mut u64,
+) -> End {
     // One buffer gathers many QUIC frames so each TCP write is large.
     let mut buf = vec![0u8; buf_size];
     loop {
@@ -96,9 +115,19 @@ async fn quic_to_tcp(recv: &mut RecvStream, w: &mut WriteHalf<'_>, buf_size: usi
                 *moved += n as u64;
             }
             Ok(None) => {
-                return if w.shutdown().await.is_ok() { End::Finished } else { End::Reset };
+                return if w.shutdown().await.is_ok() {
+                    End::Finished
+                } else {
+                    End::Reset
+                };
             }
-            Err(ReadError::Reset(_) | ReadError::ConnectionLost(_) | ReadError::ClosedStream | ReadError::IllegalOrderedRead | ReadError::ZeroRttRejected) => {
+            Err(
+                ReadError::Reset(_)
+                | ReadError::ConnectionLost(_)
+                | ReadError::ClosedStream
+                | ReadError::IllegalOrderedRead
+                | ReadError::ZeroRttRejected,
+            ) => {
                 return End::Reset;
             }
         }

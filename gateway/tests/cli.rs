@@ -1,0 +1,130 @@
+//! The `strait` binary as an operator uses it: PKI commands and `config check`.
+
+use std::process::Command;
+
+fn strait(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run strait")
+}
+
+#[test]
+fn pki_init_issue_and_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    let out = strait(&[
+        "pki",
+        "init",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--trust-domain",
+        "strait.example",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = strait(&[
+        "pki",
+        "init",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--trust-domain",
+        "strait.example",
+    ]);
+    assert!(
+        !again.status.success(),
+        "init refuses to overwrite an existing CA"
+    );
+
+    let out = strait(&[
+        "pki",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cluster",
+        "us-east",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("spiffe://strait.example/cluster/us-east/gateway")
+    );
+
+    let good = format!(
+        "cluster: us-east\nregion: us-east-1\ntrust_domain: strait.example\nlisten: {{tunnel: 127.0.0.1:4433}}\ntls: {{ca: {}, cert: us-east.pem, key: us-east.key}}\n",
+        ca.join("ca.pem").display()
+    );
+    std::fs::write(d.join("good.yaml"), &good).unwrap();
+    let out = strait(&["config", "check", d.join("good.yaml").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (cluster us-east"));
+
+    std::fs::write(d.join("bad.yaml"), good.replace("region:", "regoin:")).unwrap();
+    let out = strait(&["config", "check", d.join("bad.yaml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml") && err.contains("unknown field `regoin`") && err.contains("fix:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_a_certificate_for_another_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    assert!(
+        strait(&[
+            "pki",
+            "init",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--trust-domain",
+            "strait.example"
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        strait(&[
+            "pki",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--cluster",
+            "eu-west",
+            "--out",
+            d.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let cfg = format!(
+        "cluster: us-east\nregion: r\ntrust_domain: strait.example\nlisten: {{tunnel: 127.0.0.1:0, admin: 127.0.0.1:0}}\ntls: {{ca: {}, cert: eu-west.pem, key: eu-west.key}}\n",
+        ca.join("ca.pem").display()
+    );
+    std::fs::write(d.join("gw.yaml"), cfg).unwrap();
+    let out = strait(&["run", "--config", d.join("gw.yaml").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("carries identity spiffe://strait.example/cluster/eu-west/gateway"),
+        "{err}"
+    );
+}
