@@ -227,3 +227,11 @@ fn load_reports_unreadable_file_and_resolves_relative_paths() {
     let c = Config::load(&path).unwrap();
     assert_eq!(c.tls.ca, dir.path().join("ca.pem"));
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let text = include_str!("../../../deploy/examples/us-east.yaml");
+    let c = Config::parse(Path::new("deploy/examples/us-east.yaml"), text).unwrap();
+    assert_eq!(c.exports.len(), 2);
+    assert!(!c.exports[1].exported_to("ap-south"));
+}
