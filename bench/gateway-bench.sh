@@ -100,11 +100,13 @@ cleanup() {
   exit "$rc"
 }
 
-dump_log() { # dump_log NAME
-  local f="$WORK/logs/$1.log"
-  [[ -s $f ]] || return 0
-  log "---- last lines of $1 log ----"
-  tail -n 30 "$f" >&2 || true
+dump_log() { # dump_log NAME: tail of every $WORK/logs/NAME*.log
+  local f
+  for f in "$WORK/logs/$1"*.log; do
+    [[ -s $f ]] || continue
+    log "---- last lines of ${f##*/} ----"
+    tail -n 30 "$f" >&2 || true
+  done
 }
 
 # alloc_ports N: N distinct ports on 127.0.0.1, each free for TCP *and* UDP
@@ -224,7 +226,7 @@ setup_pinning() {
     PIN_NOTE="PIN=1 requested but only 1 CPU: no pinning"
   else
     CLIENT_CPUS=${CLIENT_CPUS:-$((ncpu - 1))}
-    SERVER_CPUS=${SERVER_CPUS:-0-$((ncpu - 2))}
+    if ((ncpu == 2)); then SERVER_CPUS=${SERVER_CPUS:-0}; else SERVER_CPUS=${SERVER_CPUS:-0-$((ncpu - 2))}; fi
     SERVER_PREFIX=(taskset -c "$SERVER_CPUS")
     CLIENT_PREFIX=(taskset -c "$CLIENT_CPUS")
     PIN_NOTE="PIN=1: wrk/iperf3 client on CPU(s) $CLIENT_CPUS; nginx, iperf3 server and all gateways on CPU(s) $SERVER_CPUS"
@@ -457,8 +459,9 @@ start_haproxy() { # start_haproxy NAME CONFIG PORT; -db: foreground, no master-w
   wait_until "$name" "$LAST_PID" tcp_open "$port"
 }
 
-# haproxy_tls_stats SOCKET -> "handshakes resumed" summed over all FRONTEND rows
-# of `show stat` (cumulative ssl_sess / ssl_reused_sess counters).
+# haproxy_tls_stats SOCKET -> "full resumed": TLS handshakes summed over all
+# FRONTEND rows of `show stat` (ssl_sess counts full handshakes only,
+# ssl_reused_sess the resumed ones; both cumulative).
 haproxy_tls_stats() {
   python3 - "$1" <<'EOF'
 import csv, io, socket, sys
@@ -538,7 +541,7 @@ bench_setup() {
   local setup=$1 hport=$2 iport=$3; shift 3
   local url="http://127.0.0.1:$hport$BODY_PATH" np role pid
   local -A cpu0=()
-  wait_until "$setup-path" - body_ok "$url"
+  wait_until "$setup" - body_ok "$url" # on failure dumps $setup*.log
   sleep 1 # let post-handshake bookkeeping settle before the idle sample
   for np in "$@"; do
     role=${np%%=*}; pid=${np#*=}
@@ -583,12 +586,12 @@ bench_strait() {
 
 bench_haproxy() {
   write_haproxy_configs
-  local a b sess reused
+  local a b full reused
   start_haproxy haproxy-a "$WORK/haproxy-a.cfg" "$P_HA_NGINX"; a=$LAST_PID
   start_haproxy haproxy-b "$WORK/haproxy-b.cfg" "$P_HB_NGINX"; b=$LAST_PID
   bench_setup haproxy "$P_HB_NGINX" "$P_HB_IPERF" A="$a" B="$b"
-  read -r sess reused < <(haproxy_tls_stats "$WORK/haproxy-a.sock" 2>/dev/null || echo "n/a n/a")
-  R[haproxy:tls_sess]=$sess; R[haproxy:tls_reused]=$reused
+  read -r full reused < <(haproxy_tls_stats "$WORK/haproxy-a.sock" 2>/dev/null || echo "n/a n/a")
+  R[haproxy:tls_full]=$full; R[haproxy:tls_reused]=$reused
   stop_proc "$b"; stop_proc "$a"
 }
 
@@ -634,6 +637,8 @@ ratio_row() {
     printf '| %s | n/a | %s %s%s | n/a (not measured) |\n' "$label" "$op" "$target" "$unit"
   fi
 }
+
+sum() { if is_num "${1:-}" && is_num "${2:-}"; then echo $(($1 + $2)); else echo NA; fi; }
 
 pct() { # pct PART WHOLE -> "N.N%" or n/a
   if is_num "${1:-}" && is_num "${2:-}" && (($2 > 0)); then
@@ -698,8 +703,9 @@ report() {
     "B: \`server ... ssl crt ... ca-file ca.pem verify required\`; chain check only, no identity/SAN check)." \
     "Each gateway is one process (\`haproxy -db\`, no master-worker), so its RSS covers all its threads."
   echo "- HAProxy TLS session reuse: allowed (defaults: server-side session reuse, TLS tickets, tune.ssl.cachesize 20000)." \
-    "Observed on haproxy A over the whole run: ${R[haproxy:tls_sess]:-n/a} TLS handshakes," \
-    "${R[haproxy:tls_reused]:-n/a} of them resumed ($(pct "${R[haproxy:tls_reused]:-}" "${R[haproxy:tls_sess]:-}"))." \
+    "Observed on haproxy A over the whole run: ${R[haproxy:tls_full]:-n/a} full and" \
+    "${R[haproxy:tls_reused]:-n/a} resumed TLS handshakes ($(pct "${R[haproxy:tls_reused]:-}" \
+      "$(sum "${R[haproxy:tls_full]:-}" "${R[haproxy:tls_reused]:-}")") resumed)." \
     "In mode tcp every client TCP connection is its own TLS connection (no pooling); keep-alive is end to end."
   echo "- Caveat: this is the distro HAProxy build linked against OpenSSL 3.0, which HAProxy upstream reports as" \
     "clearly slower than OpenSSL 1.1.1 for TLS handshakes with several threads; the new-connection column inherits that."
