@@ -88,7 +88,7 @@ impl Gateway {
             metrics,
             endpoint,
             next_endpoint: AtomicUsize::new(0),
-            listeners: bound.iter().map(|(info, _)| info.clone()).collect(),
+            listeners: bound.iter().map(|b| b.info.clone()).collect(),
             started: SystemTime::now(),
             config,
         });
@@ -99,15 +99,8 @@ impl Gateway {
         for peer in shared.peers.iter() {
             tasks.spawn(peers::maintain(shared.clone(), peer.clone()).instrument(span.clone()));
         }
-        for (info, l) in bound {
-            let import = shared
-                .config
-                .imports
-                .iter()
-                .find(|i| format!("{}/{}", i.namespace, i.name) == info.service)
-                .cloned()
-                .context("listener without import")?;
-            tasks.spawn(listener::serve(shared.clone(), info, l, import).instrument(span.clone()));
+        for b in bound {
+            tasks.spawn(listener::serve(shared.clone(), b).instrument(span.clone()));
         }
         tasks.spawn(admin::serve(shared.clone(), admin_listener).instrument(span.clone()));
         tasks.spawn(reload::watch_certificates(shared.clone()).instrument(span.clone()));

@@ -28,8 +28,18 @@ pub struct BoundListener {
     pub clusters: Vec<String>,
 }
 
+/// A bound listener with the import it serves, ready for [`serve`].
+pub struct Bound {
+    /// What the admin API reports.
+    pub info: BoundListener,
+    /// The socket.
+    pub listener: TcpListener,
+    /// The import it serves.
+    pub import: Import,
+}
+
 /// Binds every import's ports; fails on the first address that cannot be bound.
-pub async fn bind_all(imports: &[Import]) -> anyhow::Result<Vec<(BoundListener, TcpListener)>> {
+pub async fn bind_all(imports: &[Import]) -> anyhow::Result<Vec<Bound>> {
     use anyhow::Context;
     let mut out = Vec::new();
     for imp in imports {
@@ -47,19 +57,23 @@ pub async fn bind_all(imports: &[Import]) -> anyhow::Result<Vec<(BoundListener, 
                 address: listener.local_addr()?,
                 clusters: imp.clusters.clone(),
             };
-            out.push((info, listener));
+            out.push(Bound {
+                info,
+                listener,
+                import: imp.clone(),
+            });
         }
     }
     Ok(out)
 }
 
 /// Accepts connections on one listener until the gateway shuts down.
-pub async fn serve(
-    shared: Arc<Shared>,
-    info: BoundListener,
-    listener: TcpListener,
-    import: Import,
-) {
+pub async fn serve(shared: Arc<Shared>, bound: Bound) {
+    let Bound {
+        info,
+        listener,
+        import,
+    } = bound;
     let import = Arc::new(import);
     let info = Arc::new(info);
     loop {
