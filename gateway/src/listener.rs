@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use strait_common::config::Import;
 use tokio::net::{TcpListener, TcpStream};
@@ -108,13 +109,14 @@ async fn forward(
         endpoint: None,
     };
     let timeout = shared.config.tunnel.connect_timeout.0;
+    let early = early_bytes(&tcp);
     for cluster in &import.clusters {
         let labels = [
             ("service", info.service.as_str()),
             ("peer", cluster.as_str()),
         ];
         let opened = match shared.peers.get(cluster).and_then(|p| p.connection()) {
-            Some(conn) => open_stream(&conn, &req, timeout).await,
+            Some(conn) => open_stream(&conn, &req, &early, timeout).await,
             None => Err(OpenError::PeerDown),
         };
         match opened {
@@ -145,7 +147,7 @@ async fn forward(
                         "strait_bytes_total",
                         &[labels[0], labels[1], ("direction", "sent")],
                     )
-                    .increment(moved.tcp_to_quic);
+                    .increment(early.len() as u64 + moved.tcp_to_quic);
                 shared
                     .metrics
                     .counter(
@@ -172,4 +174,20 @@ async fn forward(
     }
     // Nothing could serve the connection: reset it so the client fails fast, not on a timeout.
     splice::abort_on_close(&tcp);
+}
+
+/// Most bytes read ahead of the stream header.
+const EARLY_MAX: usize = 16 << 10;
+
+/// Whatever the client has already sent, read without waiting (a server-speaks-first
+/// protocol sends nothing, and must not be delayed). These bytes ride in the same packet
+/// as the stream header. Resending them to the next cluster after a refusal is safe: a
+/// remote that refuses never connects an endpoint, so they were delivered nowhere.
+fn early_bytes(tcp: &TcpStream) -> Bytes {
+    let mut buf = BytesMut::with_capacity(EARLY_MAX);
+    match tcp.try_read_buf(&mut buf) {
+        Ok(_) => buf.freeze(),
+        // WouldBlock (nothing yet) or an error the splice will meet again on its first read.
+        Err(_) => Bytes::new(),
+    }
 }

@@ -248,7 +248,7 @@ async fn refused(res: Result<quinn::Connection, quinn::ConnectionError>) -> bool
                 port: 7000,
                 endpoint: None,
             };
-            open_stream(&conn, &req, Duration::from_secs(2))
+            open_stream(&conn, &req, &[], Duration::from_secs(2))
                 .await
                 .is_err()
         }
@@ -383,37 +383,37 @@ async fn streams_are_refused_with_the_right_status() {
     };
     let t = Duration::from_secs(5);
     assert_eq!(
-        status(open_stream(&conn, &ask("echo", 7000), t).await),
+        status(open_stream(&conn, &ask("echo", 7000), &[], t).await),
         Status::Ok
     );
     assert_eq!(
-        status(open_stream(&conn, &ask("secret", 7001), t).await),
+        status(open_stream(&conn, &ask("secret", 7001), &[], t).await),
         Status::Forbidden,
         "not exported to west"
     );
     assert_eq!(
-        status(open_stream(&conn, &ask("nosuch", 7000), t).await),
+        status(open_stream(&conn, &ask("nosuch", 7000), &[], t).await),
         Status::Forbidden,
         "unknown looks like forbidden"
     );
     assert_eq!(
-        status(open_stream(&conn, &ask("echo", 9999), t).await),
+        status(open_stream(&conn, &ask("echo", 9999), &[], t).await),
         Status::NoEndpoints,
         "no such port"
     );
     assert_eq!(
-        status(open_stream(&conn, &ask("drained", 7003), t).await),
+        status(open_stream(&conn, &ask("drained", 7003), &[], t).await),
         Status::NoEndpoints,
         "no ready endpoint"
     );
     assert_eq!(
-        status(open_stream(&conn, &ask("broken", 7002), t).await),
+        status(open_stream(&conn, &ask("broken", 7002), &[], t).await),
         Status::ConnectFailed
     );
     let mut named = ask("echo", 7000);
     named.endpoint = Some("127.0.0.9".into());
     assert_eq!(
-        status(open_stream(&conn, &named, t).await),
+        status(open_stream(&conn, &named, &[], t).await),
         Status::NoEndpoints,
         "unknown named endpoint"
     );
@@ -626,4 +626,112 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+#[tokio::test]
+async fn early_bytes_ride_with_the_header_and_arrive_after_ok() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (_east, west, _) = pair(&pki, echo.addr, "").await;
+    let conn = west
+        .shared()
+        .peers
+        .get("east")
+        .unwrap()
+        .connection()
+        .unwrap();
+    let req = StreamRequest {
+        service: "echo".into(),
+        namespace: "default".into(),
+        port: 7000,
+        endpoint: None,
+    };
+    let (mut send, mut recv) = open_stream(&conn, &req, b"early bytes", Duration::from_secs(5))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let back = within(Duration::from_secs(5), recv.read_to_end(1024))
+        .await
+        .unwrap();
+    assert_eq!(back, b"early bytes");
+}
+
+#[tokio::test]
+async fn refused_by_the_first_cluster_served_by_the_next_bytes_delivered_once() {
+    // The backend records everything it receives on each connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                s.write_all(b"done").await.unwrap();
+                tx.send(got).unwrap();
+            });
+        }
+    });
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pki = TestPki::new();
+    let (ue, ae) = udp();
+    let (un, an) = udp();
+    let (uw, _) = udp();
+    // east's endpoint refuses connections (connect-failed); north serves.
+    let _east = pki
+        .gateway(
+            "east",
+            ue,
+            &format!("exports:\n{}", export("svc", 7000, dead, "[\"*\"]")),
+        )
+        .await;
+    let _north = pki
+        .gateway(
+            "north",
+            un,
+            &format!("exports:\n{}", export("svc", 7000, backend, "[\"*\"]")),
+        )
+        .await;
+    let west = pki
+        .gateway(
+            "west",
+            uw,
+            &import_from("svc", 7000, &[("east", ae), ("north", an)]),
+        )
+        .await;
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    wait_peer(&west, "north", PeerStatus::Up).await;
+    let mut c = TcpStream::connect(west.listener("default/svc", 7000).unwrap())
+        .await
+        .unwrap();
+    c.write_all(b"exactly once").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    within(Duration::from_secs(5), c.read_to_end(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply, b"done");
+    let got = within(Duration::from_secs(5), rx.recv()).await.unwrap();
+    assert_eq!(got, b"exactly once");
+    assert!(rx.try_recv().is_err(), "no second delivery");
+    let m = west.shared().metrics.render();
+    assert_eq!(
+        metric(
+            &m,
+            "strait_streams_failed_total{service=\"default/svc\",peer=\"east\",reason=\"connect-failed\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "strait_streams_opened_total{service=\"default/svc\",peer=\"north\",direction=\"outbound\"}"
+        ),
+        Some(1.0)
+    );
 }

@@ -59,9 +59,14 @@ impl OpenError {
 }
 
 /// Opens a stream on `conn`, asks for `req`, and returns the stream once the remote says ok.
+///
+/// `early` is payload the client already sent: it follows the header in the same packet.
+/// The remote delivers it only after connecting an endpoint (after answering ok), so on a
+/// refusal it was delivered nowhere and may be sent to another cluster.
 pub async fn open_stream(
     conn: &Connection,
     req: &StreamRequest,
+    early: &[u8],
     timeout: Duration,
 ) -> Result<(SendStream, RecvStream), OpenError> {
     let fut = async {
@@ -69,7 +74,9 @@ pub async fn open_stream(
             .open_bi()
             .await
             .map_err(|e| OpenError::Stream(e.to_string()))?;
-        send.write_all(&header::encode(req))
+        let mut first = header::encode(req);
+        first.extend_from_slice(early);
+        send.write_all(&first)
             .await
             .map_err(|e| OpenError::Stream(e.to_string()))?;
         let resp: StreamResponse = read_frame(&mut recv).await?;

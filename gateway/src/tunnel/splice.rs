@@ -2,7 +2,7 @@
 //! TCP half-close to stream finish and TCP reset to stream reset, and back.
 
 use bytes::BytesMut;
-use quinn::{ReadError, RecvStream, SendStream};
+use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -64,15 +64,23 @@ pub async fn splice(
     out
 }
 
+/// First read size of a direction; doubles on every read that fills it, up to the
+/// configured copy buffer. Request/response traffic stays in small buffers, bulk transfers
+/// reach large ones within a few reads.
+const INITIAL_CHUNK: usize = 8 << 10;
+
 async fn tcp_to_quic(
     r: &mut ReadHalf<'_>,
     send: &mut SendStream,
-    buf_size: usize,
+    max_chunk: usize,
     moved: &mut u64,
 ) -> End {
-    let mut buf = BytesMut::with_capacity(buf_size);
+    let mut chunk = INITIAL_CHUNK.min(max_chunk);
+    let mut buf = BytesMut::new();
     loop {
-        buf.reserve(buf_size);
+        // Each chunk is handed to quinn (write_chunk, no copy) and lives until acknowledged,
+        // so every read needs fresh space.
+        buf.reserve(chunk);
         match r.read_buf(&mut buf).await {
             Ok(0) => {
                 return if send.finish().is_ok() {
@@ -83,7 +91,9 @@ async fn tcp_to_quic(
             }
             Ok(n) => {
                 *moved += n as u64;
-                // write_chunk hands the buffer to quinn without copying.
+                if n >= chunk {
+                    chunk = (chunk * 2).min(max_chunk);
+                }
                 if let Err(e) = send.write_chunk(buf.split().freeze()).await {
                     tracing::debug!(error = %e, "stream write failed");
                     return End::Reset;
@@ -100,34 +110,35 @@ async fn tcp_to_quic(
 async fn quic_to_tcp(
     recv: &mut RecvStream,
     w: &mut WriteHalf<'_>,
-    buf_size: usize,
+    max_chunk: usize,
     moved: &mut u64,
 ) -> End {
-    // One buffer gathers many QUIC frames so each TCP write is large.
-    let mut buf = vec![0u8; buf_size];
+    // One reused buffer gathers many QUIC frames so each TCP write is large; it grows
+    // only while reads keep filling it.
+    let mut buf = BytesMut::with_capacity(INITIAL_CHUNK.min(max_chunk));
     loop {
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                if let Err(e) = w.write_all(&buf[..n]).await {
-                    tracing::debug!(error = %e, "tcp write failed");
-                    return End::Reset;
-                }
-                *moved += n as u64;
-            }
-            Ok(None) => {
+        buf.clear();
+        match recv.read_buf(&mut buf).await {
+            Ok(0) => {
                 return if w.shutdown().await.is_ok() {
                     End::Finished
                 } else {
                     End::Reset
                 };
             }
-            Err(
-                ReadError::Reset(_)
-                | ReadError::ConnectionLost(_)
-                | ReadError::ClosedStream
-                | ReadError::IllegalOrderedRead
-                | ReadError::ZeroRttRejected,
-            ) => {
+            Ok(n) => {
+                if let Err(e) = w.write_all(&buf[..n]).await {
+                    tracing::debug!(error = %e, "tcp write failed");
+                    return End::Reset;
+                }
+                *moved += n as u64;
+                if n == buf.capacity() && n < max_chunk {
+                    buf.clear();
+                    buf.reserve((n * 2).min(max_chunk));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "stream read failed");
                 return End::Reset;
             }
         }
