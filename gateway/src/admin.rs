@@ -69,6 +69,8 @@ struct PeerView {
     status: PeerStatus,
     since_seconds: f64,
     rtt_ms: Option<f64>,
+    /// Current path MTU (UDP payload bytes) of the tunnel connection.
+    mtu: Option<u16>,
     connects: u64,
     last_error: Option<String>,
 }
@@ -88,6 +90,7 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerView>> {
                         .connection
                         .as_ref()
                         .map(|c| c.rtt().as_secs_f64() * 1000.0),
+                    mtu: st.connection.as_ref().map(|c| c.stats().path.current_mtu),
                     connects: st.connects,
                     last_error: st.last_error,
                 }

@@ -64,7 +64,8 @@ impl Gateway {
             .context("loading the gateway certificate")?;
         let server = tunnel::server_config(&identity, &config.tunnel)
             .context("building the tunnel TLS configuration")?;
-        let endpoint = tunnel::endpoint_on(udp, server).context("starting the QUIC endpoint")?;
+        let endpoint = tunnel::endpoint_on(udp, server, &config.tunnel)
+            .context("starting the QUIC endpoint")?;
         let bound = listener::bind_all(&config.imports).await?;
         let admin_listener = tokio::net::TcpListener::bind(config.listen.admin)
             .await

@@ -105,13 +105,15 @@ pub fn bind_udp(addr: SocketAddr, t: &TunnelTuning) -> std::io::Result<std::net:
 pub fn endpoint_on(
     socket: std::net::UdpSocket,
     server: quinn::ServerConfig,
+    t: &TunnelTuning,
 ) -> std::io::Result<quinn::Endpoint> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        runtime,
-    )
+    let mut config = quinn::EndpointConfig::default();
+    // The advertised limit caps what the *peer* may send, so MTU discovery's upper bound
+    // only takes effect when both ends raise it (quinn's default is 1480).
+    config
+        .max_udp_payload_size(t.max_udp_payload)
+        .map_err(|e| std::io::Error::other(format!("tunnel.max_udp_payload: {e}")))?;
+    quinn::Endpoint::new(config, Some(server), socket, runtime)
 }
