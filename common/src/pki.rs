@@ -118,6 +118,22 @@ pub struct IssuedCert {
     pub key_pem: String,
 }
 
+impl IssuedCert {
+    /// Writes `<dir>/<name>.pem` and `<dir>/<name>.key` (mode 0600), each atomically.
+    pub fn save(&self, dir: &Path, name: &str) -> Result<(), PkiError> {
+        write_atomic(
+            &dir.join(format!("{name}.pem")),
+            self.cert_pem.as_bytes(),
+            false,
+        )?;
+        write_atomic(
+            &dir.join(format!("{name}.key")),
+            self.key_pem.as_bytes(),
+            true,
+        )
+    }
+}
+
 /// File names inside a CA directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA key inside a CA directory.

@@ -126,16 +126,7 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
             &GatewayId::new(TRUST_DOMAIN, cluster),
             Duration::from_secs(30 * 86_400),
         )?;
-        write_atomic(
-            &dir.join(format!("{cluster}.pem")),
-            cert.cert_pem.as_bytes(),
-            false,
-        )?;
-        write_atomic(
-            &dir.join(format!("{cluster}.key")),
-            cert.key_pem.as_bytes(),
-            true,
-        )?;
+        cert.save(&dir, cluster)?;
         let hello = backend::Backend::http_hello(format!("hello from {cluster}\n")).await?;
         let echo = backend::Backend::echo().await?;
         let admin_port = if ephemeral {

@@ -125,36 +125,16 @@ async fn forward(
                     .metrics
                     .histogram("strait_connect_duration_seconds", &[("peer", cluster)])
                     .record(started.elapsed().as_secs_f64());
-                shared
-                    .metrics
-                    .counter(
-                        "strait_streams_opened_total",
-                        &[labels[0], labels[1], ("direction", "outbound")],
-                    )
-                    .increment(1);
-                let active = shared.metrics.gauge(
-                    "strait_active_connections",
-                    &[("service", &info.service), ("direction", "outbound")],
-                );
-                active.increment(1.0);
-                let moved =
-                    splice::splice(tcp, send, recv, shared.config.tunnel.copy_buffer.0 as usize)
-                        .await;
-                active.decrement(1.0);
-                shared
-                    .metrics
-                    .counter(
-                        "strait_bytes_total",
-                        &[labels[0], labels[1], ("direction", "sent")],
-                    )
-                    .increment(early.len() as u64 + moved.tcp_to_quic);
-                shared
-                    .metrics
-                    .counter(
-                        "strait_bytes_total",
-                        &[labels[0], labels[1], ("direction", "received")],
-                    )
-                    .increment(moved.quic_to_tcp);
+                splice::splice_counted(
+                    &shared.metrics,
+                    &info.service,
+                    cluster,
+                    splice::Side::Outbound,
+                    (tcp, send, recv),
+                    shared.config.tunnel.copy_buffer.0 as usize,
+                    early.len() as u64,
+                )
+                .await;
                 return;
             }
             Err(e) => {

@@ -199,16 +199,7 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
             let id = GatewayId::new(td.trim(), &cluster);
             let cert = authority.issue_gateway_for(&id, Duration::from_secs(days * 86_400))?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            write_atomic(
-                &out.join(format!("{cluster}.pem")),
-                cert.cert_pem.as_bytes(),
-                false,
-            )?;
-            write_atomic(
-                &out.join(format!("{cluster}.key")),
-                cert.key_pem.as_bytes(),
-                true,
-            )?;
+            cert.save(&out, &cluster)?;
             println!(
                 "issued {id} -> {}/{cluster}.pem (CA: {})",
                 out.display(),

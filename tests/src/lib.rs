@@ -52,18 +52,7 @@ impl TestPki {
 
     /// Writes a certificate and key as `<name>.pem` / `<name>.key`.
     pub fn write(&self, name: &str, cert: &IssuedCert) {
-        write_atomic(
-            &self.dir.path().join(format!("{name}.pem")),
-            cert.cert_pem.as_bytes(),
-            false,
-        )
-        .expect("write cert");
-        write_atomic(
-            &self.dir.path().join(format!("{name}.key")),
-            cert.key_pem.as_bytes(),
-            true,
-        )
-        .expect("write key");
+        cert.save(self.dir.path(), name).expect("write cert");
     }
 
     /// Starts a gateway for `cluster` on `udp` with a fresh certificate; `extra` is YAML

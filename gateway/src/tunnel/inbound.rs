@@ -119,34 +119,16 @@ async fn serve_stream(
     {
         return;
     }
-    shared
-        .metrics
-        .counter(
-            "strait_streams_opened_total",
-            &[labels[0], labels[1], ("direction", "inbound")],
-        )
-        .increment(1);
-    let active = shared.metrics.gauge(
-        "strait_active_connections",
-        &[("service", &service), ("direction", "inbound")],
-    );
-    active.increment(1.0);
-    let moved = splice::splice(tcp, send, recv, shared.config.tunnel.copy_buffer.0 as usize).await;
-    active.decrement(1.0);
-    shared
-        .metrics
-        .counter(
-            "strait_bytes_total",
-            &[labels[0], labels[1], ("direction", "sent")],
-        )
-        .increment(moved.quic_to_tcp);
-    shared
-        .metrics
-        .counter(
-            "strait_bytes_total",
-            &[labels[0], labels[1], ("direction", "received")],
-        )
-        .increment(moved.tcp_to_quic);
+    splice::splice_counted(
+        &shared.metrics,
+        &service,
+        &peer,
+        splice::Side::Inbound,
+        (tcp, send, recv),
+        shared.config.tunnel.copy_buffer.0 as usize,
+        0,
+    )
+    .await;
 }
 
 fn reject_header(

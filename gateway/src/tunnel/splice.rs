@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::codes;
+use crate::metrics::Metrics;
 
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,60 @@ pub struct Spliced {
     pub quic_to_tcp: u64,
     /// Whether either side was reset.
     pub reset: bool,
+}
+
+/// Which side of the tunnel a proxied connection is on, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// A local client through a listener towards a peer.
+    Outbound,
+    /// A peer's stream towards a local endpoint.
+    Inbound,
+}
+
+/// Splices and accounts for one proxied connection: streams opened, active connections,
+/// and bytes in each direction (`sent` = towards the service). `early` bytes were already
+/// sent with the stream header.
+pub async fn splice_counted(
+    metrics: &Metrics,
+    service: &str,
+    peer: &str,
+    side: Side,
+    conn: (TcpStream, SendStream, RecvStream),
+    buf_size: usize,
+    early: u64,
+) {
+    let direction = match side {
+        Side::Outbound => "outbound",
+        Side::Inbound => "inbound",
+    };
+    let labels = [("service", service), ("peer", peer)];
+    metrics
+        .counter(
+            "strait_streams_opened_total",
+            &[labels[0], labels[1], ("direction", direction)],
+        )
+        .increment(1);
+    let active = metrics.gauge(
+        "strait_active_connections",
+        &[("service", service), ("direction", direction)],
+    );
+    active.increment(1.0);
+    let (tcp, send, recv) = conn;
+    let moved = splice(tcp, send, recv, buf_size).await;
+    active.decrement(1.0);
+    let (towards_service, from_service) = match side {
+        Side::Outbound => (early + moved.tcp_to_quic, moved.quic_to_tcp),
+        Side::Inbound => (moved.quic_to_tcp, moved.tcp_to_quic),
+    };
+    let bytes = |d| {
+        metrics.counter(
+            "strait_bytes_total",
+            &[labels[0], labels[1], ("direction", d)],
+        )
+    };
+    bytes("sent").increment(towards_service);
+    bytes("received").increment(from_service);
 }
 
 /// Runs both directions until both finished or either side reset.
