@@ -157,3 +157,60 @@ pub fn issue_with(
     ca.issue_gateway(&GatewayId::new(td, cluster), not_before, not_after)
         .expect("issue")
 }
+
+/// A UDP relay between a gateway and its peer that can silently drop everything, to
+/// make a peer vanish without a close (no netem here: impairment lives in user space).
+pub struct UdpRelay {
+    /// Where peers should send (stands in for the target).
+    pub addr: SocketAddr,
+    blackhole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl UdpRelay {
+    /// Relays datagrams between the first sender and `target`.
+    pub async fn new(target: SocketAddr) -> UdpRelay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = sock.local_addr().expect("addr");
+        let blackhole = std::sync::Arc::new(AtomicBool::new(false));
+        let drop_all = blackhole.clone();
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                if drop_all.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let to = if from == target {
+                    client
+                } else {
+                    client = Some(from);
+                    Some(target)
+                };
+                if let Some(to) = to {
+                    let _ = sock.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        UdpRelay {
+            addr,
+            blackhole,
+            task,
+        }
+    }
+
+    /// From now on every datagram in both directions is dropped.
+    pub fn blackhole(&self) {
+        self.blackhole
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

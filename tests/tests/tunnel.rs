@@ -735,3 +735,98 @@ async fn refused_by_the_first_cluster_served_by_the_next_bytes_delivered_once() 
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (east, west, addr) = pair(&pki, echo.addr, "tunnel:\n  max_inbound_streams: 1\n").await;
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    within(Duration::from_secs(5), held.read_exact(&mut b))
+        .await
+        .unwrap();
+    let conn = west
+        .shared()
+        .peers
+        .get("east")
+        .unwrap()
+        .connection()
+        .unwrap();
+    let req = StreamRequest {
+        service: "echo".into(),
+        namespace: "default".into(),
+        port: 7000,
+        endpoint: None,
+    };
+    match open_stream(&conn, &req, &[], Duration::from_secs(5)).await {
+        Err(OpenError::Refused { status, .. }) => assert_eq!(status, Status::Overloaded),
+        other => panic!("expected overloaded, got {:?}", other.map(|_| ())),
+    }
+    drop(held);
+    // The permit is returned when the held connection ends.
+    eventually(Duration::from_secs(5), "capacity is back", || {
+        metric(
+            &east.shared().metrics.render(),
+            "strait_active_connections{service=\"default/echo\",direction=\"inbound\"}",
+        ) == Some(0.0)
+    })
+    .await;
+    assert!(
+        open_stream(&conn, &req, &[], Duration::from_secs(5))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn peer_vanishing_mid_stream_resets_the_client_instead_of_hanging() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (ue, ae) = udp();
+    let (uw, _) = udp();
+    let _east = pki
+        .gateway(
+            "east",
+            ue,
+            &format!("exports:\n{}", export("echo", 7000, echo.addr, "[\"*\"]")),
+        )
+        .await;
+    let relay = UdpRelay::new(ae).await;
+    let tuning = "tunnel:\n  keep_alive: 100ms\n  idle_timeout: 1s\n";
+    let west = pki
+        .gateway(
+            "west",
+            uw,
+            &format!(
+                "{}{tuning}",
+                import_from("echo", 7000, &[("east", relay.addr)])
+            ),
+        )
+        .await;
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    let mut c = TcpStream::connect(west.listener("default/echo", 7000).unwrap())
+        .await
+        .unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    within(Duration::from_secs(5), c.read_exact(&mut b))
+        .await
+        .unwrap();
+
+    relay.blackhole();
+    let started = tokio::time::Instant::now();
+    let res = within(Duration::from_secs(5), c.read(&mut b)).await;
+    assert!(
+        res.is_err(),
+        "the client sees a reset, not a clean end: {res:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "failed within idle_timeout, took {:?}",
+        started.elapsed()
+    );
+    let st = west.shared().peers.get("east").unwrap().state();
+    assert_ne!(st.status, PeerStatus::Up);
+}
