@@ -1,5 +1,12 @@
-//! strait-discovery: where a gateway learns which services exist in the federation.
+//! strait-discovery: how gateways learn the federation's services with no central broker.
 //!
-//! Today the only source is the gateway's own configuration file (static peers and
-//! imports); the gossip/gRPC exchange, membership and the federated catalog land here
-//! next (see docs/ARCHITECTURE.md, "Discovery").
+//! - [`model`]: the catalog's data model (services, ports, endpoints, members).
+//! - [`state`]: the catalog as a sans-IO state machine (digests, deltas, tombstones,
+//!   generations, leases), tested deterministically with simulated time.
+//! - [`phi`]: phi accrual failure detection on heartbeats.
+//!
+//! The gossip exchange over mTLS gRPC and the local sources build on these.
+
+pub mod model;
+pub mod phi;
+pub mod state;

@@ -1,0 +1,470 @@
+//! The federated catalog as a sans-IO state machine: every input (local exports, a peer's
+//! digest or delta, the passage of time) is an explicit call with an explicit `now`, so
+//! merge, expiry and failure detection are tested deterministically without sockets.
+//!
+//! Model (anti-entropy, scuttlebutt style):
+//! - Each cluster is the only writer of its own *origin*: its services, each entry stamped
+//!   with the origin's version counter at the time it changed; removals are tombstones.
+//! - An origin has a *generation* (set at start-up; a restart picks a larger one) and a
+//!   *heartbeat* that grows every gossip round.
+//! - Members exchange digests (origin → generation, version, heartbeat) and answer with
+//!   deltas: whole origins for newer generations, entries above the peer's version, or just
+//!   the heartbeat. Entries travel in version order, so a delta cut short by the byte budget
+//!   still leaves the receiver with a consistent prefix.
+//! - Receiving a larger heartbeat renews an origin's lease and feeds its phi detector. An
+//!   origin whose heartbeat stops advancing is suspected (phi) and, after the lease, its
+//!   services are withdrawn; until then they keep being served (static stability).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::model::{MemberInfo, Service, ServiceKey};
+use crate::phi::PhiDetector;
+
+/// Tunables of the catalog.
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
+    /// How long an origin's services outlive its last heartbeat.
+    pub lease: Duration,
+    /// Phi above which a member is considered down.
+    pub phi_threshold: f64,
+    /// Floor for the phi detector's mean heartbeat interval (about the gossip interval).
+    pub min_heartbeat_interval: Duration,
+    /// Byte budget of one delta message.
+    pub max_delta_bytes: usize,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            // With heartbeats every ~100 ms, phi 5 is crossed after ~1.2 s of silence: the
+            // 2 s detection target with room for a slow round or two.
+            phi_threshold: 5.0,
+            min_heartbeat_interval: Duration::from_millis(100),
+            max_delta_bytes: 256 << 10,
+        }
+    }
+}
+
+/// One entry of an origin: a live service or a tombstone, with the version it changed at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Origin version at which this entry last changed.
+    pub version: u64,
+    /// The service, or `None` for a tombstone.
+    pub service: Option<Service>,
+}
+
+/// What a member knows of one origin, summarised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OriginDigest {
+    /// Generation (start-up epoch) of the origin.
+    pub generation: u64,
+    /// Highest entry version known.
+    pub version: u64,
+    /// Highest heartbeat known.
+    pub heartbeat: u64,
+}
+
+/// A member's summary of everything it knows: origin cluster → digest.
+pub type Digest = BTreeMap<String, OriginDigest>;
+
+/// Updates to one origin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginDelta {
+    /// The origin's cluster id.
+    pub cluster: String,
+    /// Member details; sent with whole-origin updates (they change only with a generation).
+    pub info: Option<MemberInfo>,
+    /// Generation the entries belong to.
+    pub generation: u64,
+    /// The origin's heartbeat.
+    pub heartbeat: u64,
+    /// The receiver lacked this generation: these entries start a fresh origin state.
+    pub full: bool,
+    /// Changed entries, in ascending version order.
+    pub entries: Vec<(ServiceKey, Entry)>,
+}
+
+/// A gossip delta: updates to any number of origins.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Delta {
+    /// Per-origin updates.
+    pub origins: Vec<OriginDelta>,
+}
+
+#[derive(Debug, Clone)]
+struct Origin {
+    info: MemberInfo,
+    generation: u64,
+    version: u64,
+    heartbeat: u64,
+    entries: BTreeMap<ServiceKey, Entry>,
+}
+
+impl Origin {
+    fn new(info: MemberInfo, generation: u64) -> Self {
+        Self {
+            info,
+            generation,
+            version: 0,
+            heartbeat: 0,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    fn digest(&self) -> OriginDigest {
+        OriginDigest {
+            generation: self.generation,
+            version: self.version,
+            heartbeat: self.heartbeat,
+        }
+    }
+
+    fn merge(&mut self, entries: Vec<(ServiceKey, Entry)>) {
+        for (key, entry) in entries {
+            self.version = self.version.max(entry.version);
+            match self.entries.get(&key) {
+                // Only a newer version replaces: a stale add never revives a tombstone.
+                Some(have) if have.version >= entry.version => {}
+                _ => {
+                    self.entries.insert(key, entry);
+                }
+            }
+        }
+    }
+
+    /// The update a peer with digest `theirs` is missing, within `budget` bytes.
+    fn delta_for(&self, theirs: Option<&OriginDigest>, budget: &mut usize) -> Option<OriginDelta> {
+        let (full, since) = match theirs {
+            None => (true, 0),
+            Some(d) if d.generation < self.generation => (true, 0),
+            Some(d) if d.generation > self.generation => return None,
+            Some(d) if d.version < self.version => (false, d.version),
+            Some(d) if d.heartbeat < self.heartbeat => (false, self.version),
+            Some(_) => return None,
+        };
+        let header = 32 + self.info.cluster.len();
+        if *budget < header {
+            return None;
+        }
+        *budget -= header;
+        let mut changed: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.version > since)
+            .collect();
+        changed.sort_by_key(|(_, e)| e.version);
+        let mut entries = Vec::new();
+        for (key, entry) in changed {
+            let size = 16
+                + key.namespace.len()
+                + key.name.len()
+                + entry.service.as_ref().map_or(0, Service::estimated_size);
+            if size > *budget {
+                break;
+            }
+            *budget -= size;
+            entries.push((key.clone(), entry.clone()));
+        }
+        Some(OriginDelta {
+            cluster: self.info.cluster.clone(),
+            info: full.then(|| self.info.clone()),
+            generation: self.generation,
+            heartbeat: self.heartbeat,
+            full,
+            entries,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Remote {
+    origin: Origin,
+    detector: PhiDetector,
+    /// When the heartbeat last advanced (or the origin was first learned).
+    last_heard: Instant,
+    /// The lease ran out: services withdrawn until the heartbeat advances again.
+    expired: bool,
+}
+
+/// How a member looks from here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    /// Who.
+    pub info: MemberInfo,
+    /// Not suspected and within its lease (always true for this member).
+    pub alive: bool,
+    /// Whether its lease ran out (its services are withdrawn).
+    pub expired: bool,
+    /// Current suspicion level.
+    pub phi: f64,
+    /// Time since its heartbeat last advanced.
+    pub last_heard: Duration,
+    /// Generation, version and heartbeat known.
+    pub digest: OriginDigest,
+    /// Live services it exports.
+    pub services: usize,
+}
+
+/// A service of some origin, as served from this member's view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEntry {
+    /// The origin cluster's member details.
+    pub origin: MemberInfo,
+    /// The service.
+    pub key: ServiceKey,
+    /// Its definition.
+    pub service: Service,
+    /// Entry version at the origin.
+    pub version: u64,
+    /// Time since the origin's heartbeat last advanced (how old the lease is).
+    pub lease_age: Duration,
+    /// Whether the origin is currently considered alive.
+    pub origin_alive: bool,
+}
+
+/// Counters of what `apply` did, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Entries that changed the catalog.
+    pub entries_applied: usize,
+    /// Origin updates ignored (about ourselves, or an older generation).
+    pub ignored: usize,
+    /// Whether the visible catalog may have changed.
+    pub changed: bool,
+}
+
+/// One member's catalog: its own origin plus what it learned of every other.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    config: CatalogConfig,
+    local: Origin,
+    remotes: BTreeMap<String, Remote>,
+}
+
+impl Catalog {
+    /// A catalog for the member `me`, whose current start-up epoch is `generation` (use a
+    /// value that grows across restarts, e.g. the start time in milliseconds).
+    pub fn new(me: MemberInfo, generation: u64, config: CatalogConfig) -> Self {
+        Self {
+            config,
+            local: Origin::new(me, generation),
+            remotes: BTreeMap::new(),
+        }
+    }
+
+    /// This member.
+    pub fn me(&self) -> &MemberInfo {
+        &self.local.info
+    }
+
+    /// Replaces this member's exports; returns whether anything changed.
+    pub fn set_local(&mut self, services: BTreeMap<ServiceKey, Service>) -> bool {
+        let mut changed = false;
+        for (key, service) in &services {
+            let same = matches!(self.local.entries.get(key), Some(Entry { service: Some(s), .. }) if s == service);
+            if !same {
+                self.local.version += 1;
+                self.local.entries.insert(
+                    key.clone(),
+                    Entry {
+                        version: self.local.version,
+                        service: Some(service.clone()),
+                    },
+                );
+                changed = true;
+            }
+        }
+        let removed: Vec<ServiceKey> = self
+            .local
+            .entries
+            .iter()
+            .filter(|(k, e)| e.service.is_some() && !services.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in removed {
+            self.local.version += 1;
+            self.local.entries.insert(
+                key,
+                Entry {
+                    version: self.local.version,
+                    service: None,
+                },
+            );
+            changed = true;
+        }
+        changed
+    }
+
+    /// One gossip round passed: beat our heart and expire silent origins. Returns whether
+    /// the visible catalog changed (an origin's lease ran out).
+    pub fn tick(&mut self, now: Instant) -> bool {
+        self.local.heartbeat += 1;
+        let mut changed = false;
+        for r in self.remotes.values_mut() {
+            if !r.expired && now.saturating_duration_since(r.last_heard) > self.config.lease {
+                r.expired = true;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// What this member knows, summarised.
+    pub fn digest(&self) -> Digest {
+        let mut d: Digest = self
+            .remotes
+            .iter()
+            .map(|(c, r)| (c.clone(), r.origin.digest()))
+            .collect();
+        d.insert(self.local.info.cluster.clone(), self.local.digest());
+        d
+    }
+
+    /// What a peer with digest `theirs` is missing, within the byte budget. Origins whose
+    /// lease ran out here are not passed on, so a dead member is not revived by gossip.
+    pub fn delta_for(&self, theirs: &Digest) -> Delta {
+        let mut budget = self.config.max_delta_bytes;
+        let mut origins = Vec::new();
+        let live_remotes = self
+            .remotes
+            .values()
+            .filter(|r| !r.expired)
+            .map(|r| &r.origin);
+        for origin in std::iter::once(&self.local).chain(live_remotes) {
+            if let Some(d) = origin.delta_for(theirs.get(&origin.info.cluster), &mut budget) {
+                origins.push(d);
+            }
+        }
+        Delta { origins }
+    }
+
+    /// Merges a delta received from a peer.
+    pub fn apply(&mut self, delta: Delta, now: Instant) -> ApplyStats {
+        let mut stats = ApplyStats::default();
+        for od in delta.origins {
+            if od.cluster == self.local.info.cluster {
+                // Only this member writes its own origin.
+                stats.ignored += 1;
+                continue;
+            }
+            let min_mean = self.config.min_heartbeat_interval;
+            match self.remotes.get_mut(&od.cluster) {
+                Some(r) if od.generation < r.origin.generation => stats.ignored += 1,
+                Some(r) if od.generation == r.origin.generation => {
+                    let before = r.origin.entries.len();
+                    let n = count_newer(&r.origin, &od.entries);
+                    r.origin.merge(od.entries);
+                    if od.heartbeat > r.origin.heartbeat {
+                        r.origin.heartbeat = od.heartbeat;
+                        r.detector.heartbeat(now);
+                        r.last_heard = now;
+                        if r.expired {
+                            r.expired = false;
+                            stats.changed = true;
+                        }
+                    }
+                    stats.entries_applied += n;
+                    stats.changed |= n > 0 || before != r.origin.entries.len();
+                }
+                existing => {
+                    // Unknown origin, or a newer generation: its entries replace whatever we
+                    // had (a restarted origin drops what it no longer exports).
+                    let Some(info) = od.info.or_else(|| existing.map(|r| r.origin.info.clone()))
+                    else {
+                        stats.ignored += 1;
+                        continue;
+                    };
+                    let mut origin = Origin::new(info, od.generation);
+                    origin.heartbeat = od.heartbeat;
+                    stats.entries_applied += od.entries.len();
+                    origin.merge(od.entries);
+                    self.remotes.insert(
+                        od.cluster,
+                        Remote {
+                            origin,
+                            detector: PhiDetector::new(now, min_mean),
+                            last_heard: now,
+                            expired: false,
+                        },
+                    );
+                    stats.changed = true;
+                }
+            }
+        }
+        stats
+    }
+
+    /// Every member, this one first.
+    pub fn members(&self, now: Instant) -> Vec<MemberView> {
+        let live = |o: &Origin| o.entries.values().filter(|e| e.service.is_some()).count();
+        let mut out = vec![MemberView {
+            info: self.local.info.clone(),
+            alive: true,
+            expired: false,
+            phi: 0.0,
+            last_heard: Duration::ZERO,
+            digest: self.local.digest(),
+            services: live(&self.local),
+        }];
+        for r in self.remotes.values() {
+            let phi = r.detector.phi(now);
+            out.push(MemberView {
+                info: r.origin.info.clone(),
+                alive: !r.expired && phi < self.config.phi_threshold,
+                expired: r.expired,
+                phi,
+                last_heard: now.saturating_duration_since(r.last_heard),
+                digest: r.origin.digest(),
+                services: live(&r.origin),
+            });
+        }
+        out
+    }
+
+    /// Every live service of every origin whose lease holds (this member's own included).
+    pub fn services(&self, now: Instant) -> Vec<CatalogEntry> {
+        let mut out = Vec::new();
+        let local = std::iter::once((&self.local, Duration::ZERO, true));
+        let remotes = self.remotes.values().filter(|r| !r.expired).map(|r| {
+            let alive = r.detector.phi(now) < self.config.phi_threshold;
+            (
+                &r.origin,
+                now.saturating_duration_since(r.last_heard),
+                alive,
+            )
+        });
+        for (origin, lease_age, origin_alive) in local.chain(remotes) {
+            for (key, entry) in &origin.entries {
+                if let Some(service) = &entry.service {
+                    out.push(CatalogEntry {
+                        origin: origin.info.clone(),
+                        key: key.clone(),
+                        service: service.clone(),
+                        version: entry.version,
+                        lease_age,
+                        origin_alive,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+fn count_newer(origin: &Origin, entries: &[(ServiceKey, Entry)]) -> usize {
+    entries
+        .iter()
+        .filter(|(k, e)| {
+            origin
+                .entries
+                .get(k)
+                .is_none_or(|have| have.version < e.version)
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests;

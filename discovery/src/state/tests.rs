@@ -1,0 +1,372 @@
+use std::net::SocketAddr;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::model::{Endpoint, Port};
+
+fn info(cluster: &str) -> MemberInfo {
+    let addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+    MemberInfo {
+        cluster: cluster.into(),
+        region: format!("{cluster}-r"),
+        zone: String::new(),
+        tunnel_addr: addr,
+        gossip_addr: addr,
+    }
+}
+
+fn svc(weight: u32) -> Service {
+    Service {
+        ports: vec![Port {
+            name: "http".into(),
+            port: 80,
+            protocol: "TCP".into(),
+        }],
+        endpoints: vec![Endpoint {
+            address: "10.0.0.1".parse().unwrap(),
+            hostname: None,
+            ready: true,
+            zone: String::new(),
+        }],
+        export_to: vec!["*".into()],
+        weight,
+    }
+}
+
+fn exports(names: &[(&str, u32)]) -> BTreeMap<ServiceKey, Service> {
+    names
+        .iter()
+        .map(|(n, w)| (ServiceKey::new("default", n), svc(*w)))
+        .collect()
+}
+
+fn node(cluster: &str, generation: u64) -> Catalog {
+    Catalog::new(
+        info(cluster),
+        generation,
+        CatalogConfig {
+            lease: Duration::from_secs(10),
+            ..Default::default()
+        },
+    )
+}
+
+/// What a catalog serves, origin by origin, ignoring local timing.
+fn visible(c: &Catalog, now: Instant) -> Vec<(String, String, u32)> {
+    let mut v: Vec<_> = c
+        .services(now)
+        .into_iter()
+        .map(|e| (e.origin.cluster, e.key.to_string(), e.service.weight))
+        .collect();
+    v.sort();
+    v
+}
+
+/// One push-pull exchange: `a` sends its digest, `b` answers with a delta and its digest,
+/// `a` answers with the delta `b` is missing.
+fn exchange(a: &mut Catalog, b: &mut Catalog, now: Instant) {
+    let to_a = b.delta_for(&a.digest());
+    let b_digest = b.digest();
+    a.apply(to_a, now);
+    let to_b = a.delta_for(&b_digest);
+    b.apply(to_b, now);
+}
+
+#[test]
+fn exports_reach_a_peer_and_removals_arrive_as_tombstones() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1);
+    let mut b = node("b", 1);
+    assert!(a.set_local(exports(&[("web", 1), ("db", 1)])));
+    assert!(
+        !a.set_local(exports(&[("web", 1), ("db", 1)])),
+        "same exports change nothing"
+    );
+    exchange(&mut b, &mut a, t0);
+    assert_eq!(
+        visible(&b, t0),
+        vec![
+            ("a".into(), "default/db".into(), 1),
+            ("a".into(), "default/web".into(), 1)
+        ]
+    );
+    a.set_local(exports(&[("web", 2)]));
+    exchange(&mut b, &mut a, t0);
+    assert_eq!(visible(&b, t0), vec![("a".into(), "default/web".into(), 2)]);
+    assert_eq!(b.digest()["a"], a.digest()["a"]);
+}
+
+#[test]
+fn tombstones_win_over_stale_adds() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1);
+    a.set_local(exports(&[("web", 1)]));
+    let mut b = node("b", 1);
+    let stale = a.delta_for(&b.digest());
+    a.set_local(BTreeMap::new());
+    let fresh = a.delta_for(&b.digest());
+    b.apply(fresh, t0);
+    b.apply(stale, t0);
+    assert!(
+        visible(&b, t0).is_empty(),
+        "the old add must not resurrect a deleted service"
+    );
+}
+
+#[test]
+fn leases_expire_and_a_returning_heartbeat_restores_service() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1);
+    let mut b = node("b", 1);
+    a.set_local(exports(&[("web", 1)]));
+    a.tick(t0);
+    exchange(&mut b, &mut a, t0);
+    // Still served while the lease holds, though a is silent (static stability).
+    assert!(!b.tick(t0 + Duration::from_secs(9)));
+    assert_eq!(visible(&b, t0 + Duration::from_secs(9)).len(), 1);
+    assert!(b.tick(t0 + Duration::from_secs(11)), "lease ran out");
+    assert!(visible(&b, t0 + Duration::from_secs(11)).is_empty());
+    let m = b.members(t0 + Duration::from_secs(11));
+    assert!(
+        m.iter()
+            .any(|m| m.info.cluster == "a" && !m.alive && m.expired)
+    );
+    // A third member that still has a's old state cannot revive it: no heartbeat advance.
+    let mut c = node("c", 1);
+    exchange(&mut c, &mut a, t0);
+    exchange(&mut b, &mut c, t0 + Duration::from_secs(12));
+    assert!(visible(&b, t0 + Duration::from_secs(12)).is_empty());
+    // a beats again: back.
+    a.tick(t0 + Duration::from_secs(13));
+    exchange(&mut b, &mut a, t0 + Duration::from_secs(13));
+    assert_eq!(visible(&b, t0 + Duration::from_secs(13)).len(), 1);
+}
+
+#[test]
+fn restarted_origin_with_new_generation_replaces_old_entries() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1);
+    let mut b = node("b", 1);
+    a.set_local(exports(&[("web", 1), ("db", 1), ("cache", 1)]));
+    exchange(&mut b, &mut a, t0);
+    assert_eq!(visible(&b, t0).len(), 3);
+    // Restart: new generation, version counter starts over, fewer exports.
+    let mut a2 = node("a", 2);
+    a2.set_local(exports(&[("web", 5)]));
+    exchange(&mut b, &mut a2, t0);
+    assert_eq!(visible(&b, t0), vec![("a".into(), "default/web".into(), 5)]);
+    // The old incarnation's gossip is ignored from now on.
+    let stats = b.apply(a.delta_for(&Digest::new()), t0);
+    assert_eq!(stats.entries_applied, 0);
+    assert!(!stats.changed);
+    assert_eq!(visible(&b, t0), vec![("a".into(), "default/web".into(), 5)]);
+}
+
+#[test]
+fn nobody_else_writes_our_origin() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1);
+    a.set_local(exports(&[("web", 1)]));
+    let mut impostor = node("a", 9);
+    impostor.set_local(exports(&[("evil", 1)]));
+    let stats = a.apply(impostor.delta_for(&Digest::new()), t0);
+    assert_eq!(stats.ignored, 1);
+    assert_eq!(visible(&a, t0), vec![("a".into(), "default/web".into(), 1)]);
+}
+
+#[test]
+fn deltas_respect_the_byte_budget_and_finish_over_several_rounds() {
+    let t0 = Instant::now();
+    let config = CatalogConfig {
+        max_delta_bytes: 2_000,
+        ..Default::default()
+    };
+    let mut a = Catalog::new(info("a"), 1, config.clone());
+    let names: Vec<String> = (0..200).map(|i| format!("svc-{i}")).collect();
+    a.set_local(
+        names
+            .iter()
+            .map(|n| (ServiceKey::new("default", n), svc(1)))
+            .collect(),
+    );
+    let mut b = Catalog::new(info("b"), 1, config);
+    let mut rounds = 0;
+    while b.digest().get("a") != a.digest().get("a") {
+        let d = a.delta_for(&b.digest());
+        let est: usize = d
+            .origins
+            .iter()
+            .flat_map(|o| &o.entries)
+            .map(|(_, e)| e.service.as_ref().map_or(0, Service::estimated_size))
+            .sum();
+        assert!(est <= 2_000, "delta over budget: {est}");
+        b.apply(d, t0);
+        rounds += 1;
+        assert!(rounds < 100, "never converged");
+    }
+    assert!(rounds > 1, "the budget split the catalog");
+    assert_eq!(visible(&b, t0).len(), 200);
+}
+
+#[test]
+fn idle_deltas_carry_heartbeats_only() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1);
+    let mut b = node("b", 1);
+    a.set_local(
+        (0..50)
+            .map(|i| (ServiceKey::new("default", &format!("s{i}")), svc(1)))
+            .collect(),
+    );
+    exchange(&mut b, &mut a, t0);
+    a.tick(t0);
+    let d = a.delta_for(&b.digest());
+    assert_eq!(d.origins.len(), 1);
+    assert!(
+        d.origins[0].entries.is_empty() && d.origins[0].info.is_none(),
+        "at rest only the heartbeat moves"
+    );
+}
+
+/// A simulated federation: every round each member ticks and does a push-pull with
+/// `fanout` random others, in a seeded order.
+fn simulate(n: usize, fanout: usize, rounds: usize, seed: u64) -> (Vec<Catalog>, Instant) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let t0 = Instant::now();
+    let mut nodes: Vec<Catalog> = (0..n).map(|i| node(&format!("m{i}"), 1)).collect();
+    for (i, c) in nodes.iter_mut().enumerate() {
+        c.set_local(exports(&[(&format!("svc{i}"), i as u32)]));
+    }
+    let mut now = t0;
+    for _ in 0..rounds {
+        now += Duration::from_millis(100);
+        for i in 0..n {
+            nodes[i].tick(now);
+            for _ in 0..fanout {
+                let j = rng.random_range(0..n);
+                if i != j {
+                    let (a, b) = if i < j {
+                        let (l, r) = nodes.split_at_mut(j);
+                        (&mut l[i], &mut r[0])
+                    } else {
+                        let (l, r) = nodes.split_at_mut(i);
+                        (&mut r[0], &mut l[j])
+                    };
+                    exchange(a, b, now);
+                }
+            }
+        }
+    }
+    (nodes, now)
+}
+
+#[test]
+fn a_federation_converges() {
+    let (nodes, now) = simulate(20, 2, 15, 7);
+    let want = visible(&nodes[0], now);
+    assert_eq!(want.len(), 20);
+    for c in &nodes {
+        assert_eq!(visible(c, now), want, "{} differs", c.me().cluster);
+        assert!(
+            c.members(now).iter().all(|m| m.alive),
+            "nobody is suspected while all beat"
+        );
+    }
+}
+
+#[test]
+fn a_silent_member_is_suspected_by_everyone() {
+    let (mut nodes, mut now) = simulate(10, 2, 20, 3);
+    // Member 0 goes silent: the rest keep gossiping among themselves. The target is
+    // detection within 2 s.
+    for _ in 0..20 {
+        now += Duration::from_millis(100);
+        for i in 1..10 {
+            nodes[i].tick(now);
+            let j = 1 + (i % 9);
+            if i != j {
+                let (l, r) = nodes.split_at_mut(i.max(j));
+                let (a, b) = if i < j {
+                    (&mut l[i], &mut r[0])
+                } else {
+                    (&mut r[0], &mut l[j])
+                };
+                exchange(a, b, now);
+            }
+        }
+    }
+    for c in &nodes[1..] {
+        let m0 = c
+            .members(now)
+            .into_iter()
+            .find(|m| m.info.cluster == "m0")
+            .unwrap();
+        assert!(
+            !m0.alive,
+            "{} still trusts m0 after 2 s of silence (phi {:.1})",
+            c.me().cluster,
+            m0.phi
+        );
+    }
+}
+
+fn arb_delta() -> impl Strategy<Value = Delta> {
+    // One writer per origin: a given (key, version) always carries the same content.
+    let entry = (0u8..6, 1u64..20).prop_map(|(k, v)| {
+        let service = (v % 3 != 0).then(|| svc((u64::from(k) + v) as u32 % 4));
+        (
+            ServiceKey::new("default", &format!("s{k}")),
+            Entry {
+                version: v,
+                service,
+            },
+        )
+    });
+    let origin = (
+        0u8..3,
+        1u64..3,
+        0u64..10,
+        proptest::collection::vec(entry, 0..6),
+    )
+        .prop_map(|(c, g, hb, mut entries)| {
+            entries.sort_by_key(|(_, e)| e.version);
+            let cluster = format!("o{c}");
+            OriginDelta {
+                info: Some(info(&cluster)),
+                cluster,
+                generation: g,
+                heartbeat: hb,
+                full: true,
+                entries,
+            }
+        });
+    proptest::collection::vec(origin, 0..4).prop_map(|origins| Delta { origins })
+}
+
+fn state(c: &Catalog, now: Instant) -> (Digest, Vec<(String, String, u32)>) {
+    (c.digest(), visible(c, now))
+}
+
+proptest! {
+    #[test]
+    fn merge_is_commutative(d1 in arb_delta(), d2 in arb_delta()) {
+        let t0 = Instant::now();
+        let mut x = node("me", 1);
+        let mut y = node("me", 1);
+        x.apply(d1.clone(), t0); x.apply(d2.clone(), t0);
+        y.apply(d2, t0); y.apply(d1, t0);
+        prop_assert_eq!(state(&x, t0), state(&y, t0));
+    }
+
+    #[test]
+    fn merge_is_idempotent(d in arb_delta()) {
+        let t0 = Instant::now();
+        let mut x = node("me", 1);
+        x.apply(d.clone(), t0);
+        let once = state(&x, t0);
+        x.apply(d, t0);
+        prop_assert_eq!(once, state(&x, t0));
+    }
+}
