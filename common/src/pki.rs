@@ -439,10 +439,21 @@ impl Identity {
     /// Client-side TLS config for connecting to the gateway of `peer_cluster`: the server
     /// must chain to the CA and carry exactly that cluster's identity.
     pub fn client_config(&self, peer_cluster: &str) -> Result<rustls::ClientConfig, PkiError> {
+        self.client_config_for(Some(peer_cluster))
+    }
+
+    /// Client-side TLS config that verifies the chain and requires a gateway identity of
+    /// this trust domain (`peer_cluster: None`, for seed addresses whose cluster is not
+    /// known yet), or exactly `peer_cluster`'s.
+    pub fn client_config_for(
+        &self,
+        peer_cluster: Option<&str>,
+    ) -> Result<rustls::ClientConfig, PkiError> {
         let provider = provider();
         let verifier = SpiffeServerVerifier {
             roots: self.roots.clone(),
-            expected: GatewayId::new(&self.id.trust_domain, peer_cluster),
+            trust_domain: self.id.trust_domain.clone(),
+            cluster: peer_cluster.map(str::to_owned),
             algs: provider.signature_verification_algorithms,
         };
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -549,12 +560,14 @@ impl fmt::Display for SpiffeError {
 impl std::error::Error for SpiffeError {}
 
 /// Verifies a peer gateway's server certificate: chain to the federation CA, then the
-/// SPIFFE ID must be exactly the expected cluster's gateway. The TLS server name is
+/// SPIFFE ID must be a gateway of our trust domain and, when known, exactly the expected
+/// cluster's. The TLS server name is
 /// ignored; the SPIFFE ID replaces hostname checks.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
-    expected: GatewayId,
+    trust_domain: String,
+    cluster: Option<String>,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -576,10 +589,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             self.algs.all,
         )?;
         let got = peer_id(end_entity).map_err(identity_error)?;
-        if got != self.expected {
+        let expected = match &self.cluster {
+            Some(c) => GatewayId::new(&self.trust_domain, c).to_string(),
+            None => format!("a gateway of trust domain {}", self.trust_domain),
+        };
+        let cluster_ok = self.cluster.as_deref().is_none_or(|c| c == got.cluster);
+        if got.trust_domain != self.trust_domain || !cluster_ok {
             return Err(identity_error(format!(
-                "expected {}, peer presented {got}",
-                self.expected
+                "expected {expected}, peer presented {got}"
             )));
         }
         Ok(ServerCertVerified::assertion())

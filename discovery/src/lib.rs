@@ -8,5 +8,7 @@
 //! The gossip exchange over mTLS gRPC and the local sources build on these.
 
 pub mod model;
+pub mod node;
 pub mod phi;
 pub mod state;
+pub mod wire;

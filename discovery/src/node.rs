@@ -1,0 +1,463 @@
+//! A discovery member on the network: the [`Catalog`] state machine behind a gRPC service
+//! on mutually authenticated TLS, and a loop that does push-pull rounds with a few random
+//! members (or the seeds, to join).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::seq::IndexedRandom;
+use strait_common::pki::{Identity, peer_id};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::model::{MemberInfo, Service, ServiceKey};
+use crate::state::{Catalog, CatalogConfig, CatalogEntry, MemberView};
+use crate::wire::{self, pb};
+
+/// Settings of a discovery member.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Time between gossip rounds (also the heartbeat period).
+    pub interval: Duration,
+    /// Members contacted per round.
+    pub fanout: usize,
+    /// Addresses to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// Deadline of one RPC.
+    pub rpc_timeout: Duration,
+    /// Largest gossip message accepted (bytes).
+    pub max_message_bytes: usize,
+    /// Catalog tunables.
+    pub catalog: CatalogConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(100),
+            fanout: 3,
+            seeds: Vec::new(),
+            rpc_timeout: Duration::from_millis(500),
+            max_message_bytes: 1 << 20,
+            catalog: CatalogConfig::default(),
+        }
+    }
+}
+
+/// What consumers see: members and the services of every origin with a valid lease.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct View {
+    /// Every member, this one first.
+    pub members: Vec<MemberView>,
+    /// Every live service (this member's own included).
+    pub services: Vec<CatalogEntry>,
+}
+
+/// Traffic and error counters of a member.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Gossip bytes sent (encoded messages, requests and responses).
+    pub bytes_sent: AtomicU64,
+    /// Gossip bytes received.
+    pub bytes_received: AtomicU64,
+    /// Gossip messages sent.
+    pub messages_sent: AtomicU64,
+    /// Gossip messages received.
+    pub messages_received: AtomicU64,
+    /// Messages refused as malformed or oversized.
+    pub rejected_messages: AtomicU64,
+    /// TLS handshakes refused on the gossip port.
+    pub rejected_handshakes: AtomicU64,
+    /// Rounds in which a contacted member did not answer.
+    pub failed_exchanges: AtomicU64,
+}
+
+struct Shared {
+    catalog: Mutex<Catalog>,
+    config: NodeConfig,
+    identity: Arc<Identity>,
+    view: watch::Sender<Arc<View>>,
+    stats: NodeStats,
+    channels: Mutex<HashMap<(SocketAddr, Option<String>), Channel>>,
+}
+
+/// A running discovery member; dropping it stops it.
+pub struct Node {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    /// Starts a member serving gossip on `listener`. `me.gossip_addr` is what others are
+    /// told to dial; `generation` must grow across restarts (start time in ms works).
+    pub fn start(
+        me: MemberInfo,
+        generation: u64,
+        identity: Arc<Identity>,
+        listener: TcpListener,
+        config: NodeConfig,
+    ) -> std::io::Result<Node> {
+        let addr = listener.local_addr()?;
+        let catalog = Catalog::new(me, generation, config.catalog.clone());
+        let shared = Arc::new(Shared {
+            view: watch::channel(Arc::new(View::default())).0,
+            catalog: Mutex::new(catalog),
+            config,
+            identity,
+            stats: NodeStats::default(),
+            channels: Mutex::new(HashMap::new()),
+        });
+        shared.publish(Instant::now());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(serve(shared.clone(), listener));
+        tasks.spawn(gossip_loop(shared.clone()));
+        Ok(Node {
+            shared,
+            addr,
+            tasks,
+        })
+    }
+
+    /// The bound gossip address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Replaces this member's exports.
+    pub fn set_local(&self, services: BTreeMap<ServiceKey, Service>) {
+        let changed = self.shared.lock().set_local(services);
+        if changed {
+            self.shared.publish(Instant::now());
+        }
+    }
+
+    /// Watches the view.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
+        self.shared.view.subscribe()
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<View> {
+        self.shared.view.borrow().clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.shared.stats
+    }
+
+    /// Stops serving and gossiping.
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        // A panic while holding the lock leaves a consistent catalog (every mutation is a
+        // complete step), so a poisoned lock is still usable.
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, now: Instant) {
+        let (members, services) = {
+            let c = self.lock();
+            (c.members(now), c.services(now))
+        };
+        let view = View { members, services };
+        self.view.send_if_modified(|old| {
+            // Ages and phi move every round; consumers care about membership and content.
+            let same = old.services.len() == view.services.len()
+                && old.services.iter().zip(&view.services).all(|(a, b)| {
+                    a.key == b.key
+                        && a.origin == b.origin
+                        && a.version == b.version
+                        && a.origin_alive == b.origin_alive
+                })
+                && old.members.len() == view.members.len()
+                && old.members.iter().zip(&view.members).all(|(a, b)| {
+                    a.info == b.info
+                        && a.alive == b.alive
+                        && a.digest.generation == b.digest.generation
+                });
+            *old = Arc::new(view);
+            !same
+        });
+    }
+
+    fn count_in(&self, bytes: usize) {
+        self.stats
+            .bytes_received
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_out(&self, bytes: usize) {
+        self.stats
+            .bytes_sent
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn reject(&self, e: wire::WireError) -> Status {
+        self.stats.rejected_messages.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "gossip message rejected");
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+struct GossipService(Arc<Shared>);
+
+/// The caller's cluster, from its verified client certificate.
+fn caller<T>(req: &Request<T>) -> Option<String> {
+    let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    let certs = info.peer_certs()?;
+    peer_id(certs.first()?).ok().map(|id| id.cluster)
+}
+
+#[tonic::async_trait]
+impl pb::gossip_server::Gossip for GossipService {
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        let s = &self.0;
+        caller(&req).ok_or_else(|| Status::unauthenticated("no gateway identity"))?;
+        let msg = req.into_inner();
+        s.count_in(prost::Message::encoded_len(&msg));
+        let theirs =
+            wire::digest_from_pb(msg.digest.unwrap_or_default()).map_err(|e| s.reject(e))?;
+        let (delta, mine) = {
+            let c = s.lock();
+            (c.delta_for(&theirs), c.digest())
+        };
+        let resp = pb::SyncResponse {
+            delta: Some(wire::delta_to_pb(&delta)),
+            digest: Some(wire::digest_to_pb(&mine)),
+        };
+        s.count_out(prost::Message::encoded_len(&resp));
+        Ok(Response::new(resp))
+    }
+
+    async fn push(
+        &self,
+        req: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let s = &self.0;
+        caller(&req).ok_or_else(|| Status::unauthenticated("no gateway identity"))?;
+        let msg = req.into_inner();
+        s.count_in(prost::Message::encoded_len(&msg));
+        let delta = wire::delta_from_pb(msg.delta.unwrap_or_default()).map_err(|e| s.reject(e))?;
+        let now = Instant::now();
+        let changed = s.lock().apply(delta, now).changed;
+        if changed {
+            s.publish(now);
+        }
+        Ok(Response::new(pb::PushResponse {}))
+    }
+}
+
+/// Accepts TLS connections (verified gateway certificates only) and serves gRPC on them.
+async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let mut tls = match shared.identity.server_config() {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "gossip TLS configuration failed"),
+    };
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
+    >(64);
+    let handshakes = shared.clone();
+    let accept = async move {
+        loop {
+            let Ok((tcp, remote)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let shared = handshakes.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        shared
+                            .stats
+                            .rejected_handshakes
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%remote, error = %e, "gossip handshake refused");
+                    }
+                    Err(_) => {
+                        shared
+                            .stats
+                            .rejected_handshakes
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    };
+    let svc = pb::gossip_server::GossipServer::new(GossipService(shared.clone()))
+        .max_decoding_message_size(shared.config.max_message_bytes)
+        .max_encoding_message_size(shared.config.max_message_bytes);
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    tokio::select! {
+        _ = accept => {}
+        r = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming) => {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gossip server stopped");
+            }
+        }
+    }
+}
+
+/// A cached gRPC channel to `addr` over our mTLS, expecting `cluster`'s identity when known.
+fn channel(shared: &Shared, addr: SocketAddr, cluster: Option<&str>) -> Option<Channel> {
+    let key = (addr, cluster.map(str::to_owned));
+    let mut channels = shared.channels.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = channels.get(&key) {
+        return Some(c.clone());
+    }
+    let ch = connect(&shared.identity, addr, cluster, shared.config.rpc_timeout).ok()?;
+    channels.insert(key, ch.clone());
+    Some(ch)
+}
+
+/// A lazily connecting gRPC channel to a gossip address over mTLS with `identity`; the
+/// server must be `cluster`'s gateway, or any gateway of the trust domain when `None`.
+pub fn connect(
+    identity: &Identity,
+    addr: SocketAddr,
+    cluster: Option<&str>,
+    timeout: Duration,
+) -> Result<Channel, strait_common::pki::PkiError> {
+    let mut tls = identity.client_config_for(cluster)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let dial = tower::service_fn(move |_: tonic::transport::Uri| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from("strait-gossip")
+                .map_err(std::io::Error::other)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(Endpoint::from_static("http://strait-gossip")
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector_lazy(dial))
+}
+
+/// One push-pull exchange with a member.
+async fn exchange(shared: &Shared, addr: SocketAddr, cluster: Option<&str>) -> Result<(), String> {
+    let ch = channel(shared, addr, cluster).ok_or("no TLS configuration")?;
+    let limit = shared.config.max_message_bytes;
+    let mut client = pb::gossip_client::GossipClient::new(ch)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let req = pb::SyncRequest {
+        digest: Some(wire::digest_to_pb(&shared.lock().digest())),
+    };
+    shared.count_out(prost::Message::encoded_len(&req));
+    let resp = client
+        .sync(req)
+        .await
+        .map_err(|e| e.message().to_owned())?
+        .into_inner();
+    shared.count_in(prost::Message::encoded_len(&resp));
+    let delta = wire::delta_from_pb(resp.delta.unwrap_or_default())
+        .map_err(|e| shared.reject(e).message().to_owned())?;
+    let theirs = wire::digest_from_pb(resp.digest.unwrap_or_default())
+        .map_err(|e| shared.reject(e).message().to_owned())?;
+    let now = Instant::now();
+    let back = {
+        let mut c = shared.lock();
+        if c.apply(delta, now).changed {
+            drop(c);
+            shared.publish(now);
+            c = shared.lock();
+        }
+        c.delta_for(&theirs)
+    };
+    if !back.origins.is_empty() {
+        let req = pb::PushRequest {
+            delta: Some(wire::delta_to_pb(&back)),
+        };
+        shared.count_out(prost::Message::encoded_len(&req));
+        client.push(req).await.map_err(|e| e.message().to_owned())?;
+    }
+    Ok(())
+}
+
+async fn gossip_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round: u64 = 0;
+    loop {
+        tick.tick().await;
+        round += 1;
+        let now = Instant::now();
+        let targets = {
+            let mut c = shared.lock();
+            c.tick(now);
+            let me = c.me().cluster.clone();
+            let others: Vec<(SocketAddr, String)> = c
+                .members(now)
+                .into_iter()
+                .filter(|m| m.info.cluster != me && !m.expired)
+                .map(|m| (m.info.gossip_addr, m.info.cluster))
+                .collect();
+            others
+        };
+        let mut picks: Vec<(SocketAddr, Option<String>)> = {
+            let mut rng = rand::rng();
+            targets
+                .choose_multiple(&mut rng, shared.config.fanout)
+                .map(|(a, c)| (*a, Some(c.clone())))
+                .collect()
+        };
+        // Seeds: to join, and now and then to heal a partitioned view.
+        if (picks.is_empty() || round.is_multiple_of(50)) && !shared.config.seeds.is_empty() {
+            let seed = *shared
+                .config
+                .seeds
+                .choose(&mut rand::rng())
+                .expect("non-empty");
+            picks.push((seed, None));
+        }
+        // Exchanges run detached, each with its own deadline: waiting for a dead member
+        // would delay our own heartbeat and make us look suspect.
+        for (addr, cluster) in picks {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let res = tokio::time::timeout(
+                    shared.config.rpc_timeout * 2,
+                    exchange(&shared, addr, cluster.as_deref()),
+                )
+                .await;
+                if !matches!(res, Ok(Ok(()))) {
+                    shared
+                        .stats
+                        .failed_exchanges
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%addr, ?res, "gossip exchange failed");
+                }
+            });
+        }
+        // Suspicion and leases change with time alone, so the view is refreshed every round.
+        shared.publish(now);
+    }
+}

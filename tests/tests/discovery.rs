@@ -1,0 +1,290 @@
+//! Discovery members on loopback: real gRPC over mTLS, real gossip rounds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use strait_common::pki::{CertificateAuthority, Identity};
+use strait_discovery::model::{MemberInfo, Port, Service, ServiceKey};
+use strait_discovery::node::{Node, NodeConfig, View, connect};
+use strait_discovery::state::CatalogConfig;
+use strait_discovery::wire::pb;
+use strait_tests::{TD, TestPki, eventually};
+use tokio::net::TcpListener;
+
+fn service() -> Service {
+    Service {
+        ports: vec![Port {
+            name: "http".into(),
+            port: 80,
+            protocol: "TCP".into(),
+        }],
+        endpoints: vec![],
+        export_to: vec!["*".into()],
+        weight: 1,
+    }
+}
+
+fn exports(names: &[String]) -> BTreeMap<ServiceKey, Service> {
+    names
+        .iter()
+        .map(|n| (ServiceKey::new("default", n), service()))
+        .collect()
+}
+
+fn identity(pki: &TestPki, cluster: &str) -> Arc<Identity> {
+    let c = pki.issue(cluster);
+    Arc::new(Identity::from_pem(&pki.ca.cert_pem, &c.cert_pem, &c.key_pem).unwrap())
+}
+
+fn config(seeds: Vec<SocketAddr>) -> NodeConfig {
+    NodeConfig {
+        interval: Duration::from_millis(50),
+        seeds,
+        catalog: CatalogConfig {
+            lease: Duration::from_secs(2),
+            min_heartbeat_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+async fn start(id: Arc<Identity>, seeds: Vec<SocketAddr>) -> Node {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let me = MemberInfo {
+        cluster: id.id.cluster.clone(),
+        region: "r".into(),
+        zone: String::new(),
+        tunnel_addr: addr,
+        gossip_addr: addr,
+    };
+    Node::start(me, 1, id, listener, config(seeds)).unwrap()
+}
+
+/// Waits (bounded) until `node`'s view satisfies `cond`.
+async fn until(node: &Node, what: &str, cond: impl Fn(&View) -> bool) {
+    let mut rx = node.subscribe();
+    let res = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| cond(v))).await;
+    assert!(
+        res.is_ok(),
+        "timed out waiting for: {what}; view: {:#?}",
+        node.view().members
+    );
+}
+
+fn has(v: &View, origin: &str, name: &str) -> bool {
+    v.services
+        .iter()
+        .any(|e| e.origin.cluster == origin && e.key.name == name)
+}
+
+async fn federation(pki: &TestPki, n: usize) -> Vec<Node> {
+    let first = start(identity(pki, "m0"), vec![]).await;
+    let seed = first.addr();
+    let mut nodes = vec![first];
+    for i in 1..n {
+        nodes.push(start(identity(pki, &format!("m{i}")), vec![seed]).await);
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        node.set_local(exports(&[format!("svc{i}")]));
+    }
+    nodes
+}
+
+#[tokio::test]
+async fn five_members_converge_and_follow_export_changes() {
+    let pki = TestPki::new();
+    let nodes = federation(&pki, 5).await;
+    for node in &nodes {
+        until(node, "all five services", |v| {
+            v.services.len() == 5 && v.members.iter().filter(|m| m.alive).count() == 5
+        })
+        .await;
+    }
+    nodes[3].set_local(exports(&["svc3".into(), "extra".into()]));
+    for node in &nodes {
+        until(node, "extra appears", |v| has(v, "m3", "extra")).await;
+    }
+    nodes[3].set_local(exports(&["svc3".into()]));
+    for node in &nodes {
+        until(node, "extra withdrawn", |v| {
+            !has(v, "m3", "extra") && has(v, "m3", "svc3")
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_member_is_marked_down_then_withdrawn_after_its_lease() {
+    let pki = TestPki::new();
+    let mut nodes = federation(&pki, 4).await;
+    for node in &nodes {
+        until(node, "converged", |v| v.services.len() == 4).await;
+    }
+    let dead = nodes.pop().unwrap();
+    dead.shutdown().await;
+    let started = tokio::time::Instant::now();
+    for node in &nodes {
+        until(node, "m3 down", |v| {
+            v.members.iter().any(|m| m.info.cluster == "m3" && !m.alive)
+        })
+        .await;
+    }
+    let detected = started.elapsed();
+    assert!(
+        detected < Duration::from_secs(3),
+        "detection took {detected:?}"
+    );
+    for node in &nodes {
+        until(node, "m3's services withdrawn after the lease", |v| {
+            !has(v, "m3", "svc3")
+        })
+        .await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "services were kept until the lease ran out"
+    );
+}
+
+#[tokio::test]
+async fn a_member_from_another_ca_is_not_admitted() {
+    let pki = TestPki::new();
+    let honest = start(identity(&pki, "m0"), vec![]).await;
+    honest.set_local(exports(&["svc0".into()]));
+    let foreign_ca = CertificateAuthority::generate(TD, Duration::from_secs(3600)).unwrap();
+    let c = foreign_ca
+        .issue_gateway_for(
+            &strait_common::GatewayId::new(TD, "intruder"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    // The intruder trusts the real CA (so only the honest member's check stands between them).
+    let id = Arc::new(Identity::from_pem(&pki.ca.cert_pem, &c.cert_pem, &c.key_pem).unwrap());
+    let intruder = start(id, vec![honest.addr()]).await;
+    intruder.set_local(exports(&["evil".into()]));
+    let mut rx = honest.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while honest.stats().rejected_handshakes.load(Ordering::Relaxed) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "intruder's handshakes were not refused"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
+    assert!(
+        !honest
+            .view()
+            .members
+            .iter()
+            .any(|m| m.info.cluster == "intruder")
+    );
+    assert!(!honest.view().services.iter().any(|e| e.key.name == "evil"));
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_messages_are_rejected_without_harm() {
+    let pki = TestPki::new();
+    let nodes = federation(&pki, 2).await;
+    until(&nodes[0], "converged", |v| v.services.len() == 2).await;
+    let client_id = identity(&pki, "prober");
+    let ch = connect(
+        &client_id,
+        nodes[0].addr(),
+        Some("m0"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let mut client = pb::gossip_client::GossipClient::new(ch).max_encoding_message_size(8 << 20);
+
+    let bad = pb::Delta {
+        origins: vec![pb::OriginDelta {
+            cluster: "Not A Label".into(),
+            member: None,
+            generation: 1,
+            heartbeat: 1,
+            full: false,
+            entries: vec![],
+        }],
+    };
+    let err = client
+        .push(pb::PushRequest { delta: Some(bad) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains("origin.cluster"),
+        "{}",
+        err.message()
+    );
+
+    let huge = pb::Delta {
+        origins: vec![pb::OriginDelta {
+            cluster: "m9".into(),
+            member: Some(pb::Member {
+                region: "x".repeat(2 << 20),
+                zone: String::new(),
+                tunnel_addr: "127.0.0.1:1".into(),
+                gossip_addr: "127.0.0.1:1".into(),
+            }),
+            generation: 1,
+            heartbeat: 1,
+            full: true,
+            entries: vec![],
+        }],
+    };
+    let err = client
+        .push(pb::PushRequest { delta: Some(huge) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+
+    assert_eq!(
+        nodes[0].stats().rejected_messages.load(Ordering::Relaxed),
+        1
+    );
+    // Still a healthy member: a new export propagates.
+    nodes[1].set_local(exports(&["svc1".into(), "later".into()]));
+    until(&nodes[0], "later arrives", |v| has(v, "m1", "later")).await;
+    assert!(
+        !nodes[0]
+            .view()
+            .members
+            .iter()
+            .any(|m| m.info.cluster == "m9")
+    );
+}
+
+#[tokio::test]
+async fn members_with_an_unknown_origin_identity_are_still_verified_by_chain() {
+    // Seeds are dialled without knowing their cluster: the chain and trust domain are still
+    // checked, so a seed address answered by a foreign gateway yields nothing.
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let stranger = start(identity(&other, "s0"), vec![]).await;
+    stranger.set_local(exports(&["theirs".into()]));
+    let joiner = start(identity(&pki, "m0"), vec![stranger.addr()]).await;
+    eventually(
+        Duration::from_secs(10),
+        "several join attempts failed",
+        || joiner.stats().failed_exchanges.load(Ordering::Relaxed) >= 3,
+    )
+    .await;
+    let learned = joiner
+        .view()
+        .services
+        .iter()
+        .any(|e| e.key.name == "theirs");
+    assert!(!learned, "learned a catalog from a foreign CA's member");
+    let told = stranger
+        .view()
+        .services
+        .iter()
+        .any(|e| e.origin.cluster == "m0");
+    assert!(!told, "and told it nothing");
+}
