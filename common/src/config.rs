@@ -43,6 +43,63 @@ pub struct Config {
     /// Services of other clusters made reachable here.
     #[serde(default)]
     pub imports: Vec<Import>,
+    /// Gossip discovery: learn peers and imports from the federation instead of listing them.
+    #[serde(default)]
+    pub discovery: Option<Discovery>,
+    /// The file this configuration was loaded from (set by [`Config::load`]).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// Discovery settings. When present, `listen.discovery` serves gossip, every member becomes
+/// a peer, and every service exported to this cluster gets a listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// Gossip addresses of members to join through (any live member works).
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+    /// Local addresses for imported services, one per service (e.g. `127.0.10.0/24`).
+    pub import_addresses: ipnet::IpNet,
+    /// Time between gossip rounds (also the heartbeat period).
+    #[serde(default = "default_gossip_interval")]
+    pub interval: HumanDuration,
+    /// Members contacted per round.
+    #[serde(default = "default_fanout")]
+    pub fanout: usize,
+    /// How long a silent member's services are still served (static stability).
+    #[serde(default = "default_lease")]
+    pub lease: HumanDuration,
+    /// Phi accrual threshold above which a member is considered down.
+    #[serde(default = "default_phi")]
+    pub phi_threshold: f64,
+    /// Address other members should use for this gateway's tunnel and gossip ports, when
+    /// they listen on an unspecified address (0.0.0.0) or behind NAT.
+    #[serde(default)]
+    pub advertise: Option<IpAddr>,
+    /// How often the config file is checked for export changes.
+    #[serde(default = "default_exports_reload")]
+    pub reload_interval: HumanDuration,
+}
+
+fn default_gossip_interval() -> HumanDuration {
+    HumanDuration(Duration::from_millis(100))
+}
+
+fn default_fanout() -> usize {
+    3
+}
+
+fn default_lease() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+fn default_phi() -> f64 {
+    5.0
+}
+
+fn default_exports_reload() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
 }
 
 /// Listen addresses. The admin API must never share the peer-facing port.
@@ -153,6 +210,13 @@ pub struct Export {
     /// of the trust domain.
     #[serde(default = "default_export_to")]
     pub export_to: Vec<String>,
+    /// Relative weight of this cluster for the service (for canaries between clusters).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 fn default_namespace() -> String {
@@ -334,6 +398,7 @@ impl Config {
         if let Some(dir) = path.parent() {
             config.tls.resolve_relative_to(dir);
         }
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 
@@ -391,6 +456,7 @@ impl Config {
         self.validate_exports(&mut v);
         self.validate_peers(&mut v);
         self.validate_imports(&mut v);
+        self.validate_discovery(&mut v);
         v.problems
     }
 
@@ -522,7 +588,8 @@ impl Config {
                 );
             }
             for (j, c) in imp.clusters.iter().enumerate() {
-                if !peers.contains(c.as_str()) {
+                // With discovery, clusters are learned from the federation at run time.
+                if self.discovery.is_none() && !peers.contains(c.as_str()) {
                     v.push(
                         &format!("{at}.clusters[{j}]"),
                         format!("`{c}` is not a configured peer"),
@@ -530,6 +597,57 @@ impl Config {
                     );
                 }
             }
+        }
+    }
+}
+
+impl Config {
+    fn validate_discovery(&self, v: &mut Validator) {
+        let Some(d) = &self.discovery else { return };
+        if self.listen.discovery.is_none() {
+            v.push(
+                "listen.discovery",
+                "is missing but `discovery` is configured",
+                "add `discovery: <ip>:<port>` under `listen` for the gossip service",
+            );
+        }
+        if d.interval.0 < Duration::from_millis(10) || d.interval.0 > Duration::from_secs(10) {
+            v.push(
+                "discovery.interval",
+                "must be between 10ms and 10s",
+                "use e.g. `100ms`",
+            );
+        }
+        if d.fanout == 0 || d.fanout > 16 {
+            v.push("discovery.fanout", "must be between 1 and 16", "use e.g. 3");
+        }
+        if d.lease.0 <= d.interval.0 * 10 {
+            v.push(
+                "discovery.lease",
+                "is not much longer than discovery.interval",
+                "leases must outlive many rounds, e.g. `30s`",
+            );
+        }
+        if !(1.0..=20.0).contains(&d.phi_threshold) {
+            v.push(
+                "discovery.phi_threshold",
+                "must be between 1 and 20",
+                "use e.g. 5 (about 1.2 s of silence at 100ms rounds)",
+            );
+        }
+        if d.import_addresses.hosts().take(2).count() < 2 {
+            v.push(
+                "discovery.import_addresses",
+                "has room for fewer than two services",
+                "use a range such as `127.0.10.0/24`",
+            );
+        }
+        if self.listen.discovery.is_some() && self.listen.discovery == Some(self.listen.admin) {
+            v.push(
+                "listen.discovery",
+                "shares the admin address",
+                "give discovery its own port",
+            );
         }
     }
 }

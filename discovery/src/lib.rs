@@ -10,5 +10,6 @@
 pub mod model;
 pub mod node;
 pub mod phi;
+pub mod source;
 pub mod state;
 pub mod wire;

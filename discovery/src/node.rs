@@ -93,6 +93,7 @@ pub struct Node {
     shared: Arc<Shared>,
     addr: SocketAddr,
     tasks: JoinSet<()>,
+    aborts: Vec<tokio::task::AbortHandle>,
 }
 
 impl Node {
@@ -117,12 +118,15 @@ impl Node {
         });
         shared.publish(Instant::now());
         let mut tasks = JoinSet::new();
-        tasks.spawn(serve(shared.clone(), listener));
-        tasks.spawn(gossip_loop(shared.clone()));
+        let aborts = vec![
+            tasks.spawn(serve(shared.clone(), listener)),
+            tasks.spawn(gossip_loop(shared.clone())),
+        ];
         Ok(Node {
             shared,
             addr,
             tasks,
+            aborts,
         })
     }
 
@@ -157,6 +161,13 @@ impl Node {
     /// Stops serving and gossiping.
     pub async fn shutdown(mut self) {
         self.tasks.shutdown().await;
+    }
+
+    /// Stops serving and gossiping without waiting (for owners that only hold a reference).
+    pub fn stop(&self) {
+        for h in self.aborts.iter() {
+            h.abort();
+        }
     }
 }
 

@@ -25,6 +25,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         .route("/v1/peers", get(peers))
         .route("/v1/services", get(services))
         .route("/v1/identity", get(identity))
+        .route("/v1/members", get(members))
+        .route("/v1/catalog", get(catalog))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin API stopped");
@@ -35,6 +37,7 @@ async fn ready(State(s): State<Arc<Shared>>) -> Response {
     let expired = s.identity.load().not_after <= SystemTime::now();
     let up = s
         .peers
+        .all()
         .iter()
         .filter(|p| p.state().status == PeerStatus::Up)
         .count();
@@ -42,8 +45,8 @@ async fn ready(State(s): State<Arc<Shared>>) -> Response {
         "ready": !expired,
         "certificate_expired": expired,
         "peers_up": up,
-        "peers": s.peers.iter().count(),
-        "listeners": s.listeners.len(),
+        "peers": s.peers.all().len(),
+        "listeners": s.listeners.snapshot().len(),
     });
     let code = if expired {
         StatusCode::SERVICE_UNAVAILABLE
@@ -78,6 +81,7 @@ struct PeerView {
 async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerView>> {
     Json(
         s.peers
+            .all()
             .iter()
             .map(|p| {
                 let st = p.state();
@@ -102,8 +106,8 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerView>> {
 async fn services(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({
         "cluster": s.config.cluster,
-        "exports": s.config.exports,
-        "imports": s.listeners,
+        "exports": *s.exports.load_full(),
+        "imports": s.listeners.snapshot(),
     }))
 }
 
@@ -115,4 +119,85 @@ async fn identity(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         .unwrap_or_default()
         .as_secs();
     Json(json!({ "spiffe_id": id.id.uri(), "serial": id.serial, "not_after_unix": expires }))
+}
+
+fn no_discovery() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"error": "discovery is not configured on this gateway (add a `discovery:` block)"}))).into_response()
+}
+
+/// One member in `/v1/members`.
+#[derive(Serialize)]
+struct MemberRow {
+    cluster: String,
+    region: String,
+    zone: String,
+    alive: bool,
+    expired: bool,
+    phi: f64,
+    last_heard_seconds: f64,
+    generation: u64,
+    version: u64,
+    services: usize,
+    tunnel_addr: String,
+    gossip_addr: String,
+    /// Tunnel RTT from this gateway, when connected.
+    rtt_ms: Option<f64>,
+}
+
+async fn members(State(s): State<Arc<Shared>>) -> Response {
+    let Some(node) = &s.discovery else {
+        return no_discovery();
+    };
+    let view = node.view();
+    let rows: Vec<MemberRow> = view
+        .members
+        .iter()
+        .map(|m| MemberRow {
+            cluster: m.info.cluster.clone(),
+            region: m.info.region.clone(),
+            zone: m.info.zone.clone(),
+            alive: m.alive,
+            expired: m.expired,
+            phi: (m.phi * 100.0).round() / 100.0,
+            last_heard_seconds: m.last_heard.as_secs_f64(),
+            generation: m.digest.generation,
+            version: m.digest.version,
+            services: m.services,
+            tunnel_addr: m.info.tunnel_addr.to_string(),
+            gossip_addr: m.info.gossip_addr.to_string(),
+            rtt_ms: s
+                .peers
+                .get(&m.info.cluster)
+                .and_then(|p| p.connection())
+                .map(|c| c.rtt().as_secs_f64() * 1000.0),
+        })
+        .collect();
+    Json(rows).into_response()
+}
+
+async fn catalog(State(s): State<Arc<Shared>>) -> Response {
+    let Some(node) = &s.discovery else {
+        return no_discovery();
+    };
+    let view = node.view();
+    let rows: Vec<serde_json::Value> = view
+        .services
+        .iter()
+        .map(|e| {
+            json!({
+                "service": e.key.to_string(),
+                "origin": e.origin.cluster,
+                "region": e.origin.region,
+                "version": e.version,
+                "lease_age_seconds": e.lease_age.as_secs_f64(),
+                "origin_alive": e.origin_alive,
+                "ports": e.service.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol})).collect::<Vec<_>>(),
+                "ready_endpoints": e.service.ready_endpoints(),
+                "endpoints": e.service.endpoints.len(),
+                "export_to": e.service.export_to,
+                "weight": e.service.weight,
+            })
+        })
+        .collect();
+    Json(rows).into_response()
 }

@@ -14,9 +14,16 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::listener::{self, BoundListener};
+use strait_common::config::Export;
+use strait_discovery::model::MemberInfo;
+use strait_discovery::node::{Node, NodeConfig};
+use strait_discovery::source::{FileSource, to_catalog};
+use strait_discovery::state::CatalogConfig;
+
+use crate::federation;
+use crate::listener::{BoundListener, Listeners};
 use crate::metrics::Metrics;
-use crate::tunnel::peers::{self, Peers};
+use crate::tunnel::peers::Peers;
 use crate::tunnel::{self, codes, inbound};
 use crate::{admin, reload};
 
@@ -36,8 +43,12 @@ pub struct Shared {
     pub inbound_streams: Arc<Semaphore>,
     /// Round-robin cursor over endpoints.
     pub next_endpoint: AtomicUsize,
-    /// Bound service listeners.
-    pub listeners: Vec<BoundListener>,
+    /// This cluster's exports now (from the config file, reloaded with discovery).
+    pub exports: ArcSwap<Vec<Export>>,
+    /// Service listeners.
+    pub listeners: Listeners,
+    /// The discovery member, when discovery is configured.
+    pub discovery: Option<Arc<Node>>,
     /// When the gateway started.
     pub started: SystemTime,
 }
@@ -66,46 +77,73 @@ impl Gateway {
             .context("building the tunnel TLS configuration")?;
         let endpoint = tunnel::endpoint_on(udp, server, &config.tunnel)
             .context("starting the QUIC endpoint")?;
-        let bound = listener::bind_all(&config.imports).await?;
         let admin_listener = tokio::net::TcpListener::bind(config.listen.admin)
             .await
             .with_context(|| format!("binding the admin API {}", config.listen.admin))?;
         let admin_addr = admin_listener.local_addr()?;
-        for (what, addr) in [
-            ("discovery", config.listen.discovery),
-            ("dns", config.listen.dns),
-        ] {
-            if let Some(addr) = addr {
-                tracing::warn!(%addr, "listen.{what} is configured but not served by this version");
-            }
+        if let Some(addr) = config.listen.dns {
+            tracing::warn!(%addr, "listen.dns is configured but not served by this version");
         }
+        let discovery = match &config.discovery {
+            Some(d) => Some(Arc::new(
+                start_discovery(&config, d, &identity, endpoint.local_addr()?).await?,
+            )),
+            None => None,
+        };
 
         let metrics = Metrics::new();
         reload::publish_expiry(&metrics, &identity);
         let shared = Arc::new(Shared {
-            peers: Peers::new(&config.peers),
+            peers: Peers::default(),
             inbound_streams: Arc::new(Semaphore::new(config.tunnel.max_inbound_streams as usize)),
             identity: ArcSwap::from_pointee(identity),
             metrics,
             endpoint,
             next_endpoint: AtomicUsize::new(0),
-            listeners: bound.iter().map(|b| b.info.clone()).collect(),
+            exports: ArcSwap::from_pointee(config.exports.clone()),
+            listeners: Listeners::default(),
+            discovery,
             started: SystemTime::now(),
             config,
         });
 
         let span = tracing::info_span!("gateway", cluster = %shared.config.cluster);
         let mut tasks = JoinSet::new();
+        {
+            let _entered = span.enter();
+            shared.peers.reconcile(&shared, &shared.config.peers);
+            if let Some(e) = shared
+                .listeners
+                .reconcile(&shared, &shared.config.imports)
+                .await
+                .into_iter()
+                .next()
+            {
+                return Err(e);
+            }
+        }
         tasks.spawn(inbound::accept_loop(shared.clone()).instrument(span.clone()));
-        for peer in shared.peers.iter() {
-            tasks.spawn(peers::maintain(shared.clone(), peer.clone()).instrument(span.clone()));
-        }
-        for b in bound {
-            tasks.spawn(listener::serve(shared.clone(), b).instrument(span.clone()));
-        }
         tasks.spawn(admin::serve(shared.clone(), admin_listener).instrument(span.clone()));
         tasks.spawn(reload::watch_certificates(shared.clone()).instrument(span.clone()));
-        tracing::info!(parent: &span, tunnel = %shared.endpoint.local_addr()?, admin = %admin_addr, listeners = shared.listeners.len(), "gateway started");
+        if let (Some(node), Some(d)) = (&shared.discovery, &shared.config.discovery) {
+            let path = shared
+                .config
+                .source
+                .clone()
+                .context("discovery needs the config file's path to reload exports")?;
+            let source =
+                FileSource::start(path, shared.config.exports.clone(), d.reload_interval.0);
+            tasks.spawn(
+                federation::follow(
+                    shared.clone(),
+                    node.clone(),
+                    Box::new(source),
+                    d.import_addresses,
+                )
+                .instrument(span.clone()),
+            );
+        }
+        tracing::info!(parent: &span, tunnel = %shared.endpoint.local_addr()?, admin = %admin_addr, discovery = shared.discovery.is_some(), "gateway started");
         Ok(Gateway {
             shared,
             admin_addr,
@@ -127,17 +165,18 @@ impl Gateway {
     }
 
     /// Bound service listeners.
-    pub fn listeners(&self) -> &[BoundListener] {
-        &self.shared.listeners
+    pub fn listeners(&self) -> Vec<BoundListener> {
+        self.shared.listeners.snapshot()
     }
 
     /// The listener address for an imported `namespace/name` and service port.
     pub fn listener(&self, service: &str, port: u16) -> Option<SocketAddr> {
-        self.shared
-            .listeners
-            .iter()
-            .find(|l| l.service == service && l.port == port)
-            .map(|l| l.address)
+        self.shared.listeners.address(service, port)
+    }
+
+    /// The gossip address, when discovery runs.
+    pub fn discovery_addr(&self) -> Option<SocketAddr> {
+        self.shared.discovery.as_ref().map(|n| n.addr())
     }
 
     /// Shared state, for inspection.
@@ -166,7 +205,68 @@ impl Drop for Gateway {
         self.shared
             .endpoint
             .close(codes::SHUTDOWN, b"gateway shutting down");
+        // Peer tasks and listeners hold the shared state; stop them so nothing outlives us.
+        self.shared.peers.clear();
+        self.shared.listeners.clear();
+        if let Some(node) = &self.shared.discovery {
+            node.stop();
+        }
     }
+}
+
+/// Binds the gossip port and starts the discovery member.
+async fn start_discovery(
+    config: &Config,
+    d: &strait_common::config::Discovery,
+    identity: &Identity,
+    tunnel: SocketAddr,
+) -> anyhow::Result<Node> {
+    let addr = config
+        .listen
+        .discovery
+        .context("listen.discovery is required with discovery")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the discovery port {addr}"))?;
+    let mut gossip_addr = listener.local_addr()?;
+    let mut tunnel_addr = tunnel;
+    if let Some(ip) = d.advertise {
+        gossip_addr.set_ip(ip);
+        tunnel_addr.set_ip(ip);
+    }
+    let me = MemberInfo {
+        cluster: config.cluster.clone(),
+        region: config.region.clone(),
+        zone: config.zone.clone(),
+        tunnel_addr,
+        gossip_addr,
+    };
+    // A restart must outrank the previous incarnation: start time in milliseconds.
+    let generation = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let node_config = NodeConfig {
+        interval: d.interval.0,
+        fanout: d.fanout,
+        seeds: d.seeds.clone(),
+        catalog: CatalogConfig {
+            lease: d.lease.0,
+            phi_threshold: d.phi_threshold,
+            min_heartbeat_interval: d.interval.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let node = Node::start(
+        me,
+        generation,
+        Arc::new(identity.clone()),
+        listener,
+        node_config,
+    )?;
+    node.set_local(to_catalog(&config.exports, &config.zone));
+    Ok(node)
 }
 
 /// Raises the open-file limit to its hard maximum: each proxied connection holds two

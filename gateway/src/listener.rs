@@ -1,14 +1,17 @@
 //! Service listeners: a local TCP address per imported service port, forwarding each
 //! accepted connection through the tunnel to a cluster that serves the service.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use strait_common::config::Import;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
 use tracing::Instrument;
 
 use crate::gateway::Shared;
@@ -29,60 +32,142 @@ pub struct BoundListener {
     pub clusters: Vec<String>,
 }
 
-/// A bound listener with the import it serves, ready for [`serve`].
-pub struct Bound {
-    /// What the admin API reports.
-    pub info: BoundListener,
-    /// The socket.
-    pub listener: TcpListener,
-    /// The import it serves.
-    pub import: Import,
+/// The service listeners of a gateway, keyed by (service, port). Static imports are bound
+/// at start; with discovery the set follows the federated catalog: new imports are bound,
+/// withdrawn ones closed, and the cluster order of existing ones updated in place.
+#[derive(Default)]
+pub struct Listeners(Mutex<BTreeMap<(String, u16), Active>>);
+
+struct Active {
+    address: SocketAddr,
+    import: Arc<ArcSwap<Import>>,
+    task: AbortHandle,
 }
 
-/// Binds every import's ports; fails on the first address that cannot be bound.
-pub async fn bind_all(imports: &[Import]) -> anyhow::Result<Vec<Bound>> {
-    use anyhow::Context;
-    let mut out = Vec::new();
-    for imp in imports {
-        for p in &imp.ports {
-            let addr = SocketAddr::new(imp.address, p.local_port());
-            let listener = TcpListener::bind(addr).await.with_context(|| {
-                format!(
-                    "binding listener {addr} for imported service {}/{}",
-                    imp.namespace, imp.name
-                )
-            })?;
-            let info = BoundListener {
-                service: format!("{}/{}", imp.namespace, imp.name),
-                port: p.port,
-                address: listener.local_addr()?,
-                clusters: imp.clusters.clone(),
-            };
-            out.push(Bound {
-                info,
-                listener,
-                import: imp.clone(),
-            });
-        }
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.task.abort();
     }
-    Ok(out)
 }
 
-/// Accepts connections on one listener until the gateway shuts down.
-pub async fn serve(shared: Arc<Shared>, bound: Bound) {
-    let Bound {
-        info,
-        listener,
-        import,
-    } = bound;
-    let import = Arc::new(import);
-    let info = Arc::new(info);
+impl Listeners {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u16), Active>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What is bound now.
+    pub fn snapshot(&self) -> Vec<BoundListener> {
+        self.lock()
+            .iter()
+            .map(|((service, port), a)| BoundListener {
+                service: service.clone(),
+                port: *port,
+                address: a.address,
+                clusters: a.import.load().clusters.clone(),
+            })
+            .collect()
+    }
+
+    /// The local address of an imported service port.
+    pub fn address(&self, service: &str, port: u16) -> Option<SocketAddr> {
+        self.lock()
+            .get(&(service.to_owned(), port))
+            .map(|a| a.address)
+    }
+
+    /// Makes the bound set equal to `desired`. Returns the listeners that could not be
+    /// bound (the rest are serving).
+    pub async fn reconcile(&self, shared: &Arc<Shared>, desired: &[Import]) -> Vec<anyhow::Error> {
+        let mut wanted: BTreeMap<(String, u16), (&Import, u16)> = BTreeMap::new();
+        for imp in desired {
+            for p in &imp.ports {
+                wanted.insert(
+                    (format!("{}/{}", imp.namespace, imp.name), p.port),
+                    (imp, p.local_port()),
+                );
+            }
+        }
+        let mut to_bind = Vec::new();
+        {
+            let mut active = self.lock();
+            active.retain(|key, a| {
+                let keep = wanted
+                    .get(key)
+                    .is_some_and(|(imp, _)| imp.address == a.address.ip());
+                if !keep {
+                    tracing::info!(service = %key.0, port = key.1, "listener closed");
+                }
+                keep
+            });
+            for (key, (imp, local_port)) in &wanted {
+                match active.get(key) {
+                    Some(a) => {
+                        if **a.import.load() != **imp {
+                            a.import.store(Arc::new((*imp).clone()));
+                        }
+                    }
+                    None => to_bind.push((key.clone(), (*imp).clone(), *local_port)),
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        for ((service, port), imp, local_port) in to_bind {
+            let addr = SocketAddr::new(imp.address, local_port);
+            let listener = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    errors.push(anyhow::anyhow!(
+                        "binding listener {addr} for imported service {service}: {e}"
+                    ));
+                    continue;
+                }
+            };
+            let Ok(address) = listener.local_addr() else {
+                continue;
+            };
+            tracing::info!(%service, port, %address, clusters = ?imp.clusters, "listener open");
+            let import = Arc::new(ArcSwap::from_pointee(imp));
+            let info = Arc::new(BoundListener {
+                service: service.clone(),
+                port,
+                address,
+                clusters: Vec::new(),
+            });
+            let task = tokio::spawn(
+                serve(shared.clone(), info, listener, import.clone()).in_current_span(),
+            )
+            .abort_handle();
+            self.lock().insert(
+                (service, port),
+                Active {
+                    address,
+                    import,
+                    task,
+                },
+            );
+        }
+        errors
+    }
+
+    /// Closes every listener.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Accepts connections on one listener until it is closed.
+async fn serve(
+    shared: Arc<Shared>,
+    info: Arc<BoundListener>,
+    listener: TcpListener,
+    import: Arc<ArcSwap<Import>>,
+) {
     loop {
         match listener.accept().await {
             Ok((tcp, client)) => {
                 let span = tracing::info_span!("outbound", service = %info.service, port = info.port, %client);
                 tokio::spawn(
-                    forward(shared.clone(), info.clone(), import.clone(), tcp).instrument(span),
+                    forward(shared.clone(), info.clone(), import.load_full(), tcp).instrument(span),
                 );
             }
             Err(e) => {

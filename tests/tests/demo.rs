@@ -20,7 +20,7 @@ async fn demo_regions_reach_each_other() {
     .await
     .unwrap();
     for r in &d.regions {
-        for p in r.gateway.shared().peers.iter() {
+        for p in r.gateway.shared().peers.all() {
             wait_peer(&r.gateway, &p.config.cluster, PeerStatus::Up).await;
         }
     }

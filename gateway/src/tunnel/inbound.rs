@@ -153,9 +153,9 @@ async fn connect_endpoint(
     peer: &str,
     req: &StreamRequest,
 ) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), StreamResponse> {
-    let export = shared
-        .config
-        .exports
+    // The exports as they are now (they change with the config file under discovery).
+    let exports = shared.exports.load_full();
+    let export = exports
         .iter()
         .find(|e| e.name == req.service && e.namespace == req.namespace)
         .filter(|e| e.exported_to(peer))

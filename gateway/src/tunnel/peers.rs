@@ -1,7 +1,7 @@
 //! Outbound tunnel connections: one per configured peer, kept up with reconnect backoff.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use quinn::Connection;
@@ -9,6 +9,8 @@ use rand::Rng;
 use serde::Serialize;
 use strait_common::config::Peer;
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 use crate::gateway::Shared;
 
@@ -93,29 +95,62 @@ impl PeerHandle {
     }
 }
 
-/// All configured peers by cluster id.
+/// The peers this gateway keeps tunnels to, by cluster id: the configured ones plus, with
+/// discovery, every member of the federation. Each has a task keeping its connection up.
 #[derive(Default)]
-pub struct Peers(BTreeMap<String, Arc<PeerHandle>>);
+pub struct Peers(RwLock<BTreeMap<String, Running>>);
+
+struct Running {
+    handle: Arc<PeerHandle>,
+    task: AbortHandle,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 impl Peers {
-    /// Peers from configuration.
-    pub fn new(config: &[Peer]) -> Self {
-        Self(
-            config
-                .iter()
-                .map(|p| (p.cluster.clone(), Arc::new(PeerHandle::new(p.clone()))))
-                .collect(),
-        )
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Running>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One peer.
-    pub fn get(&self, cluster: &str) -> Option<&Arc<PeerHandle>> {
-        self.0.get(cluster)
+    pub fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>> {
+        self.read().get(cluster).map(|r| r.handle.clone())
     }
 
     /// Every peer in cluster-id order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<PeerHandle>> {
-        self.0.values()
+    pub fn all(&self) -> Vec<Arc<PeerHandle>> {
+        self.read().values().map(|r| r.handle.clone()).collect()
+    }
+
+    /// Makes the set equal to `desired`: new peers get a connection task, peers whose
+    /// address changed are restarted, peers no longer desired are dropped (their
+    /// connection closes).
+    pub fn reconcile(&self, shared: &Arc<Shared>, desired: &[Peer]) {
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|cluster, r| {
+            desired
+                .iter()
+                .any(|p| &p.cluster == cluster && p.address == r.handle.config.address)
+        });
+        for p in desired {
+            if map.contains_key(&p.cluster) {
+                continue;
+            }
+            tracing::info!(peer = %p.cluster, address = %p.address, "peer added");
+            let handle = Arc::new(PeerHandle::new(p.clone()));
+            let task = tokio::spawn(maintain(shared.clone(), handle.clone()).in_current_span())
+                .abort_handle();
+            map.insert(p.cluster.clone(), Running { handle, task });
+        }
+    }
+
+    /// Stops every connection task.
+    pub fn clear(&self) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

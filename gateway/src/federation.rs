@@ -1,0 +1,286 @@
+//! What the gateway takes from discovery: the federated catalog decides which peers it keeps
+//! tunnels to and which imported services get listeners; the local export source decides
+//! what it serves. The mapping is pure (tested below); `follow` applies it as things change.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use strait_common::config::{Import, ImportPort, Peer};
+use strait_discovery::model::MemberInfo;
+use strait_discovery::node::{Node, View};
+use strait_discovery::source::{ExportSource, to_catalog};
+
+use crate::gateway::Shared;
+
+/// Peers to keep: the configured ones, plus every member of the federation whose lease
+/// holds (suspected members are kept: their connection retries until the lease ends).
+pub fn desired_peers(configured: &[Peer], view: &View, me: &str) -> Vec<Peer> {
+    let mut out: BTreeMap<String, Peer> = view
+        .members
+        .iter()
+        .filter(|m| m.info.cluster != me && !m.expired)
+        .map(|m| {
+            (
+                m.info.cluster.clone(),
+                Peer {
+                    cluster: m.info.cluster.clone(),
+                    address: m.info.tunnel_addr,
+                },
+            )
+        })
+        .collect();
+    for p in configured {
+        out.insert(p.cluster.clone(), p.clone());
+    }
+    out.into_values().collect()
+}
+
+/// Imports: the configured ones, plus every service another cluster exports to this one,
+/// on an address from `range` that stays the same while the service exists. Clusters are
+/// ordered alive first, then same region, then by id.
+pub fn desired_imports(
+    configured: &[Import],
+    view: &View,
+    me: &MemberInfo,
+    range: IpNet,
+    allocated: &mut BTreeMap<String, IpAddr>,
+) -> Vec<Import> {
+    let alive: BTreeMap<&str, bool> = view
+        .members
+        .iter()
+        .map(|m| (m.info.cluster.as_str(), m.alive))
+        .collect();
+    let mut found: BTreeMap<(String, String), (BTreeMap<u16, String>, Vec<&MemberInfo>)> =
+        BTreeMap::new();
+    for e in &view.services {
+        if e.origin.cluster == me.cluster || !e.service.exported_to(&me.cluster) {
+            continue;
+        }
+        let slot = found
+            .entry((e.key.namespace.clone(), e.key.name.clone()))
+            .or_default();
+        for p in &e.service.ports {
+            slot.0.entry(p.port).or_insert_with(|| p.name.clone());
+        }
+        slot.1.push(&e.origin);
+    }
+    let fixed: Vec<(String, String)> = configured
+        .iter()
+        .map(|i| (i.namespace.clone(), i.name.clone()))
+        .collect();
+    allocated.retain(|k, _| found.keys().any(|(ns, n)| format!("{ns}/{n}") == *k));
+    let mut out: Vec<Import> = configured.to_vec();
+    for ((namespace, name), (ports, mut origins)) in found {
+        if fixed.contains(&(namespace.clone(), name.clone())) {
+            continue;
+        }
+        let key = format!("{namespace}/{name}");
+        let Some(address) = allocate(range, &key, allocated) else {
+            tracing::warn!(service = %key, %range, "no free import address; widen discovery.import_addresses");
+            continue;
+        };
+        origins.sort_by_key(|m| {
+            (
+                !alive.get(m.cluster.as_str()).copied().unwrap_or(false),
+                m.region != me.region,
+                m.cluster.clone(),
+            )
+        });
+        out.push(Import {
+            name,
+            namespace,
+            address,
+            ports: ports
+                .into_iter()
+                .map(|(port, name)| ImportPort {
+                    name,
+                    port,
+                    listen_port: None,
+                })
+                .collect(),
+            clusters: origins.into_iter().map(|m| m.cluster.clone()).collect(),
+        });
+    }
+    out
+}
+
+/// A stable address for `key` in `range`: its previous one, else the first free host
+/// starting from a hash of the name (so restarts tend to give the same address).
+fn allocate(range: IpNet, key: &str, allocated: &mut BTreeMap<String, IpAddr>) -> Option<IpAddr> {
+    if let Some(a) = allocated.get(key) {
+        return Some(*a);
+    }
+    let hosts: Vec<IpAddr> = range.hosts().take(65_536).collect();
+    if hosts.is_empty() {
+        return None;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    let start = (h.finish() % hosts.len() as u64) as usize;
+    let taken: Vec<IpAddr> = allocated.values().copied().collect();
+    let free = (0..hosts.len())
+        .map(|i| hosts[(start + i) % hosts.len()])
+        .find(|a| !taken.contains(a))?;
+    allocated.insert(key.to_owned(), free);
+    Some(free)
+}
+
+/// Applies export changes and catalog changes until the gateway stops.
+pub async fn follow(
+    shared: Arc<Shared>,
+    node: Arc<Node>,
+    source: Box<dyn ExportSource>,
+    range: IpNet,
+) {
+    let mut exports = source.watch();
+    let mut view = node.subscribe();
+    let mut allocated = BTreeMap::new();
+    let me = node.view().members.first().map(|m| m.info.clone());
+    let Some(me) = me else { return };
+    loop {
+        let current = exports.borrow_and_update().clone();
+        shared.exports.store(current.clone());
+        node.set_local(to_catalog(&current, &shared.config.zone));
+        let v = view.borrow_and_update().clone();
+        shared.peers.reconcile(
+            &shared,
+            &desired_peers(&shared.config.peers, &v, &me.cluster),
+        );
+        let imports = desired_imports(&shared.config.imports, &v, &me, range, &mut allocated);
+        for e in shared.listeners.reconcile(&shared, &imports).await {
+            tracing::error!(error = %e, "listener not opened");
+        }
+        tokio::select! {
+            r = exports.changed() => if r.is_err() { return },
+            r = view.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use strait_discovery::model::{Port, Service, ServiceKey};
+    use strait_discovery::state::{CatalogEntry, MemberView, OriginDigest};
+
+    use super::*;
+
+    fn member(c: &str, region: &str, alive: bool) -> MemberView {
+        MemberView {
+            info: MemberInfo {
+                cluster: c.into(),
+                region: region.into(),
+                zone: String::new(),
+                tunnel_addr: "127.0.0.1:1".parse().unwrap(),
+                gossip_addr: "127.0.0.1:2".parse().unwrap(),
+            },
+            alive,
+            expired: false,
+            phi: 0.0,
+            last_heard: Duration::ZERO,
+            digest: OriginDigest::default(),
+            services: 1,
+        }
+    }
+
+    fn entry(origin: &MemberView, name: &str, export_to: &[&str]) -> CatalogEntry {
+        CatalogEntry {
+            origin: origin.info.clone(),
+            key: ServiceKey::new("shop", name),
+            service: Service {
+                ports: vec![Port {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "TCP".into(),
+                }],
+                endpoints: vec![],
+                export_to: export_to.iter().map(|s| s.to_string()).collect(),
+                weight: 1,
+            },
+            version: 1,
+            lease_age: Duration::ZERO,
+            origin_alive: origin.alive,
+        }
+    }
+
+    #[test]
+    fn imports_follow_the_catalog_with_stable_addresses_and_locality_order() {
+        let me = member("us-east", "us", true);
+        let near = member("us-west", "us", true);
+        let far = member("eu-west", "eu", true);
+        let down = member("ap-south", "ap", false);
+        let view = View {
+            members: vec![me.clone(), near.clone(), far.clone(), down.clone()],
+            services: vec![
+                entry(&me, "own", &["*"]),
+                entry(&far, "web", &["*"]),
+                entry(&near, "web", &["*"]),
+                entry(&down, "web", &["*"]),
+                entry(&far, "secret", &["ap-south"]),
+            ],
+        };
+        let range: IpNet = "127.0.10.0/29".parse().unwrap();
+        let mut alloc = BTreeMap::new();
+        let imports = desired_imports(&[], &view, &me.info, range, &mut alloc);
+        assert_eq!(
+            imports.len(),
+            1,
+            "own and not-exported-to-us services are not imported"
+        );
+        let web = &imports[0];
+        assert_eq!(
+            web.clusters,
+            vec!["us-west", "eu-west", "ap-south"],
+            "alive first, same region first"
+        );
+        assert!(range.contains(&web.address));
+        let again = desired_imports(&[], &view, &me.info, range, &mut alloc);
+        assert_eq!(again[0].address, web.address, "address is stable");
+        let gone = View {
+            members: view.members.clone(),
+            services: vec![],
+        };
+        assert!(desired_imports(&[], &gone, &me.info, range, &mut alloc).is_empty());
+        assert!(alloc.is_empty(), "a withdrawn service frees its address");
+    }
+
+    #[test]
+    fn addresses_do_not_collide() {
+        let range: IpNet = "127.0.10.0/30".parse().unwrap();
+        let mut alloc = BTreeMap::new();
+        let a = allocate(range, "x/a", &mut alloc).unwrap();
+        let b = allocate(range, "x/b", &mut alloc).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(
+            allocate(range, "x/c", &mut alloc),
+            None,
+            "a /30 has two hosts"
+        );
+    }
+
+    #[test]
+    fn peers_are_members_plus_configured() {
+        let me = member("us-east", "us", true);
+        let mut gone = member("old", "us", false);
+        gone.expired = true;
+        let view = View {
+            members: vec![me.clone(), member("eu-west", "eu", false), gone],
+            services: vec![],
+        };
+        let fixed = Peer {
+            cluster: "static".into(),
+            address: "127.0.0.1:9".parse().unwrap(),
+        };
+        let peers = desired_peers(std::slice::from_ref(&fixed), &view, "us-east");
+        let names: Vec<_> = peers.iter().map(|p| p.cluster.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["eu-west", "static"],
+            "suspected members stay, expired ones and self do not"
+        );
+    }
+}
