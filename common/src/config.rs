@@ -642,7 +642,8 @@ impl Config {
                 "use a range such as `127.0.10.0/24`",
             );
         }
-        if self.listen.discovery.is_some() && self.listen.discovery == Some(self.listen.admin) {
+        // Port 0 picks a free port, so two ephemeral addresses never collide.
+        if self.listen.admin.port() != 0 && self.listen.discovery == Some(self.listen.admin) {
             v.push(
                 "listen.discovery",
                 "shares the admin address",

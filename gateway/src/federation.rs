@@ -53,8 +53,7 @@ pub fn desired_imports(
         .iter()
         .map(|m| (m.info.cluster.as_str(), m.alive))
         .collect();
-    let mut found: BTreeMap<(String, String), (BTreeMap<u16, String>, Vec<&MemberInfo>)> =
-        BTreeMap::new();
+    let mut found: BTreeMap<(String, String), Offers> = BTreeMap::new();
     for e in &view.services {
         if e.origin.cluster == me.cluster || !e.service.exported_to(&me.cluster) {
             continue;
@@ -63,9 +62,9 @@ pub fn desired_imports(
             .entry((e.key.namespace.clone(), e.key.name.clone()))
             .or_default();
         for p in &e.service.ports {
-            slot.0.entry(p.port).or_insert_with(|| p.name.clone());
+            slot.ports.entry(p.port).or_insert_with(|| p.name.clone());
         }
-        slot.1.push(&e.origin);
+        slot.origins.push(&e.origin);
     }
     let fixed: Vec<(String, String)> = configured
         .iter()
@@ -73,7 +72,7 @@ pub fn desired_imports(
         .collect();
     allocated.retain(|k, _| found.keys().any(|(ns, n)| format!("{ns}/{n}") == *k));
     let mut out: Vec<Import> = configured.to_vec();
-    for ((namespace, name), (ports, mut origins)) in found {
+    for ((namespace, name), Offers { ports, mut origins }) in found {
         if fixed.contains(&(namespace.clone(), name.clone())) {
             continue;
         }
@@ -105,6 +104,13 @@ pub fn desired_imports(
         });
     }
     out
+}
+
+/// What the federation offers of one service: the union of its ports, and its origins.
+#[derive(Default)]
+struct Offers<'a> {
+    ports: BTreeMap<u16, String>,
+    origins: Vec<&'a MemberInfo>,
 }
 
 /// A stable address for `key` in `range`: its previous one, else the first free host

@@ -200,7 +200,11 @@ async fn forward(
             ("service", info.service.as_str()),
             ("peer", cluster.as_str()),
         ];
-        let opened = match shared.peers.get(cluster).and_then(|p| p.connection()) {
+        let conn = match shared.peers.get(cluster) {
+            Some(peer) => peer.ready_connection(timeout).await,
+            None => None,
+        };
+        let opened = match conn {
             Some(conn) => open_stream(&conn, &req, &early, timeout).await,
             None => Err(OpenError::PeerDown),
         };

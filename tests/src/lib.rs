@@ -55,16 +55,21 @@ impl TestPki {
         cert.save(self.dir.path(), name).expect("write cert");
     }
 
+    /// Writes (or rewrites, atomically) `<cluster>.yaml`: the base config plus `extra`.
+    pub fn write_config(&self, cluster: &str, tunnel: SocketAddr, extra: &str) -> PathBuf {
+        let yaml = format!(
+            "cluster: {cluster}\nregion: {cluster}-region\ntrust_domain: {TD}\nlisten:\n  tunnel: {tunnel}\n  admin: 127.0.0.1:0\n  discovery: 127.0.0.1:0\ntls:\n  ca: ca.pem\n  cert: {cluster}.pem\n  key: {cluster}.key\n  reload_interval: 100ms\n{extra}"
+        );
+        let path = self.dir.path().join(format!("{cluster}.yaml"));
+        write_atomic(&path, yaml.as_bytes(), false).expect("write config");
+        path
+    }
+
     /// Starts a gateway for `cluster` on `udp` with a fresh certificate; `extra` is YAML
     /// appended to the generated base config (exports, peers, imports, tunnel tuning).
     pub async fn gateway(&self, cluster: &str, udp: UdpSocket, extra: &str) -> Gateway {
         self.write(cluster, &self.issue(cluster));
-        let yaml = format!(
-            "cluster: {cluster}\nregion: {cluster}-region\ntrust_domain: {TD}\nlisten:\n  tunnel: {}\n  admin: 127.0.0.1:0\ntls:\n  ca: ca.pem\n  cert: {cluster}.pem\n  key: {cluster}.key\n  reload_interval: 100ms\n{extra}",
-            udp.local_addr().expect("addr")
-        );
-        let path = self.dir.path().join(format!("{cluster}.yaml"));
-        std::fs::write(&path, yaml).expect("write config");
+        let path = self.write_config(cluster, udp.local_addr().expect("addr"), extra);
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
         Gateway::start_on(config, udp)
             .await
@@ -213,4 +218,38 @@ impl UdpRelay {
         self.blackhole
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// A `discovery:` block for tests: fast rounds, a short lease, a random /24 of loopback for
+/// imports (so parallel tests do not collide on service ports).
+pub fn discovery_block(seeds: &[SocketAddr], lease: &str) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let (a, b) = (rng.random_range(100..250u8), rng.random_range(0..=255u8));
+    let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+    format!(
+        "discovery:\n  seeds: [{}]\n  import_addresses: 127.{a}.{b}.0/24\n  interval: 50ms\n  lease: {lease}\n  reload_interval: 50ms\n",
+        seeds.join(", ")
+    )
+}
+
+/// GET `path` from an HTTP/1.1 server; the status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }

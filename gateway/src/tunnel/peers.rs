@@ -68,6 +68,19 @@ impl PeerHandle {
         self.state.borrow().connection.clone()
     }
 
+    /// The connection once usable: waits while a handshake is under way (a peer just
+    /// learned from discovery), at most `timeout`; `None` at once if the peer is down.
+    pub async fn ready_connection(&self, timeout: Duration) -> Option<Connection> {
+        let mut rx = self.state.subscribe();
+        let settled =
+            tokio::time::timeout(timeout, rx.wait_for(|s| s.status != PeerStatus::Connecting))
+                .await;
+        match settled {
+            Ok(Ok(s)) => s.connection.clone(),
+            _ => None,
+        }
+    }
+
     /// A snapshot of the state.
     pub fn state(&self) -> PeerState {
         self.state.borrow().clone()

@@ -1,0 +1,222 @@
+//! Gateways that find each other through discovery: no static peers or imports.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use strait_gateway::Gateway;
+use strait_gateway::demo::backend::Backend;
+use strait_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn exports_yaml(names: &[&str], backend: SocketAddr) -> String {
+    let mut y = String::from("exports:\n");
+    for n in names {
+        y += &export(n, 7000, backend, "[\"*\"]");
+    }
+    y
+}
+
+async fn echo_through(addr: SocketAddr) -> Vec<u8> {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"via discovery").await.unwrap();
+    let mut b = vec![0u8; 13];
+    within(Duration::from_secs(5), c.read_exact(&mut b))
+        .await
+        .unwrap();
+    b
+}
+
+async fn catalog_has(g: &Gateway, origin: &str, name: &str) -> bool {
+    let (code, body) = http_get(g.admin_addr(), "/v1/catalog").await;
+    assert_eq!(code, 200);
+    let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["origin"] == origin && r["service"] == format!("default/{name}"))
+}
+
+/// Polls an async condition every 20 ms, at most `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn five_gateways_discover_each_other_and_follow_export_changes() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (u0, a0) = udp();
+    let g0 = pki
+        .gateway(
+            "g0",
+            u0,
+            &format!(
+                "{}{}",
+                exports_yaml(&["svc0"], echo.addr),
+                discovery_block(&[], "2s")
+            ),
+        )
+        .await;
+    let seed = g0.discovery_addr().unwrap();
+    let mut gateways = vec![g0];
+    let mut tunnels = vec![a0];
+    for i in 1..5 {
+        let (u, a) = udp();
+        let name = format!("svc{i}");
+        let g = pki
+            .gateway(
+                &format!("g{i}"),
+                u,
+                &format!(
+                    "{}{}",
+                    exports_yaml(&[&name], echo.addr),
+                    discovery_block(&[seed], "2s")
+                ),
+            )
+            .await;
+        gateways.push(g);
+        tunnels.push(a);
+    }
+    // Every gateway gets a listener for the four services of the others.
+    for (i, g) in gateways.iter().enumerate() {
+        eventually(Duration::from_secs(10), "four imported listeners", || {
+            g.listeners().len() == 4
+        })
+        .await;
+        assert!(
+            g.listener(&format!("default/svc{i}"), 7000).is_none(),
+            "own service is not imported"
+        );
+    }
+    // Traffic flows over peers nobody configured.
+    let addr = gateways[1].listener("default/svc3", 7000).unwrap();
+    assert_eq!(echo_through(addr).await, b"via discovery");
+
+    // Add an export at g2 by editing its config file: everyone imports it.
+    let extra = format!(
+        "{}{}",
+        exports_yaml(&["svc2", "extra"], echo.addr),
+        discovery_block(&[seed], "2s")
+    );
+    pki.write_config("g2", tunnels[2], &extra);
+    for (i, g) in gateways.iter().enumerate() {
+        if i != 2 {
+            eventually(Duration::from_secs(10), "extra gets a listener", || {
+                g.listener("default/extra", 7000).is_some()
+            })
+            .await;
+            until(Duration::from_secs(5), "extra in /v1/catalog", || {
+                catalog_has(g, "g2", "extra")
+            })
+            .await;
+        }
+    }
+    assert_eq!(
+        echo_through(gateways[4].listener("default/extra", 7000).unwrap()).await,
+        b"via discovery"
+    );
+    // And remove it again.
+    pki.write_config(
+        "g2",
+        tunnels[2],
+        &format!(
+            "{}{}",
+            exports_yaml(&["svc2"], echo.addr),
+            discovery_block(&[seed], "2s")
+        ),
+    );
+    for (i, g) in gateways.iter().enumerate() {
+        if i != 2 {
+            eventually(Duration::from_secs(10), "extra's listener closes", || {
+                g.listener("default/extra", 7000).is_none()
+            })
+            .await;
+        }
+    }
+    // An invalid edit is ignored: svc2 stays.
+    std::fs::write(pki.dir.path().join("g2.yaml"), "cluster: [broken").unwrap();
+    let (code, body) = http_get(gateways[2].admin_addr(), "/v1/services").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("svc2"));
+}
+
+#[tokio::test]
+async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (u0, _) = udp();
+    let g0 = pki
+        .gateway(
+            "g0",
+            u0,
+            &format!(
+                "{}{}",
+                exports_yaml(&["svc0"], echo.addr),
+                discovery_block(&[], "2s")
+            ),
+        )
+        .await;
+    let seed = g0.discovery_addr().unwrap();
+    let (u1, _) = udp();
+    let g1 = pki.gateway("g1", u1, &discovery_block(&[seed], "2s")).await;
+    let (u2, _) = udp();
+    let g2 = pki
+        .gateway(
+            "g2",
+            u2,
+            &format!(
+                "{}{}",
+                exports_yaml(&["svc2"], echo.addr),
+                discovery_block(&[seed], "2s")
+            ),
+        )
+        .await;
+    eventually(Duration::from_secs(10), "g1 imports svc0 and svc2", || {
+        g1.listeners().len() == 2
+    })
+    .await;
+
+    drop(g2);
+    let killed = tokio::time::Instant::now();
+    until(Duration::from_secs(5), "g2 marked down", || async {
+        let (_, body) = http_get(g1.admin_addr(), "/v1/members").await;
+        let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["cluster"] == "g2" && m["alive"] == false)
+    })
+    .await;
+    let detected = killed.elapsed();
+    assert!(
+        detected < Duration::from_secs(2),
+        "failure detection took {detected:?}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "svc2 withdrawn after the lease",
+        || g1.listener("default/svc2", 7000).is_none(),
+    )
+    .await;
+    assert!(
+        killed.elapsed() >= Duration::from_secs(2),
+        "withdrawn only once the lease ran out"
+    );
+    assert!(
+        g1.listener("default/svc0", 7000).is_some(),
+        "the live member's service stays"
+    );
+    drop(g0);
+}
