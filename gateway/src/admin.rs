@@ -56,7 +56,58 @@ async fn ready(State(s): State<Arc<Shared>>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Refreshes the discovery metrics from the member's view and counters.
+fn publish_discovery(s: &Shared) {
+    let Some(node) = &s.discovery else { return };
+    let m = &s.metrics;
+    let view = node.view();
+    let count = |f: &dyn Fn(&strait_discovery::state::MemberView) -> bool| {
+        view.members.iter().filter(|x| f(x)).count() as f64
+    };
+    m.gauge("strait_discovery_members", &[("state", "alive")])
+        .set(count(&|x| x.alive));
+    m.gauge("strait_discovery_members", &[("state", "suspect")])
+        .set(count(&|x| !x.alive && !x.expired));
+    m.gauge("strait_discovery_members", &[("state", "expired")])
+        .set(count(&|x| x.expired));
+    m.gauge("strait_discovery_catalog_entries", &[])
+        .set(view.services.len() as f64);
+    for x in &view.members {
+        m.gauge(
+            "strait_discovery_origin_version",
+            &[("origin", &x.info.cluster)],
+        )
+        .set(x.digest.version as f64);
+    }
+    let lag = view
+        .members
+        .iter()
+        .filter(|x| x.alive)
+        .map(|x| x.last_heard.as_secs_f64())
+        .fold(0.0, f64::max);
+    m.gauge("strait_discovery_convergence_lag_seconds", &[])
+        .set(lag);
+    let st = node.stats();
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    m.counter("strait_discovery_bytes_total", &[("direction", "sent")])
+        .absolute(get(&st.bytes_sent));
+    m.counter("strait_discovery_bytes_total", &[("direction", "received")])
+        .absolute(get(&st.bytes_received));
+    m.counter("strait_discovery_messages_total", &[("direction", "sent")])
+        .absolute(get(&st.messages_sent));
+    m.counter(
+        "strait_discovery_messages_total",
+        &[("direction", "received")],
+    )
+    .absolute(get(&st.messages_received));
+    m.counter("strait_discovery_rejected_total", &[("what", "message")])
+        .absolute(get(&st.rejected_messages));
+    m.counter("strait_discovery_rejected_total", &[("what", "handshake")])
+        .absolute(get(&st.rejected_handshakes));
+}
+
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    publish_discovery(&s);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

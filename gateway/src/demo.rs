@@ -2,7 +2,7 @@
 //! backends, wired together with real QUIC, real mTLS and a fresh federation CA.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use anyhow::Context;
 use strait_common::pki::{CertificateAuthority, write_atomic};
 use strait_common::{Config, GatewayId};
 
-use crate::{Gateway, tunnel};
+use crate::Gateway;
 
 pub mod backend;
 
@@ -62,6 +62,11 @@ pub struct Demo {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let duration = args.duration.map(Duration::from_secs);
     let demo = start(args).await?;
+    if !demo.wait_converged(Duration::from_secs(10)).await {
+        println!(
+            "(discovery has not converged yet; `strait status` shows the federation as it forms)"
+        );
+    }
     println!("{}", demo.instructions());
     match duration {
         Some(d) => tokio::time::sleep(d).await,
@@ -74,12 +79,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         r.gateway.shutdown().await;
     }
     Ok(())
-}
-
-/// The address region `i` imports services on: one loopback address per region, so every
-/// imported service keeps its own port number.
-pub fn import_address(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 10 + i as u8, 1))
 }
 
 /// Starts every region: PKI, backends, configs, gateways.
@@ -99,29 +98,16 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
 
     let clusters: Vec<&str> = REGIONS[..n].to_vec();
     let ephemeral = args.base_port == 0;
-    let mut sockets = Vec::new();
-    let mut tunnel_addrs = Vec::new();
-    for (i, cluster) in clusters.iter().enumerate() {
-        let port = if ephemeral {
+    let port = |i: usize, k: u16| {
+        if ephemeral {
             0
         } else {
-            args.base_port + 10 * i as u16
-        };
-        let sock = tunnel::bind_udp(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            &Default::default(),
-        )
-        .with_context(|| {
-            format!("binding UDP port {port} for region {cluster}; pick another --base-port")
-        })?;
-        tunnel_addrs.push(sock.local_addr()?);
-        sockets.push(sock);
-    }
-
+            args.base_port + 10 * i as u16 + k
+        }
+    };
     let mut backends = Vec::new();
-    let mut regions = Vec::new();
-    for (i, sock) in sockets.into_iter().enumerate() {
-        let cluster = clusters[i];
+    let mut regions: Vec<Region> = Vec::new();
+    for (i, cluster) in clusters.iter().enumerate() {
         let cert = ca.issue_gateway_for(
             &GatewayId::new(TRUST_DOMAIN, cluster),
             Duration::from_secs(30 * 86_400),
@@ -129,30 +115,29 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
         cert.save(&dir, cluster)?;
         let hello = backend::Backend::http_hello(format!("hello from {cluster}\n")).await?;
         let echo = backend::Backend::echo().await?;
-        let admin_port = if ephemeral {
-            0
-        } else {
-            args.base_port + 10 * i as u16 + 1
-        };
-        let yaml = region_config(
-            i,
-            &clusters,
-            &tunnel_addrs,
-            admin_port,
-            hello.addr.port(),
-            echo.addr.port(),
-            ephemeral,
-        );
+        // Every region joins through the first one; after that, gossip does the rest.
+        let seed = regions.first().and_then(|r| r.gateway.discovery_addr());
+        let yaml = region_config(&RegionPorts {
+            index: i,
+            clusters: &clusters,
+            tunnel: port(i, 0),
+            admin: port(i, 1),
+            gossip: port(i, 2),
+            seed,
+            imports: import_range(i, ephemeral),
+            hello: hello.addr.port(),
+            echo: echo.addr.port(),
+        });
         let config_path = dir.join(format!("{cluster}.yaml"));
         write_atomic(&config_path, yaml.as_bytes(), false)?;
         let config = Config::load(&config_path)
             .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
-        let gateway = Gateway::start_on(config, sock)
-            .await
-            .with_context(|| format!("starting region {cluster}"))?;
+        let gateway = Gateway::start(config).await.with_context(|| {
+            format!("starting region {cluster}; if a port is taken, pick another --base-port")
+        })?;
         backends.extend([hello, echo]);
         regions.push(Region {
-            cluster: cluster.to_owned(),
+            cluster: (*cluster).to_owned(),
             gateway,
             config_path,
         });
@@ -165,26 +150,39 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
     })
 }
 
+/// The loopback range region `i` imports services on. Fixed ranges are easy to read; with
+/// `--base-port 0` (tests) a random one keeps parallel runs from colliding.
+fn import_range(i: usize, ephemeral: bool) -> String {
+    if ephemeral {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        format!(
+            "127.{}.{}.0/24",
+            rng.random_range(100..250u8),
+            rng.random_range(0..=255u8)
+        )
+    } else {
+        format!("127.0.{}.0/24", 10 + i)
+    }
+}
+
+struct RegionPorts<'a> {
+    index: usize,
+    clusters: &'a [&'a str],
+    tunnel: u16,
+    admin: u16,
+    gossip: u16,
+    seed: Option<SocketAddr>,
+    imports: String,
+    hello: u16,
+    echo: u16,
+}
+
 /// Region `i`'s config: it exports `hello` to everyone and `echo` only to the first
-/// region, and imports `hello` from the others (next region first) and `echo` from the last.
-fn region_config(
-    i: usize,
-    clusters: &[&str],
-    tunnels: &[SocketAddr],
-    admin_port: u16,
-    hello_port: u16,
-    echo_port: u16,
-    ephemeral: bool,
-) -> String {
-    let cluster = clusters[i];
-    let n = clusters.len();
-    let listen_port = |p: u16| {
-        if ephemeral {
-            ", listen_port: 0".to_owned()
-        } else {
-            format!(", listen_port: {p}")
-        }
-    };
+/// region; peers and imports come from discovery.
+fn region_config(r: &RegionPorts<'_>) -> String {
+    let cluster = r.clusters[r.index];
+    let seeds = r.seed.map(|s| s.to_string()).unwrap_or_default();
     let mut y = String::new();
     let _ = writeln!(
         y,
@@ -196,54 +194,57 @@ fn region_config(
     );
     let _ = writeln!(
         y,
-        "listen:\n  tunnel: {}\n  admin: 127.0.0.1:{admin_port}",
-        tunnels[i]
+        "listen:\n  tunnel: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n  discovery: 127.0.0.1:{}",
+        r.tunnel, r.admin, r.gossip
     );
     let _ = writeln!(
         y,
         "tls:\n  ca: ca.pem\n  cert: {cluster}.pem\n  key: {cluster}.key"
     );
+    let _ = writeln!(
+        y,
+        "discovery:\n  seeds: [{seeds}]\n  import_addresses: {}",
+        r.imports
+    );
     let _ = writeln!(y, "exports:");
     let _ = writeln!(
         y,
-        "  - name: hello\n    namespace: demo\n    ports: [{{name: http, port: 8080, target_port: {hello_port}}}]\n    endpoints: [{{address: 127.0.0.1, hostname: hello-0}}]"
+        "  - name: hello\n    namespace: demo\n    ports: [{{name: http, port: 8080, target_port: {}}}]\n    endpoints: [{{address: 127.0.0.1, hostname: hello-0}}]",
+        r.hello
     );
     let _ = writeln!(
         y,
-        "  - name: echo\n    namespace: demo\n    ports: [{{name: tcp, port: 7000, target_port: {echo_port}}}]\n    endpoints: [{{address: 127.0.0.1}}]\n    export_to: [{}]",
-        clusters[0]
+        "  - name: echo\n    namespace: demo\n    ports: [{{name: tcp, port: 7000, target_port: {}}}]\n    endpoints: [{{address: 127.0.0.1}}]\n    export_to: [{}]",
+        r.echo, r.clusters[0]
     );
-    let others: Vec<usize> = (1..n).map(|k| (i + k) % n).collect();
-    let _ = writeln!(y, "peers:");
-    for &k in &others {
-        let _ = writeln!(
-            y,
-            "  - cluster: {}\n    address: {}",
-            clusters[k], tunnels[k]
-        );
-    }
-    let names: Vec<&str> = others.iter().map(|&k| clusters[k]).collect();
-    let _ = writeln!(y, "imports:");
-    let _ = writeln!(
-        y,
-        "  - name: hello\n    namespace: demo\n    address: {}\n    ports: [{{name: http, port: 8080{}}}]\n    clusters: [{}]",
-        import_address(i),
-        listen_port(8080),
-        names.join(", ")
-    );
-    if i != n - 1 {
-        let _ = writeln!(
-            y,
-            "  - name: echo\n    namespace: demo\n    address: {}\n    ports: [{{name: tcp, port: 7000{}}}]\n    clusters: [{}]",
-            import_address(i),
-            listen_port(7000),
-            clusters[n - 1]
-        );
-    }
     y
 }
 
 impl Demo {
+    /// Waits (at most `limit`) until discovery has given every region its imports: `hello`
+    /// from every other region, and `echo` in the first region.
+    pub async fn wait_converged(&self, limit: Duration) -> bool {
+        let n = self.regions.len();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let done = self.regions.iter().enumerate().all(|(i, r)| {
+                let hello = r
+                    .gateway
+                    .listeners()
+                    .iter()
+                    .any(|l| l.service == "demo/hello" && l.clusters.len() == n - 1);
+                hello && (i != 0 || r.gateway.listener("demo/echo", 7000).is_some())
+            });
+            if done {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// What to try, for people.
     pub fn instructions(&self) -> String {
         let mut s = String::new();
@@ -277,27 +278,16 @@ impl Demo {
                 );
             }
         }
-        let last = self
-            .regions
-            .last()
-            .map(|r| r.cluster.as_str())
-            .unwrap_or_default();
-        for (k, r) in self.regions.iter().enumerate() {
+        for r in &self.regions {
             if let Some(a) = r.gateway.listener("demo/echo", 7000) {
-                let note = if k == 0 {
-                    format!("echoed by {last}")
-                } else {
-                    format!(
-                        "refused: {last} exports echo only to {}",
-                        self.regions[0].cluster
-                    )
-                };
                 let _ = writeln!(
                     s,
-                    "  echo hi | nc -q1 {} {}       # from {}: {note}",
+                    "  echo hi | nc -q1 {} {}       # from {}: echo is exported to {} only, served by {}",
                     a.ip(),
                     a.port(),
-                    r.cluster
+                    r.cluster,
+                    r.cluster,
+                    first_cluster(r, "demo/echo")
                 );
             }
         }
@@ -305,7 +295,7 @@ impl Demo {
             let a = r.gateway.admin_addr();
             let _ = writeln!(
                 s,
-                "\nInspect: curl http://{a}/v1/peers | curl http://{a}/v1/services | curl http://{a}/metrics"
+                "\nInspect: strait status --admin {a}   (or curl http://{a}/v1/members, /v1/catalog, /v1/peers, /metrics)"
             );
             let _ = writeln!(
                 s,

@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod listener;
 pub mod metrics;
 pub mod reload;
+pub mod status;
 pub mod tunnel;
 
 pub use gateway::{Gateway, raise_fd_limit};

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use strait_common::pki::{CA_CERT_FILE, CertificateAuthority, write_atomic};
 use strait_common::telemetry::{self, LogFormat};
 use strait_common::{Config, GatewayId};
-use strait_gateway::{Gateway, demo, raise_fd_limit};
+use strait_gateway::{Gateway, demo, raise_fd_limit, status};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,12 @@ enum Command {
     Pki(PkiCmd),
     /// Start a local federation of several regions on loopback and show what to try.
     Demo(demo::DemoArgs),
+    /// Show a running gateway's view: members, peers and imported services.
+    Status {
+        /// The gateway's admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(run(config))
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Status { admin } => runtime()?.block_on(status::print(admin)),
     }
 }
 

@@ -220,3 +220,77 @@ async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
     );
     drop(g0);
 }
+
+#[tokio::test]
+async fn status_and_metrics_show_the_federation() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (u0, _) = udp();
+    let g0 = pki
+        .gateway(
+            "g0",
+            u0,
+            &format!(
+                "{}{}",
+                exports_yaml(&["svc0"], echo.addr),
+                discovery_block(&[], "5s")
+            ),
+        )
+        .await;
+    let (u1, _) = udp();
+    let g1 = pki
+        .gateway(
+            "g1",
+            u1,
+            &discovery_block(&[g0.discovery_addr().unwrap()], "5s"),
+        )
+        .await;
+    eventually(Duration::from_secs(10), "g1 imports svc0", || {
+        g1.listener("default/svc0", 7000).is_some()
+    })
+    .await;
+    let text = strait_gateway::status::render(g1.admin_addr())
+        .await
+        .unwrap();
+    assert!(text.contains("gateway g1: 2 members (discovery)"), "{text}");
+    let g0_row = text
+        .lines()
+        .find(|l| l.starts_with("g0 "))
+        .unwrap_or_default();
+    assert!(g0_row.contains("alive"), "{text}");
+    let svc_row = text
+        .lines()
+        .find(|l| l.starts_with("default/svc0"))
+        .unwrap_or_default();
+    assert!(
+        svc_row.contains("7000") && svc_row.ends_with("g0"),
+        "{text}"
+    );
+    let (_, m) = http_get(g1.admin_addr(), "/metrics").await;
+    assert_eq!(
+        metric(&m, "strait_discovery_members{state=\"alive\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "strait_discovery_catalog_entries"), Some(1.0));
+    assert!(metric(&m, "strait_discovery_bytes_total{direction=\"sent\"}").unwrap_or(0.0) > 0.0);
+    // A gateway without discovery says so and shows its static peers instead.
+    let (u2, _) = udp();
+    let g2 = pki
+        .gateway(
+            "g2",
+            u2,
+            &format!(
+                "peers:\n  - cluster: g0\n    address: {}\n",
+                g0.tunnel_addr()
+            ),
+        )
+        .await;
+    let text = strait_gateway::status::render(g2.admin_addr())
+        .await
+        .unwrap();
+    assert!(
+        text.contains("1 static peers (no discovery)") && text.contains("g0"),
+        "{text}"
+    );
+}

@@ -1,0 +1,152 @@
+//! `strait status`: a running gateway's view of the federation, read from its admin API.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Fetches `path` from the admin API: the status code and the JSON body.
+async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the admin API at {admin} (is the gateway running? is --admin right?)"
+            )
+        })?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response from the admin API")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let json = serde_json::from_str(body).with_context(|| format!("{path} did not return JSON"))?;
+    Ok((code, json))
+}
+
+/// Prints members (or static peers), and imported services.
+pub async fn print(admin: SocketAddr) -> anyhow::Result<()> {
+    println!("{}", render(admin).await?);
+    Ok(())
+}
+
+/// The status text.
+pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
+    let (_, services) = get(admin, "/v1/services").await?;
+    let (_, peers) = get(admin, "/v1/peers").await?;
+    let (members_code, members) = get(admin, "/v1/members").await?;
+    let Some(cluster) = services["cluster"].as_str() else {
+        bail!("unexpected /v1/services answer")
+    };
+    let mut out = String::new();
+    let rtt = |c: &str| {
+        peers
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["cluster"] == c))
+            .and_then(|p| p["rtt_ms"].as_f64())
+            .map_or("-".to_owned(), |r| format!("{r:.1}ms"))
+    };
+    if members_code == 200 {
+        let rows = members.as_array().cloned().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "gateway {cluster}: {} members (discovery)\n",
+            rows.len()
+        );
+        let _ = writeln!(
+            out,
+            "{:<14} {:<14} {:<8} {:>8} {:>9} {:>11} {:>6}",
+            "CLUSTER", "REGION", "STATE", "RTT", "SERVICES", "LAST HEARD", "PHI"
+        );
+        for m in rows {
+            let c = m["cluster"].as_str().unwrap_or("?");
+            let state = if c == cluster {
+                "self"
+            } else if m["expired"] == true {
+                "expired"
+            } else if m["alive"] == true {
+                "alive"
+            } else {
+                "suspect"
+            };
+            let heard = if c == cluster {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{:.1}s ago",
+                    m["last_heard_seconds"].as_f64().unwrap_or(0.0)
+                )
+            };
+            let _ = writeln!(
+                out,
+                "{:<14} {:<14} {:<8} {:>8} {:>9} {:>11} {:>6.1}",
+                c,
+                m["region"].as_str().unwrap_or(""),
+                state,
+                if c == cluster { "-".to_owned() } else { rtt(c) },
+                m["services"],
+                heard,
+                m["phi"].as_f64().unwrap_or(0.0)
+            );
+        }
+    } else {
+        let rows = peers.as_array().cloned().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "gateway {cluster}: {} static peers (no discovery)\n",
+            rows.len()
+        );
+        let _ = writeln!(
+            out,
+            "{:<14} {:<22} {:<11} {:>8}  LAST ERROR",
+            "CLUSTER", "ADDRESS", "TUNNEL", "RTT"
+        );
+        for p in rows {
+            let c = p["cluster"].as_str().unwrap_or("?");
+            let _ = writeln!(
+                out,
+                "{:<14} {:<22} {:<11} {:>8}  {}",
+                c,
+                p["address"].as_str().unwrap_or(""),
+                p["status"].as_str().unwrap_or(""),
+                rtt(c),
+                p["last_error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let imports = services["imports"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nimported services: {}\n", imports.len());
+    let _ = writeln!(
+        out,
+        "{:<28} {:>6}  {:<24} CLUSTERS (tried in order)",
+        "SERVICE", "PORT", "LISTEN"
+    );
+    for i in imports {
+        let clusters: Vec<&str> = i["clusters"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<28} {:>6}  {:<24} {}",
+            i["service"].as_str().unwrap_or(""),
+            i["port"],
+            i["address"].as_str().unwrap_or(""),
+            clusters.join(", ")
+        );
+    }
+    let exports = services["exports"].as_array().map_or(0, Vec::len);
+    let _ = write!(out, "\nexported services: {exports}");
+    Ok(out)
+}
