@@ -95,7 +95,7 @@ pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
                 m["region"].as_str().unwrap_or(""),
                 state,
                 if c == cluster { "-".to_owned() } else { rtt(c) },
-                m["services"],
+                m["services"].to_string(),
                 heard,
                 m["phi"].as_f64().unwrap_or(0.0)
             );
@@ -141,7 +141,7 @@ pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
             out,
             "{:<28} {:>6}  {:<24} {}",
             i["service"].as_str().unwrap_or(""),
-            i["port"],
+            i["port"].to_string(),
             i["address"].as_str().unwrap_or(""),
             clusters.join(", ")
         );
