@@ -53,39 +53,51 @@ where
     }
 }
 
+/// The config of a discovery member exporting `names` (echo on port 7000).
+fn member_yaml(names: &[&str], backend: SocketAddr, seeds: &[SocketAddr], lease: &str) -> String {
+    let exports = if names.is_empty() {
+        String::new()
+    } else {
+        exports_yaml(names, backend)
+    };
+    format!("{exports}{}", discovery_block(seeds, lease))
+}
+
+/// Starts a discovery member; returns it with its tunnel address (to rewrite its config).
+async fn member(
+    pki: &TestPki,
+    name: &str,
+    names: &[&str],
+    backend: SocketAddr,
+    seeds: &[SocketAddr],
+    lease: &str,
+) -> (Gateway, SocketAddr) {
+    let (u, a) = udp();
+    (
+        pki.gateway(name, u, &member_yaml(names, backend, seeds, lease))
+            .await,
+        a,
+    )
+}
+
 #[tokio::test]
 async fn five_gateways_discover_each_other_and_follow_export_changes() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (u0, a0) = udp();
-    let g0 = pki
-        .gateway(
-            "g0",
-            u0,
-            &format!(
-                "{}{}",
-                exports_yaml(&["svc0"], echo.addr),
-                discovery_block(&[], "2s")
-            ),
-        )
-        .await;
+    let (g0, a0) = member(&pki, "g0", &["svc0"], echo.addr, &[], "2s").await;
     let seed = g0.discovery_addr().unwrap();
     let mut gateways = vec![g0];
     let mut tunnels = vec![a0];
     for i in 1..5 {
-        let (u, a) = udp();
-        let name = format!("svc{i}");
-        let g = pki
-            .gateway(
-                &format!("g{i}"),
-                u,
-                &format!(
-                    "{}{}",
-                    exports_yaml(&[&name], echo.addr),
-                    discovery_block(&[seed], "2s")
-                ),
-            )
-            .await;
+        let (g, a) = member(
+            &pki,
+            &format!("g{i}"),
+            &[&format!("svc{i}")],
+            echo.addr,
+            &[seed],
+            "2s",
+        )
+        .await;
         gateways.push(g);
         tunnels.push(a);
     }
@@ -105,12 +117,11 @@ async fn five_gateways_discover_each_other_and_follow_export_changes() {
     assert_eq!(echo_through(addr).await, b"via discovery");
 
     // Add an export at g2 by editing its config file: everyone imports it.
-    let extra = format!(
-        "{}{}",
-        exports_yaml(&["svc2", "extra"], echo.addr),
-        discovery_block(&[seed], "2s")
+    pki.write_config(
+        "g2",
+        tunnels[2],
+        &member_yaml(&["svc2", "extra"], echo.addr, &[seed], "2s"),
     );
-    pki.write_config("g2", tunnels[2], &extra);
     for (i, g) in gateways.iter().enumerate() {
         if i != 2 {
             eventually(Duration::from_secs(10), "extra gets a listener", || {
@@ -131,11 +142,7 @@ async fn five_gateways_discover_each_other_and_follow_export_changes() {
     pki.write_config(
         "g2",
         tunnels[2],
-        &format!(
-            "{}{}",
-            exports_yaml(&["svc2"], echo.addr),
-            discovery_block(&[seed], "2s")
-        ),
+        &member_yaml(&["svc2"], echo.addr, &[seed], "2s"),
     );
     for (i, g) in gateways.iter().enumerate() {
         if i != 2 {
@@ -156,33 +163,10 @@ async fn five_gateways_discover_each_other_and_follow_export_changes() {
 async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (u0, _) = udp();
-    let g0 = pki
-        .gateway(
-            "g0",
-            u0,
-            &format!(
-                "{}{}",
-                exports_yaml(&["svc0"], echo.addr),
-                discovery_block(&[], "2s")
-            ),
-        )
-        .await;
+    let (g0, _) = member(&pki, "g0", &["svc0"], echo.addr, &[], "2s").await;
     let seed = g0.discovery_addr().unwrap();
-    let (u1, _) = udp();
-    let g1 = pki.gateway("g1", u1, &discovery_block(&[seed], "2s")).await;
-    let (u2, _) = udp();
-    let g2 = pki
-        .gateway(
-            "g2",
-            u2,
-            &format!(
-                "{}{}",
-                exports_yaml(&["svc2"], echo.addr),
-                discovery_block(&[seed], "2s")
-            ),
-        )
-        .await;
+    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], "2s").await;
+    let (g2, _) = member(&pki, "g2", &["svc2"], echo.addr, &[seed], "2s").await;
     eventually(Duration::from_secs(10), "g1 imports svc0 and svc2", || {
         g1.listeners().len() == 2
     })
@@ -225,26 +209,16 @@ async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
 async fn status_and_metrics_show_the_federation() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (u0, _) = udp();
-    let g0 = pki
-        .gateway(
-            "g0",
-            u0,
-            &format!(
-                "{}{}",
-                exports_yaml(&["svc0"], echo.addr),
-                discovery_block(&[], "5s")
-            ),
-        )
-        .await;
-    let (u1, _) = udp();
-    let g1 = pki
-        .gateway(
-            "g1",
-            u1,
-            &discovery_block(&[g0.discovery_addr().unwrap()], "5s"),
-        )
-        .await;
+    let (g0, _) = member(&pki, "g0", &["svc0"], echo.addr, &[], "5s").await;
+    let (g1, _) = member(
+        &pki,
+        "g1",
+        &[],
+        echo.addr,
+        &[g0.discovery_addr().unwrap()],
+        "5s",
+    )
+    .await;
     eventually(Duration::from_secs(10), "g1 imports svc0", || {
         g1.listener("default/svc0", 7000).is_some()
     })
