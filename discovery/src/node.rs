@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use rand::seq::IndexedRandom;
 use strait_common::pki::{Identity, peer_id};
 use tokio::net::{TcpListener, TcpStream};
@@ -82,7 +83,9 @@ pub struct NodeStats {
 struct Shared {
     catalog: Mutex<Catalog>,
     config: NodeConfig,
-    identity: Arc<Identity>,
+    /// Swapped when the gateway's certificate is rotated on disk.
+    identity: ArcSwap<Identity>,
+    acceptor: ArcSwap<tokio_rustls::TlsAcceptor>,
     view: watch::Sender<Arc<View>>,
     stats: NodeStats,
     channels: Mutex<HashMap<(SocketAddr, Option<String>), Channel>>,
@@ -112,7 +115,8 @@ impl Node {
             view: watch::channel(Arc::new(View::default())).0,
             catalog: Mutex::new(catalog),
             config,
-            identity,
+            acceptor: ArcSwap::from_pointee(acceptor(&identity)?),
+            identity: ArcSwap::new(identity),
             stats: NodeStats::default(),
             channels: Mutex::new(HashMap::new()),
         });
@@ -161,6 +165,20 @@ impl Node {
     /// Stops serving and gossiping.
     pub async fn shutdown(mut self) {
         self.tasks.shutdown().await;
+    }
+
+    /// Switches to a rotated certificate: new connections (both ways) use it, established
+    /// ones keep their TLS session until they close.
+    pub fn set_identity(&self, identity: Arc<Identity>) -> std::io::Result<()> {
+        self.shared.acceptor.store(Arc::new(acceptor(&identity)?));
+        self.shared.identity.store(identity);
+        // Cached client channels were dialled with the old certificate.
+        self.shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(())
     }
 
     /// Stops serving and gossiping without waiting (for owners that only hold a reference).
@@ -276,14 +294,15 @@ impl pb::gossip_server::Gossip for GossipService {
     }
 }
 
+/// The server side of gossip TLS: a verified gateway client certificate is required.
+fn acceptor(identity: &Identity) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    let mut tls = identity.server_config().map_err(std::io::Error::other)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+}
+
 /// Accepts TLS connections (verified gateway certificates only) and serves gRPC on them.
 async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let mut tls = match shared.identity.server_config() {
-        Ok(c) => c,
-        Err(e) => return tracing::error!(error = %e, "gossip TLS configuration failed"),
-    };
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let (tx, rx) = tokio::sync::mpsc::channel::<
         std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
     >(64);
@@ -293,7 +312,7 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             let Ok((tcp, remote)) = listener.accept().await else {
                 continue;
             };
-            let acceptor = acceptor.clone();
+            let acceptor = handshakes.acceptor.load_full();
             let tx = tx.clone();
             let shared = handshakes.clone();
             tokio::spawn(async move {
@@ -339,7 +358,13 @@ fn channel(shared: &Shared, addr: SocketAddr, cluster: Option<&str>) -> Option<C
     if let Some(c) = channels.get(&key) {
         return Some(c.clone());
     }
-    let ch = connect(&shared.identity, addr, cluster, shared.config.rpc_timeout).ok()?;
+    let ch = connect(
+        &shared.identity.load(),
+        addr,
+        cluster,
+        shared.config.rpc_timeout,
+    )
+    .ok()?;
     channels.insert(key, ch.clone());
     Some(ch)
 }

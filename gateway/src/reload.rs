@@ -77,6 +77,9 @@ fn reload(shared: &Shared, me: &GatewayId) -> anyhow::Result<String> {
     let tls = &shared.config.tls;
     let identity = Identity::load(&tls.ca, &tls.cert, &tls.key, me)?;
     let server = tunnel::server_config(&identity, &shared.config.tunnel)?;
+    if let Some(node) = &shared.discovery {
+        node.set_identity(Arc::new(identity.clone()))?;
+    }
     shared.endpoint.set_server_config(Some(server));
     publish_expiry(&shared.metrics, &identity);
     let serial = identity.serial.clone();

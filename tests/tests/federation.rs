@@ -268,3 +268,53 @@ async fn status_and_metrics_show_the_federation() {
         "{text}"
     );
 }
+
+/// The serial of the certificate `addr` presents on the gossip port.
+async fn gossip_serial(pki: &TestPki, addr: SocketAddr, expect: &str) -> String {
+    let c = pki.issue("prober");
+    let id =
+        strait_common::pki::Identity::from_pem(&pki.ca.cert_pem, &c.cert_pem, &c.key_pem).unwrap();
+    let mut tls = id.client_config(expect).unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("strait-gossip").unwrap();
+    let conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let certs = conn.get_ref().1.peer_certificates().unwrap().to_vec();
+    strait_common::pki::Identity::from_parts(
+        certs,
+        rustls::pki_types::PrivateKeyDer::Pkcs8(vec![0u8].into()),
+        rustls::RootCertStore::empty(),
+    )
+    .unwrap()
+    .serial
+}
+
+#[tokio::test]
+async fn rotated_certificates_reach_the_gossip_port_too() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (g0, _) = member(&pki, "g0", &["svc0"], echo.addr, &[], "5s").await;
+    let seed = g0.discovery_addr().unwrap();
+    let old = g0.shared().identity.load().serial.clone();
+    assert_eq!(gossip_serial(&pki, seed, "g0").await, old);
+    pki.write("g0", &pki.issue("g0"));
+    eventually(Duration::from_secs(10), "rotation loaded", || {
+        g0.shared().identity.load().serial != old
+    })
+    .await;
+    let new = g0.shared().identity.load().serial.clone();
+    assert_eq!(
+        gossip_serial(&pki, seed, "g0").await,
+        new,
+        "gossip presents the rotated certificate"
+    );
+    // Gossip keeps working across the rotation: a new member joins through g0.
+    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], "5s").await;
+    eventually(Duration::from_secs(10), "g1 imports svc0", || {
+        g1.listener("default/svc0", 7000).is_some()
+    })
+    .await;
+}
