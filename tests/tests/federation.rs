@@ -318,3 +318,39 @@ async fn rotated_certificates_reach_the_gossip_port_too() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_restarted_gateway_replaces_its_old_incarnation_at_once() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (g0, _) = member(&pki, "g0", &[], echo.addr, &[], "30s").await;
+    let seed = g0.discovery_addr().unwrap();
+    let (g1, _) = member(&pki, "g1", &["old"], echo.addr, &[seed], "30s").await;
+    eventually(Duration::from_secs(10), "g0 imports old", || {
+        g0.listener("default/old", 7000).is_some()
+    })
+    .await;
+    drop(g1);
+    // Back with a new generation and different exports; the 30 s lease of the old
+    // incarnation does not keep `old` alive.
+    let (g1, _) = member(&pki, "g1", &["new"], echo.addr, &[seed], "30s").await;
+    eventually(Duration::from_secs(10), "new imported, old gone", || {
+        g0.listener("default/new", 7000).is_some() && g0.listener("default/old", 7000).is_none()
+    })
+    .await;
+    assert_eq!(
+        echo_through(g0.listener("default/new", 7000).unwrap()).await,
+        b"via discovery"
+    );
+    let (_, body) = http_get(g0.admin_addr(), "/v1/members").await;
+    let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let g1_row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["cluster"] == "g1")
+        .unwrap()
+        .clone();
+    assert_eq!(g1_row["alive"], true, "{g1_row}");
+    drop(g1);
+}
