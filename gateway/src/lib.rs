@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod listener;
 pub mod metrics;
 pub mod reload;
+pub mod router;
 pub mod status;
 pub mod tunnel;
 

@@ -1,0 +1,399 @@
+//! The routing and failover engine, sans-IO: for one service, rank the clusters that serve
+//! it by locality, keep the healthy ones, spread by weight, eject paths that keep failing
+//! (longer each time), bring recovered clusters back only after a dwell time and then
+//! gradually, cap concurrency per cluster, and ration retries. Inputs are explicit (the
+//! candidates with their health, outcomes, `now`, a seeded RNG), so every rule is tested
+//! deterministically; the listener turns decisions into connection attempts.
+//!
+//! Not wired into the data path yet: listeners still try the import's cluster order
+//! (docs/ARCHITECTURE.md, "Listeners").
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Where this gateway is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locality {
+    /// Cluster id.
+    pub cluster: String,
+    /// Region.
+    pub region: String,
+    /// Zone (empty: unknown).
+    pub zone: String,
+}
+
+/// One cluster that serves the service, with what is known of its health right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Cluster id.
+    pub cluster: String,
+    /// Its region.
+    pub region: String,
+    /// Its zone.
+    pub zone: String,
+    /// Explicit failover priority from policy (lower first); `None` orders by RTT.
+    pub priority: Option<u32>,
+    /// Measured tunnel RTT.
+    pub rtt: Option<Duration>,
+    /// Relative weight (canaries: e.g. 90 and 10).
+    pub weight: u32,
+    /// Gateway liveness: the tunnel to it is up.
+    pub peer_up: bool,
+    /// Service health: its ready endpoints for this service.
+    pub ready_endpoints: usize,
+    /// Proxied connections to it now (for spill protection).
+    pub active: usize,
+}
+
+/// Outlier ejection settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ejection {
+    /// Consecutive failures that eject a (service, cluster) path.
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each repeat.
+    pub base: Duration,
+    /// Longest ejection.
+    pub max: Duration,
+    /// At most this share of a service's clusters is ejected at once.
+    pub max_ejected_fraction: f64,
+}
+
+/// Per-service routing policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Most clusters tried for one connection.
+    pub max_attempts: usize,
+    /// Outlier ejection.
+    pub ejection: Ejection,
+    /// A recovered cluster must stay healthy this long before it takes traffic again.
+    pub dwell: Duration,
+    /// After the dwell, its share of traffic ramps up over this long.
+    pub slow_start: Duration,
+    /// Retries allowed per first attempt (0.2: one retry per five connections).
+    pub retry_ratio: f64,
+    /// Retries always allowed per second, whatever the ratio.
+    pub min_retries_per_sec: f64,
+    /// Most concurrent connections sent to one cluster (spill protection).
+    pub max_per_cluster: Option<usize>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            ejection: Ejection {
+                consecutive_failures: 3,
+                base: Duration::from_secs(2),
+                max: Duration::from_secs(60),
+                max_ejected_fraction: 0.5,
+            },
+            dwell: Duration::from_secs(5),
+            slow_start: Duration::from_secs(10),
+            retry_ratio: 0.2,
+            min_retries_per_sec: 10.0,
+            max_per_cluster: None,
+        }
+    }
+}
+
+/// Why a cluster is not tried (shown by the admin API).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    /// Its gateway is not reachable.
+    PeerDown,
+    /// It has no ready endpoint for the service.
+    NoReadyEndpoints,
+    /// Ejected after repeated failures, until this long from now; `count` ejections so far.
+    Ejected { remaining: Duration, count: u32 },
+    /// Recovered, waiting out the dwell time.
+    Recovering { healthy_for: Duration },
+    /// At its concurrency limit.
+    Saturated,
+}
+
+/// One cluster in a decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Considered {
+    /// Cluster id.
+    pub cluster: String,
+    /// Locality tier (0 same cluster, 1 same zone, 2 same region, 10+p priority, 1000+ by RTT).
+    pub tier: u32,
+    /// `None` when it is in; the reason when it is out.
+    pub out: Option<Out>,
+    /// Share of its normal traffic while ramping up after a recovery (1.0 = full).
+    pub share: f64,
+}
+
+/// The result of ranking: clusters to try in order, and the reasoning for each candidate.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decision {
+    /// Clusters to try, in order (at most `max_attempts`).
+    pub attempts: Vec<String>,
+    /// Every candidate, best tier first.
+    pub considered: Vec<Considered>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The stream opened and payload flowed.
+    Success,
+    /// Connect-level failure on this path (refused, timeout, connect-failed, overloaded).
+    Failure,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Path {
+    failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    last_ejection: Option<Instant>,
+    healthy: Option<bool>,
+    recovered_at: Option<Instant>,
+}
+
+/// Routing state of one service.
+#[derive(Debug)]
+pub struct ServiceRouter {
+    policy: Policy,
+    paths: BTreeMap<String, Path>,
+    tokens: f64,
+    refilled: Option<Instant>,
+    rng: StdRng,
+}
+
+impl ServiceRouter {
+    /// A router with `policy`; `seed` makes weighted choices reproducible.
+    pub fn new(policy: Policy, seed: u64) -> Self {
+        Self {
+            policy,
+            paths: BTreeMap::new(),
+            tokens: 0.0,
+            refilled: None,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Replaces the policy (config reload); state is kept.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// Ranks `candidates` for one new connection from `me`.
+    pub fn decide(&mut self, me: &Locality, candidates: &[Candidate], now: Instant) -> Decision {
+        let tiers = tiers(me, candidates);
+        let mut considered = Vec::with_capacity(candidates.len());
+        for (c, tier) in candidates.iter().zip(&tiers) {
+            let (out, share) = self.judge(c, now);
+            considered.push(Considered {
+                cluster: c.cluster.clone(),
+                tier: *tier,
+                out,
+                share,
+            });
+        }
+        considered.sort_by(|a, b| a.tier.cmp(&b.tier).then_with(|| a.cluster.cmp(&b.cluster)));
+
+        // Clusters that are merely recovering or saturated are still better than nothing.
+        let mut usable: Vec<&Considered> = considered.iter().filter(|c| c.out.is_none()).collect();
+        if usable.is_empty() {
+            usable = considered
+                .iter()
+                .filter(|c| matches!(c.out, Some(Out::Recovering { .. } | Out::Saturated)))
+                .collect();
+        }
+        let weight = |cluster: &str| {
+            candidates
+                .iter()
+                .find(|c| c.cluster == cluster)
+                .map_or(1, |c| c.weight.max(1))
+        };
+        // Slow start: a ramping cluster keeps its place with probability `share`, otherwise
+        // it yields to the next tier for this connection.
+        let mut keyed: Vec<((u32, u32), f64, &str)> = Vec::with_capacity(usable.len());
+        for c in &usable {
+            let next_tier = usable.iter().map(|o| o.tier).filter(|t| *t > c.tier).min();
+            let demoted =
+                c.share < 1.0 && next_tier.is_some() && self.rng.random::<f64>() >= c.share;
+            let key = if demoted {
+                (next_tier.unwrap_or(c.tier), 1)
+            } else {
+                (c.tier, 0)
+            };
+            // Weighted order without replacement: smaller -ln(u)/w comes first.
+            let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+            keyed.push((key, -u.ln() / f64::from(weight(&c.cluster)), &c.cluster));
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let attempts = keyed
+            .into_iter()
+            .take(self.policy.max_attempts)
+            .map(|(_, _, c)| c.to_owned())
+            .collect();
+        Decision {
+            attempts,
+            considered,
+        }
+    }
+
+    fn judge(&mut self, c: &Candidate, now: Instant) -> (Option<Out>, f64) {
+        let policy = &self.policy;
+        let path = self.paths.entry(c.cluster.clone()).or_default();
+        if path.ejected_until.is_some_and(|t| t <= now) {
+            path.ejected_until = None;
+        }
+        let out = if !c.peer_up {
+            Some(Out::PeerDown)
+        } else if c.ready_endpoints == 0 {
+            Some(Out::NoReadyEndpoints)
+        } else if let Some(until) = path.ejected_until {
+            Some(Out::Ejected {
+                remaining: until - now,
+                count: path.ejections,
+            })
+        } else {
+            None
+        };
+        let healthy = out.is_none();
+        match (path.healthy, healthy) {
+            (Some(false), true) => path.recovered_at = Some(now),
+            (_, false) => path.recovered_at = None,
+            _ => {}
+        }
+        path.healthy = Some(healthy);
+        if let Some(out) = out {
+            return (Some(out), 0.0);
+        }
+        let mut share = 1.0;
+        if let Some(at) = path.recovered_at {
+            let healthy_for = now.saturating_duration_since(at);
+            if healthy_for < policy.dwell {
+                return (Some(Out::Recovering { healthy_for }), 0.0);
+            }
+            let ramp = healthy_for - policy.dwell;
+            if ramp < policy.slow_start {
+                share = ramp.as_secs_f64() / policy.slow_start.as_secs_f64().max(f64::EPSILON);
+            } else {
+                path.recovered_at = None;
+            }
+        }
+        if policy.max_per_cluster.is_some_and(|max| c.active >= max) {
+            return (Some(Out::Saturated), share);
+        }
+        (None, share)
+    }
+
+    /// Records how an attempt on `cluster` ended; repeated failures eject the path.
+    pub fn record(&mut self, cluster: &str, outcome: Outcome, now: Instant) {
+        let e = self.policy.ejection.clone();
+        let total = self.paths.len().max(1);
+        let ejected = self
+            .paths
+            .values()
+            .filter(|p| p.ejected_until.is_some_and(|t| t > now))
+            .count();
+        let path = self.paths.entry(cluster.to_owned()).or_default();
+        match outcome {
+            Outcome::Success => {
+                path.failures = 0;
+                // Flap damping decays: a path healthy for a whole max period starts over.
+                if path
+                    .last_ejection
+                    .is_some_and(|t| now.saturating_duration_since(t) > e.max * 2)
+                {
+                    path.ejections = 0;
+                }
+            }
+            Outcome::Failure => {
+                path.failures += 1;
+                let already = path.ejected_until.is_some_and(|t| t > now);
+                let room = ((ejected + 1) as f64) <= e.max_ejected_fraction * total as f64;
+                if path.failures >= e.consecutive_failures && !already && room {
+                    let factor = 2u32.saturating_pow(path.ejections.min(16));
+                    let time = e.base.saturating_mul(factor).min(e.max);
+                    path.ejected_until = Some(now + time);
+                    path.last_ejection = Some(now);
+                    path.ejections += 1;
+                    path.failures = 0;
+                }
+            }
+        }
+    }
+
+    /// Counts a first attempt (earns retry budget).
+    pub fn first_attempt(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens + self.policy.retry_ratio).min(self.cap());
+    }
+
+    /// Whether a retry may be spent now; takes it from the budget if so.
+    pub fn try_retry(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        // Tolerance: five times 0.2 must make one whole retry despite float rounding.
+        if self.tokens >= 1.0 - 1e-9 {
+            self.tokens = (self.tokens - 1.0).max(0.0);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Most retries that can be saved up: one second of the minimum rate plus the ratio's
+    /// share of 100 connections, so a burst of failures cannot spend an unbounded hoard.
+    fn cap(&self) -> f64 {
+        (self.policy.min_retries_per_sec + 100.0 * self.policy.retry_ratio).max(1.0)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(last) = self.refilled {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.policy.min_retries_per_sec).min(self.cap());
+        }
+        self.refilled = Some(now);
+    }
+}
+
+/// Locality tier of each candidate.
+fn tiers(me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
+    let mut by_rtt: Vec<(Duration, &str)> = candidates
+        .iter()
+        .filter(|c| tier_of(me, c).is_none())
+        .map(|c| (c.rtt.unwrap_or(Duration::MAX), c.cluster.as_str()))
+        .collect();
+    by_rtt.sort();
+    candidates
+        .iter()
+        .map(|c| {
+            tier_of(me, c).unwrap_or_else(|| {
+                let rank = by_rtt
+                    .iter()
+                    .position(|(_, n)| *n == c.cluster)
+                    .unwrap_or(by_rtt.len());
+                1000 + rank as u32
+            })
+        })
+        .collect()
+}
+
+fn tier_of(me: &Locality, c: &Candidate) -> Option<u32> {
+    if c.cluster == me.cluster {
+        Some(0)
+    } else if !me.zone.is_empty() && c.zone == me.zone {
+        Some(1)
+    } else if c.region == me.region {
+        Some(2)
+    } else {
+        c.priority.map(|p| 10 + p.min(900))
+    }
+}
+
+#[cfg(test)]
+mod tests;

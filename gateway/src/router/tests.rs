@@ -1,0 +1,333 @@
+use super::*;
+
+fn me() -> Locality {
+    Locality {
+        cluster: "use1-a".into(),
+        region: "us-east".into(),
+        zone: "use1-az1".into(),
+    }
+}
+
+fn cand(cluster: &str, region: &str, zone: &str) -> Candidate {
+    Candidate {
+        cluster: cluster.into(),
+        region: region.into(),
+        zone: zone.into(),
+        priority: None,
+        rtt: None,
+        weight: 1,
+        peer_up: true,
+        ready_endpoints: 2,
+        active: 0,
+    }
+}
+
+fn router(policy: Policy) -> ServiceRouter {
+    ServiceRouter::new(policy, 42)
+}
+
+fn first_choice_share(
+    r: &mut ServiceRouter,
+    cands: &[Candidate],
+    now: Instant,
+    cluster: &str,
+    n: usize,
+) -> f64 {
+    let hits = (0..n)
+        .filter(|_| {
+            r.decide(&me(), cands, now)
+                .attempts
+                .first()
+                .map(String::as_str)
+                == Some(cluster)
+        })
+        .count();
+    hits as f64 / n as f64
+}
+
+#[test]
+fn ranks_by_locality_then_priority_then_rtt() {
+    let mut far_fast = cand("euw1", "eu-west", "");
+    far_fast.rtt = Some(Duration::from_millis(80));
+    let mut far_slow = cand("aps1", "ap-south", "");
+    far_slow.rtt = Some(Duration::from_millis(200));
+    let mut prio = cand("usw2", "us-west", "");
+    prio.priority = Some(1);
+    let cands = vec![
+        far_slow,
+        far_fast,
+        prio,
+        cand("use1-b", "us-east", "use1-az2"),
+        cand("use1-c", "us-east", "use1-az1"),
+    ];
+    let mut r = router(Policy {
+        max_attempts: 10,
+        ..Default::default()
+    });
+    let d = r.decide(&me(), &cands, Instant::now());
+    assert_eq!(
+        d.attempts,
+        vec!["use1-c", "use1-b", "usw2", "euw1", "aps1"],
+        "zone, region, priority, then RTT"
+    );
+    assert_eq!(
+        d.considered.iter().map(|c| c.tier).collect::<Vec<_>>(),
+        vec![1, 2, 11, 1000, 1001]
+    );
+}
+
+#[test]
+fn unhealthy_clusters_are_out_with_their_reason() {
+    let mut down = cand("a", "us-east", "");
+    down.peer_up = false;
+    let mut empty = cand("b", "us-east", "");
+    empty.ready_endpoints = 0;
+    let ok = cand("c", "eu-west", "");
+    let mut r = router(Policy::default());
+    let d = r.decide(&me(), &[down, empty, ok], Instant::now());
+    assert_eq!(d.attempts, vec!["c"]);
+    let reason = |c: &str| {
+        d.considered
+            .iter()
+            .find(|x| x.cluster == c)
+            .unwrap()
+            .out
+            .clone()
+    };
+    assert_eq!(reason("a"), Some(Out::PeerDown));
+    assert_eq!(
+        reason("b"),
+        Some(Out::NoReadyEndpoints),
+        "zero ready endpoints excludes the cluster for this service"
+    );
+    assert_eq!(reason("c"), None);
+}
+
+#[test]
+fn weights_split_traffic_within_a_tier() {
+    let mut a = cand("canary", "us-east", "");
+    a.weight = 10;
+    let mut b = cand("stable", "us-east", "");
+    b.weight = 90;
+    let mut r = router(Policy::default());
+    let share = first_choice_share(&mut r, &[a, b], Instant::now(), "stable", 4000);
+    assert!((share - 0.9).abs() < 0.02, "stable got {share}");
+}
+
+#[test]
+fn max_attempts_bounds_the_list() {
+    let cands: Vec<_> = (0..6).map(|i| cand(&format!("c{i}"), "x", "")).collect();
+    let mut r = router(Policy {
+        max_attempts: 2,
+        ..Default::default()
+    });
+    assert_eq!(r.decide(&me(), &cands, Instant::now()).attempts.len(), 2);
+}
+
+#[test]
+fn ejection_grows_with_repeats_and_is_capped() {
+    let t0 = Instant::now();
+    let policy = Policy {
+        dwell: Duration::ZERO,
+        slow_start: Duration::ZERO,
+        ..Default::default()
+    };
+    let cands = vec![cand("bad", "us-east", ""), cand("good", "eu-west", "")];
+    let mut r = router(policy);
+    let mut now = t0;
+    let mut lengths = Vec::new();
+    for _ in 0..8 {
+        r.decide(&me(), &cands, now);
+        for _ in 0..3 {
+            r.record("bad", Outcome::Failure, now);
+        }
+        let d = r.decide(&me(), &cands, now);
+        let Some(Out::Ejected { remaining, .. }) = d
+            .considered
+            .iter()
+            .find(|c| c.cluster == "bad")
+            .unwrap()
+            .out
+            .clone()
+        else {
+            panic!("not ejected: {d:?}")
+        };
+        assert_eq!(d.attempts, vec!["good"]);
+        lengths.push(remaining);
+        now += remaining; // ejection over
+    }
+    let secs: Vec<u64> = lengths.iter().map(Duration::as_secs).collect();
+    assert_eq!(
+        secs,
+        vec![2, 4, 8, 16, 32, 60, 60, 60],
+        "doubles, capped at max"
+    );
+    let d = r.decide(&me(), &cands, now);
+    assert_eq!(
+        d.attempts[0], "bad",
+        "back in rotation once the ejection ends"
+    );
+}
+
+#[test]
+fn no_more_than_the_max_fraction_is_ejected() {
+    let t0 = Instant::now();
+    let cands = vec![cand("a", "x", ""), cand("b", "x", "")];
+    let mut r = router(Policy::default());
+    r.decide(&me(), &cands, t0);
+    for c in ["a", "b"] {
+        for _ in 0..3 {
+            r.record(c, Outcome::Failure, t0);
+        }
+    }
+    let d = r.decide(&me(), &cands, t0);
+    let ejected = d
+        .considered
+        .iter()
+        .filter(|c| matches!(c.out, Some(Out::Ejected { .. })))
+        .count();
+    assert_eq!(ejected, 1, "half of two clusters");
+    assert_eq!(d.attempts.len(), 1);
+}
+
+#[test]
+fn success_resets_the_failure_streak() {
+    let t0 = Instant::now();
+    let cands = vec![cand("a", "x", ""), cand("b", "x", "")];
+    let mut r = router(Policy::default());
+    r.decide(&me(), &cands, t0);
+    for _ in 0..5 {
+        r.record("a", Outcome::Failure, t0);
+        r.record("a", Outcome::Failure, t0);
+        r.record("a", Outcome::Success, t0);
+    }
+    assert!(
+        r.decide(&me(), &cands, t0)
+            .considered
+            .iter()
+            .all(|c| c.out.is_none())
+    );
+}
+
+#[test]
+fn failback_waits_out_the_dwell_then_ramps_up() {
+    let t0 = Instant::now();
+    let policy = Policy {
+        dwell: Duration::from_secs(5),
+        slow_start: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let mut near = cand("near", "us-east", "");
+    let far = cand("far", "eu-west", "");
+    let mut r = router(policy);
+    assert_eq!(
+        r.decide(&me(), &[near.clone(), far.clone()], t0).attempts[0],
+        "near"
+    );
+    near.peer_up = false;
+    assert_eq!(
+        r.decide(
+            &me(),
+            &[near.clone(), far.clone()],
+            t0 + Duration::from_secs(1)
+        )
+        .attempts,
+        vec!["far"]
+    );
+    near.peer_up = true;
+    let back = t0 + Duration::from_secs(2);
+    let d = r.decide(&me(), &[near.clone(), far.clone()], back);
+    assert_eq!(d.attempts, vec!["far"], "recovered but still dwelling");
+    assert!(matches!(d.considered[0].out, Some(Out::Recovering { .. })));
+    let cands = [near.clone(), far.clone()];
+    let quarter = first_choice_share(
+        &mut r,
+        &cands,
+        back + Duration::from_millis(7_500),
+        "near",
+        4000,
+    );
+    let three_q = first_choice_share(
+        &mut r,
+        &cands,
+        back + Duration::from_millis(12_500),
+        "near",
+        4000,
+    );
+    assert!(
+        (quarter - 0.25).abs() < 0.03,
+        "25% into slow start: {quarter}"
+    );
+    assert!(
+        (three_q - 0.75).abs() < 0.03,
+        "75% into slow start: {three_q}"
+    );
+    let d = r.decide(&me(), &cands, back + Duration::from_secs(16));
+    assert_eq!(d.attempts[0], "near", "fully back after dwell + slow start");
+    assert_eq!(d.considered[0].share, 1.0);
+}
+
+#[test]
+fn recovering_clusters_still_serve_when_nothing_else_can() {
+    let t0 = Instant::now();
+    let mut only = cand("only", "x", "");
+    let mut r = router(Policy::default());
+    r.decide(&me(), std::slice::from_ref(&only), t0);
+    only.peer_up = false;
+    r.decide(&me(), std::slice::from_ref(&only), t0);
+    only.peer_up = true;
+    let d = r.decide(
+        &me(),
+        std::slice::from_ref(&only),
+        t0 + Duration::from_secs(1),
+    );
+    assert_eq!(
+        d.attempts,
+        vec!["only"],
+        "dwell never turns a working path into no path"
+    );
+}
+
+#[test]
+fn spill_protection_caps_concurrency_per_cluster() {
+    let mut near = cand("near", "us-east", "");
+    near.active = 100;
+    let far = cand("far", "eu-west", "");
+    let mut r = router(Policy {
+        max_per_cluster: Some(100),
+        ..Default::default()
+    });
+    let d = r.decide(&me(), &[near.clone(), far], Instant::now());
+    assert_eq!(d.attempts, vec!["far"]);
+    assert_eq!(d.considered[0].out, Some(Out::Saturated));
+    // Alone at its limit, it still gets the connection rather than none.
+    assert_eq!(
+        r.decide(&me(), &[near], Instant::now()).attempts,
+        vec!["near"]
+    );
+}
+
+#[test]
+fn retry_budget_limits_retries_to_a_share_of_traffic() {
+    let t0 = Instant::now();
+    let mut r = router(Policy {
+        retry_ratio: 0.2,
+        min_retries_per_sec: 0.0,
+        ..Default::default()
+    });
+    for _ in 0..100 {
+        r.first_attempt(t0);
+    }
+    let allowed = (0..100).filter(|_| r.try_retry(t0)).count();
+    assert_eq!(allowed, 20, "one retry per five first attempts");
+    let mut r = router(Policy {
+        retry_ratio: 0.0,
+        min_retries_per_sec: 10.0,
+        ..Default::default()
+    });
+    r.first_attempt(t0);
+    let allowed = (0..100)
+        .filter(|_| r.try_retry(t0 + Duration::from_secs(1)))
+        .count();
+    assert_eq!(allowed, 10, "the floor refills at its rate");
+}
