@@ -452,6 +452,9 @@ impl Config {
             );
         }
         self.validate_listen(&mut v);
+        if self.tls.reload_interval.0.is_zero() {
+            v.push("tls.reload_interval", "is zero", "use e.g. `10s`");
+        }
         self.tunnel.validate(&mut v);
         self.validate_exports(&mut v);
         self.validate_peers(&mut v);
@@ -633,6 +636,17 @@ impl Config {
                 "discovery.phi_threshold",
                 "must be between 1 and 20",
                 "use e.g. 5 (about 1.2 s of silence at 100ms rounds)",
+            );
+        }
+        if d.reload_interval.0.is_zero() {
+            v.push("discovery.reload_interval", "is zero", "use e.g. `1s`");
+        }
+        let unspecified = self.listen.tunnel.ip().is_unspecified() || self.listen.discovery.is_some_and(|a| a.ip().is_unspecified());
+        if unspecified && d.advertise.is_none() {
+            v.push(
+                "discovery.advertise",
+                "is missing while listen.tunnel or listen.discovery is an unspecified address (0.0.0.0), which members cannot dial",
+                "set `advertise:` to the IP other gateways reach this one on",
             );
         }
         if d.import_addresses.hosts().take(2).count() < 2 {

@@ -89,6 +89,8 @@ struct Shared {
     view: watch::Sender<Arc<View>>,
     stats: NodeStats,
     channels: Mutex<HashMap<(SocketAddr, Option<String>), Channel>>,
+    /// Set when the member stops; the gRPC server drains and closes its connections.
+    stopped: watch::Sender<bool>,
 }
 
 /// A running discovery member; dropping it stops it.
@@ -96,7 +98,7 @@ pub struct Node {
     shared: Arc<Shared>,
     addr: SocketAddr,
     tasks: JoinSet<()>,
-    aborts: Vec<tokio::task::AbortHandle>,
+    gossip: tokio::task::AbortHandle,
 }
 
 impl Node {
@@ -119,18 +121,17 @@ impl Node {
             identity: ArcSwap::new(identity),
             stats: NodeStats::default(),
             channels: Mutex::new(HashMap::new()),
+            stopped: watch::channel(false).0,
         });
         shared.publish(Instant::now());
         let mut tasks = JoinSet::new();
-        let aborts = vec![
-            tasks.spawn(serve(shared.clone(), listener)),
-            tasks.spawn(gossip_loop(shared.clone())),
-        ];
+        tasks.spawn(serve(shared.clone(), listener));
+        let gossip = tasks.spawn(gossip_loop(shared.clone()));
         Ok(Node {
             shared,
             addr,
             tasks,
-            aborts,
+            gossip,
         })
     }
 
@@ -162,8 +163,11 @@ impl Node {
         &self.shared.stats
     }
 
-    /// Stops serving and gossiping.
+    /// Stops gossiping and serving, waiting (briefly) for connections to close.
     pub async fn shutdown(mut self) {
+        self.stop();
+        let drained = async { while self.tasks.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         self.tasks.shutdown().await;
     }
 
@@ -183,9 +187,9 @@ impl Node {
 
     /// Stops serving and gossiping without waiting (for owners that only hold a reference).
     pub fn stop(&self) {
-        for h in self.aborts.iter() {
-            h.abort();
-        }
+        self.shared.stopped.send_replace(true);
+        // The gossip loop stops at once; the server drains its connections and ends.
+        self.gossip.abort();
     }
 }
 
@@ -309,8 +313,14 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let handshakes = shared.clone();
     let accept = async move {
         loop {
-            let Ok((tcp, remote)) = listener.accept().await else {
-                continue;
+            let (tcp, remote) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "gossip accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
             };
             let acceptor = handshakes.acceptor.load_full();
             let tx = tx.clone();
@@ -341,9 +351,20 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         .max_decoding_message_size(shared.config.max_message_bytes)
         .max_encoding_message_size(shared.config.max_message_bytes);
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut stopped = shared.stopped.subscribe();
+    // With a shutdown signal tonic also closes established connections (gracefully), so a
+    // stopped member stops answering instead of serving a frozen catalog.
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::select! {
         _ = accept => {}
-        r = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming) => {
+        r = server => {
             if let Err(e) = r {
                 tracing::error!(error = %e, "gossip server stopped");
             }
@@ -458,6 +479,15 @@ async fn gossip_loop(shared: Arc<Shared>) {
                 .collect();
             others
         };
+        // Channels to members that left or moved are dropped (their workers with them).
+        shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(addr, cluster), _| match cluster {
+                Some(c) => targets.iter().any(|(a, t)| a == addr && t == c),
+                None => shared.config.seeds.contains(addr),
+            });
         let mut picks: Vec<(SocketAddr, Option<String>)> = {
             let mut rng = rand::rng();
             targets

@@ -28,7 +28,12 @@ impl PhiDetector {
 
     /// Records a heartbeat arrival.
     pub fn heartbeat(&mut self, now: Instant) {
-        let gap = now.saturating_duration_since(self.last).as_secs_f64();
+        // A gap after a partition or restart says nothing about the usual interval; left
+        // whole it would inflate the mean (and slow detection) for the next 64 beats.
+        let gap = now
+            .saturating_duration_since(self.last)
+            .as_secs_f64()
+            .min(self.mean() * 2.0);
         if self.intervals.len() == WINDOW {
             self.intervals.pop_front();
         }
@@ -38,13 +43,18 @@ impl PhiDetector {
 
     /// Suspicion level at `now`; 1 means a 10% chance the member is still alive, 2 1%, ...
     pub fn phi(&self, now: Instant) -> f64 {
-        let mean = if self.intervals.is_empty() {
+        let mean = self.mean();
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        elapsed / mean * std::f64::consts::LOG10_E
+    }
+
+    /// Mean heartbeat interval, floored (see `min_mean`).
+    fn mean(&self) -> f64 {
+        if self.intervals.is_empty() {
             self.min_mean
         } else {
             (self.intervals.iter().sum::<f64>() / self.intervals.len() as f64).max(self.min_mean)
-        };
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        elapsed / mean * std::f64::consts::LOG10_E
+        }
     }
 
     /// When the last heartbeat arrived.
@@ -72,6 +82,24 @@ mod tests {
             "{at_1s}"
         );
         assert!(d.phi(last + Duration::from_secs(2)) > at_1s);
+    }
+
+    #[test]
+    fn one_long_gap_does_not_blunt_detection() {
+        let t0 = Instant::now();
+        let mut d = PhiDetector::new(t0, Duration::from_millis(100));
+        let mut now = t0;
+        for _ in 0..10 {
+            now += Duration::from_millis(100);
+            d.heartbeat(now);
+        }
+        now += Duration::from_secs(30); // a partition heals
+        d.heartbeat(now);
+        assert!(
+            d.phi(now + Duration::from_secs(2)) > 5.0,
+            "2 s of silence is still alarming: {}",
+            d.phi(now + Duration::from_secs(2))
+        );
     }
 
     #[test]

@@ -162,10 +162,12 @@ impl Origin {
                 + key.namespace.len()
                 + key.name.len()
                 + entry.service.as_ref().map_or(0, Service::estimated_size);
-            if size > *budget {
+            // The first entry always goes, even over budget: otherwise one entry bigger than
+            // the budget would stop this origin's replication for good.
+            if size > *budget && !entries.is_empty() {
                 break;
             }
-            *budget -= size;
+            *budget = budget.saturating_sub(size);
             entries.push((key.clone(), entry.clone()));
         }
         Some(OriginDelta {
@@ -346,7 +348,14 @@ impl Catalog {
         let mut stats = ApplyStats::default();
         for od in delta.origins {
             if od.cluster == self.local.info.cluster {
-                // Only this member writes its own origin.
+                // Only this member writes its own origin. If the federation holds a newer
+                // generation of it (a clock stepped back across a restart, or a forged one),
+                // outrank it so this incarnation is not ignored everywhere.
+                // (Equal is the normal relay of our own state.)
+                if od.generation > self.local.generation {
+                    self.local.generation = od.generation.saturating_add(1);
+                    stats.changed = true;
+                }
                 stats.ignored += 1;
                 continue;
             }
@@ -369,9 +378,11 @@ impl Catalog {
                     stats.entries_applied += n;
                     stats.changed |= n > 0 || before != r.origin.entries.len();
                 }
+                Some(_) if !od.full => stats.ignored += 1,
                 existing => {
-                    // Unknown origin, or a newer generation: its entries replace whatever we
-                    // had (a restarted origin drops what it no longer exports).
+                    // Unknown origin, or a newer generation (always sent whole): its entries
+                    // replace whatever we had (a restarted origin drops what it no longer
+                    // exports).
                     let Some(info) = od.info.or_else(|| existing.map(|r| r.origin.info.clone()))
                     else {
                         stats.ignored += 1;

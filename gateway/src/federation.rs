@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use strait_common::config::{Import, ImportPort, Peer};
@@ -66,6 +67,8 @@ pub fn desired_imports(
         }
         slot.origins.push(&e.origin);
     }
+    // Configured imports keep their addresses; discovered ones never take them.
+    let reserved: Vec<IpAddr> = configured.iter().map(|i| i.address).collect();
     let fixed: Vec<(String, String)> = configured
         .iter()
         .map(|i| (i.namespace.clone(), i.name.clone()))
@@ -77,7 +80,7 @@ pub fn desired_imports(
             continue;
         }
         let key = format!("{namespace}/{name}");
-        let Some(address) = allocate(range, &key, allocated) else {
+        let Some(address) = allocate(range, &key, allocated, &reserved) else {
             tracing::warn!(service = %key, %range, "no free import address; widen discovery.import_addresses");
             continue;
         };
@@ -115,7 +118,12 @@ struct Offers<'a> {
 
 /// A stable address for `key` in `range`: its previous one, else the first free host
 /// starting from a hash of the name (so restarts tend to give the same address).
-fn allocate(range: IpNet, key: &str, allocated: &mut BTreeMap<String, IpAddr>) -> Option<IpAddr> {
+fn allocate(
+    range: IpNet,
+    key: &str,
+    allocated: &mut BTreeMap<String, IpAddr>,
+    reserved: &[IpAddr],
+) -> Option<IpAddr> {
     if let Some(a) = allocated.get(key) {
         return Some(*a);
     }
@@ -126,7 +134,11 @@ fn allocate(range: IpNet, key: &str, allocated: &mut BTreeMap<String, IpAddr>) -
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     let start = (h.finish() % hosts.len() as u64) as usize;
-    let taken: Vec<IpAddr> = allocated.values().copied().collect();
+    let taken: Vec<IpAddr> = allocated
+        .values()
+        .copied()
+        .chain(reserved.iter().copied())
+        .collect();
     let free = (0..hosts.len())
         .map(|i| hosts[(start + i) % hosts.len()])
         .find(|a| !taken.contains(a))?;
@@ -156,12 +168,17 @@ pub async fn follow(
             &desired_peers(&shared.config.peers, &v, &me.cluster),
         );
         let imports = desired_imports(&shared.config.imports, &v, &me, range, &mut allocated);
-        for e in shared.listeners.reconcile(&shared, &imports).await {
-            tracing::error!(error = %e, "listener not opened");
+        let errors = shared.listeners.reconcile(&shared, &imports).await;
+        for e in &errors {
+            tracing::error!(error = %e, "listener not opened; retrying");
         }
+        // A listener that could not bind (address still in use, say) is retried on a timer
+        // rather than waiting for the next catalog change, which may never come.
+        let retry = !errors.is_empty();
         tokio::select! {
             r = exports.changed() => if r.is_err() { return },
             r = view.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
     }
 }
@@ -255,14 +272,26 @@ mod tests {
     }
 
     #[test]
+    fn discovered_imports_never_take_a_configured_address() {
+        let range: IpNet = "127.0.10.0/30".parse().unwrap();
+        let reserved: IpAddr = "127.0.10.1".parse().unwrap();
+        let mut alloc = BTreeMap::new();
+        assert_eq!(
+            allocate(range, "x/a", &mut alloc, &[reserved]),
+            Some("127.0.10.2".parse().unwrap())
+        );
+        assert_eq!(allocate(range, "x/b", &mut alloc, &[reserved]), None);
+    }
+
+    #[test]
     fn addresses_do_not_collide() {
         let range: IpNet = "127.0.10.0/30".parse().unwrap();
         let mut alloc = BTreeMap::new();
-        let a = allocate(range, "x/a", &mut alloc).unwrap();
-        let b = allocate(range, "x/b", &mut alloc).unwrap();
+        let a = allocate(range, "x/a", &mut alloc, &[]).unwrap();
+        let b = allocate(range, "x/b", &mut alloc, &[]).unwrap();
         assert_ne!(a, b);
         assert_eq!(
-            allocate(range, "x/c", &mut alloc),
+            allocate(range, "x/c", &mut alloc, &[]),
             None,
             "a /30 has two hosts"
         );

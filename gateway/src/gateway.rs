@@ -109,28 +109,30 @@ impl Gateway {
 
         let span = tracing::info_span!("gateway", cluster = %shared.config.cluster);
         let mut tasks = JoinSet::new();
-        {
+        let failed = {
             let _entered = span.enter();
             shared.peers.reconcile(&shared, &shared.config.peers);
-            if let Some(e) = shared
+            let bind_error = shared
                 .listeners
                 .reconcile(&shared, &shared.config.imports)
                 .await
                 .into_iter()
-                .next()
-            {
-                return Err(e);
-            }
+                .next();
+            let no_source = (shared.config.discovery.is_some() && shared.config.source.is_none())
+                .then(|| anyhow::anyhow!("discovery needs the config file's path to reload exports (load it with Config::load)"));
+            bind_error.or(no_source)
+        };
+        if let Some(e) = failed {
+            // The tasks started so far hold the shared state: stop them, or a gateway that
+            // failed to start would keep running (and gossiping) unseen.
+            stop_all(&shared);
+            return Err(e);
         }
         tasks.spawn(inbound::accept_loop(shared.clone()).instrument(span.clone()));
         tasks.spawn(admin::serve(shared.clone(), admin_listener).instrument(span.clone()));
         tasks.spawn(reload::watch_certificates(shared.clone()).instrument(span.clone()));
         if let (Some(node), Some(d)) = (&shared.discovery, &shared.config.discovery) {
-            let path = shared
-                .config
-                .source
-                .clone()
-                .context("discovery needs the config file's path to reload exports")?;
+            let path = shared.config.source.clone().context("checked above")?;
             let source =
                 FileSource::start(path, shared.config.exports.clone(), d.reload_interval.0);
             tasks.spawn(
@@ -202,15 +204,20 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.shared
-            .endpoint
-            .close(codes::SHUTDOWN, b"gateway shutting down");
-        // Peer tasks and listeners hold the shared state; stop them so nothing outlives us.
-        self.shared.peers.clear();
-        self.shared.listeners.clear();
-        if let Some(node) = &self.shared.discovery {
-            node.stop();
-        }
+        stop_all(&self.shared);
+    }
+}
+
+/// Closes the endpoint and stops the tasks that hold the shared state (peer connections,
+/// listeners, the discovery member), so nothing outlives the gateway.
+fn stop_all(shared: &Shared) {
+    shared
+        .endpoint
+        .close(codes::SHUTDOWN, b"gateway shutting down");
+    shared.peers.clear();
+    shared.listeners.clear();
+    if let Some(node) = &shared.discovery {
+        node.stop();
     }
 }
 

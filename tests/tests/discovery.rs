@@ -126,8 +126,9 @@ async fn a_stopped_member_is_marked_down_then_withdrawn_after_its_lease() {
         until(node, "converged", |v| v.services.len() == 4).await;
     }
     let dead = nodes.pop().unwrap();
-    dead.shutdown().await;
+    // The member falls silent when shutdown begins (it then drains its connections).
     let started = tokio::time::Instant::now();
+    dead.shutdown().await;
     for node in &nodes {
         until(node, "m3 down", |v| {
             v.members.iter().any(|m| m.info.cluster == "m3" && !m.alive)

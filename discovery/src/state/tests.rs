@@ -370,3 +370,81 @@ proptest! {
         prop_assert_eq!(once, state(&x, t0));
     }
 }
+
+#[test]
+fn an_entry_larger_than_the_budget_still_replicates() {
+    let t0 = Instant::now();
+    let config = CatalogConfig {
+        max_delta_bytes: 500,
+        ..Default::default()
+    };
+    let mut a = Catalog::new(info("a"), 1, config.clone());
+    let mut big = svc(1);
+    big.endpoints = (0..100)
+        .map(|i| Endpoint {
+            address: format!("10.0.1.{i}").parse().unwrap(),
+            hostname: None,
+            ready: true,
+            zone: String::new(),
+        })
+        .collect();
+    assert!(big.estimated_size() > 500);
+    a.set_local(
+        [
+            (ServiceKey::new("default", "big"), big),
+            (ServiceKey::new("default", "small"), svc(1)),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let mut b = Catalog::new(info("b"), 1, config);
+    for _ in 0..5 {
+        b.apply(a.delta_for(&b.digest()), t0);
+    }
+    assert_eq!(
+        visible(&b, t0).len(),
+        2,
+        "the oversized entry went alone, then the rest followed"
+    );
+}
+
+#[test]
+fn a_newer_generation_of_ourselves_is_outranked() {
+    let t0 = Instant::now();
+    let mut a = node("a", 5);
+    a.set_local(exports(&[("web", 1)]));
+    let mut b = node("b", 1);
+    // b believes in a future incarnation of a (a clock that stepped back, or a forgery).
+    let mut ghost = node("a", 9);
+    ghost.set_local(exports(&[("ghost", 1)]));
+    b.apply(ghost.delta_for(&b.digest()), t0);
+    // a hears of it and moves past it; then b takes a's real exports.
+    a.apply(b.delta_for(&a.digest()), t0);
+    assert!(a.digest()["a"].generation > 9);
+    exchange(&mut b, &mut a, t0);
+    assert_eq!(
+        visible(&b, t0)
+            .into_iter()
+            .filter(|v| v.0 == "a")
+            .collect::<Vec<_>>(),
+        vec![("a".into(), "default/web".into(), 1)]
+    );
+}
+
+#[test]
+fn a_generation_change_must_come_whole() {
+    let t0 = Instant::now();
+    let mut a = node("a", 1);
+    a.set_local(exports(&[("web", 1)]));
+    let mut b = node("b", 1);
+    exchange(&mut b, &mut a, t0);
+    let mut partial = node("a", 2).delta_for(&Digest::new());
+    partial.origins[0].full = false;
+    let stats = b.apply(partial, t0);
+    assert_eq!(stats.ignored, 1);
+    assert_eq!(
+        visible(&b, t0).len(),
+        1,
+        "the old generation stays until a whole new one arrives"
+    );
+}
