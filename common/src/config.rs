@@ -641,7 +641,11 @@ impl Config {
         if d.reload_interval.0.is_zero() {
             v.push("discovery.reload_interval", "is zero", "use e.g. `1s`");
         }
-        let unspecified = self.listen.tunnel.ip().is_unspecified() || self.listen.discovery.is_some_and(|a| a.ip().is_unspecified());
+        let unspecified = self.listen.tunnel.ip().is_unspecified()
+            || self
+                .listen
+                .discovery
+                .is_some_and(|a| a.ip().is_unspecified());
         if unspecified && d.advertise.is_none() {
             v.push(
                 "discovery.advertise",

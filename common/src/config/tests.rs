@@ -238,13 +238,23 @@ fn shipped_example_config_is_valid() {
 
 #[test]
 fn discovery_on_an_unspecified_address_needs_advertise_and_intervals_must_be_positive() {
-    let base = BASE.replace("admin: 127.0.0.1:9901", "admin: 127.0.0.1:9901\n  discovery: 0.0.0.0:4434");
-    let text = format!("{base}discovery:\n  import_addresses: 127.0.10.0/24\n  reload_interval: 0s\n");
+    let base = BASE.replace(
+        "admin: 127.0.0.1:9901",
+        "admin: 127.0.0.1:9901\n  discovery: 0.0.0.0:4434",
+    );
+    let text =
+        format!("{base}discovery:\n  import_addresses: 127.0.10.0/24\n  reload_interval: 0s\n");
     let errs = Config::parse(Path::new("x.yaml"), &text).unwrap_err().0;
     let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
     assert!(fields.contains(&"discovery.advertise"), "{fields:?}");
     assert!(fields.contains(&"discovery.reload_interval"), "{fields:?}");
-    let text = BASE.replace("key: us-east.key", "key: us-east.key\n  reload_interval: 0s");
-    let e = Config::parse(Path::new("x.yaml"), &text).unwrap_err().0.remove(0);
+    let text = BASE.replace(
+        "key: us-east.key",
+        "key: us-east.key\n  reload_interval: 0s",
+    );
+    let e = Config::parse(Path::new("x.yaml"), &text)
+        .unwrap_err()
+        .0
+        .remove(0);
     assert_eq!(e.field, "tls.reload_interval");
 }
