@@ -16,6 +16,26 @@ use strait_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The request for the `echo` service every test exports.
+fn echo_request() -> StreamRequest {
+    StreamRequest {
+        service: "echo".into(),
+        namespace: "default".into(),
+        port: 7000,
+        endpoint: None,
+    }
+}
+
+/// Starts "east", exporting `echo` (port 7000, forwarding to `backend`) to everyone.
+async fn exporter(pki: &TestPki, udp: std::net::UdpSocket, backend: SocketAddr) -> Gateway {
+    pki.gateway(
+        "east",
+        udp,
+        &format!("exports:\n{}", export("echo", 7000, backend, "[\"*\"]")),
+    )
+    .await
+}
+
 /// East exports `echo` (port 7000) to everyone; west imports it. Returns both and the
 /// local listener address on west.
 async fn pair(
@@ -242,12 +262,7 @@ async fn refused(res: Result<quinn::Connection, quinn::ConnectionError>) -> bool
     match res {
         Err(_) => true,
         Ok(conn) => {
-            let req = StreamRequest {
-                service: "echo".into(),
-                namespace: "default".into(),
-                port: 7000,
-                endpoint: None,
-            };
+            let req = echo_request();
             open_stream(&conn, &req, &[], Duration::from_secs(2))
                 .await
                 .is_err()
@@ -260,13 +275,7 @@ async fn bad_peer_certificates_are_refused() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
     let (ue, ae) = udp();
-    let east = pki
-        .gateway(
-            "east",
-            ue,
-            &format!("exports:\n{}", export("echo", 7000, echo.addr, "[\"*\"]")),
-        )
-        .await;
+    let east = exporter(&pki, ue, echo.addr).await;
     let now = SystemTime::now();
     let day = Duration::from_secs(86_400);
 
@@ -640,12 +649,7 @@ async fn early_bytes_ride_with_the_header_and_arrive_after_ok() {
         .unwrap()
         .connection()
         .unwrap();
-    let req = StreamRequest {
-        service: "echo".into(),
-        namespace: "default".into(),
-        port: 7000,
-        endpoint: None,
-    };
+    let req = echo_request();
     let (mut send, mut recv) = open_stream(&conn, &req, b"early bytes", Duration::from_secs(5))
         .await
         .unwrap();
@@ -754,12 +758,7 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
         .unwrap()
         .connection()
         .unwrap();
-    let req = StreamRequest {
-        service: "echo".into(),
-        namespace: "default".into(),
-        port: 7000,
-        endpoint: None,
-    };
+    let req = echo_request();
     match open_stream(&conn, &req, &[], Duration::from_secs(5)).await {
         Err(OpenError::Refused { status, .. }) => assert_eq!(status, Status::Overloaded),
         other => panic!("expected overloaded, got {:?}", other.map(|_| ())),
@@ -786,13 +785,7 @@ async fn peer_vanishing_mid_stream_resets_the_client_instead_of_hanging() {
     let echo = Backend::echo().await.unwrap();
     let (ue, ae) = udp();
     let (uw, _) = udp();
-    let _east = pki
-        .gateway(
-            "east",
-            ue,
-            &format!("exports:\n{}", export("echo", 7000, echo.addr, "[\"*\"]")),
-        )
-        .await;
+    let _east = exporter(&pki, ue, echo.addr).await;
     let relay = UdpRelay::new(ae).await;
     let tuning = "tunnel:\n  keep_alive: 100ms\n  idle_timeout: 1s\n";
     let west = pki
