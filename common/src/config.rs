@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{is_dns_label, is_trust_domain};
 use crate::units::{ByteSize, HumanDuration};
 
+pub mod routing;
+
 /// One gateway's configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +48,9 @@ pub struct Config {
     /// Gossip discovery: learn peers and imports from the federation instead of listing them.
     #[serde(default)]
     pub discovery: Option<Discovery>,
+    /// How imported services choose a cluster per connection and fail over.
+    #[serde(default)]
+    pub routing: routing::Routing,
     /// The file this configuration was loaded from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -147,8 +152,13 @@ fn default_reload_interval() -> HumanDuration {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelTuning {
-    /// Keep-alive interval on peer connections; also bounds how fast a silent peer is noticed.
+    /// Keep-alive (probe) interval on peer connections: each one must be acknowledged, so
+    /// it bounds how fast a silent peer is noticed.
     pub keep_alive: HumanDuration,
+    /// A peer that has sent nothing (not even an acknowledgement) for this long is taken out
+    /// of routing at once; its connection stays open until `idle_timeout` in case it was a
+    /// blip. Raised automatically to 4 RTT + keep_alive on slow paths.
+    pub unresponsive_after: HumanDuration,
     /// A peer connection with no traffic (keep-alives included) for this long is closed.
     pub idle_timeout: HumanDuration,
     /// Time allowed for the QUIC handshake and for the remote's stream status.
@@ -177,8 +187,9 @@ pub struct TunnelTuning {
 impl Default for TunnelTuning {
     fn default() -> Self {
         Self {
-            keep_alive: HumanDuration(Duration::from_millis(500)),
-            idle_timeout: HumanDuration(Duration::from_secs(3)),
+            keep_alive: HumanDuration(Duration::from_millis(100)),
+            unresponsive_after: HumanDuration(Duration::from_millis(500)),
+            idle_timeout: HumanDuration(Duration::from_millis(1500)),
             connect_timeout: HumanDuration(Duration::from_secs(2)),
             endpoint_connect_timeout: HumanDuration(Duration::from_secs(2)),
             max_backoff: HumanDuration(Duration::from_secs(2)),
@@ -460,6 +471,7 @@ impl Config {
         self.validate_peers(&mut v);
         self.validate_imports(&mut v);
         self.validate_discovery(&mut v);
+        self.routing.validate(&mut v);
         v.problems
     }
 
@@ -723,6 +735,7 @@ impl TunnelTuning {
         let zero = |d: &HumanDuration| d.0.is_zero();
         for (field, d) in [
             ("tunnel.keep_alive", &self.keep_alive),
+            ("tunnel.unresponsive_after", &self.unresponsive_after),
             ("tunnel.idle_timeout", &self.idle_timeout),
             ("tunnel.connect_timeout", &self.connect_timeout),
             (
@@ -743,7 +756,18 @@ impl TunnelTuning {
             v.push(
                 "tunnel.keep_alive",
                 format!("{} is not shorter than tunnel.idle_timeout ({})", self.keep_alive, self.idle_timeout),
-                "keep-alives must be sent well within the idle timeout, e.g. keep_alive: 500ms with idle_timeout: 3s",
+                "keep-alives must be sent well within the idle timeout, e.g. keep_alive: 100ms with idle_timeout: 1500ms",
+            );
+        } else if self.unresponsive_after.0 < self.keep_alive.0 * 2
+            || self.unresponsive_after.0 >= self.idle_timeout.0
+        {
+            v.push(
+                "tunnel.unresponsive_after",
+                format!(
+                    "{} is not between 2 x tunnel.keep_alive ({}) and tunnel.idle_timeout ({})",
+                    self.unresponsive_after, self.keep_alive, self.idle_timeout
+                ),
+                "use e.g. keep_alive: 100ms, unresponsive_after: 500ms, idle_timeout: 1500ms",
             );
         }
         if self.max_concurrent_streams == 0 || self.max_inbound_streams == 0 {

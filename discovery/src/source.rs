@@ -22,9 +22,11 @@ pub trait ExportSource: Send + Sync {
 }
 
 /// Exports read from the gateway's config file, re-read when the file changes. An invalid
-/// edit is reported and ignored: the last good exports stay.
+/// edit is reported and ignored: the last good exports stay. The whole last good config is
+/// published too, for the other sections that apply at run time (routing policies).
 pub struct FileSource {
     rx: watch::Receiver<Arc<Vec<Export>>>,
+    config: watch::Receiver<Arc<Config>>,
     task: JoinHandle<()>,
 }
 
@@ -42,8 +44,9 @@ impl ExportSource for FileSource {
 
 impl FileSource {
     /// Watches `path`, starting from `initial` (what the gateway started with).
-    pub fn start(path: PathBuf, initial: Vec<Export>, interval: Duration) -> FileSource {
-        let (tx, rx) = watch::channel(Arc::new(initial));
+    pub fn start(path: PathBuf, initial: Config, interval: Duration) -> FileSource {
+        let (tx, rx) = watch::channel(Arc::new(initial.exports.clone()));
+        let (config_tx, config) = watch::channel(Arc::new(initial));
         let task = tokio::spawn(async move {
             let stamp = |p: &PathBuf| {
                 std::fs::metadata(p)
@@ -68,18 +71,30 @@ impl FileSource {
                                     exports = c.exports.len(),
                                     "exports reloaded from the config file"
                                 );
-                                *cur = Arc::new(c.exports);
+                                *cur = Arc::new(c.exports.clone());
+                            }
+                            changed
+                        });
+                        config_tx.send_if_modified(|cur| {
+                            let changed = **cur != c;
+                            if changed {
+                                *cur = Arc::new(c);
                             }
                             changed
                         });
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "config file changed but is invalid; keeping the current exports")
+                        tracing::error!(error = %e, "config file changed but is invalid; keeping the current configuration")
                     }
                 }
             }
         });
-        FileSource { rx, task }
+        FileSource { rx, config, task }
+    }
+
+    /// The last good configuration; the receiver sees every change.
+    pub fn config(&self) -> watch::Receiver<Arc<Config>> {
+        self.config.clone()
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,6 +27,8 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         .route("/v1/identity", get(identity))
         .route("/v1/members", get(members))
         .route("/v1/catalog", get(catalog))
+        .route("/v1/routes", get(routes))
+        .route("/v1/routes/{namespace}/{name}", get(route))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin API stopped");
@@ -125,6 +127,10 @@ struct PeerView {
     rtt_ms: Option<f64>,
     /// Current path MTU (UDP payload bytes) of the tunnel connection.
     mtu: Option<u16>,
+    /// Gateway liveness: answering probes (only an up, responsive peer gets connections).
+    responsive: bool,
+    /// RTT percentiles over the last minute.
+    rtt: Option<crate::tunnel::peers::RttSummary>,
     connects: u64,
     last_error: Option<String>,
 }
@@ -146,12 +152,34 @@ async fn peers(State(s): State<Arc<Shared>>) -> Json<Vec<PeerView>> {
                         .as_ref()
                         .map(|c| c.rtt().as_secs_f64() * 1000.0),
                     mtu: st.connection.as_ref().map(|c| c.stats().path.current_mtu),
+                    responsive: st.status == PeerStatus::Up && st.responsive,
+                    rtt: p.rtt_summary(),
                     connects: st.connects,
                     last_error: st.last_error,
                 }
             })
             .collect(),
     )
+}
+
+/// How every imported service routes now: ranked clusters and why each is in or out.
+async fn routes(State(s): State<Arc<Shared>>) -> Json<Vec<crate::routing::RouteReport>> {
+    Json(s.routing.report(&s, None))
+}
+
+async fn route(
+    State(s): State<Arc<Shared>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let service = format!("{namespace}/{name}");
+    match s.routing.report(&s, Some(&service)).pop() {
+        Some(r) => Json(r).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("{service} is not imported by this gateway") })),
+        )
+            .into_response(),
+    }
 }
 
 async fn services(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -163,6 +163,9 @@ pub async fn follow(
         shared.exports.store(current.clone());
         node.set_local(to_catalog(&current, &shared.config.zone));
         let v = view.borrow_and_update().clone();
+        shared
+            .routing
+            .set_catalog(crate::routing::CatalogView::from_view(&v));
         shared.peers.reconcile(
             &shared,
             &desired_peers(&shared.config.peers, &v, &me.cluster),

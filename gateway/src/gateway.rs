@@ -23,6 +23,8 @@ use strait_discovery::state::CatalogConfig;
 use crate::federation;
 use crate::listener::{BoundListener, Listeners};
 use crate::metrics::Metrics;
+use crate::router::Locality;
+use crate::routing::{self, Routing};
 use crate::tunnel::peers::Peers;
 use crate::tunnel::{self, codes, inbound};
 use crate::{admin, reload};
@@ -49,6 +51,8 @@ pub struct Shared {
     pub listeners: Listeners,
     /// The discovery member, when discovery is configured.
     pub discovery: Option<Arc<Node>>,
+    /// Per-service routing and failover state.
+    pub routing: Routing,
     /// When the gateway started.
     pub started: SystemTime,
 }
@@ -103,6 +107,14 @@ impl Gateway {
             exports: ArcSwap::from_pointee(config.exports.clone()),
             listeners: Listeners::default(),
             discovery,
+            routing: Routing::new(
+                Locality {
+                    cluster: config.cluster.clone(),
+                    region: config.region.clone(),
+                    zone: config.zone.clone(),
+                },
+                config.routing.clone(),
+            ),
             started: SystemTime::now(),
             config,
         });
@@ -131,18 +143,33 @@ impl Gateway {
         tasks.spawn(inbound::accept_loop(shared.clone()).instrument(span.clone()));
         tasks.spawn(admin::serve(shared.clone(), admin_listener).instrument(span.clone()));
         tasks.spawn(reload::watch_certificates(shared.clone()).instrument(span.clone()));
-        if let (Some(node), Some(d)) = (&shared.discovery, &shared.config.discovery) {
-            let path = shared.config.source.clone().context("checked above")?;
-            let source =
-                FileSource::start(path, shared.config.exports.clone(), d.reload_interval.0);
+        tasks.spawn(routing::watch(shared.clone()).instrument(span.clone()));
+        // The config file is watched for what applies at run time: exports and routing.
+        if let Some(path) = shared.config.source.clone() {
+            let interval = shared
+                .config
+                .discovery
+                .as_ref()
+                .map_or(Duration::from_secs(1), |d| d.reload_interval.0);
+            let source = FileSource::start(path, shared.config.clone(), interval);
+            let config = source.config();
+            let source = match (&shared.discovery, &shared.config.discovery) {
+                (Some(node), Some(d)) => {
+                    tasks.spawn(
+                        federation::follow(
+                            shared.clone(),
+                            node.clone(),
+                            Box::new(source),
+                            d.import_addresses,
+                        )
+                        .instrument(span.clone()),
+                    );
+                    None
+                }
+                _ => Some(source),
+            };
             tasks.spawn(
-                federation::follow(
-                    shared.clone(),
-                    node.clone(),
-                    Box::new(source),
-                    d.import_addresses,
-                )
-                .instrument(span.clone()),
+                reload::follow_config(shared.clone(), config, source).instrument(span.clone()),
             );
         }
         tracing::info!(parent: &span, tunnel = %shared.endpoint.local_addr()?, admin = %admin_addr, discovery = shared.discovery.is_some(), "gateway started");

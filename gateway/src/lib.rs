@@ -9,6 +9,7 @@ pub mod listener;
 pub mod metrics;
 pub mod reload;
 pub mod router;
+pub mod routing;
 pub mod status;
 pub mod tunnel;
 

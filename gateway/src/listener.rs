@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -15,6 +15,8 @@ use tokio::task::AbortHandle;
 use tracing::Instrument;
 
 use crate::gateway::Shared;
+use crate::router::Outcome;
+use crate::routing::RetryReason;
 use crate::tunnel::header::StreamRequest;
 use crate::tunnel::outbound::{OpenError, open_stream};
 use crate::tunnel::splice;
@@ -193,30 +195,36 @@ async fn forward(
         port: info.port.into(),
         endpoint: None,
     };
-    let timeout = shared.config.tunnel.connect_timeout.0;
+    let service = info.service.as_str();
+    let routing = &shared.routing;
+    let plan = routing.plan(&shared, service, &import.clusters);
     let early = early_bytes(&tcp);
-    for cluster in &import.clusters {
-        let labels = [
-            ("service", info.service.as_str()),
-            ("peer", cluster.as_str()),
-        ];
-        let conn = match shared.peers.get(cluster) {
-            Some(peer) => peer.ready_connection(timeout).await,
-            None => None,
-        };
-        let opened = match conn {
-            Some(conn) => open_stream(&conn, &req, &early, timeout).await,
-            None => Err(OpenError::PeerDown),
-        };
+    let mut retry = None;
+    for cluster in &plan.attempts {
+        if let Some(reason) = retry
+            && !routing.may_retry(&shared, service, reason)
+        {
+            break;
+        }
+        let held = routing.hold(service, cluster);
+        let opened = open_on(&shared, cluster, &req, &early, plan.timeout).await;
         match opened {
             Ok((send, recv)) => {
+                routing.record(&shared, service, cluster, Outcome::Success);
                 shared
                     .metrics
                     .histogram("strait_connect_duration_seconds", &[("peer", cluster)])
                     .record(started.elapsed().as_secs_f64());
+                shared
+                    .metrics
+                    .counter(
+                        "strait_route_connections_total",
+                        &[("service", service), ("cluster", cluster)],
+                    )
+                    .increment(1);
                 splice::splice_counted(
                     &shared.metrics,
-                    &info.service,
+                    service,
                     cluster,
                     splice::Side::Outbound,
                     (tcp, send, recv),
@@ -224,25 +232,72 @@ async fn forward(
                     early.len() as u64,
                 )
                 .await;
+                drop(held);
                 return;
             }
             Err(e) => {
+                drop(held);
+                let peer_down = matches!(e, OpenError::PeerDown)
+                    || shared
+                        .peers
+                        .get(cluster)
+                        .is_none_or(|p| !p.state().routable());
+                // A dead gateway is gateway liveness, not this path's fault: it does not
+                // count towards ejecting the path.
+                if !peer_down {
+                    routing.record(&shared, service, cluster, Outcome::Failure);
+                }
                 shared
                     .metrics
                     .counter(
                         "strait_streams_failed_total",
-                        &[labels[0], labels[1], ("reason", e.label())],
+                        &[
+                            ("service", service),
+                            ("peer", cluster),
+                            ("reason", e.label()),
+                        ],
                     )
                     .increment(1);
                 tracing::info!(peer = %cluster, error = %e, "stream to peer failed");
                 if !e.retryable() {
                     break;
                 }
+                retry = Some(if peer_down {
+                    RetryReason::PeerDown
+                } else {
+                    RetryReason::Failed
+                });
             }
         }
     }
+    shared
+        .metrics
+        .counter("strait_route_unserved_total", &[("service", service)])
+        .increment(1);
     // Nothing could serve the connection: reset it so the client fails fast, not on a timeout.
     splice::abort_on_close(&tcp);
+}
+
+/// Opens a stream on `cluster`'s tunnel; gives up early, as `PeerDown`, when the peer
+/// stops answering probes while we wait (the usual sign of a dead or cut-off gateway).
+async fn open_on(
+    shared: &Shared,
+    cluster: &str,
+    req: &StreamRequest,
+    early: &Bytes,
+    timeout: Duration,
+) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+    let Some(peer) = shared.peers.get(cluster) else {
+        return Err(OpenError::PeerDown);
+    };
+    let mut state = peer.subscribe();
+    let Some(conn) = peer.ready_connection(timeout).await else {
+        return Err(OpenError::PeerDown);
+    };
+    tokio::select! {
+        opened = open_stream(&conn, req, early, timeout) => opened,
+        _ = state.wait_for(|s| !s.routable()) => Err(OpenError::PeerDown),
+    }
 }
 
 /// Most bytes read ahead of the stream header.

@@ -86,3 +86,22 @@ fn reload(shared: &Shared, me: &GatewayId) -> anyhow::Result<String> {
     shared.identity.store(Arc::new(identity));
     Ok(serial)
 }
+
+/// Applies what may change at run time from the config file: routing policies, and the
+/// exports when no discovery member follows them. `source` is the file watcher when
+/// nothing else owns it (it stops when dropped).
+pub async fn follow_config(
+    shared: Arc<Shared>,
+    mut config: tokio::sync::watch::Receiver<Arc<strait_common::Config>>,
+    source: Option<strait_discovery::source::FileSource>,
+) {
+    let _source = source;
+    while config.changed().await.is_ok() {
+        let c = config.borrow_and_update().clone();
+        shared.routing.set_config(c.routing.clone());
+        if shared.discovery.is_none() {
+            shared.exports.store(Arc::new(c.exports.clone()));
+        }
+        tracing::info!("configuration reloaded");
+    }
+}

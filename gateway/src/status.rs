@@ -46,6 +46,7 @@ pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
     let (_, services) = get(admin, "/v1/services").await?;
     let (_, peers) = get(admin, "/v1/peers").await?;
     let (members_code, members) = get(admin, "/v1/members").await?;
+    let (_, routes) = get(admin, "/v1/routes").await?;
     let Some(cluster) = services["cluster"].as_str() else {
         bail!("unexpected /v1/services answer")
     };
@@ -129,24 +130,45 @@ pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
     let _ = writeln!(out, "\nimported services: {}\n", imports.len());
     let _ = writeln!(
         out,
-        "{:<28} {:>6}  {:<24} CLUSTERS (tried in order)",
+        "{:<28} {:>6}  {:<24} ROUTE (best first; out of rotation in brackets)",
         "SERVICE", "PORT", "LISTEN"
     );
     for i in imports {
-        let clusters: Vec<&str> = i["clusters"]
+        let service = i["service"].as_str().unwrap_or("");
+        let route = routes
             .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .and_then(|rs| rs.iter().find(|r| r["service"] == service))
+            .map(route_line)
             .unwrap_or_default();
         let _ = writeln!(
             out,
             "{:<28} {:>6}  {:<24} {}",
-            i["service"].as_str().unwrap_or(""),
+            service,
             i["port"].to_string(),
             i["address"].as_str().unwrap_or(""),
-            clusters.join(", ")
+            route
         );
     }
     let exports = services["exports"].as_array().map_or(0, Vec::len);
     let _ = write!(out, "\nexported services: {exports}");
     Ok(out)
+}
+
+/// One service's ranked clusters: `a, b [peer-down]`, with a ramping share as a percentage.
+fn route_line(r: &Value) -> String {
+    let clusters = r["clusters"].as_array().cloned().unwrap_or_default();
+    clusters
+        .iter()
+        .map(|c| {
+            let name = c["cluster"].as_str().unwrap_or("?");
+            match c["reason"].as_str() {
+                Some(why) => format!("[{name}: {why}]"),
+                None => match c["share"].as_f64() {
+                    Some(share) if share < 1.0 => format!("{name} ({:.0}%)", share * 100.0),
+                    _ => name.to_owned(),
+                },
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -4,9 +4,7 @@
 //! gradually, cap concurrency per cluster, and ration retries. Inputs are explicit (the
 //! candidates with their health, outcomes, `now`, a seeded RNG), so every rule is tested
 //! deterministically; the listener turns decisions into connection attempts.
-//!
-//! Not wired into the data path yet: listeners still try the import's cluster order
-//! (docs/ARCHITECTURE.md, "Listeners").
+//! `crate::routing` feeds it from the live gateway.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -34,7 +32,7 @@ pub struct Candidate {
     pub region: String,
     /// Its zone.
     pub zone: String,
-    /// Explicit failover priority from policy (lower first); `None` orders by RTT.
+    /// Position in the policy's priority list (lower first); `None` orders by RTT.
     pub priority: Option<u32>,
     /// Measured tunnel RTT.
     pub rtt: Option<Duration>,
@@ -48,56 +46,7 @@ pub struct Candidate {
     pub active: usize,
 }
 
-/// Outlier ejection settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Ejection {
-    /// Consecutive failures that eject a (service, cluster) path.
-    pub consecutive_failures: u32,
-    /// First ejection time; doubles with each repeat.
-    pub base: Duration,
-    /// Longest ejection.
-    pub max: Duration,
-    /// At most this share of a service's clusters is ejected at once.
-    pub max_ejected_fraction: f64,
-}
-
-/// Per-service routing policy.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Policy {
-    /// Most clusters tried for one connection.
-    pub max_attempts: usize,
-    /// Outlier ejection.
-    pub ejection: Ejection,
-    /// A recovered cluster must stay healthy this long before it takes traffic again.
-    pub dwell: Duration,
-    /// After the dwell, its share of traffic ramps up over this long.
-    pub slow_start: Duration,
-    /// Retries allowed per first attempt (0.2: one retry per five connections).
-    pub retry_ratio: f64,
-    /// Retries always allowed per second, whatever the ratio.
-    pub min_retries_per_sec: f64,
-    /// Most concurrent connections sent to one cluster (spill protection).
-    pub max_per_cluster: Option<usize>,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 3,
-            ejection: Ejection {
-                consecutive_failures: 3,
-                base: Duration::from_secs(2),
-                max: Duration::from_secs(60),
-                max_ejected_fraction: 0.5,
-            },
-            dwell: Duration::from_secs(5),
-            slow_start: Duration::from_secs(10),
-            retry_ratio: 0.2,
-            min_retries_per_sec: 10.0,
-            max_per_cluster: None,
-        }
-    }
-}
+pub use strait_common::config::routing::{Mode, RoutePolicy as Policy};
 
 /// Why a cluster is not tried (shown by the admin API).
 #[derive(Debug, Clone, PartialEq)]
@@ -119,7 +68,8 @@ pub enum Out {
 pub struct Considered {
     /// Cluster id.
     pub cluster: String,
-    /// Locality tier (0 same cluster, 1 same zone, 2 same region, 10+p priority, 1000+ by RTT).
+    /// Locality tier (0 same cluster, 1 same zone, 2 same region, 10+p priority, 1000+ by
+    /// RTT); in `weighted` mode every cluster is tier 0.
     pub tier: u32,
     /// `None` when it is in; the reason when it is out.
     pub out: Option<Out>,
@@ -168,10 +118,13 @@ pub struct ServiceRouter {
 impl ServiceRouter {
     /// A router with `policy`; `seed` makes weighted choices reproducible.
     pub fn new(policy: Policy, seed: u64) -> Self {
+        // One second's worth of the floor is there from the start: the first failure
+        // after a start or a quiet spell can be retried.
+        let tokens = policy.min_retries_per_sec.max(0.0);
         Self {
             policy,
             paths: BTreeMap::new(),
-            tokens: 0.0,
+            tokens,
             refilled: None,
             rng: StdRng::seed_from_u64(seed),
         }
@@ -187,9 +140,15 @@ impl ServiceRouter {
         self.policy = policy;
     }
 
-    /// Ranks `candidates` for one new connection from `me`.
-    pub fn decide(&mut self, me: &Locality, candidates: &[Candidate], now: Instant) -> Decision {
-        let tiers = tiers(me, candidates);
+    /// Judges every candidate as of `now`, best tier first, without choosing: what the
+    /// admin API shows, and what keeps dwell timers right while no traffic flows.
+    pub fn observe(
+        &mut self,
+        me: &Locality,
+        candidates: &[Candidate],
+        now: Instant,
+    ) -> Vec<Considered> {
+        let tiers = tiers(self.policy.mode, me, candidates);
         let mut considered = Vec::with_capacity(candidates.len());
         for (c, tier) in candidates.iter().zip(&tiers) {
             let (out, share) = self.judge(c, now);
@@ -201,7 +160,12 @@ impl ServiceRouter {
             });
         }
         considered.sort_by(|a, b| a.tier.cmp(&b.tier).then_with(|| a.cluster.cmp(&b.cluster)));
+        considered
+    }
 
+    /// Ranks `candidates` for one new connection from `me`.
+    pub fn decide(&mut self, me: &Locality, candidates: &[Candidate], now: Instant) -> Decision {
+        let considered = self.observe(me, candidates, now);
         // Clusters that are merely recovering or saturated are still better than nothing.
         let mut usable: Vec<&Considered> = considered.iter().filter(|c| c.out.is_none()).collect();
         if usable.is_empty() {
@@ -235,7 +199,7 @@ impl ServiceRouter {
         keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
         let attempts = keyed
             .into_iter()
-            .take(self.policy.max_attempts)
+            .take(self.policy.attempts.max(1))
             .map(|(_, _, c)| c.to_owned())
             .collect();
         Decision {
@@ -292,8 +256,15 @@ impl ServiceRouter {
     }
 
     /// Records how an attempt on `cluster` ended; repeated failures eject the path.
-    pub fn record(&mut self, cluster: &str, outcome: Outcome, now: Instant) {
-        let e = self.policy.ejection.clone();
+    /// Returns the ejection time when this failure ejected it.
+    pub fn record(&mut self, cluster: &str, outcome: Outcome, now: Instant) -> Option<Duration> {
+        let p = &self.policy;
+        let (threshold, base, max, fraction) = (
+            p.consecutive_failures,
+            p.ejection_base,
+            p.ejection_max,
+            p.max_ejected_fraction,
+        );
         let total = self.paths.len().max(1);
         let ejected = self
             .paths
@@ -307,7 +278,7 @@ impl ServiceRouter {
                 // Flap damping decays: a path healthy for a whole max period starts over.
                 if path
                     .last_ejection
-                    .is_some_and(|t| now.saturating_duration_since(t) > e.max * 2)
+                    .is_some_and(|t| now.saturating_duration_since(t) > max * 2)
                 {
                     path.ejections = 0;
                 }
@@ -315,17 +286,19 @@ impl ServiceRouter {
             Outcome::Failure => {
                 path.failures += 1;
                 let already = path.ejected_until.is_some_and(|t| t > now);
-                let room = ((ejected + 1) as f64) <= e.max_ejected_fraction * total as f64;
-                if path.failures >= e.consecutive_failures && !already && room {
+                let room = ((ejected + 1) as f64) <= fraction * total as f64 + 1e-9;
+                if path.failures >= threshold && !already && room {
                     let factor = 2u32.saturating_pow(path.ejections.min(16));
-                    let time = e.base.saturating_mul(factor).min(e.max);
+                    let time = base.saturating_mul(factor).min(max);
                     path.ejected_until = Some(now + time);
                     path.last_ejection = Some(now);
                     path.ejections += 1;
                     path.failures = 0;
+                    return Some(time);
                 }
             }
         }
+        None
     }
 
     /// Counts a first attempt (earns retry budget).
@@ -361,18 +334,23 @@ impl ServiceRouter {
     }
 }
 
-/// Locality tier of each candidate.
-fn tiers(me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
+/// Locality tier of each candidate under `mode`.
+fn tiers(mode: Mode, me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
+    let tier_of = |c: &Candidate| match mode {
+        Mode::Locality => locality_tier(me, c),
+        Mode::Weighted => Some(0),
+        Mode::Priority => c.priority.map(|p| 10 + p.min(900)),
+    };
     let mut by_rtt: Vec<(Duration, &str)> = candidates
         .iter()
-        .filter(|c| tier_of(me, c).is_none())
+        .filter(|c| tier_of(c).is_none())
         .map(|c| (c.rtt.unwrap_or(Duration::MAX), c.cluster.as_str()))
         .collect();
     by_rtt.sort();
     candidates
         .iter()
         .map(|c| {
-            tier_of(me, c).unwrap_or_else(|| {
+            tier_of(c).unwrap_or_else(|| {
                 let rank = by_rtt
                     .iter()
                     .position(|(_, n)| *n == c.cluster)
@@ -383,7 +361,7 @@ fn tiers(me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
         .collect()
 }
 
-fn tier_of(me: &Locality, c: &Candidate) -> Option<u32> {
+fn locality_tier(me: &Locality, c: &Candidate) -> Option<u32> {
     if c.cluster == me.cluster {
         Some(0)
     } else if !me.zone.is_empty() && c.zone == me.zone {

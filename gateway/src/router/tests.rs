@@ -61,7 +61,7 @@ fn ranks_by_locality_then_priority_then_rtt() {
         cand("use1-c", "us-east", "use1-az1"),
     ];
     let mut r = router(Policy {
-        max_attempts: 10,
+        attempts: 10,
         ..Default::default()
     });
     let d = r.decide(&me(), &cands, Instant::now());
@@ -118,7 +118,7 @@ fn weights_split_traffic_within_a_tier() {
 fn max_attempts_bounds_the_list() {
     let cands: Vec<_> = (0..6).map(|i| cand(&format!("c{i}"), "x", "")).collect();
     let mut r = router(Policy {
-        max_attempts: 2,
+        attempts: 2,
         ..Default::default()
     });
     assert_eq!(r.decide(&me(), &cands, Instant::now()).attempts.len(), 2);

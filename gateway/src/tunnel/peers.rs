@@ -1,8 +1,8 @@
 //! Outbound tunnel connections: one per configured peer, kept up with reconnect backoff.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use quinn::Connection;
 use rand::Rng;
@@ -39,6 +39,36 @@ pub struct PeerState {
     pub last_error: Option<String>,
     /// Successful handshakes so far.
     pub connects: u64,
+    /// While up: the peer acknowledged our probes recently (`tunnel.unresponsive_after`).
+    /// An up but unresponsive peer gets no new connections.
+    pub responsive: bool,
+}
+
+impl PeerState {
+    /// Whether new connections may be sent to this peer: up and answering probes, or not
+    /// yet connected for the first time (a peer just learned from discovery, worth a wait).
+    pub fn routable(&self) -> bool {
+        match self.status {
+            PeerStatus::Up => self.responsive,
+            PeerStatus::Connecting => self.connects == 0,
+            PeerStatus::Down => false,
+        }
+    }
+}
+
+/// RTT samples of the last minute, for p50/p99.
+const RTT_SAMPLES: usize = 240;
+const RTT_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// RTT percentiles over the last minute.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RttSummary {
+    /// Median, in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, in milliseconds.
+    pub p99_ms: f64,
+    /// Samples behind the figures.
+    pub samples: usize,
 }
 
 /// A configured peer and its live state.
@@ -46,6 +76,7 @@ pub struct PeerHandle {
     /// The peer's configuration.
     pub config: Peer,
     state: watch::Sender<PeerState>,
+    rtt: Mutex<VecDeque<Duration>>,
 }
 
 impl PeerHandle {
@@ -56,11 +87,53 @@ impl PeerHandle {
             since: SystemTime::now(),
             last_error: None,
             connects: 0,
+            responsive: false,
         };
         Self {
             config,
             state: watch::channel(state).0,
+            rtt: Mutex::new(VecDeque::with_capacity(RTT_SAMPLES)),
         }
+    }
+
+    /// RTT percentiles over the last minute; `None` before the first sample.
+    pub fn rtt_summary(&self) -> Option<RttSummary> {
+        let mut v: Vec<Duration> = self
+            .rtt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort();
+        let at = |q: f64| {
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i].as_secs_f64() * 1000.0
+        };
+        Some(RttSummary {
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            samples: v.len(),
+        })
+    }
+
+    fn sample_rtt(&self, rtt: Duration) {
+        let mut v = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() == RTT_SAMPLES {
+            v.pop_front();
+        }
+        v.push_back(rtt);
+    }
+
+    fn set_responsive(&self, responsive: bool) {
+        self.state.send_if_modified(|s| {
+            let changed = s.responsive != responsive;
+            s.responsive = responsive;
+            changed
+        });
     }
 
     /// The live connection, if the peer is up.
@@ -100,6 +173,8 @@ impl PeerHandle {
                 s.connects += 1;
             }
             s.status = status;
+            // A fresh connection has just proven the peer answers.
+            s.responsive = status == PeerStatus::Up;
             s.connection = connection;
             if error.is_some() {
                 s.last_error = error;
@@ -175,9 +250,22 @@ pub async fn maintain(shared: Arc<Shared>, peer: Arc<PeerHandle>) {
     let up = shared
         .metrics
         .gauge("strait_peer_up", &[("peer", &cluster)]);
-    let rtt = shared
-        .metrics
-        .gauge("strait_peer_rtt_seconds", &[("peer", &cluster)]);
+    let gauges = Gauges {
+        rtt: shared
+            .metrics
+            .gauge("strait_peer_rtt_seconds", &[("peer", &cluster)]),
+        responsive: shared
+            .metrics
+            .gauge("strait_peer_responsive", &[("peer", &cluster)]),
+        p50: shared.metrics.gauge(
+            "strait_peer_rtt_quantile_seconds",
+            &[("peer", &cluster), ("quantile", "0.5")],
+        ),
+        p99: shared.metrics.gauge(
+            "strait_peer_rtt_quantile_seconds",
+            &[("peer", &cluster), ("quantile", "0.99")],
+        ),
+    };
     let mut backoff = INITIAL_BACKOFF;
     loop {
         peer.set(PeerStatus::Connecting, None, None);
@@ -194,8 +282,9 @@ pub async fn maintain(shared: Arc<Shared>, peer: Arc<PeerHandle>) {
                 backoff = INITIAL_BACKOFF;
                 up.set(1.0);
                 peer.set(PeerStatus::Up, Some(conn.clone()), None);
-                let reason = watch_connection(&conn, &rtt).await;
+                let reason = watch_connection(&shared, &peer, &conn, &gauges).await;
                 up.set(0.0);
+                gauges.responsive.set(0.0);
                 tracing::warn!(peer = %cluster, %reason, "tunnel down");
                 peer.set(PeerStatus::Down, None, Some(reason));
             }
@@ -234,13 +323,64 @@ async fn connect(shared: &Shared, peer: &PeerHandle) -> Result<Connection, Strin
     }
 }
 
-/// Waits until the connection closes, publishing its RTT meanwhile; returns why it closed.
-async fn watch_connection(conn: &Connection, rtt: &metrics::Gauge) -> String {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+struct Gauges {
+    rtt: metrics::Gauge,
+    responsive: metrics::Gauge,
+    p50: metrics::Gauge,
+    p99: metrics::Gauge,
+}
+
+/// Waits until the connection closes; returns why. Meanwhile it judges liveness: every
+/// keep-alive must be acknowledged, so a connection that has received no datagram for
+/// `unresponsive_after` (or 4 RTT + keep-alive on a slow path) has a peer that is dead,
+/// partitioned or blackholed. That is known long before the idle timeout closes the
+/// connection, and routing stops sending new connections there at once.
+async fn watch_connection(
+    shared: &Shared,
+    peer: &PeerHandle,
+    conn: &Connection,
+    gauges: &Gauges,
+) -> String {
+    let t = &shared.config.tunnel;
+    let period = (t.keep_alive.0 / 2).max(Duration::from_millis(5));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut received = conn.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
+    let mut sampled = Instant::now() - RTT_SAMPLE_EVERY;
+    gauges.responsive.set(1.0);
     loop {
         tokio::select! {
             reason = conn.closed() => return reason.to_string(),
-            _ = tick.tick() => rtt.set(conn.rtt().as_secs_f64()),
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let stats = conn.stats();
+        if stats.udp_rx.datagrams != received {
+            received = stats.udp_rx.datagrams;
+            heard = now;
+        }
+        let rtt = stats.path.rtt;
+        let limit = t.unresponsive_after.0.max(rtt * 4 + t.keep_alive.0);
+        let silent = now.saturating_duration_since(heard);
+        let responsive = silent < limit;
+        if responsive != peer.state().responsive {
+            if responsive {
+                tracing::info!(peer = %peer.config.cluster, "peer answers again");
+            } else {
+                tracing::warn!(peer = %peer.config.cluster, silent = ?silent, "peer unresponsive; routing around it");
+            }
+            peer.set_responsive(responsive);
+            gauges.responsive.set(if responsive { 1.0 } else { 0.0 });
+        }
+        if responsive && now.saturating_duration_since(sampled) >= RTT_SAMPLE_EVERY {
+            sampled = now;
+            peer.sample_rtt(rtt);
+            gauges.rtt.set(rtt.as_secs_f64());
+            if let Some(s) = peer.rtt_summary() {
+                gauges.p50.set(s.p50_ms / 1000.0);
+                gauges.p99.set(s.p99_ms / 1000.0);
+            }
         }
     }
 }
