@@ -6,6 +6,7 @@ pub mod demo;
 pub mod federation;
 pub mod gateway;
 pub mod listener;
+pub mod load;
 pub mod metrics;
 pub mod reload;
 pub mod router;

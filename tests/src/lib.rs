@@ -218,6 +218,12 @@ impl UdpRelay {
         self.blackhole
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// Ends the blackhole: datagrams flow again.
+    pub fn restore(&self) {
+        self.blackhole
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A `discovery:` block for tests: fast rounds, a short lease, a random /24 of loopback for

@@ -1,0 +1,381 @@
+//! Failover with real gateways on loopback, under a steady stream of new connections.
+//! `west` imports `default/svc` from `east` (preferred: first in the import's order) and
+//! `north` (the healthy alternative). Faults are injected from user space: a real `strait`
+//! process killed with SIGKILL, a UDP relay that blackholes the path, backends that die.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use strait_gateway::Gateway;
+use strait_gateway::demo::backend::Backend;
+use strait_gateway::load::{Load, LoadSpec, Sample, reroute};
+use strait_gateway::tunnel::peers::PeerStatus;
+use strait_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// West's tuning: failback after 1 s, at once; quick reconnects so healing is quick too.
+const WEST: &str = "tunnel:\n  connect_timeout: 1s\n  max_backoff: 200ms\nrouting:\n  default:\n    dwell: 1s\n    slow_start: 0s\n";
+
+async fn hello(name: &str) -> Backend {
+    Backend::http_hello(format!("hello from {name}\n"))
+        .await
+        .expect("backend")
+}
+
+fn exporting(backend: SocketAddr) -> String {
+    format!("exports:\n{}", export("svc", 7000, backend, "[\"*\"]"))
+}
+
+/// West importing from `east` at `east_addr` and from `north`.
+async fn west(pki: &TestPki, east_addr: SocketAddr, north: &Gateway, extra: &str) -> Gateway {
+    let (uw, _) = udp();
+    let west = pki
+        .gateway(
+            "west",
+            uw,
+            &format!(
+                "{}{WEST}{extra}",
+                import_from(
+                    "svc",
+                    7000,
+                    &[("east", east_addr), ("north", north.tunnel_addr())]
+                )
+            ),
+        )
+        .await;
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    wait_peer(&west, "north", PeerStatus::Up).await;
+    west
+}
+
+fn listener(west: &Gateway) -> SocketAddr {
+    west.listener("default/svc", 7000).expect("listener")
+}
+
+fn load(target: SocketAddr, secs: u64) -> Load {
+    Load::start(LoadSpec {
+        target,
+        rate: 100.0,
+        duration: Duration::from_secs(secs),
+        timeout: Duration::from_secs(4),
+    })
+}
+
+async fn served_by(load: &Load, cluster: &str, n: usize) {
+    let count = || {
+        load.samples()
+            .iter()
+            .filter(|s| s.result.as_deref() == Ok(cluster))
+            .count()
+    };
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} connections served by {cluster}"),
+        || count() >= n,
+    )
+    .await;
+}
+
+/// A keep-alive connection through west that `east` answered; kept open.
+async fn long_lived(target: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(target).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("hello from") {
+        let n = within(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&got).contains("hello from east"),
+        "{got:?}"
+    );
+    s
+}
+
+/// Time until the established connection fails (reset or closed) after a fault.
+async fn cut_after(mut s: TcpStream, fault: Instant) -> Duration {
+    let mut buf = [0u8; 64];
+    let r = within(Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    fault.elapsed()
+}
+
+fn failures(samples: &[Sample]) -> Vec<String> {
+    samples
+        .iter()
+        .filter_map(|s| {
+            s.result
+                .as_ref()
+                .err()
+                .map(|e| format!("at {:?}: {e}", s.at))
+        })
+        .collect()
+}
+
+/// Traffic after healing: the first connection east serves again starts no earlier than
+/// the dwell after its tunnel came back, and not much later.
+fn assert_fails_back(samples: &[Sample], fault: Duration, up_again: Duration) {
+    let back = samples
+        .iter()
+        .filter(|s| s.at > fault && s.result.as_deref() == Ok("east"))
+        .map(|s| s.at)
+        .min()
+        .expect("traffic returned to east");
+    let dwell = Duration::from_secs(1);
+    assert!(
+        back + Duration::from_millis(50) >= up_again + dwell,
+        "east served at {back:?}, before the dwell after {up_again:?}"
+    );
+    assert!(
+        back <= up_again + dwell + Duration::from_millis(1500),
+        "east served only at {back:?}, tunnel back at {up_again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_region_reroutes_with_no_failed_connections_and_fails_back() {
+    let pki = TestPki::new();
+    let (be, bn) = (hello("east").await, hello("north").await);
+    let (ue, ae) = udp();
+    let (un, _) = udp();
+    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
+    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
+    let relay = UdpRelay::new(ae).await;
+    let west = west(&pki, relay.addr, &north, "").await;
+    let target = listener(&west);
+    let established = long_lived(target).await;
+
+    let load = load(target, 10);
+    served_by(&load, "east", 20).await;
+    relay.blackhole();
+    let (fault, fault_at) = (load.elapsed(), Instant::now());
+    let cut = cut_after(established, fault_at).await;
+    assert!(
+        cut <= Duration::from_secs(2),
+        "established connection hung for {cut:?}"
+    );
+    served_by(&load, "north", 20).await;
+    // The route explains itself while east is out.
+    let (code, body) = http_get(west.admin_addr(), "/v1/routes/default/svc").await;
+    assert_eq!(code, 200);
+    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(route["primary"], "north", "{route}");
+    let east_row = route["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cluster"] == "east")
+        .unwrap();
+    assert_eq!(east_row["eligible"], false);
+    assert_eq!(east_row["reason"], "peer-down", "{route}");
+
+    let healed = load.elapsed();
+    relay.restore();
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    let up_again = load.elapsed();
+    let samples = load.finish().await;
+    assert_eq!(failures(&samples), Vec::<String>::new());
+    let r = reroute(&samples, fault, healed, "east", Duration::from_millis(100));
+    assert!(
+        r.reroute <= Duration::from_secs(2),
+        "reroute took {:?}",
+        r.reroute
+    );
+    assert_fails_back(&samples, fault, up_again);
+    let m = west.shared().metrics.render();
+    assert!(
+        metric(
+            &m,
+            "strait_route_failovers_total{service=\"default/svc\",from=\"east\",to=\"north\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+}
+
+/// A `strait run` child process for `east`, on a fixed tunnel address.
+struct Process {
+    config: PathBuf,
+    child: tokio::process::Child,
+}
+
+impl Process {
+    fn spawn(config: &std::path::Path) -> Process {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start strait");
+        Process {
+            config: config.to_owned(),
+            child,
+        }
+    }
+
+    async fn kill(&mut self) {
+        self.child.kill().await.expect("SIGKILL");
+    }
+
+    fn restart(&mut self) {
+        *self = Process::spawn(&self.config);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_gateway_process_reroutes_with_no_failed_connections_and_fails_back() {
+    let pki = TestPki::new();
+    let (be, bn) = (hello("east").await, hello("north").await);
+    // East is a real process; its tunnel port is picked free, then handed to it.
+    let (probe, ae) = udp();
+    drop(probe);
+    pki.write("east", &pki.issue("east"));
+    let mut east = Process::spawn(&pki.write_config("east", ae, &exporting(be.addr)));
+    let (un, _) = udp();
+    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
+    let west = west(&pki, ae, &north, "").await;
+    let target = listener(&west);
+    let established = long_lived(target).await;
+
+    let load = load(target, 10);
+    served_by(&load, "east", 20).await;
+    east.kill().await;
+    let (fault, fault_at) = (load.elapsed(), Instant::now());
+    let cut = cut_after(established, fault_at).await;
+    assert!(
+        cut <= Duration::from_secs(2),
+        "established connection hung for {cut:?}"
+    );
+    served_by(&load, "north", 20).await;
+
+    let healed = load.elapsed();
+    east.restart();
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    let up_again = load.elapsed();
+    let samples = load.finish().await;
+    assert_eq!(failures(&samples), Vec::<String>::new());
+    let r = reroute(&samples, fault, healed, "east", Duration::from_millis(100));
+    assert!(
+        r.reroute <= Duration::from_secs(2),
+        "reroute took {:?}",
+        r.reroute
+    );
+    assert_fails_back(&samples, fault, up_again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_backends_are_ejected_with_no_failed_connections() {
+    let pki = TestPki::new();
+    let (be, bn) = (hello("east").await, hello("north").await);
+    let (ue, ae) = udp();
+    let (un, _) = udp();
+    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
+    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
+    let west = west(&pki, ae, &north, "").await;
+    let load = load(listener(&west), 3);
+    served_by(&load, "east", 20).await;
+    drop(be); // east's endpoints now refuse: east answers connect-failed
+    let fault = load.elapsed();
+    let samples = load.finish().await;
+    assert_eq!(failures(&samples), Vec::<String>::new());
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.at > fault).collect();
+    assert!(
+        after
+            .iter()
+            .filter(|s| s.result.as_deref() == Ok("north"))
+            .count()
+            > 50,
+        "north took over"
+    );
+    let m = west.shared().metrics.render();
+    assert!(
+        metric(
+            &m,
+            "strait_route_ejections_total{service=\"default/svc\",cluster=\"east\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "east was ejected: {m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "strait_route_retries_total{service=\"default/svc\",result=\"failed\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "connections were retried on north: {m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spill_limit_sends_the_overflow_to_the_next_cluster() {
+    let pki = TestPki::new();
+    let (be, bn) = (hello("east").await, hello("north").await);
+    let (ue, ae) = udp();
+    let (un, _) = udp();
+    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
+    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
+    let west = west(&pki, ae, &north, "    max_connections_per_cluster: 2\n").await;
+    let target = listener(&west);
+    let _a = long_lived(target).await;
+    let _b = long_lived(target).await;
+    let (_, body) = http_get(target, "/").await;
+    assert_eq!(body, "hello from north\n", "east is full");
+    let m = west.shared().metrics.render();
+    assert!(
+        metric(
+            &m,
+            "strait_route_saturated_total{service=\"default/svc\",cluster=\"east\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_policy_reloads_from_the_config_file() {
+    let pki = TestPki::new();
+    let (be, bn) = (hello("east").await, hello("north").await);
+    let (ue, ae) = udp();
+    let (un, _) = udp();
+    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
+    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
+    let west = west(&pki, ae, &north, "").await;
+    let target = listener(&west);
+    assert_eq!(http_get(target, "/").await.1, "hello from east\n");
+
+    // Rewrite west's file: north first. The gateway picks it up while running.
+    let imports = import_from("svc", 7000, &[("east", ae), ("north", north.tunnel_addr())]);
+    let policy = "    mode: priority\n    priority: [north, east]\n";
+    pki.write_config(
+        "west",
+        west.tunnel_addr(),
+        &format!("{imports}{WEST}{policy}"),
+    );
+    let mut served = String::new();
+    for _ in 0..250 {
+        served = http_get(target, "/").await.1;
+        if served == "hello from north\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served, "hello from north\n", "policy reloaded");
+    let (_, body) = http_get(west.admin_addr(), "/v1/routes/default/svc").await;
+    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(route["mode"], "priority", "{route}");
+    assert_eq!(route["primary"], "north", "{route}");
+    let (code, _) = http_get(west.admin_addr(), "/v1/routes/default/nope").await;
+    assert_eq!(code, 404);
+}
