@@ -258,3 +258,58 @@ fn discovery_on_an_unspecified_address_needs_advertise_and_intervals_must_be_pos
         .remove(0);
     assert_eq!(e.field, "tls.reload_interval");
 }
+
+#[test]
+fn routing_policy_merges_service_over_default_over_builtin() {
+    let c = parse(
+        "
+routing:
+  default:
+    dwell: 3s
+    ejection: {consecutive_failures: 5}
+  services:
+    - service: shop/cart
+      mode: weighted
+      weights: {us-west: 90, eu-west: 10}
+      ejection: {base_time: 1s}
+",
+    )
+    .unwrap();
+    let cart = c.routing.policy_for("shop/cart");
+    assert_eq!(cart.mode, routing::Mode::Weighted);
+    assert_eq!(cart.weights["us-west"], 90);
+    assert_eq!(cart.dwell, Duration::from_secs(3), "inherited from default");
+    assert_eq!(cart.consecutive_failures, 5, "inherited from default");
+    assert_eq!(cart.ejection_base, Duration::from_secs(1), "its own");
+    assert_eq!(cart.attempts, 3, "built-in");
+    let other = c.routing.policy_for("shop/web");
+    assert_eq!(other.mode, routing::Mode::Locality);
+    assert_eq!(other.ejection_base, Duration::from_secs(2));
+}
+
+#[test]
+fn bad_routing_policies_name_the_field_and_the_fix() {
+    let e = only_error("routing:\n  default:\n    attempts: 0\n");
+    assert_eq!(e.field, "routing.default.attempts");
+    let e = only_error("routing:\n  services:\n    - service: cart\n      dwell: 1s\n");
+    assert_eq!(e.field, "routing.services[0].service");
+    assert!(e.fix.contains("namespace/name"), "{e}");
+    let e = only_error("routing:\n  services:\n    - mode: priority\n      priority: [a]\n");
+    assert_eq!(e.field, "routing.services[0].service");
+    let e = only_error("routing:\n  default:\n    mode: priority\n");
+    assert_eq!(e.field, "routing.default.priority");
+    let e = only_error("routing:\n  default:\n    mode: nearest\n");
+    assert!(e.field.starts_with("routing.default.mode"), "{e}");
+    let e = only_error(
+        "routing:\n  default:\n    ejection: {base_time: 10s, max_time: 1s}\n",
+    );
+    assert_eq!(e.field, "routing.default.ejection.max_time");
+    let e = only_error(
+        "routing:\n  services:\n    - service: a/b\n      attempts: 2\n    - service: a/b\n      attempts: 3\n",
+    );
+    assert_eq!(e.field, "routing.services[1].service");
+    let e = only_error("routing:\n  default:\n    weights: {Bad_Name: 1}\n");
+    assert_eq!(e.field, "routing.default.weights.Bad_Name");
+    let e = only_error("tunnel:\n  unresponsive_after: 50ms\n");
+    assert_eq!(e.field, "tunnel.unresponsive_after");
+}

@@ -331,3 +331,71 @@ fn retry_budget_limits_retries_to_a_share_of_traffic() {
         .count();
     assert_eq!(allowed, 10, "the floor refills at its rate");
 }
+
+#[test]
+fn weighted_mode_splits_by_weight_wherever_clusters_are() {
+    let t0 = Instant::now();
+    // A near cluster would win in locality mode; weighted mode ignores locality.
+    let mut near = cand("near", "us-east", "");
+    near.weight = 90;
+    let mut far = cand("far", "eu-west", "");
+    far.weight = 10;
+    let mut r = router(Policy {
+        mode: Mode::Weighted,
+        ..Default::default()
+    });
+    let share = first_choice_share(&mut r, &[near.clone(), far.clone()], t0, "far", 10_000);
+    assert!((0.08..0.12).contains(&share), "far got {share}");
+    // An unhealthy heavy cluster gives everything to the light one.
+    near.peer_up = false;
+    let share = first_choice_share(&mut r, &[near, far], t0, "far", 100);
+    assert_eq!(share, 1.0);
+}
+
+#[test]
+fn priority_mode_follows_the_list_then_rtt() {
+    let mut same_region = cand("use1-b", "us-east", "");
+    same_region.priority = Some(2);
+    let mut first = cand("euw1", "eu-west", "");
+    first.priority = Some(0);
+    let mut second = cand("aps1", "ap-south", "");
+    second.priority = Some(1);
+    let mut unlisted_fast = cand("usw2", "us-west", "");
+    unlisted_fast.rtt = Some(Duration::from_millis(5));
+    let mut unlisted_slow = cand("sae1", "sa-east", "");
+    unlisted_slow.rtt = Some(Duration::from_millis(150));
+    let mut r = router(Policy {
+        mode: Mode::Priority,
+        attempts: 10,
+        ..Default::default()
+    });
+    let d = r.decide(
+        &me(),
+        &[unlisted_slow, same_region, unlisted_fast, second, first],
+        Instant::now(),
+    );
+    assert_eq!(d.attempts, vec!["euw1", "aps1", "use1-b", "usw2", "sae1"]);
+}
+
+#[test]
+fn observing_without_traffic_still_times_the_dwell() {
+    let t0 = Instant::now();
+    let policy = Policy {
+        dwell: Duration::from_secs(5),
+        slow_start: Duration::ZERO,
+        ..Default::default()
+    };
+    let mut near = cand("near", "us-east", "");
+    let far = cand("far", "eu-west", "");
+    let mut r = router(policy);
+    r.observe(&me(), &[near.clone(), far.clone()], t0);
+    near.peer_up = false;
+    r.observe(&me(), &[near.clone(), far.clone()], t0 + Duration::from_secs(1));
+    near.peer_up = true;
+    // Only observed (no connection) when it came back at t=2s.
+    r.observe(&me(), &[near.clone(), far.clone()], t0 + Duration::from_secs(2));
+    let d = r.decide(&me(), &[near.clone(), far.clone()], t0 + Duration::from_secs(6));
+    assert_eq!(d.attempts[0], "far", "4 s after recovery: still dwelling");
+    let d = r.decide(&me(), &[near, far], t0 + Duration::from_secs(7));
+    assert_eq!(d.attempts[0], "near", "5 s after recovery: back");
+}
