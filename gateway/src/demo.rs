@@ -19,6 +19,10 @@ pub const REGIONS: &[&str] = &[
     "us-east", "eu-west", "ap-south", "us-west", "eu-north", "sa-east",
 ];
 const TRUST_DOMAIN: &str = "demo.strait";
+/// The demo's failback dwell and slow start (production defaults: 5 s and 10 s).
+pub const DEMO_DWELL: Duration = Duration::from_secs(3);
+/// See [`DEMO_DWELL`].
+pub const DEMO_SLOW_START: Duration = Duration::from_secs(3);
 
 /// `strait demo` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -36,16 +40,38 @@ pub struct DemoArgs {
     /// Stop after this many seconds instead of waiting for Ctrl-C.
     #[arg(long)]
     pub duration: Option<u64>,
+    /// Failover tour: run traffic from the first region, take the region serving it down,
+    /// bring it back, and print each second which region answered.
+    #[arg(long)]
+    pub tour: bool,
 }
 
-/// One running demo region.
+/// One demo region.
 pub struct Region {
     /// Cluster id.
     pub cluster: String,
-    /// The region's gateway.
-    pub gateway: Gateway,
+    /// The region's gateway; `None` while the region is taken down.
+    gateway: Option<Gateway>,
     /// The config file written for it.
     pub config_path: PathBuf,
+    /// Where it listened first (tunnel, admin, gossip); a restart binds the same ports so
+    /// the federation finds it again.
+    bound: (SocketAddr, SocketAddr, Option<SocketAddr>),
+}
+
+impl Region {
+    /// The region's running gateway.
+    ///
+    /// # Panics
+    /// While the region is down.
+    pub fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().expect("region is up")
+    }
+
+    /// Whether the region's gateway runs.
+    pub fn is_up(&self) -> bool {
+        self.gateway.is_some()
+    }
 }
 
 /// A running demo federation.
@@ -61,22 +87,48 @@ pub struct Demo {
 /// Runs the demo until Ctrl-C (or `--duration`).
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let duration = args.duration.map(Duration::from_secs);
+    let args_tour = args.tour;
     let demo = start(args).await?;
     if !demo.wait_converged(Duration::from_secs(10)).await {
         println!(
             "(discovery has not converged yet; `strait status` shows the federation as it forms)"
         );
     }
+    let mut demo = demo;
     println!("{}", demo.instructions());
-    match duration {
-        Some(d) => tokio::time::sleep(d).await,
-        None => {
-            let _ = tokio::signal::ctrl_c().await;
+    if args_tour {
+        demo.tour().await?;
+    }
+    let stop = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    tokio::pin!(stop);
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            line = lines.next_line(), if stdin_open => match line {
+                Ok(Some(l)) => {
+                    if let Err(e) = demo.command(l.trim()).await {
+                        println!("{e:#}");
+                    }
+                }
+                _ => stdin_open = false,
+            },
         }
     }
     println!("stopping the demo federation");
     for r in demo.regions {
-        r.gateway.shutdown().await;
+        if let Some(g) = r.gateway {
+            g.shutdown().await;
+        }
     }
     Ok(())
 }
@@ -116,7 +168,7 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
         let hello = backend::Backend::http_hello(format!("hello from {cluster}\n")).await?;
         let echo = backend::Backend::echo().await?;
         // Every region joins through the first one; after that, gossip does the rest.
-        let seed = regions.first().and_then(|r| r.gateway.discovery_addr());
+        let seed = regions.first().and_then(|r| r.gateway().discovery_addr());
         let yaml = region_config(&RegionPorts {
             index: i,
             clusters: &clusters,
@@ -136,10 +188,16 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
             format!("starting region {cluster}; if a port is taken, pick another --base-port")
         })?;
         backends.extend([hello, echo]);
+        let bound = (
+            gateway.tunnel_addr(),
+            gateway.admin_addr(),
+            gateway.discovery_addr(),
+        );
         regions.push(Region {
             cluster: (*cluster).to_owned(),
-            gateway,
+            gateway: Some(gateway),
             config_path,
+            bound,
         });
     }
     Ok(Demo {
@@ -206,6 +264,13 @@ fn region_config(r: &RegionPorts<'_>) -> String {
         "discovery:\n  seeds: [{seeds}]\n  import_addresses: {}",
         r.imports
     );
+    // Short enough to watch: a recovered region waits 3 s, then ramps up over 3 s.
+    let _ = writeln!(
+        y,
+        "routing:\n  default:\n    dwell: {}s\n    slow_start: {}s",
+        DEMO_DWELL.as_secs(),
+        DEMO_SLOW_START.as_secs()
+    );
     let _ = writeln!(y, "exports:");
     let _ = writeln!(
         y,
@@ -228,12 +293,12 @@ impl Demo {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let done = self.regions.iter().enumerate().all(|(i, r)| {
-                let hello = r
-                    .gateway
+                let Some(g) = &r.gateway else { return true };
+                let hello = g
                     .listeners()
                     .iter()
                     .any(|l| l.service == "demo/hello" && l.clusters.len() == n - 1);
-                hello && (i != 0 || r.gateway.listener("demo/echo", 7000).is_some())
+                hello && (i != 0 || g.listener("demo/echo", 7000).is_some())
             });
             if done {
                 return true;
@@ -254,8 +319,8 @@ impl Demo {
             self.regions.len(),
             self.dir.display()
         );
-        for r in &self.regions {
-            let g = &r.gateway;
+        for r in self.regions.iter().filter(|r| r.is_up()) {
+            let g = r.gateway();
             let _ = writeln!(
                 s,
                 "region {:<9} tunnel udp://{}  admin http://{}",
@@ -268,8 +333,8 @@ impl Demo {
             s,
             "\nTry (each region reaches the others' services through mTLS over QUIC):"
         );
-        for r in &self.regions {
-            if let Some(a) = r.gateway.listener("demo/hello", 8080) {
+        for r in self.regions.iter().filter(|r| r.is_up()) {
+            if let Some(a) = r.gateway().listener("demo/hello", 8080) {
                 let _ = writeln!(
                     s,
                     "  curl http://{a}/                  # from {}: served by {}",
@@ -278,8 +343,8 @@ impl Demo {
                 );
             }
         }
-        for r in &self.regions {
-            if let Some(a) = r.gateway.listener("demo/echo", 7000) {
+        for r in self.regions.iter().filter(|r| r.is_up()) {
+            if let Some(a) = r.gateway().listener("demo/echo", 7000) {
                 let _ = writeln!(
                     s,
                     "  echo hi | nc -q1 {} {}       # from {}: echo is exported to {} only, served by {}",
@@ -291,11 +356,11 @@ impl Demo {
                 );
             }
         }
-        if let Some(r) = self.regions.first() {
-            let a = r.gateway.admin_addr();
+        if let Some(r) = self.regions.first().filter(|r| r.is_up()) {
+            let a = r.gateway().admin_addr();
             let _ = writeln!(
                 s,
-                "\nInspect: strait status --admin {a}   (or curl http://{a}/v1/members, /v1/catalog, /v1/peers, /metrics)"
+                "\nInspect: strait status --admin {a}   (or curl http://{a}/v1/routes, /v1/members, /v1/catalog, /v1/peers, /metrics)"
             );
             let _ = writeln!(
                 s,
@@ -303,16 +368,177 @@ impl Demo {
                 r.config_path.display()
             );
         }
+        let names: Vec<&str> = self.regions.iter().map(|r| r.cluster.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "\nFailover: type `down <region>` or `up <region>` here ({}), then curl again or\nrun `strait status`; `strait demo --tour` shows the traffic move on its own.",
+            names.join(", ")
+        );
         let _ = writeln!(s, "\nCtrl-C stops the federation.");
         s
     }
 }
 
+/// The cluster a region's new connections to `service` go to first now.
 fn first_cluster(r: &Region, service: &str) -> String {
-    r.gateway
-        .listeners()
-        .iter()
-        .find(|l| l.service == service)
-        .and_then(|l| l.clusters.first().cloned())
-        .unwrap_or_default()
+    let g = r.gateway();
+    g.shared()
+        .routing
+        .report(g.shared(), Some(service))
+        .pop()
+        .and_then(|route| route.primary)
+        .unwrap_or_else(|| "(none)".to_owned())
+}
+
+impl Demo {
+    fn index(&self, cluster: &str) -> anyhow::Result<usize> {
+        self.regions
+            .iter()
+            .position(|r| r.cluster == cluster)
+            .with_context(|| {
+                let names: Vec<&str> = self.regions.iter().map(|r| r.cluster.as_str()).collect();
+                format!("no region `{cluster}` (regions: {})", names.join(", "))
+            })
+    }
+
+    /// Takes a region's gateway down (its tunnel, listeners and gossip stop).
+    pub async fn take_down(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let i = self.index(cluster)?;
+        let g = self.regions[i]
+            .gateway
+            .take()
+            .with_context(|| format!("{cluster} is already down"))?;
+        g.shutdown().await;
+        Ok(())
+    }
+
+    /// Brings a region back on the ports it had.
+    pub async fn bring_up(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let i = self.index(cluster)?;
+        let r = &mut self.regions[i];
+        anyhow::ensure!(r.gateway.is_none(), "{cluster} is already up");
+        let mut config = Config::load(&r.config_path)
+            .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
+        (
+            config.listen.tunnel,
+            config.listen.admin,
+            config.listen.discovery,
+        ) = r.bound;
+        r.gateway = Some(
+            Gateway::start(config)
+                .await
+                .with_context(|| format!("restarting {cluster}"))?,
+        );
+        Ok(())
+    }
+
+    /// One interactive command: `down <region>`, `up <region>`.
+    pub async fn command(&mut self, line: &str) -> anyhow::Result<()> {
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            ["down", cluster] => {
+                self.take_down(cluster).await?;
+                println!("{cluster} is down; new connections move to the next region");
+            }
+            ["up", cluster] => {
+                self.bring_up(cluster).await?;
+                println!(
+                    "{cluster} is back; it gets traffic again after {}s of health, ramping up over {}s",
+                    DEMO_DWELL.as_secs(),
+                    DEMO_SLOW_START.as_secs()
+                );
+            }
+            [] => {}
+            _ => anyhow::bail!("commands: `down <region>`, `up <region>`"),
+        }
+        Ok(())
+    }
+
+    /// The failover tour: 50 new connections/s from the first region to `demo/hello`;
+    /// after 3 s the region serving them goes down, after 10 s it comes back. Prints one
+    /// line per second with the share each region answered, and what happened.
+    pub async fn tour(&mut self) -> anyhow::Result<TourReport> {
+        let from = self.regions[0].gateway();
+        let target = from
+            .listener("demo/hello", 8080)
+            .context("the first region has no demo/hello listener yet")?;
+        let victim = first_cluster(&self.regions[0], "demo/hello");
+        let total = Duration::from_secs(10) + DEMO_DWELL + DEMO_SLOW_START + Duration::from_secs(3);
+        println!(
+            "\nFailover tour: 50 new connections/s from {} to demo/hello; {victim} goes down at 3s and comes back at 10s.\n",
+            self.regions[0].cluster
+        );
+        let load = crate::load::Load::start(crate::load::LoadSpec {
+            target,
+            rate: 50.0,
+            duration: total,
+            timeout: Duration::from_secs(5),
+        });
+        let mut report = TourReport {
+            victim: victim.clone(),
+            ..Default::default()
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        for second in 1..=total.as_secs() {
+            tick.tick().await;
+            let window = Duration::from_secs(second - 1)..Duration::from_secs(second);
+            let samples: Vec<_> = load
+                .samples()
+                .into_iter()
+                .filter(|s| window.contains(&s.at))
+                .collect();
+            let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+            let mut failed = 0;
+            for s in &samples {
+                match &s.result {
+                    Ok(c) => *by.entry(c.clone()).or_default() += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            report.failed += failed;
+            let shares: Vec<String> = by
+                .iter()
+                .map(|(c, n)| {
+                    format!(
+                        "{c} {:>3.0}%",
+                        100.0 * *n as f64 / samples.len().max(1) as f64
+                    )
+                })
+                .collect();
+            let mut event = String::new();
+            if second == 3 {
+                self.take_down(&victim).await?;
+                event = format!("  <- {victim} taken down");
+            } else if second == 10 {
+                self.bring_up(&victim).await?;
+                event = format!(
+                    "  <- {victim} back (dwell {}s, then slow start {}s)",
+                    DEMO_DWELL.as_secs(),
+                    DEMO_SLOW_START.as_secs()
+                );
+            }
+            println!(
+                "t={second:>2}s  {:<40} failed {failed}{event}",
+                shares.join("  ")
+            );
+            report.seconds.push(by);
+        }
+        let _ = load.finish().await;
+        println!(
+            "\n{} failed connections while {victim} went down and came back.\n",
+            report.failed
+        );
+        Ok(report)
+    }
+}
+
+/// What the tour saw.
+#[derive(Debug, Default)]
+pub struct TourReport {
+    /// The region taken down and brought back.
+    pub victim: String,
+    /// Per second: connections answered by each region.
+    pub seconds: Vec<std::collections::BTreeMap<String, usize>>,
+    /// Connections that failed.
+    pub failed: usize,
 }

@@ -16,6 +16,7 @@ async fn demo_regions_discover_and_reach_each_other() {
         base_port: 0,
         dir: None,
         duration: None,
+        tour: false,
     })
     .await
     .unwrap();
@@ -25,7 +26,7 @@ async fn demo_regions_discover_and_reach_each_other() {
     );
     for r in &d.regions {
         let hello = r
-            .gateway
+            .gateway()
             .listeners()
             .into_iter()
             .find(|l| l.service == "demo/hello")
@@ -47,7 +48,7 @@ async fn demo_regions_discover_and_reach_each_other() {
         );
     }
     // echo is exported by every region to the first one only.
-    let first = d.regions[0].gateway.listener("demo/echo", 7000).unwrap();
+    let first = d.regions[0].gateway().listener("demo/echo", 7000).unwrap();
     let mut s = TcpStream::connect(first).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     let mut b = [0u8; 4];
@@ -57,7 +58,7 @@ async fn demo_regions_discover_and_reach_each_other() {
     assert_eq!(&b, b"ping");
     for r in &d.regions[1..] {
         assert!(
-            r.gateway.listener("demo/echo", 7000).is_none(),
+            r.gateway().listener("demo/echo", 7000).is_none(),
             "{} imported a service not exported to it",
             r.cluster
         );
@@ -67,4 +68,55 @@ async fn demo_regions_discover_and_reach_each_other() {
         text.contains("curl http://") && text.contains("strait status --admin"),
         "{text}"
     );
+}
+
+/// The failover tour takes the serving region down and back: traffic moves to the other
+/// region with no failed connection, and returns after the dwell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_tour_moves_traffic_and_brings_it_back() {
+    strait_gateway::raise_fd_limit();
+    let mut d = demo::start(DemoArgs {
+        regions: 3,
+        base_port: 0,
+        dir: None,
+        duration: None,
+        tour: true,
+    })
+    .await
+    .unwrap();
+    assert!(d.wait_converged(Duration::from_secs(10)).await);
+    let report = d.tour().await.unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    let victim = report.victim.as_str();
+    let share = |s: usize, c: &str| report.seconds[s].get(c).copied().unwrap_or(0);
+    let others = |s: usize| {
+        report.seconds[s]
+            .iter()
+            .filter(|(c, _)| *c != victim)
+            .map(|(_, n)| n)
+            .sum::<usize>()
+    };
+    assert!(
+        share(1, victim) > 0,
+        "{victim} served before the fault: {report:?}"
+    );
+    // Down from t=3s to t=10s (seconds are 1-based windows: index 4 is 4..5s).
+    for s in 4..9 {
+        assert_eq!(share(s, victim), 0, "second {s}: {report:?}");
+        assert!(others(s) > 0, "second {s}: {report:?}");
+    }
+    // Back at 10s; dwell 3s, slow start 3s: by the last seconds it serves again.
+    for s in 10..12 {
+        assert_eq!(
+            share(s, victim),
+            0,
+            "second {s}: still dwelling: {report:?}"
+        );
+    }
+    let tail = report.seconds.len();
+    assert!(
+        (tail - 3..tail).any(|s| share(s, victim) > 0),
+        "{victim} never got traffic back: {report:?}"
+    );
+    assert!(d.regions.iter().all(|r| r.is_up()));
 }

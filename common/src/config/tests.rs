@@ -300,9 +300,7 @@ fn bad_routing_policies_name_the_field_and_the_fix() {
     assert_eq!(e.field, "routing.default.priority");
     let e = only_error("routing:\n  default:\n    mode: nearest\n");
     assert!(e.field.starts_with("routing.default.mode"), "{e}");
-    let e = only_error(
-        "routing:\n  default:\n    ejection: {base_time: 10s, max_time: 1s}\n",
-    );
+    let e = only_error("routing:\n  default:\n    ejection: {base_time: 10s, max_time: 1s}\n");
     assert_eq!(e.field, "routing.default.ejection.max_time");
     let e = only_error(
         "routing:\n  services:\n    - service: a/b\n      attempts: 2\n    - service: a/b\n      attempts: 3\n",

@@ -334,6 +334,9 @@ impl ServiceRouter {
     }
 }
 
+/// Width of the RTT buckets clusters are ranked by.
+pub const RTT_BUCKET_MS: u128 = 10;
+
 /// Locality tier of each candidate under `mode`.
 fn tiers(mode: Mode, me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
     let tier_of = |c: &Candidate| match mode {
@@ -341,10 +344,15 @@ fn tiers(mode: Mode, me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
         Mode::Weighted => Some(0),
         Mode::Priority => c.priority.map(|p| 10 + p.min(900)),
     };
-    let mut by_rtt: Vec<(Duration, &str)> = candidates
+    // RTTs within one bucket count as equally near (then by cluster id), so jitter between
+    // two similar paths does not flip traffic back and forth.
+    let mut by_rtt: Vec<(u128, &str)> = candidates
         .iter()
         .filter(|c| tier_of(c).is_none())
-        .map(|c| (c.rtt.unwrap_or(Duration::MAX), c.cluster.as_str()))
+        .map(|c| {
+            let bucket = c.rtt.map_or(u128::MAX, |r| r.as_millis() / RTT_BUCKET_MS);
+            (bucket, c.cluster.as_str())
+        })
         .collect();
     by_rtt.sort();
     candidates

@@ -390,12 +390,40 @@ fn observing_without_traffic_still_times_the_dwell() {
     let mut r = router(policy);
     r.observe(&me(), &[near.clone(), far.clone()], t0);
     near.peer_up = false;
-    r.observe(&me(), &[near.clone(), far.clone()], t0 + Duration::from_secs(1));
+    r.observe(
+        &me(),
+        &[near.clone(), far.clone()],
+        t0 + Duration::from_secs(1),
+    );
     near.peer_up = true;
     // Only observed (no connection) when it came back at t=2s.
-    r.observe(&me(), &[near.clone(), far.clone()], t0 + Duration::from_secs(2));
-    let d = r.decide(&me(), &[near.clone(), far.clone()], t0 + Duration::from_secs(6));
+    r.observe(
+        &me(),
+        &[near.clone(), far.clone()],
+        t0 + Duration::from_secs(2),
+    );
+    let d = r.decide(
+        &me(),
+        &[near.clone(), far.clone()],
+        t0 + Duration::from_secs(6),
+    );
     assert_eq!(d.attempts[0], "far", "4 s after recovery: still dwelling");
     let d = r.decide(&me(), &[near, far], t0 + Duration::from_secs(7));
     assert_eq!(d.attempts[0], "near", "5 s after recovery: back");
+}
+
+#[test]
+fn rtt_jitter_between_similar_paths_does_not_reorder() {
+    let mut a = cand("a", "eu-west", "");
+    let mut b = cand("b", "ap-south", "");
+    let mut r = router(Policy::default());
+    for (ra, rb) in [(4, 3), (3, 4), (7, 1)] {
+        a.rtt = Some(Duration::from_millis(ra));
+        b.rtt = Some(Duration::from_millis(rb));
+        let d = r.decide(&me(), &[a.clone(), b.clone()], Instant::now());
+        assert_eq!(d.attempts[0], "a", "{ra} vs {rb} ms: same bucket, by id");
+    }
+    a.rtt = Some(Duration::from_millis(40));
+    let d = r.decide(&me(), &[a, b], Instant::now());
+    assert_eq!(d.attempts[0], "b", "clearly nearer wins");
 }

@@ -1,0 +1,191 @@
+//! Failover benchmark: time from a fault to full reroute, and failed connections, under
+//! 500 new connections per second.
+//!
+//! Topology on loopback: `west` (in this process) imports `bench/svc` from `east`
+//! (preferred) and `north` (the healthy alternative); east and north are real `strait run`
+//! processes with an HTTP backend each. West reaches east through a user-space UDP relay.
+//! Faults, injected 2 s into an 8 s load:
+//! - `kill`: east's process gets SIGKILL (no goodbye to anyone);
+//! - `blackhole`: the relay silently drops every datagram both ways.
+//!
+//! A connection counts as affected when it failed, was answered by east after the fault,
+//! or took longer than 3x the pre-fault p99 + 5 ms. Reroute time = fault until the end of
+//! the last affected connection: from then on every new connection went straight to north.
+//!
+//! Run: `cargo bench -p strait-gateway --bench failover` (options after `--`:
+//! `--runs N` (default 3), `--rate R` (default 500), `--out FILE.md`).
+
+use std::fmt::Write as _;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use strait_gateway::demo::backend::Backend;
+use strait_gateway::load::{Load, LoadSpec, Sample, reroute};
+use strait_gateway::tunnel::peers::PeerStatus;
+use strait_tests::*;
+
+const LOAD: Duration = Duration::from_secs(8);
+const FAULT_AT: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Kill,
+    Blackhole,
+}
+
+struct Outcome {
+    fault: Fault,
+    connections: usize,
+    failed: usize,
+    reroute: Duration,
+    p99_before: Duration,
+    p99_during: Duration,
+}
+
+fn p99(samples: &[&Sample]) -> Duration {
+    let mut v: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+    v.sort();
+    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+async fn run_once(fault: Fault, rate: f64) -> Outcome {
+    let pki = TestPki::new();
+    let be = Backend::http_hello("hello from east\n".into())
+        .await
+        .unwrap();
+    let bn = Backend::http_hello("hello from north\n".into())
+        .await
+        .unwrap();
+    let exporting = |b: &Backend| format!("exports:\n{}", export("svc", 7000, b.addr, "[\"*\"]"));
+    let mut children = Vec::new();
+    let mut tunnel = |name: &str, backend: &Backend| {
+        let (probe, addr) = udp();
+        drop(probe);
+        pki.write(name, &pki.issue(name));
+        let config = pki.write_config(name, addr, &exporting(backend));
+        children.push(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+                .args(["run", "--config"])
+                .arg(config)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start strait"),
+        );
+        addr
+    };
+    let east = tunnel("east", &be);
+    let north = tunnel("north", &bn);
+    let relay = UdpRelay::new(east).await;
+    let (uw, _) = udp();
+    let west = pki
+        .gateway(
+            "west",
+            uw,
+            &import_from("svc", 7000, &[("east", relay.addr), ("north", north)]),
+        )
+        .await;
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    wait_peer(&west, "north", PeerStatus::Up).await;
+    let target = west.listener("default/svc", 7000).expect("listener");
+
+    let load = Load::start(LoadSpec {
+        target,
+        rate,
+        duration: LOAD,
+        timeout: Duration::from_secs(5),
+    });
+    tokio::time::sleep_until((Instant::now() + FAULT_AT.saturating_sub(load.elapsed())).into())
+        .await;
+    let at = load.elapsed();
+    match fault {
+        Fault::Kill => children[0].kill().await.expect("SIGKILL east"),
+        Fault::Blackhole => relay.blackhole(),
+    }
+    let samples = load.finish().await;
+    let before: Vec<&Sample> = samples.iter().filter(|s| s.end() < at).collect();
+    let during: Vec<&Sample> = samples.iter().filter(|s| s.at >= at).collect();
+    let p99_before = p99(&before);
+    let r = reroute(
+        &samples,
+        at,
+        LOAD,
+        "east",
+        p99_before * 3 + Duration::from_millis(5),
+    );
+    Outcome {
+        fault,
+        connections: samples.len(),
+        failed: samples
+            .iter()
+            .filter(|s| s.result.is_err())
+            .count()
+            .max(r.failed),
+        reroute: r.reroute,
+        p99_before,
+        p99_during: p99(&during),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let runs: usize = opt("--runs").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rate: f64 = opt("--rate").and_then(|v| v.parse().ok()).unwrap_or(500.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut report = format!(
+        "# Failover benchmark\n\n`cargo bench -p strait-gateway --bench failover -- --runs {runs} --rate {rate}`\n\n{rate} new connections/s for {}s, fault at {}s; {} cores.\n\n| fault | run | connections | failed | reroute | p99 before | p99 after fault |\n|---|---|---|---|---|---|---|\n",
+        LOAD.as_secs(),
+        FAULT_AT.as_secs(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let mut summary = String::new();
+    for fault in [Fault::Kill, Fault::Blackhole] {
+        let mut reroutes = Vec::new();
+        for run in 1..=runs {
+            let o = rt.block_on(run_once(fault, rate));
+            let line = format!(
+                "| {:?} | {run} | {} | {} | {:.0} ms | {:.1} ms | {:.0} ms |",
+                o.fault,
+                o.connections,
+                o.failed,
+                o.reroute.as_secs_f64() * 1000.0,
+                o.p99_before.as_secs_f64() * 1000.0,
+                o.p99_during.as_secs_f64() * 1000.0,
+            );
+            println!("{line}");
+            let _ = writeln!(report, "{line}");
+            reroutes.push(o.reroute);
+        }
+        reroutes.sort();
+        let median = reroutes[reroutes.len() / 2];
+        let worst = reroutes[reroutes.len() - 1];
+        let line = format!(
+            "\n{fault:?}: median reroute {:.0} ms, worst {:.0} ms\n",
+            median.as_secs_f64() * 1000.0,
+            worst.as_secs_f64() * 1000.0
+        );
+        println!("{line}");
+        summary += &line;
+    }
+    report += &summary;
+    if let Some(out) = opt("--out") {
+        // cargo runs benches in the package directory; relative paths are from the workspace.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let path = root.join(&out);
+        std::fs::write(&path, report).expect("write report");
+        println!("report written to {}", path.display());
+    }
+}
