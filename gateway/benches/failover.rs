@@ -13,7 +13,8 @@
 //! the last affected connection: from then on every new connection went straight to north.
 //!
 //! Run: `cargo bench -p strait-gateway --bench failover` (options after `--`:
-//! `--runs N` (default 3), `--rate R` (default 500), `--out FILE.md`).
+//! `--runs N` (default 3), `--rate R` (default 500), `--out FILE.md` (relative to the
+//! workspace), `--west-yaml 'tunnel:\n  keep_alive: 500ms'` (appended to west's config)).
 
 use std::fmt::Write as _;
 use std::process::Stdio;
@@ -50,7 +51,7 @@ fn p99(samples: &[&Sample]) -> Duration {
         .unwrap_or_default()
 }
 
-async fn run_once(fault: Fault, rate: f64) -> Outcome {
+async fn run_once(fault: Fault, rate: f64, west_extra: &str) -> Outcome {
     let pki = TestPki::new();
     let be = Backend::http_hello("hello from east\n".into())
         .await
@@ -86,7 +87,10 @@ async fn run_once(fault: Fault, rate: f64) -> Outcome {
         .gateway(
             "west",
             uw,
-            &import_from("svc", 7000, &[("east", relay.addr), ("north", north)]),
+            &format!(
+                "{}{west_extra}",
+                import_from("svc", 7000, &[("east", relay.addr), ("north", north)])
+            ),
         )
         .await;
     wait_peer(&west, "east", PeerStatus::Up).await;
@@ -141,12 +145,19 @@ fn main() {
     };
     let runs: usize = opt("--runs").and_then(|v| v.parse().ok()).unwrap_or(3);
     let rate: f64 = opt("--rate").and_then(|v| v.parse().ok()).unwrap_or(500.0);
+    // YAML appended to west's config, e.g. other tunnel timings for a comparison.
+    let west_extra = opt("--west-yaml").unwrap_or_default().replace("\\n", "\n");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let mut report = format!(
-        "# Failover benchmark\n\n`cargo bench -p strait-gateway --bench failover -- --runs {runs} --rate {rate}`\n\n{rate} new connections/s for {}s, fault at {}s; {} cores.\n\n| fault | run | connections | failed | reroute | p99 before | p99 after fault |\n|---|---|---|---|---|---|---|\n",
+        "# Failover benchmark\n\n`cargo bench -p strait-gateway --bench failover -- --runs {runs} --rate {rate}`{}\n\n{rate} new connections/s for {}s, fault at {}s; {} cores.\n\n| fault | run | connections | failed | reroute | p99 before | p99 after fault |\n|---|---|---|---|---|---|---|\n",
+        if west_extra.is_empty() {
+            String::new()
+        } else {
+            format!(" with west config `{}`", west_extra.replace('\n', "\\n"))
+        },
         LOAD.as_secs(),
         FAULT_AT.as_secs(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -155,7 +166,7 @@ fn main() {
     for fault in [Fault::Kill, Fault::Blackhole] {
         let mut reroutes = Vec::new();
         for run in 1..=runs {
-            let o = rt.block_on(run_once(fault, rate));
+            let o = rt.block_on(run_once(fault, rate, &west_extra));
             let line = format!(
                 "| {:?} | {run} | {} | {} | {:.0} ms | {:.1} ms | {:.0} ms |",
                 o.fault,

@@ -220,9 +220,8 @@ impl Gateway {
 
     /// Closes every connection and stops every task, waiting briefly for peers to be told.
     pub async fn shutdown(mut self) {
-        self.shared
-            .endpoint
-            .close(codes::SHUTDOWN, b"gateway shutting down");
+        // Peer tasks first: left running, they would retry against the closed endpoint.
+        stop_all(&self.shared);
         self.tasks.shutdown().await;
         let _ =
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;

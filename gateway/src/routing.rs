@@ -447,7 +447,7 @@ fn note_primary(
         return;
     }
     let from = state.primary.clone().unwrap_or_default();
-    let to = primary.clone().unwrap_or_default();
+    let to = primary.clone().unwrap_or_else(|| "none".to_owned());
     if state.primary.is_some() {
         tracing::warn!(%service, %from, %to, "traffic moved");
         shared
