@@ -523,7 +523,9 @@ impl Demo {
             );
             report.seconds.push(by);
         }
-        let _ = load.finish().await;
+        // Count failures from every connection, including those still running at a tick.
+        let all = load.finish().await;
+        report.failed = all.iter().filter(|s| s.result.is_err()).count();
         println!(
             "\n{} failed connections while {victim} went down and came back.\n",
             report.failed

@@ -18,7 +18,7 @@ use crate::gateway::Shared;
 use crate::router::Outcome;
 use crate::routing::RetryReason;
 use crate::tunnel::header::StreamRequest;
-use crate::tunnel::outbound::{OpenError, open_stream};
+use crate::tunnel::outbound::{OpenError, open_stream_until};
 use crate::tunnel::splice;
 
 /// One bound listener, as reported by the admin API.
@@ -199,6 +199,10 @@ async fn forward(
     let routing = &shared.routing;
     let plan = routing.plan(&shared, service, &import.clusters);
     let early = early_bytes(&tcp);
+    // Bytes the client already sent ride with the request only when no retry can follow
+    // (or the policy allows replays): an attempt that times out may have delivered them.
+    let eager = plan.attempts.len() <= 1 || plan.early_data;
+    let with_request: &[u8] = if eager { &early } else { &[] };
     let mut retry = None;
     for cluster in &plan.attempts {
         if let Some(reason) = retry
@@ -207,9 +211,9 @@ async fn forward(
             break;
         }
         let held = routing.hold(service, cluster);
-        let opened = open_on(&shared, cluster, &req, &early, plan.timeout).await;
+        let opened = open_on(&shared, cluster, &req, with_request, plan.timeout).await;
         match opened {
-            Ok((send, recv)) => {
+            Ok((mut send, recv)) => {
                 routing.record(&shared, service, cluster, Outcome::Success);
                 shared
                     .metrics
@@ -222,6 +226,10 @@ async fn forward(
                         &[("service", service), ("cluster", cluster)],
                     )
                     .increment(1);
+                if !eager && !early.is_empty() && send.write_all(&early).await.is_err() {
+                    splice::abort_on_close(&tcp);
+                    return;
+                }
                 splice::splice_counted(
                     &shared.metrics,
                     service,
@@ -237,7 +245,7 @@ async fn forward(
             }
             Err(e) => {
                 drop(held);
-                let peer_down = matches!(e, OpenError::PeerDown)
+                let peer_down = matches!(e, OpenError::PeerDown | OpenError::Abandoned)
                     || shared
                         .peers
                         .get(cluster)
@@ -259,7 +267,9 @@ async fn forward(
                     )
                     .increment(1);
                 tracing::info!(peer = %cluster, error = %e, "stream to peer failed");
-                if !e.retryable() {
+                // Never replay: bytes that may have been delivered end the connection here.
+                let replay = e.ambiguous() && !with_request.is_empty() && !plan.early_data;
+                if !e.retryable() || replay {
                     break;
                 }
                 retry = Some(if peer_down {
@@ -278,13 +288,13 @@ async fn forward(
     splice::abort_on_close(&tcp);
 }
 
-/// Opens a stream on `cluster`'s tunnel; gives up early, as `PeerDown`, when the peer
+/// Opens a stream on `cluster`'s tunnel; gives up early, as `Abandoned`, when the peer
 /// stops answering probes while we wait (the usual sign of a dead or cut-off gateway).
 async fn open_on(
     shared: &Shared,
     cluster: &str,
     req: &StreamRequest,
-    early: &Bytes,
+    early: &[u8],
     timeout: Duration,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
     let Some(peer) = shared.peers.get(cluster) else {
@@ -294,10 +304,10 @@ async fn open_on(
     let Some(conn) = peer.ready_connection(timeout).await else {
         return Err(OpenError::PeerDown);
     };
-    tokio::select! {
-        opened = open_stream(&conn, req, early, timeout) => opened,
-        _ = state.wait_for(|s| !s.routable()) => Err(OpenError::PeerDown),
-    }
+    let unresponsive = async move {
+        let _ = state.wait_for(|s| !s.routable()).await;
+    };
+    open_stream_until(&conn, req, early, timeout, unresponsive).await
 }
 
 /// Most bytes read ahead of the stream header.
@@ -305,8 +315,8 @@ const EARLY_MAX: usize = 16 << 10;
 
 /// Whatever the client has already sent, read without waiting (a server-speaks-first
 /// protocol sends nothing, and must not be delayed). These bytes ride in the same packet
-/// as the stream header. Resending them to the next cluster after a refusal is safe: a
-/// remote that refuses never connects an endpoint, so they were delivered nowhere.
+/// as the stream header when no retry can follow. Resending them after a refusal is safe:
+/// a remote that refuses never connects an endpoint, so they were delivered nowhere.
 fn early_bytes(tcp: &TcpStream) -> Bytes {
     let mut buf = BytesMut::with_capacity(EARLY_MAX);
     match tcp.try_read_buf(&mut buf) {

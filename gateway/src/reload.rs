@@ -102,6 +102,17 @@ pub async fn follow_config(
         if shared.discovery.is_none() {
             shared.exports.store(Arc::new(c.exports.clone()));
         }
-        tracing::info!("configuration reloaded");
+        let rest = |c: &strait_common::Config| {
+            let mut c = c.clone();
+            c.exports.clear();
+            c.routing = Default::default();
+            c
+        };
+        if rest(&c) != rest(&shared.config) {
+            tracing::warn!(
+                "the config file changed beyond `exports` and `routing`; those changes apply at the next restart"
+            );
+        }
+        tracing::info!("configuration reloaded (exports, routing)");
     }
 }

@@ -93,6 +93,8 @@ pub struct Plan {
     pub attempts: Vec<String>,
     /// Per-attempt stream-open timeout.
     pub timeout: Duration,
+    /// Early bytes may ride with the request although a retry is possible.
+    pub early_data: bool,
 }
 
 /// Holds one proxied connection's place in its cluster's count.
@@ -198,9 +200,9 @@ impl Routing {
     /// counts it as a first attempt for the retry budget.
     pub fn plan(&self, shared: &Shared, service: &str, clusters: &[String]) -> Plan {
         let now = Instant::now();
-        let candidates = self.candidates(shared, service, clusters);
         let mut services = lock(&self.services);
         let state = self.state(&mut services, service);
+        let candidates = self.candidates(shared, service, clusters, state.router.policy());
         state.router.first_attempt(now);
         let decision = state.router.decide(&self.me, &candidates, now);
         note_primary(shared, service, state, &decision.considered);
@@ -223,6 +225,7 @@ impl Routing {
         Plan {
             attempts: decision.attempts,
             timeout,
+            early_data: state.router.policy().early_data,
         }
     }
 
@@ -283,9 +286,9 @@ impl Routing {
     /// no connection arrives) and publishes per-cluster eligibility.
     pub fn observe_all(&self, shared: &Shared) {
         for (service, clusters) in imported(shared) {
-            let candidates = self.candidates(shared, &service, &clusters);
             let mut services = lock(&self.services);
             let state = self.state(&mut services, &service);
+            let candidates = self.candidates(shared, &service, &clusters, state.router.policy());
             let considered = state.router.observe(&self.me, &candidates, Instant::now());
             note_primary(shared, &service, state, &considered);
             for c in &considered {
@@ -307,9 +310,9 @@ impl Routing {
             if only.is_some_and(|o| o != service) {
                 continue;
             }
-            let candidates = self.candidates(shared, &service, &clusters);
             let mut services = lock(&self.services);
             let state = self.state(&mut services, &service);
+            let candidates = self.candidates(shared, &service, &clusters, state.router.policy());
             let considered = state.router.observe(&self.me, &candidates, Instant::now());
             note_primary(shared, &service, state, &considered);
             let catalog = self.catalog.load();
@@ -330,7 +333,9 @@ impl Routing {
                         region: cand.region.clone(),
                         zone: cand.zone.clone(),
                         peer: st.as_ref().map(|s| s.status),
-                        responsive: st.as_ref().is_some_and(|s| s.routable()),
+                        responsive: st
+                            .as_ref()
+                            .is_some_and(|s| s.status == PeerStatus::Up && s.responsive),
                         rtt: peer.and_then(|p| p.rtt_summary()),
                         ready_endpoints: catalog
                             .offers
@@ -371,10 +376,16 @@ impl Routing {
         })
     }
 
-    fn candidates(&self, shared: &Shared, service: &str, clusters: &[String]) -> Vec<Candidate> {
+    /// What is known of each cluster serving `service`. Called with the services lock
+    /// held (lock order: services, then active).
+    fn candidates(
+        &self,
+        shared: &Shared,
+        service: &str,
+        clusters: &[String],
+        policy: &RoutePolicy,
+    ) -> Vec<Candidate> {
         let catalog = self.catalog.load();
-        let config = self.config.load();
-        let policy = config.policy_for(service);
         let offers = catalog.offers.get(service);
         let active = lock(&self.active);
         clusters

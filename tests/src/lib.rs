@@ -163,12 +163,13 @@ pub fn issue_with(
         .expect("issue")
 }
 
-/// A UDP relay between a gateway and its peer that can silently drop everything, to
-/// make a peer vanish without a close (no netem here: impairment lives in user space).
+/// A UDP relay between a gateway and its peer that can silently drop everything, or one
+/// direction only, to make a peer vanish without a close (no netem here: impairment lives
+/// in user space).
 pub struct UdpRelay {
     /// Where peers should send (stands in for the target).
     pub addr: SocketAddr,
-    blackhole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    drop: std::sync::Arc<std::sync::atomic::AtomicU8>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -178,51 +179,62 @@ impl Drop for UdpRelay {
     }
 }
 
+const TO_TARGET: u8 = 1;
+const FROM_TARGET: u8 = 2;
+
 impl UdpRelay {
     /// Relays datagrams between the first sender and `target`.
     pub async fn new(target: SocketAddr) -> UdpRelay {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicU8, Ordering};
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("bind relay");
         let addr = sock.local_addr().expect("addr");
-        let blackhole = std::sync::Arc::new(AtomicBool::new(false));
-        let drop_all = blackhole.clone();
+        let drop = std::sync::Arc::new(AtomicU8::new(0));
+        let dropping = drop.clone();
         let task = tokio::spawn(async move {
             let mut client = None;
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                if drop_all.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let to = if from == target {
-                    client
+                let (to, direction) = if from == target {
+                    (client, FROM_TARGET)
                 } else {
                     client = Some(from);
-                    Some(target)
+                    (Some(target), TO_TARGET)
                 };
+                if dropping.load(Ordering::Relaxed) & direction != 0 {
+                    continue;
+                }
                 if let Some(to) = to {
                     let _ = sock.send_to(&buf[..n], to).await;
                 }
             }
         });
-        UdpRelay {
-            addr,
-            blackhole,
-            task,
-        }
+        UdpRelay { addr, drop, task }
+    }
+
+    fn set(&self, bits: u8) {
+        self.drop.store(bits, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// From now on every datagram in both directions is dropped.
     pub fn blackhole(&self) {
-        self.blackhole
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.set(TO_TARGET | FROM_TARGET);
+    }
+
+    /// From now on only datagrams towards the target are dropped (its own still arrive).
+    pub fn blackhole_to_target(&self) {
+        self.set(TO_TARGET);
+    }
+
+    /// From now on only the target's datagrams are dropped (its answers are lost).
+    pub fn blackhole_from_target(&self) {
+        self.set(FROM_TARGET);
     }
 
     /// Ends the blackhole: datagrams flow again.
     pub fn restore(&self) {
-        self.blackhole
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.set(0);
     }
 }
 

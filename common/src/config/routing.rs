@@ -86,6 +86,11 @@ pub struct PolicyFields {
     pub retry_budget: Option<RetryBudgetFields>,
     /// Most concurrent connections sent to one cluster (spill protection; default none).
     pub max_connections_per_cluster: Option<usize>,
+    /// Send what the client wrote before the tunnel answered together with the stream
+    /// request even when a retry is possible (saves a round trip per new connection, but an
+    /// attempt that times out may have delivered those bytes, and the retry sends them
+    /// again). Default false: with a cluster to fail over to, they wait for the remote's ok.
+    pub early_data: Option<bool>,
 }
 
 /// A fully resolved policy for one service.
@@ -119,6 +124,8 @@ pub struct RoutePolicy {
     pub min_retries_per_sec: f64,
     /// Concurrency cap per cluster.
     pub max_per_cluster: Option<usize>,
+    /// Early bytes ride with the stream request even when retries are possible.
+    pub early_data: bool,
 }
 
 impl Default for RoutePolicy {
@@ -138,6 +145,7 @@ impl Default for RoutePolicy {
             retry_ratio: 0.2,
             min_retries_per_sec: 10.0,
             max_per_cluster: None,
+            early_data: false,
         }
     }
 }
@@ -191,6 +199,9 @@ impl RoutePolicy {
         if let Some(m) = f.max_connections_per_cluster {
             self.max_per_cluster = Some(m);
         }
+        if let Some(e) = f.early_data {
+            self.early_data = e;
+        }
     }
 }
 
@@ -219,6 +230,7 @@ impl Routing {
             );
         }
         self.default.validate(v, "routing.default");
+        resolved(v, "routing.default", &self.policy_for(""));
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("routing.services[{i}]");
@@ -248,7 +260,33 @@ impl Routing {
                 }
             }
             s.validate(v, &at);
+            if let Some(name) = &s.service {
+                resolved(v, &at, &self.policy_for(name));
+            }
         }
+    }
+}
+
+/// Checks that span fields, on the policy as resolved (an entry may inherit half of a pair
+/// from `default`).
+fn resolved(v: &mut Validator, at: &str, p: &RoutePolicy) {
+    if p.mode == Mode::Priority && p.priority.is_empty() {
+        v.push(
+            &format!("{at}.priority"),
+            "is empty (here or in routing.default) but mode is `priority`",
+            "list the clusters in the order to use them, e.g. `priority: [us-east, eu-west]`",
+        );
+    }
+    if p.ejection_max < p.ejection_base {
+        v.push(
+            &format!("{at}.ejection.max_time"),
+            format!(
+                "{}ms is shorter than base_time ({}ms, here or in routing.default)",
+                p.ejection_max.as_millis(),
+                p.ejection_base.as_millis()
+            ),
+            "make max_time at least base_time, e.g. base_time: 2s, max_time: 60s",
+        );
     }
 }
 
@@ -276,13 +314,6 @@ impl PolicyFields {
                 "use e.g. `1s`",
             );
         }
-        if self.mode == Some(Mode::Priority) && self.priority.as_ref().is_none_or(Vec::is_empty) {
-            v.push(
-                &format!("{at}.priority"),
-                "is empty but mode is `priority`",
-                "list the clusters in the order to use them, e.g. `priority: [us-east, eu-west]`",
-            );
-        }
         for (j, c) in self.priority.iter().flatten().enumerate() {
             if !is_label(c) {
                 v.push(
@@ -300,11 +331,11 @@ impl PolicyFields {
                     "use the cluster ids of the federation",
                 );
             }
-            if *w > 1_000_000 {
+            if *w == 0 || *w > 1_000_000 {
                 v.push(
                     &format!("{at}.weights.{c}"),
-                    "is larger than 1000000",
-                    "use relative weights such as 90 and 10",
+                    format!("{w} is not between 1 and 1000000"),
+                    "use relative weights such as 90 and 10; to take a cluster out, stop exporting the service there",
                 );
             }
         }
@@ -328,15 +359,6 @@ impl PolicyFields {
                     &format!("{at}.ejection.base_time"),
                     "is zero",
                     "use e.g. `2s`",
-                );
-            }
-            if let (Some(b), Some(m)) = (e.base_time, e.max_time)
-                && m.0 < b.0
-            {
-                v.push(
-                    &format!("{at}.ejection.max_time"),
-                    format!("{m} is shorter than base_time ({b})"),
-                    "make max_time at least base_time, e.g. base_time: 2s, max_time: 60s",
                 );
             }
         }

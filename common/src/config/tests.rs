@@ -311,3 +311,20 @@ fn bad_routing_policies_name_the_field_and_the_fix() {
     let e = only_error("tunnel:\n  unresponsive_after: 50ms\n");
     assert_eq!(e.field, "tunnel.unresponsive_after");
 }
+
+#[test]
+fn routing_checks_apply_to_the_policy_as_inherited() {
+    // A service in priority mode may inherit its list from the default...
+    parse("routing:\n  default:\n    priority: [a, b]\n  services:\n    - service: x/y\n      mode: priority\n").unwrap();
+    // ...but not end up with an empty one.
+    let e = only_error(
+        "routing:\n  default:\n    mode: priority\n    priority: [a]\n  services:\n    - service: x/y\n      priority: []\n",
+    );
+    assert_eq!(e.field, "routing.services[0].priority");
+    let e = only_error(
+        "routing:\n  default:\n    ejection: {base_time: 5s}\n  services:\n    - service: x/y\n      ejection: {max_time: 1s}\n",
+    );
+    assert_eq!(e.field, "routing.services[0].ejection.max_time");
+    let e = only_error("routing:\n  default:\n    weights: {a: 0}\n");
+    assert_eq!(e.field, "routing.default.weights.a");
+}

@@ -103,6 +103,8 @@ struct Path {
     last_ejection: Option<Instant>,
     healthy: Option<bool>,
     recovered_at: Option<Instant>,
+    /// Its gateway is up and it has ready endpoints: counts towards the ejection cap.
+    live: bool,
 }
 
 /// Routing state of one service.
@@ -149,6 +151,10 @@ impl ServiceRouter {
         now: Instant,
     ) -> Vec<Considered> {
         let tiers = tiers(self.policy.mode, me, candidates);
+        // Clusters that no longer serve the service are forgotten (and stop counting
+        // towards the ejection cap).
+        self.paths
+            .retain(|name, _| candidates.iter().any(|c| &c.cluster == name));
         let mut considered = Vec::with_capacity(candidates.len());
         for (c, tier) in candidates.iter().zip(&tiers) {
             let (out, share) = self.judge(c, now);
@@ -166,41 +172,56 @@ impl ServiceRouter {
     /// Ranks `candidates` for one new connection from `me`.
     pub fn decide(&mut self, me: &Locality, candidates: &[Candidate], now: Instant) -> Decision {
         let considered = self.observe(me, candidates, now);
-        // Clusters that are merely recovering or saturated are still better than nothing.
-        let mut usable: Vec<&Considered> = considered.iter().filter(|c| c.out.is_none()).collect();
-        if usable.is_empty() {
-            usable = considered
-                .iter()
-                .filter(|c| matches!(c.out, Some(Out::Recovering { .. } | Out::Saturated)))
-                .collect();
-        }
         let weight = |cluster: &str| {
             candidates
                 .iter()
                 .find(|c| c.cluster == cluster)
                 .map_or(1, |c| c.weight.max(1))
         };
+        let in_rotation: Vec<&Considered> = considered.iter().filter(|c| c.out.is_none()).collect();
         // Slow start: a ramping cluster keeps its place with probability `share`, otherwise
-        // it yields to the next tier for this connection.
-        let mut keyed: Vec<((u32, u32), f64, &str)> = Vec::with_capacity(usable.len());
-        for c in &usable {
-            let next_tier = usable.iter().map(|o| o.tier).filter(|t| *t > c.tier).min();
-            let demoted =
-                c.share < 1.0 && next_tier.is_some() && self.rng.random::<f64>() >= c.share;
+        // it yields to the next tier for this connection; with no next tier (weighted mode,
+        // or the last tier) its weight is scaled by `share` instead.
+        let mut keyed: Vec<((u32, u32), f64, &str)> = Vec::with_capacity(in_rotation.len());
+        for c in &in_rotation {
+            let next_tier = in_rotation
+                .iter()
+                .map(|o| o.tier)
+                .filter(|t| *t > c.tier)
+                .min();
+            let ramping = c.share < 1.0;
+            let demoted = ramping && next_tier.is_some() && self.rng.random::<f64>() >= c.share;
             let key = if demoted {
                 (next_tier.unwrap_or(c.tier), 1)
             } else {
                 (c.tier, 0)
             };
+            let mut w = f64::from(weight(&c.cluster));
+            if ramping && next_tier.is_none() {
+                w *= c.share.max(0.01);
+            }
             // Weighted order without replacement: smaller -ln(u)/w comes first.
             let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
-            keyed.push((key, -u.ln() / f64::from(weight(&c.cluster)), &c.cluster));
+            keyed.push((key, -u.ln() / w, &c.cluster));
         }
         keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        // Last resorts, nearest first: a cluster still dwelling or at its limit, then an
+        // ejected one. A doubtful attempt beats resetting the client.
+        let last_resort = |pick: fn(&Out) -> bool| {
+            considered
+                .iter()
+                .filter(move |c| c.out.as_ref().is_some_and(pick))
+                .map(|c| c.cluster.as_str())
+        };
         let attempts = keyed
             .into_iter()
+            .map(|(_, _, c)| c)
+            .chain(last_resort(|o| {
+                matches!(o, Out::Recovering { .. } | Out::Saturated)
+            }))
+            .chain(last_resort(|o| matches!(o, Out::Ejected { .. })))
             .take(self.policy.attempts.max(1))
-            .map(|(_, _, c)| c.to_owned())
+            .map(str::to_owned)
             .collect();
         Decision {
             attempts,
@@ -211,6 +232,7 @@ impl ServiceRouter {
     fn judge(&mut self, c: &Candidate, now: Instant) -> (Option<Out>, f64) {
         let policy = &self.policy;
         let path = self.paths.entry(c.cluster.clone()).or_default();
+        path.live = c.peer_up && c.ready_endpoints > 0;
         if path.ejected_until.is_some_and(|t| t <= now) {
             path.ejected_until = None;
         }
@@ -265,11 +287,13 @@ impl ServiceRouter {
             p.ejection_max,
             p.max_ejected_fraction,
         );
-        let total = self.paths.len().max(1);
+        // The cap is a share of the clusters that could serve now (gateway up, endpoints
+        // ready), not of every cluster ever seen.
+        let total = self.paths.values().filter(|p| p.live).count().max(1);
         let ejected = self
             .paths
             .values()
-            .filter(|p| p.ejected_until.is_some_and(|t| t > now))
+            .filter(|p| p.live && p.ejected_until.is_some_and(|t| t > now))
             .count();
         let path = self.paths.entry(cluster.to_owned()).or_default();
         match outcome {

@@ -152,7 +152,11 @@ fn ejection_grows_with_repeats_and_is_capped() {
         else {
             panic!("not ejected: {d:?}")
         };
-        assert_eq!(d.attempts, vec!["good"]);
+        assert_eq!(
+            d.attempts,
+            vec!["good", "bad"],
+            "ejected: a last resort only"
+        );
         lengths.push(remaining);
         now += remaining; // ejection over
     }
@@ -187,7 +191,11 @@ fn no_more_than_the_max_fraction_is_ejected() {
         .filter(|c| matches!(c.out, Some(Out::Ejected { .. })))
         .count();
     assert_eq!(ejected, 1, "half of two clusters");
-    assert_eq!(d.attempts.len(), 1);
+    let in_rotation = d.considered.iter().find(|c| c.out.is_none()).unwrap();
+    assert_eq!(
+        d.attempts[0], in_rotation.cluster,
+        "the one left in rotation first"
+    );
 }
 
 #[test]
@@ -237,7 +245,11 @@ fn failback_waits_out_the_dwell_then_ramps_up() {
     near.peer_up = true;
     let back = t0 + Duration::from_secs(2);
     let d = r.decide(&me(), &[near.clone(), far.clone()], back);
-    assert_eq!(d.attempts, vec!["far"], "recovered but still dwelling");
+    assert_eq!(
+        d.attempts,
+        vec!["far", "near"],
+        "recovered but still dwelling: only a last resort"
+    );
     assert!(matches!(d.considered[0].out, Some(Out::Recovering { .. })));
     let cands = [near.clone(), far.clone()];
     let quarter = first_choice_share(
@@ -298,7 +310,7 @@ fn spill_protection_caps_concurrency_per_cluster() {
         ..Default::default()
     });
     let d = r.decide(&me(), &[near.clone(), far], Instant::now());
-    assert_eq!(d.attempts, vec!["far"]);
+    assert_eq!(d.attempts, vec!["far", "near"], "full: a last resort");
     assert_eq!(d.considered[0].out, Some(Out::Saturated));
     // Alone at its limit, it still gets the connection rather than none.
     assert_eq!(
@@ -426,4 +438,52 @@ fn rtt_jitter_between_similar_paths_does_not_reorder() {
     a.rtt = Some(Duration::from_millis(40));
     let d = r.decide(&me(), &[a, b], Instant::now());
     assert_eq!(d.attempts[0], "b", "clearly nearer wins");
+}
+
+#[test]
+fn ejection_cap_counts_only_clusters_that_could_serve() {
+    let t0 = Instant::now();
+    // Four clusters, two of them down: of the two live ones only one may be ejected.
+    let mut cands: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|c| cand(c, "x", ""))
+        .collect();
+    cands[2].peer_up = false;
+    cands[3].peer_up = false;
+    let mut r = router(Policy::default());
+    r.decide(&me(), &cands, t0);
+    for c in ["a", "b"] {
+        for _ in 0..3 {
+            r.record(c, Outcome::Failure, t0);
+        }
+    }
+    let d = r.decide(&me(), &cands, t0);
+    let ejected = d
+        .considered
+        .iter()
+        .filter(|c| matches!(c.out, Some(Out::Ejected { .. })))
+        .count();
+    assert_eq!(ejected, 1, "{d:?}");
+}
+
+#[test]
+fn slow_start_scales_the_share_within_a_single_tier() {
+    let t0 = Instant::now();
+    let policy = Policy {
+        mode: Mode::Weighted,
+        dwell: Duration::ZERO,
+        slow_start: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let mut a = cand("a", "x", "");
+    let b = cand("b", "y", "");
+    let mut r = router(policy);
+    r.observe(&me(), &[a.clone(), b.clone()], t0);
+    a.peer_up = false;
+    r.observe(&me(), &[a.clone(), b.clone()], t0);
+    a.peer_up = true;
+    r.observe(&me(), &[a.clone(), b.clone()], t0);
+    // 2 s into a 10 s ramp: a's weight is a fifth of b's, so about 1/6 of first choices.
+    let share = first_choice_share(&mut r, &[a, b], t0 + Duration::from_secs(2), "a", 10_000);
+    assert!((0.12..0.22).contains(&share), "a got {share}");
 }

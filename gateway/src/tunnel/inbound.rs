@@ -40,6 +40,9 @@ async fn serve_connection(shared: Arc<Shared>, incoming: Incoming) {
         );
     };
     let span = tracing::info_span!("inbound", peer = %peer, %remote);
+    // Liveness probes: the peer sends small datagrams and expects each one back.
+    let echo = tokio::spawn(echo_probes(conn.clone()));
+    let _echo = AbortOnDrop(echo);
     async {
         tracing::debug!("peer connected");
         loop {
@@ -61,6 +64,27 @@ async fn serve_connection(shared: Arc<Shared>, incoming: Incoming) {
     }
     .instrument(span)
     .await
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Most bytes a probe may carry; larger datagrams are not echoed (no amplification, and
+/// nothing else uses datagrams).
+pub const PROBE_MAX: usize = 16;
+
+/// Sends every probe datagram back on the same connection, unchanged.
+async fn echo_probes(conn: Connection) {
+    while let Ok(d) = conn.read_datagram().await {
+        if d.len() <= PROBE_MAX {
+            let _ = conn.send_datagram(d);
+        }
+    }
 }
 
 fn reject_handshake(shared: &Shared, remote: SocketAddr, reason: &str) {

@@ -26,6 +26,8 @@ pub mod codes {
     pub const BAD_HEADER: VarInt = VarInt::from_u32(2);
     /// The peer's identity could not be read after the handshake.
     pub const BAD_IDENTITY: VarInt = VarInt::from_u32(3);
+    /// The opener gave up on the stream before the remote's answer arrived.
+    pub const ABANDONED: VarInt = VarInt::from_u32(4);
 }
 
 /// Builds the transport tuning shared by both directions.
@@ -37,6 +39,9 @@ pub fn transport_config(t: &TunnelTuning) -> Arc<TransportConfig> {
     c.receive_window(VarInt::from_u64(t.connection_window.0).unwrap_or(VarInt::MAX));
     c.send_window(t.connection_window.0);
     c.keep_alive_interval(Some(t.keep_alive.0));
+    // Datagrams carry only liveness probes (a few bytes every keep-alive).
+    c.datagram_receive_buffer_size(Some(64 << 10));
+    c.datagram_send_buffer_size(64 << 10);
     c.max_idle_timeout(IdleTimeout::try_from(t.idle_timeout.0).ok());
     let mut mtu = MtuDiscoveryConfig::default();
     mtu.upper_bound(t.max_udp_payload);

@@ -6,8 +6,8 @@ use quinn::{Connection, RecvStream, SendStream};
 
 use super::header::{self, HeaderError, Status, StreamRequest, StreamResponse};
 
-/// Why a stream to a peer did not become usable. No payload has been sent in any of
-/// these cases, so [`OpenError::retryable`] tells whether another cluster may be tried.
+/// Why a stream to a peer did not become usable. Only early bytes (sent with the header)
+/// can have gone out; [`OpenError::ambiguous`] tells whether they may have been delivered.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
@@ -28,22 +28,40 @@ pub enum OpenError {
     /// The remote did not answer in time.
     #[error("remote did not answer within {0:?}")]
     Timeout(Duration),
+    /// Given up while waiting for the answer: the peer stopped answering probes.
+    #[error("peer stopped answering while the stream was opening")]
+    Abandoned,
     /// The remote's answer was not a valid header.
     #[error(transparent)]
     Protocol(#[from] HeaderError),
 }
 
 impl OpenError {
-    /// Whether another cluster may be tried: true for every failure before payload,
-    /// since nothing was sent that could be replayed.
+    /// Whether another cluster may be tried: true for every failure before the remote's ok
+    /// (with early bytes in flight, only if the failure is not [`OpenError::ambiguous`]; the
+    /// caller checks that).
     pub fn retryable(&self) -> bool {
         match self {
             OpenError::PeerDown
             | OpenError::Stream(_)
             | OpenError::Timeout(_)
+            | OpenError::Abandoned
             | OpenError::Protocol(_) => true,
             OpenError::Refused { status, .. } => *status != Status::Ok,
         }
+    }
+
+    /// Whether the remote may have acted on the request although we saw no answer (early
+    /// bytes sent with the header may have reached an endpoint): a timeout or a lost
+    /// stream after the header went out. Refusals and a missing connection are not.
+    pub fn ambiguous(&self) -> bool {
+        matches!(
+            self,
+            OpenError::Stream(_)
+                | OpenError::Timeout(_)
+                | OpenError::Abandoned
+                | OpenError::Protocol(_)
+        )
     }
 
     /// Short reason label for metrics.
@@ -53,6 +71,7 @@ impl OpenError {
             OpenError::Refused { status, .. } => status.label(),
             OpenError::Stream(_) => "stream-error",
             OpenError::Timeout(_) => "timeout",
+            OpenError::Abandoned => "peer-unresponsive",
             OpenError::Protocol(_) => "protocol-error",
         }
     }
@@ -62,35 +81,56 @@ impl OpenError {
 ///
 /// `early` is payload the client already sent: it follows the header in the same packet.
 /// The remote delivers it only after connecting an endpoint (after answering ok), so on a
-/// refusal it was delivered nowhere and may be sent to another cluster.
+/// refusal it was delivered nowhere and may be sent to another cluster. On a timeout it may
+/// have been delivered (the ok may be in flight): see [`OpenError::ambiguous`].
 pub async fn open_stream(
     conn: &Connection,
     req: &StreamRequest,
     early: &[u8],
     timeout: Duration,
 ) -> Result<(SendStream, RecvStream), OpenError> {
-    let fut = async {
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| OpenError::Stream(e.to_string()))?;
+    open_stream_until(conn, req, early, timeout, std::future::pending()).await
+}
+
+/// [`open_stream`] that gives up as [`OpenError::Abandoned`] when `abandon` completes first
+/// (the peer stopped answering). A stream given up on is reset, not finished, so the
+/// remote never takes it for a complete request.
+pub async fn open_stream_until(
+    conn: &Connection,
+    req: &StreamRequest,
+    early: &[u8],
+    timeout: Duration,
+    abandon: impl std::future::Future<Output = ()>,
+) -> Result<(SendStream, RecvStream), OpenError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (mut send, mut recv) = tokio::time::timeout_at(deadline, conn.open_bi())
+        .await
+        .map_err(|_| OpenError::Timeout(timeout))?
+        .map_err(|e| OpenError::Stream(e.to_string()))?;
+    let exchange = async {
         let mut first = header::encode(req);
         first.extend_from_slice(early);
         send.write_all(&first)
             .await
             .map_err(|e| OpenError::Stream(e.to_string()))?;
         let resp: StreamResponse = read_frame(&mut recv).await?;
-        match resp.status() {
-            Status::Ok => Ok((send, recv)),
-            status => Err(OpenError::Refused {
-                status,
-                detail: resp.detail,
-            }),
-        }
+        Ok::<_, OpenError>(resp)
     };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| OpenError::Timeout(timeout))?
+    let answered = tokio::select! {
+        r = tokio::time::timeout_at(deadline, exchange) => r.unwrap_or(Err(OpenError::Timeout(timeout))),
+        () = abandon => Err(OpenError::Abandoned),
+    };
+    match answered {
+        Ok(resp) if resp.status() == Status::Ok => Ok((send, recv)),
+        Ok(resp) => Err(OpenError::Refused {
+            status: resp.status(),
+            detail: resp.detail,
+        }),
+        Err(e) => {
+            let _ = send.reset(super::codes::ABANDONED);
+            Err(e)
+        }
+    }
 }
 
 /// Reads one header frame from a stream.

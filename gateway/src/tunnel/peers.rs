@@ -56,7 +56,7 @@ impl PeerState {
     }
 }
 
-/// RTT samples of the last minute, for p50/p99.
+/// RTT samples of the last minute of the current connection, for p50/p99.
 const RTT_SAMPLES: usize = 240;
 const RTT_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
@@ -118,6 +118,10 @@ impl PeerHandle {
             p99_ms: at(0.99),
             samples: v.len(),
         })
+    }
+
+    fn clear_rtt(&self) {
+        self.rtt.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     fn sample_rtt(&self, rtt: Duration) {
@@ -331,10 +335,12 @@ struct Gauges {
 }
 
 /// Waits until the connection closes; returns why. Meanwhile it judges liveness: every
-/// keep-alive must be acknowledged, so a connection that has received no datagram for
-/// `unresponsive_after` (or 4 RTT + keep-alive on a slow path) has a peer that is dead,
-/// partitioned or blackholed. That is known long before the idle timeout closes the
-/// connection, and routing stops sending new connections there at once.
+/// keep-alive interval it sends a small probe datagram that the peer echoes back. A
+/// connection with no echo for `unresponsive_after` (or 4 RTT + keep-alive on a slow path)
+/// has a peer that is dead, partitioned or blackholed — in either direction, which packet
+/// counters alone cannot tell: with only our direction lost, the peer's own keep-alives
+/// (and repeated old ACKs) keep arriving. That is known long before the idle timeout
+/// closes the connection, and routing stops sending new connections there at once.
 async fn watch_connection(
     shared: &Shared,
     peer: &PeerHandle,
@@ -345,21 +351,37 @@ async fn watch_connection(
     let period = (t.keep_alive.0 / 2).max(Duration::from_millis(5));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut received = conn.stats().udp_rx.datagrams;
     let mut heard = Instant::now();
     let mut sampled = Instant::now() - RTT_SAMPLE_EVERY;
+    let mut probed = Instant::now() - t.keep_alive.0;
+    let mut seq: u64 = 0;
+    peer.clear_rtt();
     gauges.responsive.set(1.0);
     loop {
-        tokio::select! {
+        let due = tokio::select! {
             reason = conn.closed() => return reason.to_string(),
-            _ = tick.tick() => {}
-        }
+            echo = conn.read_datagram() => {
+                if echo.is_ok_and(|d| d.len() == 8) {
+                    heard = Instant::now();
+                }
+                continue;
+            }
+            due = tick.tick() => due,
+        };
         let now = Instant::now();
-        let stats = conn.stats();
-        if stats.udp_rx.datagrams != received {
-            received = stats.udp_rx.datagrams;
+        if now.saturating_duration_since(probed) >= t.keep_alive.0 {
+            probed = now;
+            seq += 1;
+            let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&seq.to_be_bytes()));
+        }
+        // A tick that ran late means this process stalled (the echoes were not read
+        // either): that is no evidence against the peer. Nor is silence from a peer that
+        // does not take datagrams (then the idle timeout is the only judge).
+        let stalled = now.saturating_duration_since(due.into_std()) > t.keep_alive.0;
+        if stalled || conn.max_datagram_size().is_none() {
             heard = now;
         }
+        let stats = conn.stats();
         let rtt = stats.path.rtt;
         let limit = t.unresponsive_after.0.max(rtt * 4 + t.keep_alive.0);
         let silent = now.saturating_duration_since(heard);
