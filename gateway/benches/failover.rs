@@ -17,7 +17,6 @@
 //! workspace), `--west-yaml 'tunnel:\n  keep_alive: 500ms'` (appended to west's config)).
 
 use std::fmt::Write as _;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use strait_gateway::demo::backend::Backend;
@@ -66,17 +65,7 @@ async fn run_once(fault: Fault, rate: f64, west_extra: &str) -> Outcome {
         drop(probe);
         pki.write(name, &pki.issue(name));
         let config = pki.write_config(name, addr, &exporting(backend));
-        children.push(
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
-                .args(["run", "--config"])
-                .arg(config)
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("start strait"),
-        );
+        children.push(spawn_strait(env!("CARGO_BIN_EXE_strait"), &config));
         addr
     };
     let east = tunnel("east", &be);

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use strait_gateway::Gateway;
@@ -49,6 +48,44 @@ async fn west(pki: &TestPki, east_addr: SocketAddr, north: &Gateway, extra: &str
     wait_peer(&west, "east", PeerStatus::Up).await;
     wait_peer(&west, "north", PeerStatus::Up).await;
     west
+}
+
+/// West importing from an in-process `east` (serving `east_backend`, reached through a
+/// UDP relay when `relayed`) and `north` (a `hello from north` backend).
+struct Federation {
+    west: Gateway,
+    relay: Option<UdpRelay>,
+    _east: Gateway,
+    _north: (Gateway, Backend),
+    _pki: TestPki,
+}
+
+async fn federation(east_backend: SocketAddr, relayed: bool, extra: &str) -> Federation {
+    let pki = TestPki::new();
+    let bn = hello("north").await;
+    let (ue, ae) = udp();
+    let (un, _) = udp();
+    let east = pki.gateway("east", ue, &exporting(east_backend)).await;
+    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
+    let relay = if relayed {
+        Some(UdpRelay::new(ae).await)
+    } else {
+        None
+    };
+    let west = west(&pki, relay.as_ref().map_or(ae, |r| r.addr), &north, extra).await;
+    Federation {
+        west,
+        relay,
+        _east: east,
+        _north: (north, bn),
+        _pki: pki,
+    }
+}
+
+impl Federation {
+    fn relay(&self) -> &UdpRelay {
+        self.relay.as_ref().expect("relayed")
+    }
 }
 
 fn listener(west: &Gateway) -> SocketAddr {
@@ -156,17 +193,28 @@ fn assert_fails_back(samples: &[Sample], fault: Duration, up_again: Duration) {
     );
 }
 
+/// After the fault was healed at `healed`: no new connection failed, traffic left east
+/// quickly, and came back after the dwell once east's tunnel was up again.
+async fn judge_recovery(west: &Gateway, load: Load, fault: Duration, healed: Duration) {
+    wait_peer(west, "east", PeerStatus::Up).await;
+    let up_again = load.elapsed();
+    let samples = load.finish().await;
+    assert_eq!(new_failures(&samples, fault), Vec::<String>::new());
+    let r = reroute(&samples, fault, healed, "east", Duration::from_millis(100));
+    assert!(
+        r.reroute <= Duration::from_secs(2),
+        "reroute took {:?}",
+        r.reroute
+    );
+    assert_fails_back(&samples, fault, up_again);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackholed_region_reroutes_with_no_failed_connections_and_fails_back() {
-    let pki = TestPki::new();
-    let (be, bn) = (hello("east").await, hello("north").await);
-    let (ue, ae) = udp();
-    let (un, _) = udp();
-    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
-    let relay = UdpRelay::new(ae).await;
-    let west = west(&pki, relay.addr, &north, "").await;
-    let target = listener(&west);
+    let be = hello("east").await;
+    let fed = federation(be.addr, true, "").await;
+    let (west, relay) = (&fed.west, fed.relay());
+    let target = listener(west);
     let established = long_lived(target).await;
 
     let load = load(target, 10);
@@ -195,17 +243,7 @@ async fn blackholed_region_reroutes_with_no_failed_connections_and_fails_back() 
 
     let healed = load.elapsed();
     relay.restore();
-    wait_peer(&west, "east", PeerStatus::Up).await;
-    let up_again = load.elapsed();
-    let samples = load.finish().await;
-    assert_eq!(new_failures(&samples, fault), Vec::<String>::new());
-    let r = reroute(&samples, fault, healed, "east", Duration::from_millis(100));
-    assert!(
-        r.reroute <= Duration::from_secs(2),
-        "reroute took {:?}",
-        r.reroute
-    );
-    assert_fails_back(&samples, fault, up_again);
+    judge_recovery(west, load, fault, healed).await;
     let m = west.shared().metrics.render();
     assert!(
         metric(
@@ -225,18 +263,9 @@ struct Process {
 
 impl Process {
     fn spawn(config: &std::path::Path) -> Process {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start strait");
         Process {
             config: config.to_owned(),
-            child,
+            child: spawn_strait(env!("CARGO_BIN_EXE_strait"), config),
         }
     }
 
@@ -277,29 +306,15 @@ async fn killed_gateway_process_reroutes_with_no_failed_connections_and_fails_ba
 
     let healed = load.elapsed();
     east.restart();
-    wait_peer(&west, "east", PeerStatus::Up).await;
-    let up_again = load.elapsed();
-    let samples = load.finish().await;
-    assert_eq!(new_failures(&samples, fault), Vec::<String>::new());
-    let r = reroute(&samples, fault, healed, "east", Duration::from_millis(100));
-    assert!(
-        r.reroute <= Duration::from_secs(2),
-        "reroute took {:?}",
-        r.reroute
-    );
-    assert_fails_back(&samples, fault, up_again);
+    judge_recovery(&west, load, fault, healed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_backends_are_ejected_with_no_failed_connections() {
-    let pki = TestPki::new();
-    let (be, bn) = (hello("east").await, hello("north").await);
-    let (ue, ae) = udp();
-    let (un, _) = udp();
-    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
-    let west = west(&pki, ae, &north, "").await;
-    let load = load(listener(&west), 3);
+    let be = hello("east").await;
+    let fed = federation(be.addr, false, "").await;
+    let west = &fed.west;
+    let load = load(listener(west), 3);
     served_by(&load, "east", 20).await;
     drop(be); // east's endpoints now refuse: east answers connect-failed
     let fault = load.elapsed();
@@ -337,14 +352,10 @@ async fn dead_backends_are_ejected_with_no_failed_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spill_limit_sends_the_overflow_to_the_next_cluster() {
-    let pki = TestPki::new();
-    let (be, bn) = (hello("east").await, hello("north").await);
-    let (ue, ae) = udp();
-    let (un, _) = udp();
-    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
-    let west = west(&pki, ae, &north, "    max_connections_per_cluster: 2\n").await;
-    let target = listener(&west);
+    let be = hello("east").await;
+    let fed = federation(be.addr, false, "    max_connections_per_cluster: 2\n").await;
+    let west = &fed.west;
+    let target = listener(west);
     let _a = long_lived(target).await;
     let _b = long_lived(target).await;
     let (_, body) = http_get(target, "/").await;
@@ -399,18 +410,12 @@ async fn routing_policy_reloads_from_the_config_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_loss_towards_a_peer_is_caught_by_missing_probe_echoes() {
-    let pki = TestPki::new();
-    let (be, bn) = (hello("east").await, hello("north").await);
-    let (ue, ae) = udp();
-    let (un, _) = udp();
-    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
-    let relay = UdpRelay::new(ae).await;
-    let west = west(&pki, relay.addr, &north, "").await;
-    let load = load(listener(&west), 4);
+    let be = hello("east").await;
+    let fed = federation(be.addr, true, "").await;
+    let load = load(listener(&fed.west), 4);
     served_by(&load, "east", 20).await;
     // East's own keep-alives still reach west; only what west sends is lost.
-    relay.blackhole_to_target();
+    fed.relay().blackhole_to_target();
     let fault = load.elapsed();
     let samples = load.finish().await;
     assert_eq!(new_failures(&samples, fault), Vec::<String>::new());
@@ -453,18 +458,12 @@ async fn recorder() -> (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_never_replays_the_request_on_the_next_cluster() {
-    let pki = TestPki::new();
     let (east_backend, east_saw, _t) = recorder().await;
-    let bn = hello("north").await;
-    let (ue, ae) = udp();
-    let (un, _) = udp();
-    let _east = pki.gateway("east", ue, &exporting(east_backend)).await;
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
-    let relay = UdpRelay::new(ae).await;
-    let west = west(&pki, relay.addr, &north, "").await;
+    let fed = federation(east_backend, true, "").await;
+    let west = &fed.west;
     // East still hears west and connects its endpoint, but its answers are lost.
-    relay.blackhole_from_target();
-    let mut c = TcpStream::connect(listener(&west)).await.unwrap();
+    fed.relay().blackhole_from_target();
+    let mut c = TcpStream::connect(listener(west)).await.unwrap();
     c.write_all(b"POST /pay HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();

@@ -271,3 +271,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// Starts `strait run --config CONFIG` from the binary at `bin` (quiet; killed when the
+/// handle is dropped): a gateway as its own process, so it can be SIGKILLed.
+pub fn spawn_strait(bin: &str, config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(bin)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start strait")
+}
