@@ -138,12 +138,21 @@ async fn long_lived(target: SocketAddr) -> TcpStream {
     s
 }
 
-/// Time until the established connection fails (reset or closed) after a fault.
-async fn cut_after(mut s: TcpStream, fault: Instant) -> Duration {
+/// Right after a fault on east: the established connection through east fails (reset or
+/// closed) within 2 s instead of hanging, and north takes the new connections. Returns
+/// when the fault struck, from the start of the load.
+async fn struck(load: &Load, mut established: TcpStream) -> Duration {
+    let (fault, fault_at) = (load.elapsed(), Instant::now());
     let mut buf = [0u8; 64];
-    let r = within(Duration::from_secs(10), s.read(&mut buf)).await;
+    let r = within(Duration::from_secs(10), established.read(&mut buf)).await;
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-    fault.elapsed()
+    let cut = fault_at.elapsed();
+    assert!(
+        cut <= Duration::from_secs(2),
+        "established connection hung for {cut:?}"
+    );
+    served_by(load, "north", 20).await;
+    fault
 }
 
 /// Failures among connections that were not in flight when the fault struck: one whose
@@ -220,13 +229,7 @@ async fn blackholed_region_reroutes_with_no_failed_connections_and_fails_back() 
     let load = load(target, 10);
     served_by(&load, "east", 20).await;
     relay.blackhole();
-    let (fault, fault_at) = (load.elapsed(), Instant::now());
-    let cut = cut_after(established, fault_at).await;
-    assert!(
-        cut <= Duration::from_secs(2),
-        "established connection hung for {cut:?}"
-    );
-    served_by(&load, "north", 20).await;
+    let fault = struck(&load, established).await;
     // The route explains itself while east is out.
     let (code, body) = http_get(west.admin_addr(), "/v1/routes/default/svc").await;
     assert_eq!(code, 200);
@@ -296,13 +299,7 @@ async fn killed_gateway_process_reroutes_with_no_failed_connections_and_fails_ba
     let load = load(target, 10);
     served_by(&load, "east", 20).await;
     east.kill().await;
-    let (fault, fault_at) = (load.elapsed(), Instant::now());
-    let cut = cut_after(established, fault_at).await;
-    assert!(
-        cut <= Duration::from_secs(2),
-        "established connection hung for {cut:?}"
-    );
-    served_by(&load, "north", 20).await;
+    let fault = struck(&load, established).await;
 
     let healed = load.elapsed();
     east.restart();

@@ -22,6 +22,22 @@ fn cand(cluster: &str, region: &str, zone: &str) -> Candidate {
     }
 }
 
+/// Three failures in a row on each of `clusters`, at `t`.
+fn fail_each(r: &mut ServiceRouter, clusters: &[&str], t: Instant) {
+    for c in clusters {
+        for _ in 0..3 {
+            r.record(c, Outcome::Failure, t);
+        }
+    }
+}
+
+fn ejected(d: &Decision) -> usize {
+    d.considered
+        .iter()
+        .filter(|c| matches!(c.out, Some(Out::Ejected { .. })))
+        .count()
+}
+
 fn router(policy: Policy) -> ServiceRouter {
     ServiceRouter::new(policy, 42)
 }
@@ -179,18 +195,9 @@ fn no_more_than_the_max_fraction_is_ejected() {
     let cands = vec![cand("a", "x", ""), cand("b", "x", "")];
     let mut r = router(Policy::default());
     r.decide(&me(), &cands, t0);
-    for c in ["a", "b"] {
-        for _ in 0..3 {
-            r.record(c, Outcome::Failure, t0);
-        }
-    }
+    fail_each(&mut r, &["a", "b"], t0);
     let d = r.decide(&me(), &cands, t0);
-    let ejected = d
-        .considered
-        .iter()
-        .filter(|c| matches!(c.out, Some(Out::Ejected { .. })))
-        .count();
-    assert_eq!(ejected, 1, "half of two clusters");
+    assert_eq!(ejected(&d), 1, "half of two clusters");
     let in_rotation = d.considered.iter().find(|c| c.out.is_none()).unwrap();
     assert_eq!(
         d.attempts[0], in_rotation.cluster,
@@ -452,18 +459,9 @@ fn ejection_cap_counts_only_clusters_that_could_serve() {
     cands[3].peer_up = false;
     let mut r = router(Policy::default());
     r.decide(&me(), &cands, t0);
-    for c in ["a", "b"] {
-        for _ in 0..3 {
-            r.record(c, Outcome::Failure, t0);
-        }
-    }
+    fail_each(&mut r, &["a", "b"], t0);
     let d = r.decide(&me(), &cands, t0);
-    let ejected = d
-        .considered
-        .iter()
-        .filter(|c| matches!(c.out, Some(Out::Ejected { .. })))
-        .count();
-    assert_eq!(ejected, 1, "{d:?}");
+    assert_eq!(ejected(&d), 1, "{d:?}");
 }
 
 #[test]
