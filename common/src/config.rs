@@ -51,6 +51,9 @@ pub struct Config {
     /// How imported services choose a cluster per connection and fail over.
     #[serde(default)]
     pub routing: routing::Routing,
+    /// Fault injection for failover drills through the admin API; off when absent.
+    #[serde(default)]
+    pub faults: Option<FaultInjection>,
     /// The file this configuration was loaded from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -126,6 +129,24 @@ pub struct Listen {
 
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+/// Fault injection (`/v1/faults` on the admin API), used by `strait drill`. Every request
+/// must carry the token from `token_file` as `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultInjection {
+    /// File holding the admin token (at least 16 characters; surrounding whitespace is
+    /// ignored). Relative paths are resolved against the config file's directory.
+    pub token_file: PathBuf,
+    /// Longest one fault may last: the gateway undoes it by itself after that, even if the
+    /// drill that injected it is gone.
+    #[serde(default = "default_max_fault")]
+    pub max_duration: HumanDuration,
+}
+
+fn default_max_fault() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
 }
 
 /// PEM files of this gateway's identity.
@@ -408,6 +429,11 @@ impl Config {
         let mut config = Config::parse(path, &text)?;
         if let Some(dir) = path.parent() {
             config.tls.resolve_relative_to(dir);
+            if let Some(f) = &mut config.faults
+                && f.token_file.is_relative()
+            {
+                f.token_file = dir.join(&f.token_file);
+            }
         }
         config.source = Some(path.to_owned());
         Ok(config)
@@ -415,33 +441,9 @@ impl Config {
 
     /// Parses and validates configuration text; `file` is only used in error messages.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            ConfigErrors(vec![ConfigError {
-                file: file.to_owned(),
-                field: if field == "." { String::new() } else { field },
-                fix: fix_for_parse_error(&inner.to_string()),
-                problem: inner.to_string(),
-            }])
-        })?;
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(
-                problems
-                    .into_iter()
-                    .map(|(field, problem, fix)| ConfigError {
-                        file: file.to_owned(),
-                        field,
-                        problem,
-                        fix,
-                    })
-                    .collect(),
-            ))
-        }
+        let config: Config = parse_yaml(file, text)?;
+        into_errors(file, config.validate())?;
+        Ok(config)
     }
 
     /// Semantic checks serde cannot express: (field path, problem, fix) for each.
@@ -472,6 +474,15 @@ impl Config {
         self.validate_imports(&mut v);
         self.validate_discovery(&mut v);
         self.routing.validate(&mut v);
+        if let Some(f) = &self.faults
+            && f.max_duration.0.is_zero()
+        {
+            v.push(
+                "faults.max_duration",
+                "is zero",
+                "use e.g. `10m`: the longest one drill fault may last",
+            );
+        }
         v.problems
     }
 
@@ -825,18 +836,61 @@ impl TlsFiles {
     }
 }
 
-#[derive(Default)]
-struct Validator {
+/// Deserializes YAML into `T`, reporting a failure with its field path and a fix.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> Result<T, ConfigErrors> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            field: if field == "." { String::new() } else { field },
+            fix: fix_for_parse_error(&inner.to_string()),
+            problem: inner.to_string(),
+        }])
+    })
+}
+
+/// `Ok` when a validator found nothing, else every problem as a [`ConfigError`] of `file`.
+pub fn into_errors(
+    file: &Path,
     problems: Vec<(String, String, String)>,
+) -> Result<(), ConfigErrors> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(ConfigErrors(
+        problems
+            .into_iter()
+            .map(|(field, problem, fix)| ConfigError {
+                file: file.to_owned(),
+                field,
+                problem,
+                fix,
+            })
+            .collect(),
+    ))
+}
+
+/// Collects (field path, problem, fix) triples during semantic validation.
+#[derive(Default)]
+pub struct Validator {
+    /// What was found so far.
+    pub problems: Vec<(String, String, String)>,
 }
 
 impl Validator {
-    fn push(&mut self, field: &str, problem: impl Into<String>, fix: impl Into<String>) {
+    /// Records one problem.
+    pub fn push(&mut self, field: &str, problem: impl Into<String>, fix: impl Into<String>) {
         self.problems
             .push((field.to_owned(), problem.into(), fix.into()));
     }
 
-    fn label(&mut self, field: &str, value: &str) {
+    /// Records a problem unless `value` is a DNS label.
+    pub fn label(&mut self, field: &str, value: &str) {
         if !is_dns_label(value) {
             self.push(
                 field,

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,8 @@ struct Shared {
     channels: Mutex<HashMap<(SocketAddr, Option<String>), Channel>>,
     /// Set when the member stops; the gRPC server drains and closes its connections.
     stopped: watch::Sender<bool>,
+    /// Gossip cut (a drill fault): no exchanges out, every request in refused.
+    cut: AtomicBool,
 }
 
 /// A running discovery member; dropping it stops it.
@@ -122,6 +124,7 @@ impl Node {
             stats: NodeStats::default(),
             channels: Mutex::new(HashMap::new()),
             stopped: watch::channel(false).0,
+            cut: AtomicBool::new(false),
         });
         shared.publish(Instant::now());
         let mut tasks = JoinSet::new();
@@ -185,6 +188,12 @@ impl Node {
         Ok(())
     }
 
+    /// Cuts gossip (both ways) or restores it. While cut the member keeps its view and its
+    /// own heartbeat, and others see it fall silent.
+    pub fn set_cut(&self, cut: bool) {
+        self.shared.cut.store(cut, Ordering::Relaxed);
+    }
+
     /// Stops serving and gossiping without waiting (for owners that only hold a reference).
     pub fn stop(&self) {
         self.shared.stopped.send_replace(true);
@@ -226,6 +235,15 @@ impl Shared {
         });
     }
 
+    fn refuse_if_cut(&self) -> Result<(), Status> {
+        if self.cut.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(
+                "gossip is cut on this member (drill fault)",
+            ));
+        }
+        Ok(())
+    }
+
     fn count_in(&self, bytes: usize) {
         self.stats
             .bytes_received
@@ -263,6 +281,7 @@ impl pb::gossip_server::Gossip for GossipService {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         let s = &self.0;
+        s.refuse_if_cut()?;
         caller(&req).ok_or_else(|| Status::unauthenticated("no gateway identity"))?;
         let msg = req.into_inner();
         s.count_in(prost::Message::encoded_len(&msg));
@@ -285,6 +304,7 @@ impl pb::gossip_server::Gossip for GossipService {
         req: Request<pb::PushRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         let s = &self.0;
+        s.refuse_if_cut()?;
         caller(&req).ok_or_else(|| Status::unauthenticated("no gateway identity"))?;
         let msg = req.into_inner();
         s.count_in(prost::Message::encoded_len(&msg));
@@ -503,6 +523,9 @@ async fn gossip_loop(shared: Arc<Shared>) {
                 .choose(&mut rand::rng())
                 .expect("non-empty");
             picks.push((seed, None));
+        }
+        if shared.cut.load(Ordering::Relaxed) {
+            picks.clear();
         }
         // Exchanges run detached, each with its own deadline: waiting for a dead member
         // would delay our own heartbeat and make us look suspect.

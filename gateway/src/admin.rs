@@ -29,6 +29,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         .route("/v1/catalog", get(catalog))
         .route("/v1/routes", get(routes))
         .route("/v1/routes/{namespace}/{name}", get(route))
+        .merge(crate::faults::api::routes())
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin API stopped");

@@ -155,13 +155,16 @@ pub async fn follow(
 ) {
     let mut exports = source.watch();
     let mut view = node.subscribe();
+    let mut faults = shared.faults.subscribe();
     let mut allocated = BTreeMap::new();
     let me = node.view().members.first().map(|m| m.info.clone());
     let Some(me) = me else { return };
     loop {
         let current = exports.borrow_and_update().clone();
         shared.exports.store(current.clone());
-        node.set_local(to_catalog(&current, &shared.config.zone));
+        let mut catalog = to_catalog(&current, &shared.config.zone);
+        crate::faults::shape_catalog(&faults.borrow_and_update(), &mut catalog);
+        node.set_local(catalog);
         let v = view.borrow_and_update().clone();
         shared
             .routing
@@ -181,6 +184,7 @@ pub async fn follow(
         tokio::select! {
             r = exports.changed() => if r.is_err() { return },
             r = view.changed() => if r.is_err() { return },
+            r = faults.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
     }

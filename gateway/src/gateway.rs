@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use strait_common::pki::Identity;
 use strait_common::{Config, GatewayId};
 use tokio::sync::Semaphore;
@@ -20,6 +20,7 @@ use strait_discovery::node::{Node, NodeConfig};
 use strait_discovery::source::{FileSource, to_catalog};
 use strait_discovery::state::CatalogConfig;
 
+use crate::faults::{self, Faults, PacketRules};
 use crate::federation;
 use crate::listener::{BoundListener, Listeners};
 use crate::metrics::Metrics;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub discovery: Option<Arc<Node>>,
     /// Per-service routing and failover state.
     pub routing: Routing,
+    /// Drill faults injected through the admin API.
+    pub faults: Faults,
     /// When the gateway started.
     pub started: SystemTime,
 }
@@ -79,7 +82,8 @@ impl Gateway {
             .context("loading the gateway certificate")?;
         let server = tunnel::server_config(&identity, &config.tunnel)
             .context("building the tunnel TLS configuration")?;
-        let endpoint = tunnel::endpoint_on(udp, server, &config.tunnel)
+        let faults = fault_state(&config)?;
+        let endpoint = tunnel::endpoint_on(udp, server, &config.tunnel, faults.1)
             .context("starting the QUIC endpoint")?;
         let admin_listener = tokio::net::TcpListener::bind(config.listen.admin)
             .await
@@ -116,6 +120,7 @@ impl Gateway {
                 config.routing.clone(),
             ),
             started: SystemTime::now(),
+            faults: faults.0,
             config,
         });
 
@@ -144,6 +149,7 @@ impl Gateway {
         tasks.spawn(admin::serve(shared.clone(), admin_listener).instrument(span.clone()));
         tasks.spawn(reload::watch_certificates(shared.clone()).instrument(span.clone()));
         tasks.spawn(routing::watch(shared.clone()).instrument(span.clone()));
+        tasks.spawn(faults::expire(shared.clone()).instrument(span.clone()));
         // The config file is watched for what applies at run time: exports and routing.
         if let Some(path) = shared.config.source.clone() {
             let interval = shared
@@ -245,6 +251,32 @@ fn stop_all(shared: &Shared) {
     if let Some(node) = &shared.discovery {
         node.stop();
     }
+}
+
+/// The fault state, with the admin token read from `faults.token_file`, and the packet
+/// rules the tunnel socket follows.
+fn fault_state(config: &Config) -> anyhow::Result<(Faults, Arc<ArcSwapOption<PacketRules>>)> {
+    let packets = Arc::new(ArcSwapOption::empty());
+    let (token, max) = match &config.faults {
+        None => (None, Duration::ZERO),
+        Some(f) => {
+            let token = std::fs::read_to_string(&f.token_file).with_context(|| {
+                format!(
+                    "reading faults.token_file {} (create it with a random token, e.g. `openssl rand -hex 32`)",
+                    f.token_file.display()
+                )
+            })?;
+            let token = token.trim().to_owned();
+            anyhow::ensure!(
+                token.len() >= 16,
+                "faults.token_file {}: the token is {} characters; use at least 16 random ones (e.g. `openssl rand -hex 32`)",
+                f.token_file.display(),
+                token.len()
+            );
+            (Some(token), f.max_duration.0)
+        }
+    };
+    Ok((Faults::new(token, max, packets.clone()), packets))
 }
 
 /// Binds the gossip port and starts the discovery member.

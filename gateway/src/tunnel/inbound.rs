@@ -43,10 +43,20 @@ async fn serve_connection(shared: Arc<Shared>, incoming: Incoming) {
     // Liveness probes: the peer sends small datagrams and expects each one back.
     let echo = tokio::spawn(echo_probes(conn.clone()));
     let _echo = AbortOnDrop(echo);
+    let mut faults = shared.faults.subscribe();
     async {
         tracing::debug!("peer connected");
         loop {
-            match conn.accept_bi().await {
+            let accepted = tokio::select! {
+                a = conn.accept_bi() => a,
+                // A killed tunnel drops its connections; the socket is already silent, so
+                // the peer is not told.
+                _ = faults.wait_for(|f| f.killed) => {
+                    conn.close(codes::SHUTDOWN, b"tunnel killed by a drill");
+                    return;
+                }
+            };
+            match accepted {
                 Ok((send, recv)) => {
                     let shared = shared.clone();
                     let peer = peer.clone();

@@ -106,11 +106,13 @@ pub fn bind_udp(addr: SocketAddr, t: &TunnelTuning) -> std::io::Result<std::net:
     Ok(socket.into())
 }
 
-/// Starts the QUIC endpoint on a bound UDP socket.
+/// Starts the QUIC endpoint on a bound UDP socket, behind the drill fault layer that
+/// `faults` steers.
 pub fn endpoint_on(
     socket: std::net::UdpSocket,
     server: quinn::ServerConfig,
     t: &TunnelTuning,
+    faults: Arc<arc_swap::ArcSwapOption<crate::faults::PacketRules>>,
 ) -> std::io::Result<quinn::Endpoint> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
@@ -120,5 +122,7 @@ pub fn endpoint_on(
     config
         .max_udp_payload_size(t.max_udp_payload)
         .map_err(|e| std::io::Error::other(format!("tunnel.max_udp_payload: {e}")))?;
-    quinn::Endpoint::new(config, Some(server), socket, runtime)
+    let socket = runtime.wrap_udp_socket(socket)?;
+    let socket = Arc::new(crate::faults::socket::FaultSocket::new(socket, faults));
+    quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, runtime)
 }
