@@ -19,6 +19,8 @@ pub const REGIONS: &[&str] = &[
     "us-east", "eu-west", "ap-south", "us-west", "eu-north", "sa-east",
 ];
 const TRUST_DOMAIN: &str = "demo.strait";
+/// The demo's admin token file (for `strait drill`), in the demo directory.
+pub const TOKEN_FILE: &str = "admin-token";
 /// The demo's failback dwell and slow start (production defaults: 5 s and 10 s).
 pub const DEMO_DWELL: Duration = Duration::from_secs(3);
 /// See [`DEMO_DWELL`].
@@ -34,7 +36,9 @@ pub struct DemoArgs {
     /// free ports for everything, listeners included.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
-    /// Directory for the generated CA, certificates and configs (default: a temp dir).
+    /// Directory for the generated CA, certificates, configs and admin token (default:
+    /// `<tmp>/strait-demo-<base-port>`, where the drills in deploy/drills/ look for the
+    /// token; a temp dir of its own with --base-port 0).
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Stop after this many seconds instead of waiting for Ctrl-C.
@@ -74,13 +78,27 @@ impl Region {
     }
 }
 
+/// The demo directory, removed when the demo ends.
+enum Scratch {
+    Temp(#[allow(dead_code)] tempfile::TempDir),
+    Fixed(PathBuf),
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Scratch::Fixed(p) = self {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
 /// A running demo federation.
 pub struct Demo {
     /// The regions, in creation order.
     pub regions: Vec<Region>,
     /// Where the CA, certificates and configs live.
     pub dir: PathBuf,
-    _temp: Option<tempfile::TempDir>,
+    _temp: Option<Scratch>,
     _backends: Vec<backend::Backend>,
 }
 
@@ -138,15 +156,30 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
     let n = args.regions as usize;
     let (temp, dir) = match &args.dir {
         Some(d) => (None, d.clone()),
-        None => {
+        None if args.base_port == 0 => {
             let t = tempfile::Builder::new().prefix("strait-demo-").tempdir()?;
             let p = t.path().to_owned();
-            (Some(t), p)
+            (Some(Scratch::Temp(t)), p)
+        }
+        None => {
+            let p = std::env::temp_dir().join(format!("strait-demo-{}", args.base_port));
+            // A previous demo on these ports that did not clean up (killed) left this.
+            let _ = std::fs::remove_dir_all(&p);
+            (Some(Scratch::Fixed(p.clone())), p)
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = CertificateAuthority::generate(TRUST_DOMAIN, Duration::from_secs(30 * 86_400))?;
     write_atomic(&dir.join("ca.pem"), ca.cert_pem.as_bytes(), false)?;
+    // Fault injection is on in the demo, so drills can run against it.
+    let token: String = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        (0..32)
+            .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+            .collect()
+    };
+    write_atomic(&dir.join(TOKEN_FILE), token.as_bytes(), true)?;
 
     let clusters: Vec<&str> = REGIONS[..n].to_vec();
     let ephemeral = args.base_port == 0;
@@ -271,6 +304,7 @@ fn region_config(r: &RegionPorts<'_>) -> String {
         DEMO_DWELL.as_secs(),
         DEMO_SLOW_START.as_secs()
     );
+    let _ = writeln!(y, "faults:\n  token_file: {TOKEN_FILE}");
     let _ = writeln!(y, "exports:");
     let _ = writeln!(
         y,
@@ -373,6 +407,11 @@ impl Demo {
             s,
             "\nFailover: type `down <region>` or `up <region>` here ({}), then curl again or\nrun `strait status`; `strait demo --tour` shows the traffic move on its own.",
             names.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "\nDrills: strait drill run deploy/drills/gateway-kill.yaml   (library in deploy/drills/; admin token in {})",
+            self.dir.join(TOKEN_FILE).display()
         );
         let _ = writeln!(s, "\nCtrl-C stops the federation.");
         s

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod demo;
+pub mod drill;
 pub mod faults;
 pub mod federation;
 pub mod gateway;

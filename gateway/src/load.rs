@@ -1,7 +1,8 @@
 //! A bounded load generator for failover benchmarks, tests and drills: opens new
 //! connections at a fixed rate (open loop, so a slow gateway cannot slow the load down),
 //! sends one HTTP request on each, and records when it started, how long it took, and
-//! which cluster answered (`hello from <cluster>`, as the demo backends say).
+//! which cluster answered (when the answer says `hello from <cluster>`, as the demo
+//! backends do). [`Steady`] keeps long-lived connections open and notes each break.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ pub struct Sample {
     pub at: Duration,
     /// Time to the complete answer (or to the failure).
     pub latency: Duration,
-    /// The cluster that answered, or why it failed.
+    /// The cluster that answered (empty when the answer does not say), or why it failed.
     pub result: Result<String, String>,
 }
 
@@ -119,7 +120,9 @@ impl Load {
     }
 }
 
-/// One request; the answering cluster.
+/// One request; the answering cluster (empty when the answer does not name one). Any
+/// complete HTTP answer counts as success: the gateway's part is done once the service
+/// answers.
 async fn hello(target: SocketAddr) -> Result<String, String> {
     let mut s = TcpStream::connect(target)
         .await
@@ -137,10 +140,126 @@ async fn hello(target: SocketAddr) -> Result<String, String> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .ok_or_else(|| format!("no HTTP answer ({} bytes)", buf.len()))?;
-    body.trim()
+    if !text.starts_with("HTTP/") {
+        return Err(format!("not an HTTP answer ({} bytes)", buf.len()));
+    }
+    Ok(body
+        .trim()
         .strip_prefix("hello from ")
         .map(str::to_owned)
-        .ok_or_else(|| format!("unexpected answer {body:?}"))
+        .unwrap_or_default())
+}
+
+/// Long-lived connections to keep open.
+#[derive(Debug, Clone)]
+pub struct SteadySpec {
+    /// Where to connect (a listener of an echo service).
+    pub target: SocketAddr,
+    /// How many connections.
+    pub connections: usize,
+    /// How long to keep them.
+    pub duration: Duration,
+    /// Longest an echo may take before the connection counts as broken.
+    pub timeout: Duration,
+}
+
+/// A long-lived connection that broke (and was opened again).
+#[derive(Debug, Clone)]
+pub struct Break {
+    /// When, from the start of the load.
+    pub at: Duration,
+    /// Why.
+    pub error: String,
+}
+
+/// Running long-lived connections: each sends an 8-byte ping every 100 ms and expects it
+/// echoed; a connection that fails is counted and replaced. Stops after `duration`.
+pub struct Steady {
+    started: Instant,
+    breaks: Arc<Mutex<Vec<Break>>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+/// Time between pings on a long-lived connection.
+const PING_EVERY: Duration = Duration::from_millis(100);
+
+impl Steady {
+    /// Opens the connections.
+    pub fn start(spec: SteadySpec) -> Steady {
+        let started = Instant::now();
+        let breaks = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        let end = started + spec.duration;
+        for _ in 0..spec.connections.min(1000) {
+            let breaks = breaks.clone();
+            let spec = spec.clone();
+            tasks.spawn(async move {
+                while Instant::now() < end {
+                    let why = tokio::time::timeout_at(end.into(), keep(&spec, end)).await;
+                    let Ok(Err(error)) = why else { return };
+                    breaks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Break {
+                            at: started.elapsed(),
+                            error,
+                        });
+                    tokio::time::sleep(PING_EVERY).await;
+                }
+            });
+        }
+        Steady {
+            started,
+            breaks,
+            tasks,
+        }
+    }
+
+    /// The breaks so far.
+    pub fn breaks(&self) -> Vec<Break> {
+        self.breaks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// When the connections were first opened.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Waits for the end; every break.
+    pub async fn finish(mut self) -> Vec<Break> {
+        while self.tasks.join_next().await.is_some() {}
+        self.breaks()
+    }
+}
+
+/// One long-lived connection until `end`; why it broke, if it did.
+async fn keep(spec: &SteadySpec, end: Instant) -> Result<(), String> {
+    let mut s = tokio::time::timeout(spec.timeout, TcpStream::connect(spec.target))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let mut seq: u64 = 0;
+    while Instant::now() < end {
+        seq += 1;
+        let ping = seq.to_be_bytes();
+        let mut pong = [0u8; 8];
+        let exchange = async {
+            s.write_all(&ping).await?;
+            s.read_exact(&mut pong).await.map(|_| ())
+        };
+        match tokio::time::timeout(spec.timeout, exchange).await {
+            Ok(Ok(())) if pong == ping => {}
+            Ok(Ok(())) => return Err("echo answered with other bytes".to_owned()),
+            Ok(Err(e)) => return Err(format!("connection broke: {e}")),
+            Err(_) => return Err(format!("no echo within {:?}", spec.timeout)),
+        }
+        tokio::time::sleep(PING_EVERY).await;
+    }
+    Ok(())
 }
 
 /// Summary of a fault's effect on a load: failures after it, and when traffic settled.

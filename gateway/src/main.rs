@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use strait_common::pki::{CA_CERT_FILE, CertificateAuthority, write_atomic};
 use strait_common::telemetry::{self, LogFormat};
 use strait_common::{Config, GatewayId};
-use strait_gateway::{Gateway, demo, raise_fd_limit, status};
+use strait_gateway::{Gateway, demo, drill, raise_fd_limit, status};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,9 @@ enum Command {
     Pki(PkiCmd),
     /// Start a local federation of several regions on loopback and show what to try.
     Demo(demo::DemoArgs),
+    /// Failover drills: inject faults into a running federation under load and report.
+    #[command(subcommand)]
+    Drill(DrillCmd),
     /// Show a running gateway's view: members, peers and imported services.
     Status {
         /// The gateway's admin address.
@@ -55,6 +58,35 @@ enum ConfigCmd {
     Check {
         /// The file to check.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DrillCmd {
+    /// Run a drill scenario (see deploy/drills/); exits 0 when every objective is met,
+    /// 1 when one is not, 2 when the drill was stopped early.
+    Run {
+        /// The scenario file.
+        file: PathBuf,
+        /// Where to write the JSON report (an HTML page is written beside it).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check a scenario file without running it.
+    Check {
+        /// The scenario file.
+        file: PathBuf,
+    },
+    /// Print a saved report and render its HTML page (and, with --svg, the picture alone).
+    Report {
+        /// A JSON report written by `drill run`.
+        file: PathBuf,
+        /// Where to write the HTML page (default: beside the JSON file).
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Also write the timeline picture as SVG here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
 }
 
@@ -105,6 +137,73 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
         Command::Status { admin } => runtime()?.block_on(status::print(admin)),
+        Command::Drill(cmd) => drill_cmd(cmd),
+    }
+}
+
+fn drill_cmd(cmd: DrillCmd) -> anyhow::Result<()> {
+    let load = |file: &std::path::Path| {
+        drill::Scenario::load(file).unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(1);
+        })
+    };
+    match cmd {
+        DrillCmd::Check { file } => {
+            let s = load(&file);
+            println!(
+                "{}: ok (drill {}, {} loads, {} steps over {})",
+                file.display(),
+                s.name,
+                s.load.len(),
+                s.steps.len(),
+                s.duration
+            );
+            Ok(())
+        }
+        DrillCmd::Run { file, out } => {
+            let s = load(&file);
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("drill-{}.json", s.name)));
+            println!(
+                "drill {}: {} ({} steps over {}); Ctrl-C stops it and undoes every fault",
+                s.name,
+                s.description.trim(),
+                s.steps.len(),
+                s.duration
+            );
+            let report = runtime()?.block_on(drill::run(s, async {
+                let _ = tokio::signal::ctrl_c().await;
+            }))?;
+            print!("{}", drill::render::summary(&report));
+            let (json, html) = drill::write_report(&report, &out)?;
+            println!("  report: {} and {}", json.display(), html.display());
+            match report.verdict {
+                drill::analysis::Verdict::Passed => Ok(()),
+                drill::analysis::Verdict::Failed => std::process::exit(1),
+                drill::analysis::Verdict::Aborted => std::process::exit(2),
+            }
+        }
+        DrillCmd::Report { file, html, svg } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let report: drill::Report = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a drill report (written by `strait drill run`)",
+                    file.display()
+                )
+            })?;
+            print!("{}", drill::render::summary(&report));
+            let html = html.unwrap_or_else(|| file.with_extension("html"));
+            std::fs::write(&html, drill::render::html(&report))
+                .with_context(|| format!("writing {}", html.display()))?;
+            println!("  html: {}", html.display());
+            if let Some(svg) = svg {
+                std::fs::write(&svg, drill::render::svg(&report))
+                    .with_context(|| format!("writing {}", svg.display()))?;
+                println!("  svg: {}", svg.display());
+            }
+            Ok(())
+        }
     }
 }
 

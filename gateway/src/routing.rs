@@ -72,6 +72,8 @@ struct ServiceState {
     router: ServiceRouter,
     /// The best usable cluster last seen; a change is a failover (or failback).
     primary: Option<String>,
+    /// Connections each cluster took since the gateway started.
+    served: BTreeMap<String, u64>,
 }
 
 /// Proxied connections per (service, cluster), for spill protection and metrics.
@@ -162,6 +164,8 @@ pub struct ClusterReport {
     pub weight: u32,
     /// Proxied connections there now.
     pub active: usize,
+    /// Connections it took since the gateway started (drills chart the share from this).
+    pub served: u64,
 }
 
 impl Routing {
@@ -260,6 +264,9 @@ impl Routing {
     pub fn record(&self, shared: &Shared, service: &str, cluster: &str, outcome: Outcome) {
         let mut services = lock(&self.services);
         let state = self.state(&mut services, service);
+        if outcome == Outcome::Success {
+            *state.served.entry(cluster.to_owned()).or_default() += 1;
+        }
         if let Some(time) = state.router.record(cluster, outcome, Instant::now()) {
             tracing::warn!(%service, %cluster, ejected_for = ?time, "path ejected after repeated failures");
             shared
@@ -344,6 +351,7 @@ impl Routing {
                             .map(|o| o.ready_endpoints),
                         weight: cand.weight,
                         active: cand.active,
+                        served: state.served.get(&c.cluster).copied().unwrap_or(0),
                     })
                 })
                 .collect();
@@ -372,6 +380,7 @@ impl Routing {
             ServiceState {
                 router: ServiceRouter::new(policy, seed ^ rand::random::<u64>()),
                 primary: None,
+                served: BTreeMap::new(),
             }
         })
     }

@@ -3,37 +3,9 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use anyhow::{Context, bail};
+use crate::admin::client::get;
+use anyhow::bail;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Fetches `path` from the admin API: the status code and the JSON body.
-async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
-    let mut s = tokio::net::TcpStream::connect(admin)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the admin API at {admin} (is the gateway running? is --admin right?)"
-            )
-        })?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response from the admin API")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let json = serde_json::from_str(body).with_context(|| format!("{path} did not return JSON"))?;
-    Ok((code, json))
-}
 
 /// Prints members (or static peers), and imported services.
 pub async fn print(admin: SocketAddr) -> anyhow::Result<()> {

@@ -1,6 +1,8 @@
 //! Admin API (loopback by default; never on the peer-facing port): health, readiness,
 //! Prometheus metrics, and JSON views of peers, services and identity.
 
+pub mod client;
+
 use std::sync::Arc;
 use std::time::SystemTime;
 

@@ -1,0 +1,618 @@
+//! Drives a drill: checks the federation, starts the load and the route watchers, injects
+//! and undoes faults on the timeline, stops early at the guard rail or on abort, and
+//! confirms every fault is gone before the report is built.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use strait_common::units::HumanDuration;
+
+use super::analysis::{self, LoadRecording, Recording, Report, RoutePoll, StepRecord};
+use super::scenario::{FROM, FaultKind, LoadEntry, PRIMARY, Scenario, Step};
+use crate::admin::client::request;
+use crate::faults::{Direction, Fault, FaultRequest};
+use crate::load::{Load, LoadSpec, Steady, SteadySpec};
+
+/// How often the source gateways' routes are read.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+/// How often the guard rail is checked.
+const GUARD_EVERY: Duration = Duration::from_millis(250);
+
+/// One fault injection: which gateway, and what.
+struct Injection {
+    gateway: String,
+    admin: SocketAddr,
+    request: FaultRequest,
+}
+
+/// A step with its names resolved.
+struct Planned {
+    at: Duration,
+    duration: Duration,
+    record: StepRecord,
+    injections: Vec<Injection>,
+    /// (admin, id) of what was injected.
+    injected: Vec<(SocketAddr, u64)>,
+}
+
+struct Client {
+    token: String,
+}
+
+impl Client {
+    async fn call(
+        &self,
+        admin: SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        request(admin, method, path, Some(&self.token), body).await
+    }
+}
+
+/// Runs a drill until its end, its guard rail, or `abort` (Ctrl-C in the CLI).
+pub async fn run(scenario: Scenario, abort: impl Future<Output = ()>) -> anyhow::Result<Report> {
+    let client = Client {
+        token: scenario.token()?,
+    };
+    preflight(&client, &scenario).await?;
+    let mut targets = Vec::new();
+    for l in &scenario.load {
+        targets.push(listener_of(&scenario, l).await?);
+    }
+    let first = &scenario.load[0];
+    let primary = primary_of(&scenario, first).await?;
+    let mut plan: Vec<Planned> = scenario
+        .steps
+        .iter()
+        .map(|s| plan_step(&scenario, s, &first.from, primary.as_deref()))
+        .collect::<anyhow::Result<_>>()?;
+
+    let started_unix_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let t0 = Instant::now();
+    let duration = scenario.duration.0;
+    let mut loads = Vec::new();
+    for (l, target) in scenario.load.iter().zip(&targets) {
+        loads.push(Running::start(l, *target, duration, t0, &scenario));
+    }
+
+    // The timeline: (when, step, inject?) in time order.
+    let mut actions: Vec<(Duration, usize, bool)> = plan
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| [(p.at, i, true), (p.at + p.duration, i, false)])
+        .collect();
+    actions.sort_by_key(|a| (a.0, !a.2));
+    let mut next = 0;
+    let mut aborted = None;
+    let mut guard = tokio::time::interval(GUARD_EVERY);
+    tokio::pin!(abort);
+    let end = t0 + duration;
+    loop {
+        let due = actions.get(next).map_or(end, |a| t0 + a.0).min(end);
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.into()) => {
+                let Some(&(_, i, inject)) = actions.get(next) else { break };
+                if t0 + actions[next].0 > end { break }
+                next += 1;
+                if inject {
+                    inject_step(&client, &mut plan[i], t0).await;
+                } else {
+                    undo_step(&client, &mut plan[i], t0).await;
+                }
+            }
+            _ = guard.tick() => {
+                if let Some(why) = guard_rail(&scenario, &loads) {
+                    aborted = Some(why);
+                    break;
+                }
+            }
+            _ = &mut abort => {
+                aborted = Some("interrupted by the operator".to_owned());
+                break;
+            }
+        }
+        if Instant::now() >= end && next >= actions.len() {
+            break;
+        }
+    }
+    // Whatever is still injected is undone now, aborted or not.
+    for p in plan.iter_mut().filter(|p| !p.injected.is_empty()) {
+        undo_step(&client, p, t0).await;
+    }
+    let faults_undone = confirm_undone(&client, &plan).await;
+    let mut recorded = Vec::new();
+    for r in loads {
+        recorded.push(r.finish(aborted.is_some()).await);
+    }
+    let recording = Recording {
+        loads: recorded,
+        steps: plan.into_iter().map(|p| p.record).collect(),
+        aborted,
+        faults_undone,
+        elapsed: t0.elapsed().min(duration + Duration::from_secs(60)),
+        started_unix_ms,
+    };
+    Ok(analysis::analyse(&scenario, &recording))
+}
+
+/// Every gateway answers, with fault injection on and the token accepted.
+async fn preflight(client: &Client, s: &Scenario) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for (cluster, admin) in &s.federation.gateways {
+        match client.call(*admin, "GET", "/v1/faults", None).await {
+            Ok((200, _)) => {}
+            Ok((code, body)) => problems.push(format!(
+                "{cluster} ({admin}): HTTP {code}: {} ({})",
+                body["error"].as_str().unwrap_or("?"),
+                body["fix"].as_str().unwrap_or("")
+            )),
+            Err(e) => problems.push(format!("{cluster}: {e:#}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "the federation is not ready for this drill:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// The listener address of a load's service on its source gateway.
+async fn listener_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<SocketAddr> {
+    let admin = s.federation.gateways[&l.from];
+    let (_, services) = crate::admin::client::get(admin, "/v1/services").await?;
+    let imports: Vec<&Value> = services["imports"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let found: Vec<&&Value> = imports
+        .iter()
+        .filter(|i| i["service"] == l.service.as_str())
+        .filter(|i| l.port.is_none_or(|p| i["port"] == p))
+        .collect();
+    let names: Vec<String> = imports
+        .iter()
+        .map(|i| format!("{}:{}", i["service"].as_str().unwrap_or("?"), i["port"]))
+        .collect();
+    match found[..] {
+        [one] => {
+            let mut addr: SocketAddr = one["address"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .context("malformed /v1/services answer")?;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            Ok(addr)
+        }
+        [] => bail!(
+            "{} does not import {} (its imports: {}); wait for discovery or fix load.service",
+            l.from,
+            l.service,
+            names.join(", ")
+        ),
+        _ => bail!(
+            "{} imports {} on several ports ({}); set load.port",
+            l.from,
+            l.service,
+            names.join(", ")
+        ),
+    }
+}
+
+/// The cluster the load's service goes to first now, from its source gateway.
+async fn primary_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<Option<String>> {
+    let admin = s.federation.gateways[&l.from];
+    let (code, route) =
+        crate::admin::client::get(admin, &format!("/v1/routes/{}", l.service)).await?;
+    if code != 200 {
+        return Ok(None);
+    }
+    Ok(route["primary"].as_str().map(str::to_owned))
+}
+
+fn plan_step(
+    s: &Scenario,
+    step: &Step,
+    from: &str,
+    primary: Option<&str>,
+) -> anyhow::Result<Planned> {
+    let resolve = |name: &str| -> anyhow::Result<String> {
+        match name {
+            PRIMARY => primary.map(str::to_owned).with_context(|| {
+                format!("`{PRIMARY}`: {from} has no usable cluster for the load's service now")
+            }),
+            FROM => Ok(from.to_owned()),
+            other => Ok(other.to_owned()),
+        }
+    };
+    let admin = |g: &str| -> anyhow::Result<SocketAddr> {
+        s.federation.gateways.get(g).copied().with_context(|| {
+            format!("`{g}` (resolved from a placeholder) is not in federation.gateways")
+        })
+    };
+    let duration = HumanDuration(step.duration.0);
+    let one = |gateway: &str, fault: Fault| -> anyhow::Result<Injection> {
+        Ok(Injection {
+            gateway: gateway.to_owned(),
+            admin: admin(gateway)?,
+            request: FaultRequest { fault, duration },
+        })
+    };
+    let peer = step.peer.as_deref().map(resolve).transpose()?;
+    let direction = step.direction.unwrap_or_default();
+    let (label, victim, injections) = if step.fault == FaultKind::Partition {
+        let sides = step.between.as_deref().unwrap_or_default();
+        let (a, b) = (resolve(&sides[0])?, resolve(&sides[1])?);
+        let victim = if a == from { b.clone() } else { a.clone() };
+        let cut = |p: &str| Fault::Blackhole {
+            peer: Some(p.to_owned()),
+            direction: Direction::Both,
+        };
+        (
+            format!("partition {a} | {b}"),
+            victim,
+            vec![one(&a, cut(&b))?, one(&b, cut(&a))?],
+        )
+    } else {
+        let on = resolve(step.on.as_deref().unwrap_or(FROM))?;
+        let fault = match step.fault {
+            FaultKind::KillTunnel => Fault::KillTunnel,
+            FaultKind::Blackhole => Fault::Blackhole {
+                peer: peer.clone(),
+                direction,
+            },
+            FaultKind::Delay => Fault::Delay {
+                peer: peer.clone(),
+                latency: step.latency.unwrap_or(HumanDuration(Duration::ZERO)),
+            },
+            FaultKind::Loss => Fault::Loss {
+                peer: peer.clone(),
+                fraction: step.fraction.unwrap_or(0.0),
+                direction,
+            },
+            FaultKind::Drain => Fault::Drain,
+            FaultKind::Unready => Fault::Unready {
+                service: step
+                    .service
+                    .clone()
+                    .unwrap_or_else(|| s.load[0].service.clone()),
+            },
+            FaultKind::CutDiscovery => Fault::CutDiscovery,
+            FaultKind::Partition => unreachable!("handled above"),
+        };
+        let victim = match &peer {
+            Some(p) if on == from => p.clone(),
+            _ => on.clone(),
+        };
+        (label(&fault, &on), victim, vec![one(&on, fault)?])
+    };
+    Ok(Planned {
+        at: step.at.0,
+        duration: step.duration.0,
+        record: StepRecord {
+            kind: serde_json::to_value(step.fault)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            label,
+            victim: Some(victim),
+            start: step.at.0,
+            end: step.at.0 + step.duration.0,
+            error: None,
+        },
+        injections,
+        injected: Vec::new(),
+    })
+}
+
+/// What a fault does, for people.
+fn label(f: &Fault, on: &str) -> String {
+    let to = |p: &Option<String>, d: Direction| match (p, d) {
+        (None, Direction::Both) => String::new(),
+        (None, d) => format!(" ({d:?})").to_lowercase(),
+        (Some(p), Direction::Both) => format!(" <-> {p}"),
+        (Some(p), Direction::To) => format!(" -> {p}"),
+        (Some(p), Direction::From) => format!(" <- {p}"),
+    };
+    match f {
+        Fault::KillTunnel => format!("kill-tunnel {on}"),
+        Fault::Blackhole { peer, direction } => format!("blackhole {on}{}", to(peer, *direction)),
+        Fault::Delay { peer, latency } => {
+            format!("delay {latency} {on}{}", to(peer, Direction::To))
+        }
+        Fault::Loss {
+            peer,
+            fraction,
+            direction,
+        } => format!("loss {:.0}% {on}{}", fraction * 100.0, to(peer, *direction)),
+        Fault::Drain => format!("drain {on}"),
+        Fault::Unready { service } => format!("unready {service} on {on}"),
+        Fault::CutDiscovery => format!("cut-discovery {on}"),
+    }
+}
+
+async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
+    p.record.start = t0.elapsed();
+    let mut errors = Vec::new();
+    for inj in &p.injections {
+        let body = serde_json::to_value(&inj.request).unwrap_or_default();
+        match client
+            .call(inj.admin, "POST", "/v1/faults", Some(&body))
+            .await
+        {
+            Ok((201, v)) => match v["id"].as_u64() {
+                Some(id) => p.injected.push((inj.admin, id)),
+                None => errors.push(format!("{}: answer without an id", inj.gateway)),
+            },
+            Ok((code, v)) => errors.push(format!(
+                "{}: HTTP {code}: {} {}",
+                inj.gateway,
+                v["field"]
+                    .as_str()
+                    .map(|f| format!("field `{f}`:"))
+                    .unwrap_or_default(),
+                v["error"].as_str().unwrap_or("?")
+            )),
+            Err(e) => errors.push(format!("{}: {e:#}", inj.gateway)),
+        }
+    }
+    if !errors.is_empty() {
+        tracing::error!(step = %p.record.label, errors = ?errors, "fault not injected");
+        p.record.error = Some(errors.join("; "));
+    }
+}
+
+async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
+    if p.injected.is_empty() {
+        return;
+    }
+    let mut left = Vec::new();
+    for (admin, id) in p.injected.drain(..) {
+        // 404: the gateway already ended it on its own timer.
+        match client
+            .call(admin, "DELETE", &format!("/v1/faults/{id}"), None)
+            .await
+        {
+            Ok((200 | 404, _)) => {}
+            other => {
+                tracing::warn!(%admin, id, result = ?other.map(|r| r.0), "undo failed; will retry");
+                left.push((admin, id));
+            }
+        }
+    }
+    p.injected = left;
+    p.record.end = t0.elapsed();
+}
+
+/// Asks every gateway the drill touched whether any of its faults is still active (and
+/// retries undoing those once).
+async fn confirm_undone(client: &Client, plan: &[Planned]) -> bool {
+    let mut all = true;
+    for p in plan {
+        for inj in &p.injections {
+            match client.call(inj.admin, "GET", "/v1/faults", None).await {
+                Ok((200, Value::Array(active))) => {
+                    for f in active {
+                        // Our own injections are the only ones we may remove; others'
+                        // faults are reported, not touched.
+                        let id = f["id"].as_u64().unwrap_or(0);
+                        let ours =
+                            p.record.error.is_none() && f["fault"] == json!(inj.request.fault);
+                        if ours {
+                            let gone = client
+                                .call(inj.admin, "DELETE", &format!("/v1/faults/{id}"), None)
+                                .await
+                                .is_ok_and(|(c, _)| c == 200 || c == 404);
+                            all &= gone;
+                        }
+                    }
+                }
+                _ => all = false,
+            }
+        }
+    }
+    all
+}
+
+/// One load while it runs.
+struct Running {
+    entry: LoadEntry,
+    target: SocketAddr,
+    load: Option<Load>,
+    steady: Option<Steady>,
+    polls: Arc<Mutex<Vec<RoutePoll>>>,
+    poller: tokio::task::JoinHandle<()>,
+    /// Load clocks start a moment after the drill's; samples are shifted onto its clock.
+    offset: Duration,
+}
+
+impl Running {
+    fn start(
+        l: &LoadEntry,
+        target: SocketAddr,
+        duration: Duration,
+        t0: Instant,
+        s: &Scenario,
+    ) -> Running {
+        let offset = t0.elapsed();
+        let load = (l.rate > 0.0).then(|| {
+            Load::start(LoadSpec {
+                target,
+                rate: l.rate,
+                duration: duration.saturating_sub(offset),
+                timeout: l.timeout.0,
+            })
+        });
+        let steady = (l.connections > 0).then(|| {
+            Steady::start(SteadySpec {
+                target,
+                connections: l.connections,
+                duration: duration.saturating_sub(offset),
+                timeout: l.timeout.0,
+            })
+        });
+        let polls = Arc::new(Mutex::new(Vec::new()));
+        let poller = tokio::spawn(poll_routes(
+            s.federation.gateways[&l.from],
+            l.service.clone(),
+            polls.clone(),
+            t0,
+        ));
+        Running {
+            entry: l.clone(),
+            target,
+            load,
+            steady,
+            polls,
+            poller,
+            offset,
+        }
+    }
+
+    /// New connections finished so far: (failed, total), and those of the last second.
+    fn failures(&self) -> ((usize, usize), (usize, usize)) {
+        let Some(load) = &self.load else {
+            return ((0, 0), (0, 0));
+        };
+        let now = load.elapsed();
+        let samples = load.samples();
+        let recent: Vec<_> = samples
+            .iter()
+            .filter(|s| s.end() + Duration::from_secs(1) >= now)
+            .collect();
+        let failed = |v: &mut dyn Iterator<Item = &crate::load::Sample>| {
+            v.filter(|s| s.result.is_err()).count()
+        };
+        (
+            (failed(&mut samples.iter()), samples.len()),
+            (failed(&mut recent.iter().copied()), recent.len()),
+        )
+    }
+
+    async fn finish(self, aborted: bool) -> LoadRecording {
+        let shift = |d: Duration| d + self.offset;
+        let mut samples = match self.load {
+            // An aborted drill keeps what finished and drops the rest (the task stops).
+            Some(l) if aborted => {
+                let mut v = l.samples();
+                v.sort_by_key(|s| s.at);
+                v
+            }
+            Some(l) => l.finish().await,
+            None => Vec::new(),
+        };
+        for s in &mut samples {
+            s.at = shift(s.at);
+        }
+        let mut breaks = match self.steady {
+            Some(st) if aborted => st.breaks(),
+            Some(st) => st.finish().await,
+            None => Vec::new(),
+        };
+        for b in &mut breaks {
+            b.at = shift(b.at);
+        }
+        self.poller.abort();
+        let polls = self.polls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        LoadRecording {
+            from: self.entry.from,
+            service: self.entry.service,
+            target: self.target,
+            rate: self.entry.rate,
+            connections: self.entry.connections,
+            samples,
+            breaks,
+            polls,
+        }
+    }
+}
+
+/// Reads the source gateway's route for the service every [`POLL_EVERY`].
+async fn poll_routes(
+    admin: SocketAddr,
+    service: String,
+    polls: Arc<Mutex<Vec<RoutePoll>>>,
+    t0: Instant,
+) {
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let path = format!("/v1/routes/{service}");
+    loop {
+        tick.tick().await;
+        let at = t0.elapsed();
+        let Ok((200, route)) = crate::admin::client::get(admin, &path).await else {
+            continue;
+        };
+        let clusters = route["clusters"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(|c| {
+                        Some((
+                            c["cluster"].as_str()?.to_owned(),
+                            (
+                                c["eligible"].as_bool().unwrap_or(false),
+                                c["reason"].as_str().map(str::to_owned),
+                                c["served"].as_u64().unwrap_or(0),
+                            ),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        polls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(RoutePoll { at, clusters });
+    }
+}
+
+/// Why the guard rail stops the drill now, if it does.
+fn guard_rail(s: &Scenario, loads: &[Running]) -> Option<String> {
+    let (mut failed, mut recent_failed, mut recent) = (0, 0, 0);
+    for l in loads {
+        let ((f, _), (rf, rt)) = l.failures();
+        failed += f;
+        recent_failed += rf;
+        recent += rt;
+    }
+    if let Some(max) = s.stop_if.failed_connections
+        && failed > max
+    {
+        return Some(format!(
+            "guard rail: {failed} failed connections (stop_if.failed_connections {max})"
+        ));
+    }
+    if let Some(max) = s.stop_if.failed_ratio
+        && recent >= 10
+        && recent_failed as f64 / recent as f64 > max
+    {
+        return Some(format!(
+            "guard rail: {recent_failed} of the last second's {recent} connections failed (stop_if.failed_ratio {max})"
+        ));
+    }
+    None
+}
+
+/// Writes the report as JSON and as HTML beside it; the two paths.
+pub fn write_report(report: &Report, json_path: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(json_path, json)
+        .with_context(|| format!("writing the report {}", json_path.display()))?;
+    let html_path = json_path.with_extension("html");
+    std::fs::write(&html_path, super::render::html(report))
+        .with_context(|| format!("writing {}", html_path.display()))?;
+    Ok((json_path.to_owned(), html_path))
+}
