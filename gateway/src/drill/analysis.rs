@@ -241,9 +241,10 @@ fn count(polls: &[RoutePoll], i: usize, cluster: &str) -> u64 {
     polls[i].clusters.get(cluster).map_or(0, |c| c.2)
 }
 
-/// Connections taken in the polls within `(from, to]`: per cluster.
+/// Connections taken in the polls within `(from, to]`: per cluster. (Counters run since
+/// the gateway started, so a window reaching back before the first poll starts there.)
 fn served_between(polls: &[RoutePoll], from: Duration, to: Duration) -> BTreeMap<String, u64> {
-    let before = polls.iter().rposition(|p| p.at <= from);
+    let before = polls.iter().rposition(|p| p.at <= from).or(Some(0));
     let until = polls.iter().rposition(|p| p.at <= to);
     let mut out = BTreeMap::new();
     let (Some(b), Some(u)) = (before, until) else {
@@ -274,7 +275,17 @@ pub fn analyse(scenario: &Scenario, rec: &Recording) -> Report {
     let faults: Vec<FaultReport> = rec
         .steps
         .iter()
-        .map(|s| fault_report(s, rec.loads.first(), rec.elapsed))
+        .map(|s| {
+            // Failback is judged until the next fault starts (it would disturb it again).
+            let next = rec
+                .steps
+                .iter()
+                .map(|n| n.start)
+                .filter(|&t| t > s.start)
+                .min()
+                .unwrap_or(rec.elapsed);
+            fault_report(s, rec.loads.first(), next)
+        })
         .collect();
     let objectives = judge(&scenario.objectives, rec, &loads, &faults);
     let verdict = if rec.aborted.is_some() {
@@ -356,7 +367,7 @@ fn load_report(l: &LoadRecording, elapsed: Duration) -> LoadReport {
     }
 }
 
-fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, elapsed: Duration) -> FaultReport {
+fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, until: Duration) -> FaultReport {
     let mut r = FaultReport {
         kind: s.kind.clone(),
         label: s.label.clone(),
@@ -433,11 +444,14 @@ fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, elapsed: Duration)
             .max(last_bad.unwrap_or(s.start));
         r.rerouted_after_s = Some(secs(settled.saturating_sub(s.start)));
     }
+    if r.rerouted_after_s.is_none() {
+        return r;
+    }
     // Failback: the first poll after the end whose last second gives the victim its share.
     r.failback_after_s = l
         .polls
         .iter()
-        .filter(|p| p.at >= s.end + FAILBACK_WINDOW.min(elapsed))
+        .filter(|p| p.at >= s.end + FAILBACK_WINDOW && p.at <= until)
         .find(|p| {
             let recent = served_between(&l.polls, p.at - FAILBACK_WINDOW, p.at);
             share(&recent, victim).is_some_and(|x| x >= base_share * FAILBACK_SHARE)

@@ -262,7 +262,7 @@ fn plan_step(
         };
         (
             format!("partition {a} | {b}"),
-            victim,
+            Some(victim),
             vec![one(&a, cut(&b))?, one(&b, cut(&a))?],
         )
     } else {
@@ -292,9 +292,10 @@ fn plan_step(
             FaultKind::CutDiscovery => Fault::CutDiscovery,
             FaultKind::Partition => unreachable!("handled above"),
         };
+        // The source gateway itself is no cluster its traffic can move away from.
         let victim = match &peer {
-            Some(p) if on == from => p.clone(),
-            _ => on.clone(),
+            Some(p) if on == from => Some(p.clone()),
+            _ => (on != from).then(|| on.clone()),
         };
         (label(&fault, &on), victim, vec![one(&on, fault)?])
     };
@@ -307,7 +308,7 @@ fn plan_step(
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             label,
-            victim: Some(victim),
+            victim,
             start: step.at.0,
             end: step.at.0 + step.duration.0,
             error: None,
@@ -329,9 +330,10 @@ fn label(f: &Fault, on: &str) -> String {
     match f {
         Fault::KillTunnel => format!("kill-tunnel {on}"),
         Fault::Blackhole { peer, direction } => format!("blackhole {on}{}", to(peer, *direction)),
-        Fault::Delay { peer, latency } => {
-            format!("delay {latency} {on}{}", to(peer, Direction::To))
-        }
+        Fault::Delay { peer, latency } => match peer {
+            Some(_) => format!("delay {latency} {on}{}", to(peer, Direction::To)),
+            None => format!("delay {latency} {on}"),
+        },
         Fault::Loss {
             peer,
             fraction,

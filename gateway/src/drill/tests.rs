@@ -247,6 +247,7 @@ fn traffic_that_never_left_is_not_a_reroute() {
     let r = analyse(&s, &rec);
     assert_eq!(r.faults[0].rerouted_after_s, None);
     assert_eq!(r.faults[0].detected_after_s, None);
+    assert_eq!(r.faults[0].failback_after_s, None);
     assert_eq!(r.verdict, Verdict::Failed);
 }
 

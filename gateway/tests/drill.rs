@@ -1,0 +1,173 @@
+//! Drills against a real local federation (the demo's three regions on loopback): a gateway
+//! kill with a healthy alternative passes its objectives, and a drill stopped early (by the
+//! operator or by its guard rail) leaves no fault behind.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use strait_gateway::demo::{self, Demo, DemoArgs, TOKEN_FILE};
+use strait_gateway::drill::analysis::Verdict;
+use strait_gateway::drill::{self, Scenario};
+use strait_tests::within;
+
+async fn federation() -> Demo {
+    strait_gateway::raise_fd_limit();
+    let d = demo::start(DemoArgs {
+        regions: 3,
+        base_port: 0,
+        dir: None,
+        duration: None,
+        tour: false,
+    })
+    .await
+    .unwrap();
+    assert!(
+        d.wait_converged(Duration::from_secs(15)).await,
+        "discovery did not converge"
+    );
+    d
+}
+
+/// A scenario against `d`: its gateways and token, then `rest` (load, steps, objectives).
+fn scenario(d: &Demo, rest: &str) -> Scenario {
+    let mut y = format!(
+        "name: test\nfederation:\n  token_file: {}\n  gateways:\n",
+        d.dir.join(TOKEN_FILE).display()
+    );
+    for r in &d.regions {
+        y.push_str(&format!(
+            "    {}: {}\n",
+            r.cluster,
+            r.gateway().admin_addr()
+        ));
+    }
+    y.push_str(rest);
+    let path = d.dir.join("drill.yaml");
+    std::fs::write(&path, y).unwrap();
+    Scenario::load(&path).unwrap()
+}
+
+/// The faults active on a gateway, read through its admin API.
+async fn active_faults(d: &Demo, admin: SocketAddr) -> Vec<serde_json::Value> {
+    let token = std::fs::read_to_string(d.dir.join(TOKEN_FILE)).unwrap();
+    let (code, body) = strait_gateway::admin::client::request(
+        admin,
+        "GET",
+        "/v1/faults",
+        Some(token.trim()),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    body.as_array().unwrap().clone()
+}
+
+async fn assert_no_faults_left(d: &Demo) {
+    for r in &d.regions {
+        let left = active_faults(d, r.gateway().admin_addr()).await;
+        assert!(left.is_empty(), "{} still has {left:?}", r.cluster);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_kill_with_a_healthy_alternative_meets_its_objectives() {
+    let d = federation().await;
+    let from = d.regions[0].cluster.clone();
+    let s = scenario(
+        &d,
+        &format!(
+            "load:\n  - from: {from}\n    service: demo/hello\n    rate: 100\nduration: 5s\n\
+             steps:\n  - at: 1500ms\n    duration: 2s\n    fault: kill-tunnel\n    on: $primary\n\
+             objectives:\n  max_failed_connections: 0\n  max_reroute: 1500ms\n  max_p99_connect: 2s\n"
+        ),
+    );
+    let report = drill::run(s, std::future::pending()).await.unwrap();
+    let text = drill::render::summary(&report);
+    assert_eq!(report.verdict, Verdict::Passed, "{text}");
+    let f = &report.faults[0];
+    assert!(
+        f.victim_served,
+        "the killed gateway carried the load: {text}"
+    );
+    let detected = f.detected_after_s.expect("detection time");
+    let rerouted = f.rerouted_after_s.expect("reroute time");
+    assert!(detected <= 1.5 && rerouted <= 1.5, "{text}");
+    assert_eq!(f.failed, 0, "{text}");
+    assert_eq!(report.loads[0].failed, 0, "{text}");
+    assert!(report.loads[0].started >= 450, "{text}");
+    // The share timeline shows the move to another cluster.
+    assert!(report.loads[0].clusters.len() >= 2, "{text}");
+    assert!(report.faults_undone, "{text}");
+    assert_no_faults_left(&d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_drill_undoes_its_faults() {
+    let d = federation().await;
+    let from = d.regions[0].cluster.clone();
+    let s = scenario(
+        &d,
+        &format!(
+            "load:\n  - from: {from}\n    service: demo/hello\n    rate: 20\nduration: 60s\n\
+             steps:\n  - at: 1s\n    duration: 50s\n    fault: blackhole\n    on: $primary\n\
+             \x20 - at: 1s\n    duration: 50s\n    fault: cut-discovery\n    on: $from\n"
+        ),
+    );
+    let admins: Vec<SocketAddr> = d.regions.iter().map(|r| r.gateway().admin_addr()).collect();
+    // The operator presses Ctrl-C once both faults are in place.
+    let interrupt = async {
+        loop {
+            let mut n = 0;
+            for a in &admins {
+                n += active_faults(&d, *a).await.len();
+            }
+            if n == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let report = within(Duration::from_secs(30), drill::run(s, interrupt))
+        .await
+        .unwrap();
+    assert_eq!(report.verdict, Verdict::Aborted);
+    assert!(report.abort_reason.as_deref().unwrap().contains("operator"));
+    assert!(report.faults_undone);
+    assert!(report.duration_s < 30.0);
+    assert_no_faults_left(&d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_rail_stops_a_drill_that_breaks_too_much() {
+    let d = federation().await;
+    let from = d.regions[0].cluster.clone();
+    // Killing the source's own tunnel leaves its clients no way out: connections fail.
+    let s = scenario(
+        &d,
+        &format!(
+            "load:\n  - from: {from}\n    service: demo/hello\n    rate: 50\n    timeout: 1s\nduration: 60s\n\
+             steps:\n  - at: 1s\n    duration: 50s\n    fault: kill-tunnel\n    on: $from\n\
+             stop_if:\n  failed_connections: 5\n"
+        ),
+    );
+    let report = within(
+        Duration::from_secs(30),
+        drill::run(s, std::future::pending()),
+    )
+    .await
+    .unwrap();
+    let text = drill::render::summary(&report);
+    assert_eq!(report.verdict, Verdict::Aborted, "{text}");
+    assert!(
+        report
+            .abort_reason
+            .as_deref()
+            .unwrap()
+            .contains("guard rail"),
+        "{text}"
+    );
+    assert!(report.loads[0].failed > 5, "{text}");
+    assert!(report.faults_undone, "{text}");
+    assert_no_faults_left(&d).await;
+}
