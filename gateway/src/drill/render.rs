@@ -310,9 +310,10 @@ fn load_panels(
     }
     // Fault markers.
     for f in &r.faults {
+        // The fault's name at its start, "end" a row lower so short faults stay legible.
         let marks = [
             (Some(f.start_s), "#333", "", format!("{} ▶", f.label)),
-            (Some(f.end_s), "#333", "", "◀ end".to_owned()),
+            (Some(f.end_s), "#333", "", "end".to_owned()),
             (
                 f.detected_after_s.map(|d| f.start_s + d),
                 "#ef6c00",
@@ -340,11 +341,12 @@ fn load_panels(
                 x(at)
             );
             if !label.is_empty() {
+                let row = if label == "end" { 26.0 } else { 12.0 };
                 let _ = writeln!(
                     s,
-                    r#"<text x="{:.1}" y="{}" font-size="11" fill="{col}">{}</text>"#,
+                    r##"<text x="{:.1}" y="{}" font-size="11" fill="{col}" stroke="#fff" stroke-width="3" paint-order="stroke">{}</text>"##,
                     x(at) + 3.0,
-                    share_top + 12.0,
+                    share_top + row,
                     esc(&label)
                 );
             }
