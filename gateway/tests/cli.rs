@@ -1,4 +1,5 @@
-//! The `strait` binary as an operator uses it: PKI commands and `config check`.
+//! The `strait` binary as an operator uses it: PKI commands, `config check`, `drill check`
+//! and `drill report`.
 
 use std::process::Command;
 
@@ -127,4 +128,48 @@ fn run_refuses_a_certificate_for_another_cluster() {
         err.contains("carries identity spiffe://strait.example/cluster/eu-west/gateway"),
         "{err}"
     );
+}
+
+#[test]
+fn drill_check_accepts_the_library_and_names_the_field_of_a_bad_file() {
+    let lib = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/drills/gateway-kill.yaml"
+    );
+    let out = strait(&["drill", "check", lib]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    let text = std::fs::read_to_string(lib)
+        .unwrap()
+        .replace(
+            "fault: kill-tunnel",
+            "fault: kill-tunnel\n    latency: 100ms",
+        )
+        .replace("rate: 200", "rate: -5");
+    std::fs::write(&bad, text).unwrap();
+    let out = strait(&["drill", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "bad.yaml: field `steps[0].latency`",
+        "bad.yaml: field `load[0].rate`",
+        "fix:",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn drill_report_renders_a_saved_report_and_refuses_other_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, r#"{"hello": 1}"#).unwrap();
+    let out = strait(&["drill", "report", other.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a drill report"));
 }

@@ -171,3 +171,73 @@ async fn the_guard_rail_stops_a_drill_that_breaks_too_much() {
     assert!(report.faults_undone, "{text}");
     assert_no_faults_left(&d).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_api_wants_the_token_and_explains_bad_requests() {
+    use strait_gateway::admin::client::request;
+    let d = federation().await;
+    let admin = d.regions[1].gateway().admin_addr();
+    let token = std::fs::read_to_string(d.dir.join(TOKEN_FILE)).unwrap();
+    let token = token.trim();
+    let blackhole = serde_json::json!({"fault": {"kind": "blackhole"}, "duration": "1s"});
+    let (code, body) = request(admin, "POST", "/v1/faults", None, Some(&blackhole))
+        .await
+        .unwrap();
+    assert_eq!(code, 401, "{body}");
+    let wrong = "x".repeat(token.len());
+    let (code, _) = request(admin, "POST", "/v1/faults", Some(&wrong), Some(&blackhole))
+        .await
+        .unwrap();
+    assert_eq!(code, 401);
+    let bad = [
+        (
+            serde_json::json!({"fault": {"kind": "meteor"}, "duration": "1s"}),
+            "fault",
+        ),
+        (
+            serde_json::json!({"fault": {"kind": "blackhole", "peer": "mars"}, "duration": "1s"}),
+            "fault.peer",
+        ),
+        (
+            serde_json::json!({"fault": {"kind": "loss", "fraction": 2.0}, "duration": "1s"}),
+            "fault.fraction",
+        ),
+        (
+            serde_json::json!({"fault": {"kind": "drain"}, "duration": "1h"}),
+            "duration",
+        ),
+        (
+            serde_json::json!({"fault": {"kind": "unready", "service": "demo/nope"}, "duration": "1s"}),
+            "fault.service",
+        ),
+    ];
+    for (req, field) in bad {
+        let (code, body) = request(admin, "POST", "/v1/faults", Some(token), Some(&req))
+            .await
+            .unwrap();
+        assert_eq!(code, 400, "{req} -> {body}");
+        assert!(
+            body["field"].as_str().unwrap_or("").starts_with(field),
+            "{req} -> {body}"
+        );
+        assert!(!body["fix"].as_str().unwrap_or("").is_empty(), "{body}");
+    }
+    // Undoing an unknown fault is a 404, and none of the above injected anything.
+    let (code, _) = request(admin, "DELETE", "/v1/faults/999", Some(token), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 404);
+    assert_no_faults_left(&d).await;
+    // A fault ends on the gateway's own timer, with no drill to undo it.
+    let (code, body) = request(admin, "POST", "/v1/faults", Some(token), Some(&blackhole))
+        .await
+        .unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(active_faults(&d, admin).await.len(), 1);
+    within(Duration::from_secs(5), async {
+        while !active_faults(&d, admin).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
