@@ -50,6 +50,19 @@ pub struct DemoArgs {
     pub tour: bool,
 }
 
+impl DemoArgs {
+    /// `regions` regions on ephemeral ports in a temp dir (tests, embedding).
+    pub fn ephemeral(regions: u8) -> Self {
+        DemoArgs {
+            regions,
+            base_port: 0,
+            dir: None,
+            duration: None,
+            tour: false,
+        }
+    }
+}
+
 /// One demo region.
 pub struct Region {
     /// Cluster id.

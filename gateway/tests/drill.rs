@@ -12,15 +12,7 @@ use strait_tests::within;
 
 async fn federation() -> Demo {
     strait_gateway::raise_fd_limit();
-    let d = demo::start(DemoArgs {
-        regions: 3,
-        base_port: 0,
-        dir: None,
-        duration: None,
-        tour: false,
-    })
-    .await
-    .unwrap();
+    let d = demo::start(DemoArgs::ephemeral(3)).await.unwrap();
     assert!(
         d.wait_converged(Duration::from_secs(15)).await,
         "discovery did not converge"

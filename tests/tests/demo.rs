@@ -11,15 +11,7 @@ use tokio::net::TcpStream;
 #[tokio::test]
 async fn demo_regions_discover_and_reach_each_other() {
     strait_gateway::raise_fd_limit();
-    let d = demo::start(DemoArgs {
-        regions: 3,
-        base_port: 0,
-        dir: None,
-        duration: None,
-        tour: false,
-    })
-    .await
-    .unwrap();
+    let d = demo::start(DemoArgs::ephemeral(3)).await.unwrap();
     assert!(
         d.wait_converged(Duration::from_secs(10)).await,
         "discovery did not converge"
