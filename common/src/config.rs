@@ -475,11 +475,11 @@ impl Config {
         self.validate_discovery(&mut v);
         self.routing.validate(&mut v);
         if let Some(f) = &self.faults
-            && f.max_duration.0.is_zero()
+            && (f.max_duration.0.is_zero() || f.max_duration.0 > Duration::from_secs(86_400))
         {
             v.push(
                 "faults.max_duration",
-                "is zero",
+                "is outside 1ms..24h",
                 "use e.g. `10m`: the longest one drill fault may last",
             );
         }

@@ -390,9 +390,16 @@ fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, until: Duration) -
         .iter()
         .filter(|x| during(x.at) && x.result.is_err())
         .count();
+    // Detection: the victim was a candidate in rotation before the fault, and a poll
+    // during it shows the source no longer offering it new connections.
+    let candidate = l
+        .polls
+        .iter()
+        .any(|p| p.at < s.start && p.clusters.get(victim).is_some_and(|c| c.0));
     r.detected_after_s = l
         .polls
         .iter()
+        .filter(|_| candidate)
         .find(|p| during(p.at) && p.clusters.get(victim).is_none_or(|c| !c.0))
         .map(|p| secs(p.at - s.start));
     let baseline = served_between(&l.polls, s.start.saturating_sub(BASELINE), s.start);

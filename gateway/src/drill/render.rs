@@ -289,7 +289,12 @@ fn load_panels(
     );
     axis(s, p99_top, P99_H, "p99", &format!("{max_p99:.0}ms"), "0");
     // Time axis.
-    let span = l.timeline.last().map_or(1.0, |b| b.t + bucket_w);
+    // Bounded by the drill's length, so a doctored report cannot make this loop forever.
+    let span = l
+        .timeline
+        .last()
+        .map_or(1.0, |b| b.t + bucket_w)
+        .clamp(0.0, r.duration_s.clamp(1.0, 7200.0));
     let step = if span > 60.0 {
         10.0
     } else if span > 20.0 {

@@ -255,14 +255,21 @@ fn plan_step(
     let (label, victim, injections) = if step.fault == FaultKind::Partition {
         let sides = step.between.as_deref().unwrap_or_default();
         let (a, b) = (resolve(&sides[0])?, resolve(&sides[1])?);
-        let victim = if a == from { b.clone() } else { a.clone() };
+        // The side that is not the source; with the source on neither side, no victim.
+        let victim = if a == from {
+            Some(b.clone())
+        } else if b == from {
+            Some(a.clone())
+        } else {
+            None
+        };
         let cut = |p: &str| Fault::Blackhole {
             peer: Some(p.to_owned()),
             direction: Direction::Both,
         };
         (
             format!("partition {a} | {b}"),
-            Some(victim),
+            victim,
             vec![one(&a, cut(&b))?, one(&b, cut(&a))?],
         )
     } else {
@@ -398,30 +405,30 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
     p.record.end = t0.elapsed();
 }
 
-/// Asks every gateway the drill touched whether any of its faults is still active (and
-/// retries undoing those once).
+/// Asks every gateway the drill touched whether any fault matching one of its injections
+/// is still active (including ones whose POST failed or timed out after the gateway had
+/// taken it), undoes those, and says whether all are gone.
 async fn confirm_undone(client: &Client, plan: &[Planned]) -> bool {
-    let mut all = true;
+    let mut all = plan.iter().all(|p| p.injected.is_empty());
     for p in plan {
         for inj in &p.injections {
-            match client.call(inj.admin, "GET", "/v1/faults", None).await {
-                Ok((200, Value::Array(active))) => {
-                    for f in active {
-                        // Our own injections are the only ones we may remove; others'
-                        // faults are reported, not touched.
-                        let id = f["id"].as_u64().unwrap_or(0);
-                        let ours =
-                            p.record.error.is_none() && f["fault"] == json!(inj.request.fault);
-                        if ours {
-                            let gone = client
-                                .call(inj.admin, "DELETE", &format!("/v1/faults/{id}"), None)
-                                .await
-                                .is_ok_and(|(c, _)| c == 200 || c == 404);
-                            all &= gone;
-                        }
-                    }
-                }
-                _ => all = false,
+            let Ok((200, Value::Array(active))) =
+                client.call(inj.admin, "GET", "/v1/faults", None).await
+            else {
+                all = false;
+                continue;
+            };
+            // Only faults this drill asked for are removed; others' are left alone.
+            let ours = active
+                .iter()
+                .filter(|f| f["fault"] == json!(inj.request.fault))
+                .filter_map(|f| f["id"].as_u64());
+            for id in ours {
+                let gone = client
+                    .call(inj.admin, "DELETE", &format!("/v1/faults/{id}"), None)
+                    .await
+                    .is_ok_and(|(c, _)| c == 200 || c == 404);
+                all &= gone;
             }
         }
     }
@@ -591,7 +598,7 @@ fn guard_rail(s: &Scenario, loads: &[Running]) -> Option<String> {
         recent += rt;
     }
     if let Some(max) = s.stop_if.failed_connections
-        && failed > max
+        && failed >= max
     {
         return Some(format!(
             "guard rail: {failed} failed connections (stop_if.failed_connections {max})"

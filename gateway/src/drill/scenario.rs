@@ -345,12 +345,12 @@ impl Scenario {
         if s.duration.0.is_zero() {
             v.push(&field("duration"), "is zero", "give e.g. `5s`");
         }
-        if s.at.0 + s.duration.0 > self.duration.0 {
+        if s.at.0.saturating_add(s.duration.0) > self.duration.0 {
             v.push(
                 &field("duration"),
                 format!(
                     "ends at {} after the drill's {}",
-                    HumanDuration(s.at.0 + s.duration.0),
+                    HumanDuration(s.at.0.saturating_add(s.duration.0)),
                     self.duration
                 ),
                 "end every fault before the drill does (raise `duration` or shorten the step)",

@@ -78,6 +78,7 @@ fn bad_files_name_the_field_and_the_fix() {
         ),
         ("at: 2s", "at: 9s", "steps[0].duration"),
         ("at: 2s", "at: 0s", "steps[0].at"),
+        ("at: 2s", "at: 99999999999999h", "steps[0].duration"),
         ("from: west", "from: north", "load[0].from"),
         ("rate: 100", "rate: 0", "load[0]"),
         ("service: demo/hello", "service: hello", "load[0].service"),
@@ -267,4 +268,13 @@ fn the_report_renders_and_survives_a_json_round_trip() {
         text.contains("PASSED") && text.contains("rerouted 0.45s"),
         "{text}"
     );
+}
+
+#[test]
+fn a_victim_that_was_never_a_candidate_is_not_detected() {
+    let mut rec = recording();
+    rec.steps[0].victim = Some("south".into());
+    let r = analyse(&parse(GOOD).unwrap(), &rec);
+    assert_eq!(r.faults[0].detected_after_s, None);
+    assert!(!r.faults[0].victim_served);
 }

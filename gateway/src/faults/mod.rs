@@ -451,7 +451,10 @@ impl Faults {
 
     /// Makes the table's effects real.
     fn apply(&self, shared: &Shared) {
-        let fx = self.table().effects();
+        // The table stays locked until the effects are in place: two changes applied at
+        // once (an undo and an expiry) must not land in the wrong order.
+        let table = self.table();
+        let fx = table.effects();
         self.packets.store(fx.packets.clone().map(Arc::new));
         if let Some(node) = &shared.discovery {
             node.set_cut(fx.cut_discovery);
@@ -467,7 +470,7 @@ impl Faults {
             }
         }
         let mut kinds: std::collections::BTreeMap<&str, f64> = Default::default();
-        for a in self.table().list(Instant::now()) {
+        for a in table.list(Instant::now()) {
             *kinds.entry(a.fault.kind()).or_default() += 1.0;
         }
         for kind in [
@@ -489,6 +492,7 @@ impl Faults {
             *old = fx;
             changed
         });
+        drop(table);
         self.changed.notify_one();
     }
 }

@@ -18,9 +18,11 @@ use tokio::sync::mpsc;
 
 use super::Direction;
 
-/// Packets held back by delay faults at most; beyond that they are dropped, as a router
-/// queue would.
+/// Packets on their way to the delay queue at most.
 const DELAY_QUEUE: usize = 8192;
+/// Bytes held back by delay faults at most; beyond that packets are dropped, as a router
+/// queue would drop them.
+const DELAY_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Action {
@@ -126,12 +128,72 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 }
 
 /// A packet held back by a delay fault.
+#[derive(PartialEq, Eq)]
 struct Delayed {
     due: Instant,
     destination: SocketAddr,
     contents: Vec<u8>,
     segment_size: Option<usize>,
     src_ip: Option<std::net::IpAddr>,
+}
+
+impl Ord for Delayed {
+    /// Earliest due first (for the max-heap).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.due.cmp(&self.due)
+    }
+}
+
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Sends held-back packets when due, earliest first (a short delay to one peer is not
+/// stuck behind a long one to another). A packet whose peer has since been blackholed or
+/// killed is dropped then, as it would be on the wire.
+async fn send_delayed(
+    inner: Arc<dyn AsyncUdpSocket>,
+    rules: Arc<ArcSwapOption<PacketRules>>,
+    mut rx: mpsc::Receiver<Delayed>,
+) {
+    let mut heap = std::collections::BinaryHeap::<Delayed>::new();
+    let mut bytes = 0usize;
+    loop {
+        let next = heap.peek().map(|d| d.due);
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(d) if bytes + d.contents.len() <= DELAY_BYTES => {
+                    bytes += d.contents.len();
+                    heap.push(d);
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now).into()), if next.is_some() => {
+                let now = Instant::now();
+                while heap.peek().is_some_and(|d| d.due <= now) {
+                    let Some(d) = heap.pop() else { break };
+                    bytes -= d.contents.len();
+                    let dropped = rules.load().as_ref().is_some_and(|r| {
+                        r.verdict(d.destination, true, &mut || 1.0) == Verdict::Drop
+                    });
+                    if dropped {
+                        continue;
+                    }
+                    // A full socket buffer loses the packet, as a congested link would.
+                    let _ = inner.try_send(&Transmit {
+                        destination: d.destination,
+                        ecn: None,
+                        contents: &d.contents,
+                        segment_size: d.segment_size,
+                        src_ip: d.src_ip,
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// Wraps the runtime's UDP socket; consults the rules on every send and receive.
@@ -153,21 +215,8 @@ impl FaultSocket {
     /// Wraps `inner`; must be called inside a tokio runtime (delayed packets are sent by a
     /// task that lives as long as the socket).
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, rules: Arc<ArcSwapOption<PacketRules>>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Delayed>(DELAY_QUEUE);
-        let sender = inner.clone();
-        tokio::spawn(async move {
-            while let Some(d) = rx.recv().await {
-                tokio::time::sleep_until(d.due.into()).await;
-                // A full socket buffer loses the packet, as a congested link would.
-                let _ = sender.try_send(&Transmit {
-                    destination: d.destination,
-                    ecn: None,
-                    contents: &d.contents,
-                    segment_size: d.segment_size,
-                    src_ip: d.src_ip,
-                });
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Delayed>(DELAY_QUEUE);
+        tokio::spawn(send_delayed(inner.clone(), rules.clone(), rx));
         FaultSocket {
             inner,
             rules,
