@@ -175,7 +175,6 @@ pub struct Break {
 /// Running long-lived connections: each sends an 8-byte ping every 100 ms and expects it
 /// echoed; a connection that fails is counted and replaced. Stops after `duration`.
 pub struct Steady {
-    started: Instant,
     breaks: Arc<Mutex<Vec<Break>>>,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -208,11 +207,7 @@ impl Steady {
                 }
             });
         }
-        Steady {
-            started,
-            breaks,
-            tasks,
-        }
+        Steady { breaks, tasks }
     }
 
     /// The breaks so far.
@@ -221,11 +216,6 @@ impl Steady {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// When the connections were first opened.
-    pub fn started(&self) -> Instant {
-        self.started
     }
 
     /// Waits for the end; every break.

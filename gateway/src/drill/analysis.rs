@@ -38,8 +38,6 @@ pub struct LoadRecording {
     pub service: String,
     /// Listener address driven.
     pub target: SocketAddr,
-    /// New connections per second asked for.
-    pub rate: f64,
     /// Long-lived connections asked for.
     pub connections: usize,
     /// Every new connection.

@@ -539,7 +539,6 @@ impl Running {
             from: self.entry.from,
             service: self.entry.service,
             target: self.target,
-            rate: self.entry.rate,
             connections: self.entry.connections,
             samples,
             breaks,

@@ -160,7 +160,6 @@ fn recording() -> Recording {
             from: "west".into(),
             service: "demo/hello".into(),
             target: "127.0.0.1:1".parse().unwrap(),
-            rate: 100.0,
             connections: 0,
             samples,
             breaks: vec![],
