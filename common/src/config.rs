@@ -54,6 +54,9 @@ pub struct Config {
     /// Fault injection for failover drills through the admin API; off when absent.
     #[serde(default)]
     pub faults: Option<FaultInjection>,
+    /// The DNS server for `clusterset.local` names (served on `listen.dns`).
+    #[serde(default)]
+    pub dns: Dns,
     /// The file this configuration was loaded from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -122,9 +125,44 @@ pub struct Listen {
     /// gRPC discovery address (served once discovery lands; accepted and checked now).
     #[serde(default)]
     pub discovery: Option<SocketAddr>,
-    /// DNS address for `clusterset.local` (served once the DNS server lands; checked now).
+    /// DNS address (UDP and TCP) answering for the `dns.zone` names; no DNS server when
+    /// absent.
     #[serde(default)]
     pub dns: Option<SocketAddr>,
+}
+
+/// The DNS server: the zone it is authoritative for and how long answers may be cached.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Zone answered (Kubernetes Multi-Cluster Services names live in `clusterset.local`).
+    #[serde(default = "default_dns_zone")]
+    pub zone: String,
+    /// TTL of positive answers; short, so clients follow health changes.
+    #[serde(default = "default_dns_ttl")]
+    pub ttl: HumanDuration,
+    /// TTL of negative answers (the SOA minimum): how long a resolver may remember that a
+    /// name does not exist.
+    #[serde(default = "default_dns_ttl")]
+    pub negative_ttl: HumanDuration,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            zone: default_dns_zone(),
+            ttl: default_dns_ttl(),
+            negative_ttl: default_dns_ttl(),
+        }
+    }
+}
+
+fn default_dns_zone() -> String {
+    "clusterset.local".to_owned()
+}
+
+fn default_dns_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn default_admin() -> SocketAddr {
@@ -245,6 +283,10 @@ pub struct Export {
     /// Relative weight of this cluster for the service (for canaries between clusters).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// A headless service: no ClusterSetIP; DNS names each ready endpoint, and each remote
+    /// endpoint gets its own local address that forwards to exactly that endpoint.
+    #[serde(default)]
+    pub headless: bool,
 }
 
 fn default_weight() -> u32 {
@@ -348,6 +390,10 @@ pub struct Import {
     pub ports: Vec<ImportPort>,
     /// Clusters serving the service, tried in this order.
     pub clusters: Vec<String>,
+    /// For one endpoint of a headless service: the endpoint's address in its cluster, the
+    /// only backend this import reaches. Set by discovery, never read from the file.
+    #[serde(skip)]
+    pub endpoint: Option<IpAddr>,
 }
 
 /// One port of an imported service.
@@ -483,7 +529,29 @@ impl Config {
                 "use e.g. `10m`: the longest one drill fault may last",
             );
         }
+        self.validate_dns(&mut v);
         v.problems
+    }
+
+    fn validate_dns(&self, v: &mut Validator) {
+        let d = &self.dns;
+        let zone = d.zone.trim_end_matches('.');
+        if zone.is_empty() || zone.len() > 200 || !zone.split('.').all(is_dns_label) {
+            v.push(
+                "dns.zone",
+                format!("`{}` is not a DNS name", d.zone),
+                "use lowercase labels separated by dots, e.g. `clusterset.local`",
+            );
+        }
+        for (field, ttl) in [("dns.ttl", d.ttl), ("dns.negative_ttl", d.negative_ttl)] {
+            if ttl.0 > Duration::from_secs(3600) {
+                v.push(
+                    field,
+                    "is over 1h",
+                    "keep DNS TTLs short (e.g. `5s`) so clients follow health changes",
+                );
+            }
+        }
     }
 
     fn validate_listen(&self, v: &mut Validator) {

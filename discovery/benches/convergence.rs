@@ -31,6 +31,7 @@ fn service() -> Service {
         endpoints: vec![],
         export_to: vec!["*".into()],
         weight: 1,
+        headless: false,
     }
 }
 

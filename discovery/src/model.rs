@@ -64,6 +64,8 @@ pub struct Service {
     pub export_to: Vec<String>,
     /// Relative weight of this cluster for the service (canaries).
     pub weight: u32,
+    /// No ClusterSetIP: DNS names each ready endpoint (Kubernetes headless Service).
+    pub headless: bool,
 }
 
 impl Service {

@@ -125,6 +125,7 @@ pub fn to_catalog(exports: &[Export], zone: &str) -> BTreeMap<ServiceKey, Servic
                     .collect(),
                 export_to: e.export_to.clone(),
                 weight: e.weight,
+                headless: e.headless,
             };
             (ServiceKey::new(&e.namespace, &e.name), service)
         })

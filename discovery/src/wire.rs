@@ -148,6 +148,7 @@ fn service_to_pb(s: &Service) -> pb::Service {
             .collect(),
         export_to: s.export_to.clone(),
         weight: s.weight,
+        headless: s.headless,
     }
 }
 
@@ -280,6 +281,7 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
         endpoints,
         export_to: s.export_to,
         weight: s.weight,
+        headless: s.headless,
     })
 }
 
@@ -320,6 +322,7 @@ mod tests {
             }],
             export_to: vec!["*".into()],
             weight: 3,
+            headless: false,
         };
         c.set_local(
             [(ServiceKey::new("shop", "web"), svc)]
@@ -335,6 +338,7 @@ mod tests {
                     endpoints: vec![],
                     export_to: vec!["b".into()],
                     weight: 1,
+                    headless: false,
                 },
             )]
             .into_iter()
@@ -373,6 +377,7 @@ mod tests {
                         endpoints: vec![],
                         export_to: vec!["*".into()],
                         weight: 1,
+                        headless: false,
                     }),
                 }],
             };

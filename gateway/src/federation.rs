@@ -42,6 +42,9 @@ pub fn desired_peers(configured: &[Peer], view: &View, me: &str) -> Vec<Peer> {
 /// Imports: the configured ones, plus every service another cluster exports to this one,
 /// on an address from `range` that stays the same while the service exists. Clusters are
 /// ordered alive first, then same region, then by id.
+///
+/// A headless service gets no shared address: each endpoint of each origin cluster gets
+/// its own import (and address), reaching exactly that endpoint.
 pub fn desired_imports(
     configured: &[Import],
     view: &View,
@@ -65,7 +68,8 @@ pub fn desired_imports(
         for p in &e.service.ports {
             slot.ports.entry(p.port).or_insert_with(|| p.name.clone());
         }
-        slot.origins.push(&e.origin);
+        slot.headless |= e.service.headless;
+        slot.origins.push((&e.origin, &e.service));
     }
     // Configured imports keep their addresses; discovered ones never take them.
     let reserved: Vec<IpAddr> = configured.iter().map(|i| i.address).collect();
@@ -73,47 +77,99 @@ pub fn desired_imports(
         .iter()
         .map(|i| (i.namespace.clone(), i.name.clone()))
         .collect();
-    allocated.retain(|k, _| found.keys().any(|(ns, n)| format!("{ns}/{n}") == *k));
-    let mut out: Vec<Import> = configured.to_vec();
-    for ((namespace, name), Offers { ports, mut origins }) in found {
+    let mut wanted: Vec<Wanted> = Vec::new();
+    for (
+        (namespace, name),
+        Offers {
+            ports,
+            mut origins,
+            headless,
+        },
+    ) in found
+    {
         if fixed.contains(&(namespace.clone(), name.clone())) {
             continue;
         }
-        let key = format!("{namespace}/{name}");
-        let Some(address) = allocate(range, &key, allocated, &reserved) else {
-            tracing::warn!(service = %key, %range, "no free import address; widen discovery.import_addresses");
-            continue;
-        };
-        origins.sort_by_key(|m| {
+        origins.sort_by_key(|(m, _)| {
             (
                 !alive.get(m.cluster.as_str()).copied().unwrap_or(false),
                 m.region != me.region,
                 m.cluster.clone(),
             )
         });
+        let ports: Vec<ImportPort> = ports
+            .into_iter()
+            .map(|(port, name)| ImportPort {
+                name,
+                port,
+                listen_port: None,
+            })
+            .collect();
+        let base = format!("{namespace}/{name}");
+        if headless {
+            for (origin, service) in &origins {
+                for ep in &service.endpoints {
+                    wanted.push(Wanted {
+                        key: endpoint_key(&base, &origin.cluster, ep.address),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        ports: ports.clone(),
+                        clusters: vec![origin.cluster.clone()],
+                        endpoint: Some(ep.address),
+                    });
+                }
+            }
+        } else {
+            wanted.push(Wanted {
+                key: base,
+                namespace,
+                name,
+                ports,
+                clusters: origins.iter().map(|(m, _)| m.cluster.clone()).collect(),
+                endpoint: None,
+            });
+        }
+    }
+    allocated.retain(|k, _| wanted.iter().any(|w| w.key == *k));
+    let mut out: Vec<Import> = configured.to_vec();
+    for w in wanted {
+        let Some(address) = allocate(range, &w.key, allocated, &reserved) else {
+            tracing::warn!(service = %w.key, %range, "no free import address; widen discovery.import_addresses");
+            continue;
+        };
         out.push(Import {
-            name,
-            namespace,
+            name: w.name,
+            namespace: w.namespace,
             address,
-            ports: ports
-                .into_iter()
-                .map(|(port, name)| ImportPort {
-                    name,
-                    port,
-                    listen_port: None,
-                })
-                .collect(),
-            clusters: origins.into_iter().map(|m| m.cluster.clone()).collect(),
+            ports: w.ports,
+            clusters: w.clusters,
+            endpoint: w.endpoint,
         });
     }
     out
+}
+
+/// The allocation key of one headless endpoint: `ns/name@cluster/address`.
+pub fn endpoint_key(service: &str, cluster: &str, address: IpAddr) -> String {
+    format!("{service}@{cluster}/{address}")
 }
 
 /// What the federation offers of one service: the union of its ports, and its origins.
 #[derive(Default)]
 struct Offers<'a> {
     ports: BTreeMap<u16, String>,
-    origins: Vec<&'a MemberInfo>,
+    origins: Vec<(&'a MemberInfo, &'a strait_discovery::model::Service)>,
+    headless: bool,
+}
+
+/// One import to allocate an address for.
+struct Wanted {
+    key: String,
+    namespace: String,
+    name: String,
+    ports: Vec<ImportPort>,
+    clusters: Vec<String>,
+    endpoint: Option<IpAddr>,
 }
 
 /// A stable address for `key` in `range`: its previous one, else the first free host
@@ -175,6 +231,12 @@ pub async fn follow(
         );
         let imports = desired_imports(&shared.config.imports, &v, &me, range, &mut allocated);
         let errors = shared.listeners.reconcile(&shared, &imports).await;
+        shared.dns.update(&crate::dns::entries(
+            &imports,
+            Some(&v),
+            &me.cluster,
+            &me.region,
+        ));
         for e in &errors {
             tracing::error!(error = %e, "listener not opened; retrying");
         }
@@ -230,6 +292,7 @@ mod tests {
                 endpoints: vec![],
                 export_to: export_to.iter().map(|s| s.to_string()).collect(),
                 weight: 1,
+                headless: false,
             },
             version: 1,
             lease_age: Duration::ZERO,

@@ -21,7 +21,6 @@ use strait_discovery::source::{FileSource, to_catalog};
 use strait_discovery::state::CatalogConfig;
 
 use crate::faults::{self, Faults, PacketRules};
-use crate::federation;
 use crate::listener::{BoundListener, Listeners};
 use crate::metrics::Metrics;
 use crate::router::Locality;
@@ -29,6 +28,7 @@ use crate::routing::{self, Routing};
 use crate::tunnel::peers::Peers;
 use crate::tunnel::{self, codes, inbound};
 use crate::{admin, reload};
+use crate::{dns, federation};
 
 /// State shared by a gateway's tasks.
 pub struct Shared {
@@ -56,6 +56,8 @@ pub struct Shared {
     pub routing: Routing,
     /// Drill faults injected through the admin API.
     pub faults: Faults,
+    /// The `clusterset.local` zone served on `listen.dns`.
+    pub dns: dns::Dns,
     /// When the gateway started.
     pub started: SystemTime,
 }
@@ -64,6 +66,7 @@ pub struct Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     admin_addr: SocketAddr,
+    dns_addr: Option<SocketAddr>,
     tasks: JoinSet<()>,
 }
 
@@ -89,9 +92,14 @@ impl Gateway {
             .await
             .with_context(|| format!("binding the admin API {}", config.listen.admin))?;
         let admin_addr = admin_listener.local_addr()?;
-        if let Some(addr) = config.listen.dns {
-            tracing::warn!(%addr, "listen.dns is configured but not served by this version");
-        }
+        let dns_sockets = match config.listen.dns {
+            Some(addr) => Some(
+                dns::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the DNS server {addr} (UDP and TCP)"))?,
+            ),
+            None => None,
+        };
         let discovery = match &config.discovery {
             Some(d) => Some(Arc::new(
                 start_discovery(&config, d, &identity, endpoint.local_addr()?).await?,
@@ -121,6 +129,7 @@ impl Gateway {
             ),
             started: SystemTime::now(),
             faults: faults.0,
+            dns: dns::Dns::new(config.dns.clone()),
             config,
         });
 
@@ -150,6 +159,21 @@ impl Gateway {
         tasks.spawn(reload::watch_certificates(shared.clone()).instrument(span.clone()));
         tasks.spawn(routing::watch(shared.clone()).instrument(span.clone()));
         tasks.spawn(faults::expire(shared.clone()).instrument(span.clone()));
+        shared.dns.update(&dns::entries(
+            &shared.config.imports,
+            None,
+            &shared.config.cluster,
+            &shared.config.region,
+        ));
+        let dns_addr = match &dns_sockets {
+            Some((udp, _)) => Some(udp.local_addr()?),
+            None => None,
+        };
+        if let Some((udp, tcp)) = dns_sockets {
+            tracing::info!(parent: &span, address = %udp.local_addr()?, zone = %shared.config.dns.zone, "dns server listening");
+            tasks.spawn(dns::serve_udp(shared.clone(), udp).instrument(span.clone()));
+            tasks.spawn(dns::serve_tcp(shared.clone(), tcp).instrument(span.clone()));
+        }
         // The config file is watched for what applies at run time: exports and routing.
         if let Some(path) = shared.config.source.clone() {
             let interval = shared
@@ -182,6 +206,7 @@ impl Gateway {
         Ok(Gateway {
             shared,
             admin_addr,
+            dns_addr,
             tasks,
         })
     }
@@ -192,6 +217,11 @@ impl Gateway {
             .endpoint
             .local_addr()
             .expect("bound socket has an address")
+    }
+
+    /// The DNS server's bound address (UDP and TCP), when `listen.dns` is set.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns_addr
     }
 
     /// The admin API's bound address.

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod demo;
+pub mod dns;
 pub mod drill;
 pub mod faults;
 pub mod federation;

@@ -32,13 +32,19 @@ pub struct BoundListener {
     pub address: SocketAddr,
     /// Clusters tried, in order.
     pub clusters: Vec<String>,
+    /// For one endpoint of a headless service: `cluster/address` of the only backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
-/// The service listeners of a gateway, keyed by (service, port). Static imports are bound
-/// at start; with discovery the set follows the federated catalog: new imports are bound,
-/// withdrawn ones closed, and the cluster order of existing ones updated in place.
+/// A listener's identity: service, port, and for headless services the endpoint.
+type Key = (String, u16, Option<String>);
+
+/// The service listeners of a gateway, keyed by (service, port, endpoint). Static imports
+/// are bound at start; with discovery the set follows the federated catalog: new imports
+/// are bound, withdrawn ones closed, and the cluster order of existing ones updated in place.
 #[derive(Default)]
-pub struct Listeners(Mutex<BTreeMap<(String, u16), Active>>);
+pub struct Listeners(Mutex<BTreeMap<Key, Active>>);
 
 struct Active {
     address: SocketAddr,
@@ -53,7 +59,7 @@ impl Drop for Active {
 }
 
 impl Listeners {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u16), Active>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Active>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -61,30 +67,38 @@ impl Listeners {
     pub fn snapshot(&self) -> Vec<BoundListener> {
         self.lock()
             .iter()
-            .map(|((service, port), a)| BoundListener {
+            .map(|((service, port, endpoint), a)| BoundListener {
                 service: service.clone(),
                 port: *port,
                 address: a.address,
                 clusters: a.import.load().clusters.clone(),
+                endpoint: endpoint.clone(),
             })
             .collect()
     }
 
-    /// The local address of an imported service port.
+    /// The local address of an imported service port (the ClusterSetIP listener).
     pub fn address(&self, service: &str, port: u16) -> Option<SocketAddr> {
         self.lock()
-            .get(&(service.to_owned(), port))
+            .get(&(service.to_owned(), port, None))
             .map(|a| a.address)
     }
 
     /// Makes the bound set equal to `desired`. Returns the listeners that could not be
     /// bound (the rest are serving).
     pub async fn reconcile(&self, shared: &Arc<Shared>, desired: &[Import]) -> Vec<anyhow::Error> {
-        let mut wanted: BTreeMap<(String, u16), (&Import, u16)> = BTreeMap::new();
+        let mut wanted: BTreeMap<Key, (&Import, u16)> = BTreeMap::new();
         for imp in desired {
+            let endpoint = imp
+                .endpoint
+                .map(|e| format!("{}/{e}", imp.clusters.join(",")));
             for p in &imp.ports {
                 wanted.insert(
-                    (format!("{}/{}", imp.namespace, imp.name), p.port),
+                    (
+                        format!("{}/{}", imp.namespace, imp.name),
+                        p.port,
+                        endpoint.clone(),
+                    ),
                     (imp, p.local_port()),
                 );
             }
@@ -113,7 +127,7 @@ impl Listeners {
             }
         }
         let mut errors = Vec::new();
-        for ((service, port), imp, local_port) in to_bind {
+        for ((service, port, endpoint), imp, local_port) in to_bind {
             let addr = SocketAddr::new(imp.address, local_port);
             let listener = match TcpListener::bind(addr).await {
                 Ok(l) => l,
@@ -134,13 +148,14 @@ impl Listeners {
                 port,
                 address,
                 clusters: Vec::new(),
+                endpoint: endpoint.clone(),
             });
             let task = tokio::spawn(
                 serve(shared.clone(), info, listener, import.clone()).in_current_span(),
             )
             .abort_handle();
             self.lock().insert(
-                (service, port),
+                (service, port, endpoint),
                 Active {
                     address,
                     import,
@@ -193,7 +208,7 @@ async fn forward(
         service: import.name.clone(),
         namespace: import.namespace.clone(),
         port: info.port.into(),
-        endpoint: None,
+        endpoint: import.endpoint.map(|e| e.to_string()),
     };
     let service = info.service.as_str();
     let routing = &shared.routing;

@@ -24,6 +24,7 @@ fn service() -> Service {
         endpoints: vec![],
         export_to: vec!["*".into()],
         weight: 1,
+        headless: false,
     }
 }
 

@@ -31,6 +31,7 @@ fn svc(weight: u32) -> Service {
         }],
         export_to: vec!["*".into()],
         weight,
+        headless: false,
     }
 }
 
