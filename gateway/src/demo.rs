@@ -73,7 +73,12 @@ pub struct Region {
     pub config_path: PathBuf,
     /// Where it listened first (tunnel, admin, gossip); a restart binds the same ports so
     /// the federation finds it again.
-    bound: (SocketAddr, SocketAddr, Option<SocketAddr>),
+    bound: (
+        SocketAddr,
+        SocketAddr,
+        Option<SocketAddr>,
+        Option<SocketAddr>,
+    ),
 }
 
 impl Region {
@@ -221,6 +226,7 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
             tunnel: port(i, 0),
             admin: port(i, 1),
             gossip: port(i, 2),
+            dns: port(i, 3),
             seed,
             imports: import_range(i, ephemeral),
             hello: hello.addr.port(),
@@ -238,6 +244,7 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
             gateway.tunnel_addr(),
             gateway.admin_addr(),
             gateway.discovery_addr(),
+            gateway.dns_addr(),
         );
         regions.push(Region {
             cluster: (*cluster).to_owned(),
@@ -276,14 +283,15 @@ struct RegionPorts<'a> {
     tunnel: u16,
     admin: u16,
     gossip: u16,
+    dns: u16,
     seed: Option<SocketAddr>,
     imports: String,
     hello: u16,
     echo: u16,
 }
 
-/// Region `i`'s config: it exports `hello` to everyone and `echo` only to the first
-/// region; peers and imports come from discovery.
+/// Region `i`'s config: it exports `hello` to everyone, `echo` only to the first region,
+/// and the headless `hello-pods` to everyone; peers and imports come from discovery.
 fn region_config(r: &RegionPorts<'_>) -> String {
     let cluster = r.clusters[r.index];
     let seeds = r.seed.map(|s| s.to_string()).unwrap_or_default();
@@ -298,8 +306,8 @@ fn region_config(r: &RegionPorts<'_>) -> String {
     );
     let _ = writeln!(
         y,
-        "listen:\n  tunnel: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n  discovery: 127.0.0.1:{}",
-        r.tunnel, r.admin, r.gossip
+        "listen:\n  tunnel: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n  discovery: 127.0.0.1:{}\n  dns: 127.0.0.1:{}",
+        r.tunnel, r.admin, r.gossip, r.dns
     );
     let _ = writeln!(
         y,
@@ -328,6 +336,13 @@ fn region_config(r: &RegionPorts<'_>) -> String {
         y,
         "  - name: echo\n    namespace: demo\n    ports: [{{name: tcp, port: 7000, target_port: {}}}]\n    endpoints: [{{address: 127.0.0.1}}]\n    export_to: [{}]",
         r.echo, r.clusters[0]
+    );
+    // Headless: DNS names this region's one pod; other regions reach it through a local
+    // address of their own that forwards to exactly this endpoint.
+    let _ = writeln!(
+        y,
+        "  - name: hello-pods\n    namespace: demo\n    headless: true\n    ports: [{{name: http, port: 8080, target_port: {}}}]\n    endpoints: [{{address: 127.0.0.1, hostname: hello-0}}]",
+        r.hello
     );
     y
 }
@@ -403,6 +418,27 @@ impl Demo {
                 );
             }
         }
+        if let Some(r) = self.regions.first().filter(|r| r.is_up())
+            && let Some(dns) = r.gateway().dns_addr()
+        {
+            let (ip, port) = (dns.ip(), dns.port());
+            let _ = writeln!(
+                s,
+                "\nDNS (clusterset.local, answered by {}'s gateway from the federated catalog):",
+                r.cluster
+            );
+            let _ = writeln!(
+                s,
+                "  dig @{ip} -p {port} hello.demo.svc.clusterset.local            # ClusterSetIP\n  dig @{ip} -p {port} _http._tcp.hello.demo.svc.clusterset.local SRV\n  dig @{ip} -p {port} hello-pods.demo.svc.clusterset.local       # headless: one address per pod\n  dig @{ip} -p {port} _http._tcp.hello-pods.demo.svc.clusterset.local SRV   # nearest first"
+            );
+            if let Some(other) = self.regions.get(1) {
+                let _ = writeln!(
+                    s,
+                    "  curl http://$(dig +short @{ip} -p {port} hello-0.{c}.hello-pods.demo.svc.clusterset.local):8080/   # that one pod in {c}",
+                    c = other.cluster
+                );
+            }
+        }
         if let Some(r) = self.regions.first().filter(|r| r.is_up()) {
             let a = r.gateway().admin_addr();
             let _ = writeln!(
@@ -475,6 +511,7 @@ impl Demo {
             config.listen.tunnel,
             config.listen.admin,
             config.listen.discovery,
+            config.listen.dns,
         ) = r.bound;
         r.gateway = Some(
             Gateway::start(config)
