@@ -110,10 +110,10 @@ EOF
 
 # --- servers, pinned to one core --------------------------------------------------------
 RUST_LOG=warn STRAIT_WORKER_THREADS=1 taskset -c "$SERVER_CPU" \
-  "$STRAIT_BIN" run --config "$WORK/strait.yaml" 2>"$WORK/strait.log" &
+  "$STRAIT_BIN" run --config "$WORK/strait.yaml" >"$WORK/strait.log" 2>&1 &
 PIDS+=($!)
 STRAIT_PID=$!
-taskset -c "$SERVER_CPU" knotd -c "$WORK/knot.conf" 2>"$WORK/knot.log" &
+taskset -c "$SERVER_CPU" knotd -c "$WORK/knot.conf" >"$WORK/knot.log" 2>&1 &
 PIDS+=($!)
 KNOT_PID=$!
 

@@ -5,6 +5,7 @@
 //! Wire format and parsing come from hickory-dns's protocol crate; the answers are
 //! precomputed per name (see [`zone`]), so the serving loops here only move bytes.
 
+mod batch;
 pub mod zone;
 
 #[cfg(test)]
@@ -216,7 +217,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
     // With port 0 the UDP port is chosen first and TCP takes the same number; another
     // process may hold it on TCP, so try a few.
     for _ in 0..16 {
-        let udp = UdpSocket::bind(addr).await?;
+        let udp = udp_socket(addr)?;
         let port = udp.local_addr()?.port();
         match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
             Ok(tcp) => return Ok((udp, tcp)),
@@ -227,31 +228,48 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
     anyhow::bail!("no port free for both UDP and TCP on {}", addr.ip())
 }
 
+/// Socket buffers of the UDP listener: room for a burst of queries while the one serving
+/// task is busy (the kernel caps them at `net.core.rmem_max` / `wmem_max`).
+const UDP_BUFFER: usize = 4 << 20;
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, it only drops sooner under bursts.
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
 /// Answers UDP queries until the socket fails. One request, one response at most, never
-/// larger than the client allows; requests that cannot carry an ID get nothing.
+/// larger than the client allows; requests that cannot carry an ID get nothing. On Linux,
+/// queries are read and answered in batches of up to [`BATCH`] per system call.
 pub async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket) {
-    let dns = &shared.dns;
     let metrics = &shared.metrics;
     let queries = metrics.counter("strait_dns_queries_total", &[("transport", "udp")]);
     let dropped = metrics.counter("strait_dns_dropped_total", &[("transport", "udp")]);
-    let mut buf = vec![0u8; 4096];
+    let mut batch = batch::Batch::new();
     loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let received = socket.try_io(tokio::io::Interest::READABLE, || batch.receive(&socket));
+        let n = match received {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             // ICMP errors from earlier replies surface here on some systems: keep serving.
             Err(e) => {
                 tracing::debug!(error = %e, "dns udp receive failed");
                 continue;
             }
         };
-        queries.increment(1);
-        let Some(reply) = dns.zone.load().respond(&buf[..n], Transport::Udp) else {
-            dropped.increment(1);
-            continue;
-        };
-        if let Err(e) = socket.send_to(&reply, from).await {
-            tracing::debug!(error = %e, %from, "dns udp reply failed");
-        }
+        queries.increment(n as u64);
+        let zone = shared.dns.zone.load();
+        let answered = batch.answer(n, |request| zone.respond(request, Transport::Udp));
+        dropped.increment((n - answered) as u64);
+        batch.send(&socket).await;
     }
 }
 

@@ -103,6 +103,11 @@ fn rdata(m: &Message) -> Vec<String> {
 #[test]
 fn cluster_set_ip_answers_a_srv_ptr_with_short_ttl_and_the_question_as_asked() {
     let z = zone();
+    let plain = query("Web.Shop.SVC.clusterset.local.", RecordType::A, Some(1232));
+    assert!(
+        z.fast(&plain, Transport::Udp).is_some(),
+        "the common case skips the full parse"
+    );
     let m = ask(&z, "Web.Shop.SVC.clusterset.local.", RecordType::A);
     assert_eq!(m.id(), 0xBEEF);
     assert_eq!(m.response_code(), ResponseCode::NoError);
@@ -436,5 +441,28 @@ proptest! {
         prop_assert_eq!(m.queries()[0].name().to_string(), name);
         prop_assert_eq!(m.queries()[0].query_type(), qtype);
         prop_assert_eq!(m.extensions().is_some(), edns.is_some());
+        // The fast path, where it answers, says exactly what the full parse would.
+        for t in [Transport::Udp, Transport::Tcp] {
+            if let Some(fast) = z.fast(&req, t) {
+                prop_assert_eq!(Some(fast), z.general(&req, t));
+            }
+        }
+    }
+
+    /// Random bytes after a valid question (cut or extra records) never make the fast
+    /// path answer differently from the full parse.
+    #[test]
+    fn the_fast_path_never_disagrees_with_the_full_parse(
+        suffix in prop::collection::vec(any::<u8>(), 0..40),
+        arcount in 0u16..3,
+        edns in prop::option::of(0u16..5000),
+    ) {
+        let z = zone();
+        let mut req = query("web.shop.svc.clusterset.local.", RecordType::SRV, edns);
+        req[10..12].copy_from_slice(&arcount.to_be_bytes());
+        req.extend_from_slice(&suffix);
+        if let Some(fast) = z.fast(&req, Transport::Udp) {
+            prop_assert_eq!(Some(fast), z.general(&req, Transport::Udp));
+        }
     }
 }

@@ -276,6 +276,14 @@ impl Zone {
         if request.len() < HEADER_LEN || request[2] & 0x80 != 0 {
             return None;
         }
+        if let Some(answer) = self.fast(request, transport) {
+            return Some(answer);
+        }
+        self.general(request, transport)
+    }
+
+    /// Every request the fast path leaves: parsed in full by hickory-proto.
+    pub(super) fn general(&self, request: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let Ok(msg) = Message::from_vec(request) else {
             return Some(header_only(request, ResponseCode::FormErr));
         };
@@ -316,6 +324,44 @@ impl Zone {
         }
         let code = self.negative_code(q);
         Some(self.per_query(&msg, code, limit))
+    }
+
+    /// The common case without a full parse: one plain question in class IN (or ANY), at
+    /// most an OPT record of version 0, and a name with a prebuilt answer. `None` sends
+    /// the request down the general path, which gives the same answer for anything this
+    /// accepts (a property test checks it).
+    pub(super) fn fast(&self, request: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let counts = |i: usize| u16::from_be_bytes([request[i], request[i + 1]]);
+        // Opcode QUERY, one question, no answer or authority, at most one additional.
+        if request[2] & 0x78 != 0 || counts(4) != 1 || counts(6) != 0 || counts(8) != 0 {
+            return None;
+        }
+        let qname_len = plain_qname_len(request)?;
+        let qend = HEADER_LEN + qname_len;
+        let tail = request.get(qend..qend + 4)?;
+        let qtype = u16::from_be_bytes([tail[0], tail[1]]);
+        let qclass = u16::from_be_bytes([tail[2], tail[3]]);
+        if !matches!(qclass, 1 | 255) || matches!(qtype, 251 | 252) || qname_len > 255 {
+            return None;
+        }
+        let rest = &request[qend + 4..];
+        let edns = match counts(10) {
+            0 if rest.is_empty() => None,
+            1 => Some(plain_opt(rest)?),
+            _ => return None,
+        };
+        let limit = match (transport, edns) {
+            (Transport::Tcp, _) => usize::from(u16::MAX),
+            (Transport::Udp, None) => CLASSIC_UDP,
+            (Transport::Udp, Some(size)) => usize::from(size.clamp(512, MAX_UDP_PAYLOAD)),
+        };
+        let mut key = [0u8; 255];
+        let key = &mut key[..qname_len];
+        key.copy_from_slice(&request[HEADER_LEN..qend]);
+        key.make_ascii_lowercase();
+        let node = self.nodes.get(&key[..])?;
+        let pre = node.by_type.get(&qtype).or(node.nodata.as_ref())?;
+        Some(patch(pre, request, qname_len, edns.is_some(), limit))
     }
 
     /// Why a question has no prebuilt answer.
@@ -410,6 +456,22 @@ fn plain_qname_len(request: &[u8]) -> Option<usize> {
         }
         i += 1 + len;
     }
+}
+
+/// The payload size of a well-formed OPT record of version 0 that ends the message, or
+/// `None` for anything else (left to the general path).
+fn plain_opt(rest: &[u8]) -> Option<u16> {
+    let (head, mut options) = (rest.get(..11)?, &rest[11..]);
+    let version = head[6];
+    let rdlen = usize::from(u16::from_be_bytes([head[9], head[10]]));
+    if head[0] != 0 || head[1..3] != [0, 41] || version != 0 || options.len() != rdlen {
+        return None;
+    }
+    while !options.is_empty() {
+        let len = usize::from(u16::from_be_bytes([*options.get(2)?, *options.get(3)?]));
+        options = options.get(4 + len..)?;
+    }
+    Some(u16::from_be_bytes([head[3], head[4]]))
 }
 
 /// Encodes every answer of one name.
