@@ -49,14 +49,12 @@ impl Dns {
         let serial = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);
-        let dns = Dns {
+        Dns {
             zone: ArcSwap::from_pointee(Zone::build(&spec(&config, serial), &[])),
             serial: AtomicU32::new(serial),
             config,
-            last: Mutex::new(None),
-        };
-        dns.update(&[]);
-        dns
+            last: Mutex::new(Some(Vec::new())),
+        }
     }
 
     /// Serves `services` from now on (a new SOA serial when they changed).
