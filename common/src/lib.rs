@@ -1,6 +1,7 @@
 //! strait-common: what every strait crate shares: the configuration model and its
-//! validation, SPIFFE identities, the federation PKI, and telemetry setup.
+//! validation, the admin API model, SPIFFE identities, the federation PKI, and telemetry setup.
 
+pub mod api;
 pub mod config;
 pub mod identity;
 pub mod pki;

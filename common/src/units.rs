@@ -59,6 +59,37 @@ impl Serialize for HumanDuration {
     }
 }
 
+/// Serde for a [`Duration`] field written like a config duration (`"2s"`, `"500ms"`), as
+/// in the admin API: `#[serde(with = "strait_common::units::human")]`.
+pub mod human {
+    use super::*;
+
+    /// Writes `d` as a human duration string.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        HumanDuration(*d).serialize(s)
+    }
+
+    /// Reads a human duration string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        HumanDuration::deserialize(d).map(|h| h.0)
+    }
+
+    /// The same for an optional duration (`null` when absent).
+    pub mod option {
+        use super::*;
+
+        /// Writes `d` as a human duration string, or `null`.
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            d.map(HumanDuration).serialize(s)
+        }
+
+        /// Reads a human duration string or `null`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<HumanDuration>::deserialize(d).map(|h| h.map(|h| h.0))
+        }
+    }
+}
+
 /// A byte count written as a plain integer or with a unit `KiB`, `MiB` or `GiB`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
@@ -143,6 +174,29 @@ mod tests {
         assert_eq!(HumanDuration(Duration::from_secs(3)).to_string(), "3s");
         assert!("2".parse::<HumanDuration>().unwrap_err().contains("unit"));
         assert!("fast".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn durations_in_json_are_human_strings() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct T {
+            #[serde(with = "human")]
+            d: Duration,
+            #[serde(with = "human::option")]
+            o: Option<Duration>,
+        }
+        let t = T {
+            d: Duration::from_secs(2),
+            o: Some(Duration::from_millis(250)),
+        };
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, r#"{"d":"2s","o":"250ms"}"#);
+        assert_eq!(serde_json::from_str::<T>(&json).unwrap(), t);
+        let none = T { o: None, ..t };
+        assert_eq!(
+            serde_json::from_str::<T>(&serde_json::to_string(&none).unwrap()).unwrap(),
+            none
+        );
     }
 
     #[test]

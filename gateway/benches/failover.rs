@@ -20,8 +20,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use strait_gateway::demo::backend::Backend;
-use strait_gateway::load::{Load, LoadSpec, Sample, reroute};
 use strait_gateway::tunnel::peers::PeerStatus;
+use strait_ops::load::{Load, LoadSpec, Sample, reroute};
 use strait_tests::*;
 
 const LOAD: Duration = Duration::from_secs(8);

@@ -469,11 +469,8 @@ impl Demo {
 
 /// The cluster a region's new connections to `service` go to first now.
 fn first_cluster(r: &Region, service: &str) -> String {
-    let g = r.gateway();
-    g.shared()
-        .routing
-        .report(g.shared(), Some(service))
-        .pop()
+    r.gateway()
+        .route(service)
         .and_then(|route| route.primary)
         .unwrap_or_else(|| "(none)".to_owned())
 }
@@ -556,7 +553,7 @@ impl Demo {
             "\nFailover tour: 50 new connections/s from {} to demo/hello; {victim} goes down at 3s and comes back at 10s.\n",
             self.regions[0].cluster
         );
-        let load = crate::load::Load::start(crate::load::LoadSpec {
+        let load = strait_ops::load::Load::start(strait_ops::load::LoadSpec {
             target,
             rate: 50.0,
             duration: total,

@@ -1,20 +1,25 @@
 //! strait-gateway: the QUIC mTLS tunnel between clusters, the service listeners that feed
-//! it, the admin API, certificate reloading, and the local demo federation.
+//! it, routing and failover, the `clusterset.local` DNS server, the admin API, certificate
+//! rotation, drill fault injection, and the local demo federation.
+//!
+//! [`app`] assembles a [`Gateway`] from these parts; [`desired`] is the one state they all
+//! follow. The public API is what the binary and the tests use: [`Gateway`], the demo, the
+//! tunnel's wire pieces, and the metrics reference.
 
-pub mod admin;
+pub mod app;
 pub mod demo;
-pub mod dns;
-pub mod drill;
-pub mod faults;
-pub mod federation;
-pub mod gateway;
-pub mod listener;
-pub mod load;
 pub mod metrics;
-pub mod reload;
-pub mod router;
-pub mod routing;
-pub mod status;
 pub mod tunnel;
 
-pub use gateway::{Gateway, raise_fd_limit};
+pub(crate) mod admin;
+pub(crate) mod desired;
+pub(crate) mod dns;
+pub(crate) mod faults;
+pub(crate) mod federation;
+pub(crate) mod lifetime;
+pub(crate) mod listener;
+pub(crate) mod rotation;
+pub(crate) mod router;
+pub(crate) mod routing;
+
+pub use app::{Gateway, raise_fd_limit};

@@ -8,59 +8,119 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use serde::Serialize;
-use strait_common::config::Import;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
+use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::gateway::Shared;
+use crate::desired::{Desired, Import};
+use crate::lifetime::Lifetime;
+use crate::metrics::{Desc, Registry};
 use crate::router::Outcome;
-use crate::routing::RetryReason;
+use crate::routing::{RetryReason, Routing};
+use crate::tunnel::StreamMetrics;
 use crate::tunnel::header::StreamRequest;
 use crate::tunnel::outbound::{OpenError, open_stream_until};
+use crate::tunnel::peers::PeerSet;
 use crate::tunnel::splice;
 
-/// One bound listener, as reported by the admin API.
-#[derive(Debug, Clone, Serialize)]
-pub struct BoundListener {
-    /// `namespace/name` of the imported service.
-    pub service: String,
-    /// Service port.
-    pub port: u16,
-    /// Local address accepting connections.
-    pub address: SocketAddr,
-    /// Clusters tried, in order.
-    pub clusters: Vec<String>,
-    /// For one endpoint of a headless service: `cluster/address` of the only backend.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<String>,
+const CONNECT_DURATION: Desc = Desc::histogram(
+    "strait_connect_duration_seconds",
+    &["peer"],
+    "Time from accepting a client connection to the remote gateway's ok, by peer cluster.",
+);
+const ROUTED: Desc = Desc::counter(
+    "strait_route_connections_total",
+    &["service", "cluster"],
+    "Client connections served, by service and the cluster that served them.",
+);
+const UNSERVED: Desc = Desc::counter(
+    "strait_route_unserved_total",
+    &["service"],
+    "Client connections no cluster could serve (the client was reset).",
+);
+/// The listeners' metrics (besides the stream metrics they share with inbound).
+pub(crate) const METRICS: &[Desc] = &[CONNECT_DURATION, ROUTED, UNSERVED];
+
+/// What the listeners count.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    registry: Registry,
+    streams: StreamMetrics,
 }
+
+impl ListenerMetrics {
+    /// The listener metrics in `registry`; `streams` are shared with the inbound side.
+    pub fn new(registry: &Registry, streams: StreamMetrics) -> Self {
+        registry.describe(METRICS);
+        Self {
+            registry: registry.clone(),
+            streams,
+        }
+    }
+
+    fn served(&self, service: &str, cluster: &str, took: Duration) {
+        self.registry
+            .histogram(&CONNECT_DURATION, &[cluster])
+            .record(took.as_secs_f64());
+        self.registry
+            .counter(&ROUTED, &[service, cluster])
+            .increment(1);
+    }
+
+    fn unserved(&self, service: &str) {
+        self.registry.counter(&UNSERVED, &[service]).increment(1);
+    }
+}
+
+/// What forwarding a client connection needs: where to route it, how to reach peers, and
+/// what to count.
+pub struct Forwarding {
+    /// Per-connection plans and outcomes.
+    pub routing: Routing,
+    /// Tunnels to peer gateways.
+    pub peers: Arc<dyn PeerSet>,
+    /// What to count.
+    pub metrics: ListenerMetrics,
+    /// Bytes read from the client per write to the stream (`tunnel.copy_buffer`).
+    pub copy_buffer: usize,
+}
+
+/// One bound listener, as reported by the admin API.
+pub use strait_common::api::Listener as BoundListener;
 
 /// A listener's identity: service, port, and for headless services the endpoint.
 type Key = (String, u16, Option<String>);
 
-/// The service listeners of a gateway, keyed by (service, port, endpoint). Static imports
-/// are bound at start; with discovery the set follows the federated catalog: new imports
-/// are bound, withdrawn ones closed, and the cluster order of existing ones updated in place.
-#[derive(Default)]
-pub struct Listeners(Mutex<BTreeMap<Key, Active>>);
+/// The service listeners of a gateway, keyed by (service, port, endpoint). The set
+/// follows the desired imports: new imports are bound, withdrawn ones closed, and the
+/// cluster order of existing ones updated in place. Cheap to clone: clones share it.
+#[derive(Clone)]
+pub struct Listeners(Arc<Inner>);
+
+struct Inner {
+    bound: Mutex<BTreeMap<Key, Active>>,
+    forwarding: Arc<Forwarding>,
+    life: Lifetime,
+}
 
 struct Active {
     address: SocketAddr,
     import: Arc<ArcSwap<Import>>,
-    task: AbortHandle,
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    life: Lifetime,
 }
 
 impl Listeners {
+    /// No listeners yet; each one bound later accepts within `life`.
+    pub fn new(forwarding: Forwarding, life: Lifetime) -> Self {
+        Listeners(Arc::new(Inner {
+            bound: Mutex::new(BTreeMap::new()),
+            forwarding: Arc::new(forwarding),
+            life,
+        }))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Active>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.bound.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What is bound now.
@@ -86,7 +146,7 @@ impl Listeners {
 
     /// Makes the bound set equal to `desired`. Returns the listeners that could not be
     /// bound (the rest are serving).
-    pub async fn reconcile(&self, shared: &Arc<Shared>, desired: &[Import]) -> Vec<anyhow::Error> {
+    pub async fn reconcile(&self, desired: &[Import]) -> Vec<anyhow::Error> {
         let mut wanted: BTreeMap<Key, (&Import, u16)> = BTreeMap::new();
         for imp in desired {
             let endpoint = imp
@@ -99,7 +159,7 @@ impl Listeners {
                         p.port,
                         endpoint.clone(),
                     ),
-                    (imp, p.local_port()),
+                    (imp, p.listen),
                 );
             }
         }
@@ -111,6 +171,7 @@ impl Listeners {
                     .get(key)
                     .is_some_and(|(imp, _)| imp.address == a.address.ip());
                 if !keep {
+                    a.life.stop();
                     tracing::info!(service = %key.0, port = key.1, "listener closed");
                 }
                 keep
@@ -150,31 +211,47 @@ impl Listeners {
                 clusters: Vec::new(),
                 endpoint: endpoint.clone(),
             });
-            let task = tokio::spawn(
-                serve(shared.clone(), info, listener, import.clone()).in_current_span(),
-            )
-            .abort_handle();
+            let life = self.0.life.child();
+            life.spawn(serve(
+                self.0.forwarding.clone(),
+                info,
+                listener,
+                import.clone(),
+            ));
             self.lock().insert(
                 (service, port, endpoint),
                 Active {
                     address,
                     import,
-                    task,
+                    life,
                 },
             );
         }
         errors
     }
 
-    /// Closes every listener.
-    pub fn clear(&self) {
-        self.lock().clear();
+    /// Keeps the bound set equal to the desired imports until the gateway stops. A
+    /// listener that could not bind (its address still in use, say) is retried every
+    /// second rather than at the next change, which may never come.
+    pub async fn follow(self, mut desired: watch::Receiver<Arc<Desired>>) {
+        loop {
+            let d = desired.borrow_and_update().clone();
+            let errors = self.reconcile(&d.imports).await;
+            for e in &errors {
+                tracing::error!(error = %e, "listener not opened; retrying");
+            }
+            let retry = !errors.is_empty();
+            tokio::select! {
+                r = desired.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+            }
+        }
     }
 }
 
 /// Accepts connections on one listener until it is closed.
 async fn serve(
-    shared: Arc<Shared>,
+    fwd: Arc<Forwarding>,
     info: Arc<BoundListener>,
     listener: TcpListener,
     import: Arc<ArcSwap<Import>>,
@@ -184,7 +261,7 @@ async fn serve(
             Ok((tcp, client)) => {
                 let span = tracing::info_span!("outbound", service = %info.service, port = info.port, %client);
                 tokio::spawn(
-                    forward(shared.clone(), info.clone(), import.load_full(), tcp).instrument(span),
+                    forward(fwd.clone(), info.clone(), import.load_full(), tcp).instrument(span),
                 );
             }
             Err(e) => {
@@ -197,7 +274,7 @@ async fn serve(
 }
 
 async fn forward(
-    shared: Arc<Shared>,
+    fwd: Arc<Forwarding>,
     info: Arc<BoundListener>,
     import: Arc<Import>,
     tcp: TcpStream,
@@ -211,8 +288,8 @@ async fn forward(
         endpoint: import.endpoint.map(|e| e.to_string()),
     };
     let service = info.service.as_str();
-    let routing = &shared.routing;
-    let plan = routing.plan(&shared, service, &import.clusters);
+    let routing = &fwd.routing;
+    let plan = routing.plan(service, &import.clusters);
     let early = early_bytes(&tcp);
     // Bytes the client already sent ride with the request only when no retry can follow
     // (or the policy allows replays): an attempt that times out may have delivered them.
@@ -221,37 +298,27 @@ async fn forward(
     let mut retry = None;
     for cluster in &plan.attempts {
         if let Some(reason) = retry
-            && !routing.may_retry(&shared, service, reason)
+            && !routing.may_retry(service, reason)
         {
             break;
         }
         let held = routing.hold(service, cluster);
-        let opened = open_on(&shared, cluster, &req, with_request, plan.timeout).await;
+        let opened = open_on(&*fwd.peers, cluster, &req, with_request, plan.timeout).await;
         match opened {
             Ok((mut send, recv)) => {
-                routing.record(&shared, service, cluster, Outcome::Success);
-                shared
-                    .metrics
-                    .histogram("strait_connect_duration_seconds", &[("peer", cluster)])
-                    .record(started.elapsed().as_secs_f64());
-                shared
-                    .metrics
-                    .counter(
-                        "strait_route_connections_total",
-                        &[("service", service), ("cluster", cluster)],
-                    )
-                    .increment(1);
+                routing.record(service, cluster, Outcome::Success);
+                fwd.metrics.served(service, cluster, started.elapsed());
                 if !eager && !early.is_empty() && send.write_all(&early).await.is_err() {
                     splice::abort_on_close(&tcp);
                     return;
                 }
                 splice::splice_counted(
-                    &shared.metrics,
+                    &fwd.metrics.streams,
                     service,
                     cluster,
                     splice::Side::Outbound,
                     (tcp, send, recv),
-                    shared.config.tunnel.copy_buffer.0 as usize,
+                    fwd.copy_buffer,
                     early.len() as u64,
                 )
                 .await;
@@ -261,26 +328,13 @@ async fn forward(
             Err(e) => {
                 drop(held);
                 let peer_down = matches!(e, OpenError::PeerDown | OpenError::Abandoned)
-                    || shared
-                        .peers
-                        .get(cluster)
-                        .is_none_or(|p| !p.state().routable());
+                    || !routing.peer_routable(cluster);
                 // A dead gateway is gateway liveness, not this path's fault: it does not
                 // count towards ejecting the path.
                 if !peer_down {
-                    routing.record(&shared, service, cluster, Outcome::Failure);
+                    routing.record(service, cluster, Outcome::Failure);
                 }
-                shared
-                    .metrics
-                    .counter(
-                        "strait_streams_failed_total",
-                        &[
-                            ("service", service),
-                            ("peer", cluster),
-                            ("reason", e.label()),
-                        ],
-                    )
-                    .increment(1);
+                fwd.metrics.streams.failed(service, cluster, e.label());
                 tracing::info!(peer = %cluster, error = %e, "stream to peer failed");
                 // Never replay: bytes that may have been delivered end the connection here.
                 let replay = e.ambiguous() && !with_request.is_empty() && !plan.early_data;
@@ -295,10 +349,7 @@ async fn forward(
             }
         }
     }
-    shared
-        .metrics
-        .counter("strait_route_unserved_total", &[("service", service)])
-        .increment(1);
+    fwd.metrics.unserved(service);
     // Nothing could serve the connection: reset it so the client fails fast, not on a timeout.
     splice::abort_on_close(&tcp);
 }
@@ -306,13 +357,13 @@ async fn forward(
 /// Opens a stream on `cluster`'s tunnel; gives up early, as `Abandoned`, when the peer
 /// stops answering probes while we wait (the usual sign of a dead or cut-off gateway).
 async fn open_on(
-    shared: &Shared,
+    peers: &dyn PeerSet,
     cluster: &str,
     req: &StreamRequest,
     early: &[u8],
     timeout: Duration,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
-    let Some(peer) = shared.peers.get(cluster) else {
+    let Some(peer) = peers.get(cluster) else {
         return Err(OpenError::PeerDown);
     };
     let mut state = peer.subscribe();
@@ -338,5 +389,143 @@ fn early_bytes(tcp: &TcpStream) -> Bytes {
         Ok(_) => buf.freeze(),
         // WouldBlock (nothing yet) or an error the splice will meet again on its first read.
         Err(_) => Bytes::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::router::Locality;
+    use crate::routing::RoutingMetrics;
+    use crate::routing::tests::{FakePeers, import};
+
+    struct Setup {
+        listeners: Listeners,
+        desired: watch::Sender<Arc<Desired>>,
+        peers: Arc<FakePeers>,
+        registry: Registry,
+        life: Lifetime,
+    }
+
+    impl Drop for Setup {
+        fn drop(&mut self) {
+            self.life.stop();
+        }
+    }
+
+    /// Listeners for `imports`, with peers whose tunnels the test decides (none at first).
+    fn setup(imports: Vec<Import>) -> Setup {
+        let peers = Arc::new(FakePeers::default());
+        let (desired, rx) = watch::channel(Arc::new(Desired {
+            imports,
+            ..Default::default()
+        }));
+        let registry = Registry::new();
+        let routing = Routing::new(
+            Locality::default(),
+            rx,
+            peers.clone(),
+            Duration::from_millis(200),
+            RoutingMetrics::new(&registry),
+        );
+        let life = Lifetime::new();
+        let listeners = Listeners::new(
+            Forwarding {
+                routing,
+                peers: peers.clone(),
+                metrics: ListenerMetrics::new(&registry, StreamMetrics::new(&registry)),
+                copy_buffer: 16 << 10,
+            },
+            life.clone(),
+        );
+        Setup {
+            listeners,
+            desired,
+            peers,
+            registry,
+            life,
+        }
+    }
+
+    fn current(s: &Setup) -> Vec<Import> {
+        s.desired.borrow().imports.clone()
+    }
+
+    #[tokio::test]
+    async fn imports_are_bound_updated_in_place_and_closed_when_withdrawn() {
+        let s = setup(vec![import("web", &["east", "north"])]);
+        assert!(s.listeners.reconcile(&current(&s)).await.is_empty());
+        let addr = s.listeners.address("shop/web", 80).expect("bound");
+        assert_ne!(addr.port(), 0, "an ephemeral port was chosen");
+        TcpStream::connect(addr).await.expect("accepting");
+
+        // A new cluster order is taken in place: same socket, new order.
+        let reordered = vec![import("web", &["north", "east"])];
+        assert!(s.listeners.reconcile(&reordered).await.is_empty());
+        let now = s.listeners.snapshot();
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].address, addr, "not rebound");
+        assert_eq!(now[0].clusters, vec!["north", "east"]);
+
+        // Withdrawn: the port stops accepting.
+        assert!(s.listeners.reconcile(&[]).await.is_empty());
+        assert!(s.listeners.address("shop/web", 80).is_none());
+        strait_tests::eventually(Duration::from_secs(5), "listener closed", || {
+            std::net::TcpStream::connect(addr).is_err()
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_no_cluster_can_serve_is_reset_and_counted() {
+        let s = setup(vec![import("web", &["east"])]);
+        s.peers.set("east", false);
+        assert!(s.listeners.reconcile(&current(&s)).await.is_empty());
+        let addr = s.listeners.address("shop/web", 80).unwrap();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the listener answers at once");
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "reset, not a clean end: {read:?}"
+        );
+        let text = s.registry.render();
+        assert!(
+            text.contains("strait_route_unserved_total{service=\"shop/web\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_cannot_bind_is_retried_until_it_can() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let mut imp = import("web", &["east"]);
+        imp.ports[0].listen = port;
+        let s = setup(vec![imp.clone()]);
+        let errors = s.listeners.reconcile(&current(&s)).await;
+        assert_eq!(errors.len(), 1, "the port is taken");
+        assert!(errors[0].to_string().contains("shop/web"), "{}", errors[0]);
+        assert!(s.listeners.address("shop/web", 80).is_none());
+
+        tokio::spawn(s.listeners.clone().follow(s.desired.subscribe()));
+        // On this single-threaded runtime a yield lets `follow` try once and fail.
+        tokio::task::yield_now().await;
+        drop(taken);
+        tokio::task::yield_now().await;
+        assert!(
+            s.listeners.address("shop/web", 80).is_none(),
+            "not at once: on the retry timer"
+        );
+        strait_tests::eventually(Duration::from_secs(10), "bound once free", || {
+            s.listeners.address("shop/web", 80).map(|a| a.port()) == Some(port)
+        })
+        .await;
     }
 }

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use strait_common::pki::{CA_CERT_FILE, CertificateAuthority, write_atomic};
 use strait_common::telemetry::{self, LogFormat};
 use strait_common::{Config, GatewayId};
-use strait_gateway::{Gateway, demo, drill, raise_fd_limit, status};
+use strait_gateway::{Gateway, demo, raise_fd_limit};
+use strait_ops::{drill, status};
 
 #[derive(Parser)]
 #[command(

@@ -1,11 +1,14 @@
 //! Per-gateway Prometheus metrics. Each gateway owns its recorder (no global), so several
 //! gateways in one process (the demo, the tests) keep separate numbers.
 //!
-//! Every metric strait exports is listed in [`describe`] and in docs/ARCHITECTURE.md.
+//! Each component declares its metrics once, as [`Desc`]s beside a small typed struct that
+//! records them (`routing::RoutingMetrics`, `dns::DnsMetrics`, ...); the struct describes
+//! them when it is created. [`reference`] lists every one, and a test keeps
+//! docs/METRICS.md equal to it and checks that a running federation exports nothing else.
 
 use std::sync::Arc;
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -18,130 +21,218 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// A gateway's metrics registry.
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations in buckets.
+    Histogram,
+}
+
+impl Kind {
+    /// The Prometheus `# TYPE` word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric: its name, kind, help text and label names.
+#[derive(Debug)]
+pub struct Desc {
+    /// `strait_*` name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// The `# HELP` text.
+    pub help: &'static str,
+    /// Label names, in the order values are given when recording.
+    pub labels: &'static [&'static str],
+}
+
+impl Desc {
+    /// A counter.
+    pub(crate) const fn counter(
+        name: &'static str,
+        labels: &'static [&'static str],
+        help: &'static str,
+    ) -> Desc {
+        Desc {
+            name,
+            kind: Kind::Counter,
+            help,
+            labels,
+        }
+    }
+
+    /// A gauge.
+    pub(crate) const fn gauge(
+        name: &'static str,
+        labels: &'static [&'static str],
+        help: &'static str,
+    ) -> Desc {
+        Desc {
+            name,
+            kind: Kind::Gauge,
+            help,
+            labels,
+        }
+    }
+
+    /// A histogram.
+    pub(crate) const fn histogram(
+        name: &'static str,
+        labels: &'static [&'static str],
+        help: &'static str,
+    ) -> Desc {
+        Desc {
+            name,
+            kind: Kind::Histogram,
+            help,
+            labels,
+        }
+    }
+}
+
+/// Every metric a gateway can export, component by component.
+pub fn reference() -> Vec<&'static Desc> {
+    [
+        crate::tunnel::STREAM_METRICS,
+        crate::tunnel::peers::METRICS,
+        crate::tunnel::inbound::METRICS,
+        crate::listener::METRICS,
+        crate::routing::METRICS,
+        crate::dns::METRICS,
+        crate::rotation::METRICS,
+        crate::federation::METRICS,
+        crate::faults::METRICS,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// A gateway's metrics registry; cheap to clone (every clone records into the same one).
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Registry {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
 }
 
-impl Default for Metrics {
+impl Default for Registry {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Metrics {
-    /// A fresh registry with every metric described.
+impl Registry {
+    /// A fresh, empty registry.
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
             .expect("bucket list is non-empty")
             .build_recorder();
         let handle = recorder.handle();
-        let m = Self {
+        Self {
             recorder: Arc::new(recorder),
             handle,
-        };
-        m.describe();
-        m
+        }
     }
 
-    fn describe(&self) {
-        let r = &self.recorder;
-        let d = |s: &'static str| SharedString::from(s);
-        r.describe_counter(
-            "strait_streams_opened_total".into(),
-            None,
-            d("Tunnel streams opened (direction=outbound|inbound), by service and peer cluster."),
-        );
-        r.describe_counter(
-            "strait_streams_failed_total".into(),
-            None,
-            d("Tunnel streams that did not reach an endpoint, by service, peer and reason."),
-        );
-        r.describe_counter(
-            "strait_bytes_total".into(),
-            Some(Unit::Bytes),
-            d("Payload bytes proxied, by service, peer and direction (sent=towards the service)."),
-        );
-        r.describe_histogram(
-            "strait_connect_duration_seconds".into(),
-            Some(Unit::Seconds),
-            d("Time from accepting a client connection to the remote's ok, by peer."),
-        );
-        r.describe_gauge(
-            "strait_active_connections".into(),
-            None,
-            d("Proxied connections open now, by service and direction."),
-        );
-        r.describe_gauge(
-            "strait_peer_up".into(),
-            None,
-            d("1 while the tunnel connection to the peer cluster is established."),
-        );
-        r.describe_gauge(
-            "strait_peer_rtt_seconds".into(),
-            Some(Unit::Seconds),
-            d("Smoothed QUIC RTT to the peer cluster."),
-        );
-        r.describe_counter(
-            "strait_peer_connects_total".into(),
-            None,
-            d("Tunnel connection attempts to the peer cluster, by result."),
-        );
-        r.describe_counter(
-            "strait_handshakes_rejected_total".into(),
-            None,
-            d("Inbound tunnel handshakes refused (bad or missing certificate, wrong identity)."),
-        );
-        r.describe_counter(
-            "strait_stream_headers_rejected_total".into(),
-            None,
-            d("Inbound streams whose header was malformed or late."),
-        );
-        r.describe_counter(
-            "strait_cert_reloads_total".into(),
-            None,
-            d("Certificate reloads from disk, by result (ok|error)."),
-        );
-        r.describe_gauge(
-            "strait_cert_expiry_timestamp_seconds".into(),
-            Some(Unit::Seconds),
-            d("Expiry of the certificate in use (Unix time)."),
-        );
+    /// Describes a component's metrics (its `# HELP` lines).
+    pub(crate) fn describe(&self, descs: &[Desc]) {
+        for d in descs {
+            let help = SharedString::from(d.help);
+            let name = d.name.into();
+            match d.kind {
+                Kind::Counter => self.recorder.describe_counter(name, None, help),
+                Kind::Gauge => self.recorder.describe_gauge(name, None, help),
+                Kind::Histogram => self.recorder.describe_histogram(name, None, help),
+            }
+        }
     }
 
-    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    fn key(d: &Desc, values: &[&str]) -> Key {
+        debug_assert_eq!(d.labels.len(), values.len(), "label values of {}", d.name);
         Key::from_parts(
-            name,
-            labels
+            d.name,
+            d.labels
                 .iter()
+                .zip(values)
                 .map(|(k, v)| Label::new(*k, v.to_string()))
                 .collect::<Vec<_>>(),
         )
     }
 
-    /// A counter handle.
-    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-        self.recorder
-            .register_counter(&Self::key(name, labels), &META)
+    /// The counter `d` with these label values (in `d.labels` order).
+    pub(crate) fn counter(&self, d: &Desc, values: &[&str]) -> Counter {
+        debug_assert_eq!(d.kind, Kind::Counter, "{}", d.name);
+        self.recorder.register_counter(&Self::key(d, values), &META)
     }
 
-    /// A gauge handle.
-    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
-        self.recorder
-            .register_gauge(&Self::key(name, labels), &META)
+    /// The gauge `d` with these label values.
+    pub(crate) fn gauge(&self, d: &Desc, values: &[&str]) -> Gauge {
+        debug_assert_eq!(d.kind, Kind::Gauge, "{}", d.name);
+        self.recorder.register_gauge(&Self::key(d, values), &META)
     }
 
-    /// A histogram handle.
-    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+    /// The histogram `d` with these label values.
+    pub(crate) fn histogram(&self, d: &Desc, values: &[&str]) -> Histogram {
+        debug_assert_eq!(d.kind, Kind::Histogram, "{}", d.name);
         self.recorder
-            .register_histogram(&Self::key(name, labels), &META)
+            .register_histogram(&Self::key(d, values), &META)
     }
 
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.handle.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_named_once_with_conventional_names() {
+        let all = reference();
+        let mut names: Vec<&str> = all.iter().map(|d| d.name).collect();
+        names.sort();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "a metric is declared twice");
+        for d in all {
+            assert!(d.name.starts_with("strait_"), "{}", d.name);
+            assert!(!d.help.is_empty(), "{} has no help", d.name);
+            assert_eq!(
+                d.kind == Kind::Counter,
+                d.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                d.name
+            );
+        }
+    }
+
+    #[test]
+    fn described_metrics_render_with_help_and_labels() {
+        const D: Desc = Desc::counter("strait_test_total", &["peer"], "A test counter.");
+        let r = Registry::new();
+        r.describe(&[D]);
+        r.counter(&D, &["east"]).increment(2);
+        let text = r.render();
+        assert!(
+            text.contains("# HELP strait_test_total A test counter."),
+            "{text}"
+        );
+        assert!(
+            text.contains("strait_test_total{peer=\"east\"} 2"),
+            "{text}"
+        );
     }
 }

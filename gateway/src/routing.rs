@@ -8,60 +8,75 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use serde::Serialize;
-use strait_common::config::routing::{Mode, RoutePolicy, Routing as RoutingConfig};
-use strait_discovery::node::View;
+use strait_common::config::routing::{RoutePolicy, Routing as RoutingConfig};
+use tokio::sync::watch;
 
-use crate::gateway::Shared;
+use crate::desired::Desired;
+use crate::metrics::{Desc, Registry};
 use crate::router::{Candidate, Considered, Locality, Out, Outcome, ServiceRouter};
-use crate::tunnel::peers::{PeerStatus, RttSummary};
+use crate::tunnel::peers::PeerSet;
 
-/// What the catalog says about one cluster for one service.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Offer {
-    /// Ready endpoints there.
-    pub ready_endpoints: usize,
-    /// All endpoints there.
-    pub endpoints: usize,
-    /// The weight that cluster exports.
-    pub weight: u32,
-}
+const FAILOVERS: Desc = Desc::counter(
+    "strait_route_failovers_total",
+    &["service", "from", "to"],
+    "Times the best eligible cluster of a service changed (failover or failback).",
+);
+const EJECTIONS: Desc = Desc::counter(
+    "strait_route_ejections_total",
+    &["service", "cluster"],
+    "Paths (service, cluster) ejected after repeated connect failures.",
+);
+const RETRIES: Desc = Desc::counter(
+    "strait_route_retries_total",
+    &["service", "result"],
+    "Connection attempts retried on another cluster, by result (peer-down, failed, budget-exhausted).",
+);
+const SATURATED: Desc = Desc::counter(
+    "strait_route_saturated_total",
+    &["service", "cluster"],
+    "Plans that skipped a cluster at its max_connections_per_cluster limit.",
+);
+const ELIGIBLE: Desc = Desc::gauge(
+    "strait_route_cluster_eligible",
+    &["service", "cluster"],
+    "1 while the cluster takes new connections for the service.",
+);
+/// Routing's metrics.
+pub(crate) const METRICS: &[Desc] = &[FAILOVERS, EJECTIONS, RETRIES, SATURATED, ELIGIBLE];
 
-/// The catalog as routing needs it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CatalogView {
-    /// Region and zone of each member.
-    pub members: BTreeMap<String, (String, String)>,
-    /// `namespace/name` → cluster → offer.
-    pub offers: BTreeMap<String, BTreeMap<String, Offer>>,
-}
+/// What routing counts.
+#[derive(Clone)]
+pub struct RoutingMetrics(Registry);
 
-impl CatalogView {
-    /// Extracts the routing inputs from a discovery view.
-    pub fn from_view(view: &View) -> Self {
-        let members = view
-            .members
-            .iter()
-            .map(|m| {
-                (
-                    m.info.cluster.clone(),
-                    (m.info.region.clone(), m.info.zone.clone()),
-                )
-            })
-            .collect();
-        let mut offers: BTreeMap<String, BTreeMap<String, Offer>> = BTreeMap::new();
-        for e in &view.services {
-            offers.entry(e.key.to_string()).or_default().insert(
-                e.origin.cluster.clone(),
-                Offer {
-                    ready_endpoints: e.service.ready_endpoints(),
-                    endpoints: e.service.endpoints.len(),
-                    weight: e.service.weight,
-                },
-            );
-        }
-        Self { members, offers }
+impl RoutingMetrics {
+    /// The routing metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        registry.describe(METRICS);
+        Self(registry.clone())
+    }
+
+    fn failover(&self, service: &str, from: &str, to: &str) {
+        self.0
+            .counter(&FAILOVERS, &[service, from, to])
+            .increment(1);
+    }
+
+    fn ejection(&self, service: &str, cluster: &str) {
+        self.0.counter(&EJECTIONS, &[service, cluster]).increment(1);
+    }
+
+    fn retry(&self, service: &str, result: &str) {
+        self.0.counter(&RETRIES, &[service, result]).increment(1);
+    }
+
+    fn saturated(&self, service: &str, cluster: &str) {
+        self.0.counter(&SATURATED, &[service, cluster]).increment(1);
+    }
+
+    fn eligible(&self, service: &str, cluster: &str, eligible: bool) {
+        self.0
+            .gauge(&ELIGIBLE, &[service, cluster])
+            .set(if eligible { 1.0 } else { 0.0 });
     }
 }
 
@@ -79,13 +94,21 @@ struct ServiceState {
 /// Proxied connections per (service, cluster), for spill protection and metrics.
 type Active = BTreeMap<(String, String), Arc<AtomicUsize>>;
 
-/// Routing state of a gateway.
-pub struct Routing {
+/// Routing state of a gateway. Cheap to clone: clones share it.
+#[derive(Clone)]
+pub struct Routing(Arc<Inner>);
+
+struct Inner {
     me: Locality,
-    config: ArcSwap<RoutingConfig>,
-    catalog: ArcSwap<CatalogView>,
+    /// Imported services, the catalog and the policies.
+    desired: watch::Receiver<Arc<Desired>>,
+    /// Gateway liveness.
+    peers: Arc<dyn PeerSet>,
+    /// Per-attempt timeout when the policy sets none (`tunnel.connect_timeout`).
+    connect_timeout: Duration,
     services: Mutex<BTreeMap<String, ServiceState>>,
     active: Mutex<Active>,
+    metrics: RoutingMetrics,
 }
 
 /// One connection's plan: clusters in order, and the time each attempt may take.
@@ -118,71 +141,36 @@ pub enum RetryReason {
 }
 
 /// The admin API's explanation of one service's routing.
-#[derive(Debug, Clone, Serialize)]
-pub struct RouteReport {
-    /// `namespace/name`.
-    pub service: String,
-    /// Ordering mode in force.
-    pub mode: Mode,
-    /// The cluster new connections go to first now (`null`: none usable).
-    pub primary: Option<String>,
-    /// Candidates, best first, with why each is in or out.
-    pub clusters: Vec<ClusterReport>,
-    /// The resolved policy.
-    pub policy: RoutePolicy,
-}
-
-/// One candidate cluster in a [`RouteReport`].
-#[derive(Debug, Clone, Serialize)]
-pub struct ClusterReport {
-    /// Cluster id.
-    pub cluster: String,
-    /// Locality tier (lower is preferred).
-    pub tier: u32,
-    /// Whether it takes new connections.
-    pub eligible: bool,
-    /// Why not, when it does not (`peer-down`, `no-ready-endpoints`, `ejected`,
-    /// `recovering`, `saturated`).
-    pub reason: Option<&'static str>,
-    /// Human detail for the reason.
-    pub detail: Option<String>,
-    /// Share of its traffic while ramping up after a recovery (1 = full).
-    pub share: f64,
-    /// Region and zone.
-    pub region: String,
-    /// Zone.
-    pub zone: String,
-    /// Gateway liveness: tunnel status.
-    pub peer: Option<PeerStatus>,
-    /// Gateway liveness: probes answered.
-    pub responsive: bool,
-    /// RTT percentiles over the last minute.
-    pub rtt: Option<RttSummary>,
-    /// Service health: ready endpoints there (`null`: unknown, a static import).
-    pub ready_endpoints: Option<usize>,
-    /// Weight used.
-    pub weight: u32,
-    /// Proxied connections there now.
-    pub active: usize,
-    /// Connections it took since the gateway started (drills chart the share from this).
-    pub served: u64,
-}
+pub use strait_common::api::{Route as RouteReport, RouteCluster as ClusterReport};
 
 impl Routing {
-    /// Routing for a gateway at `me`, with the configured policies.
-    pub fn new(me: Locality, config: RoutingConfig) -> Self {
-        Self {
+    /// Routing for a gateway at `me`: imported services, catalog facts and policies come
+    /// from `desired`, gateway liveness from `peers`.
+    pub fn new(
+        me: Locality,
+        desired: watch::Receiver<Arc<Desired>>,
+        peers: Arc<dyn PeerSet>,
+        connect_timeout: Duration,
+        metrics: RoutingMetrics,
+    ) -> Self {
+        Routing(Arc::new(Inner {
             me,
-            config: ArcSwap::from_pointee(config),
-            catalog: ArcSwap::default(),
+            desired,
+            peers,
+            connect_timeout,
             services: Mutex::new(BTreeMap::new()),
             active: Mutex::new(BTreeMap::new()),
-        }
+            metrics,
+        }))
     }
 
-    /// Applies reloaded policies; routers keep their health state.
-    pub fn set_config(&self, config: RoutingConfig) {
-        let mut services = lock(&self.services);
+    fn desired(&self) -> Arc<Desired> {
+        self.0.desired.borrow().clone()
+    }
+
+    /// Applies changed policies; routers keep their health state.
+    fn set_config(&self, config: &RoutingConfig) {
+        let mut services = lock(&self.0.services);
         for (name, s) in services.iter_mut() {
             let p = config.policy_for(name);
             if *s.router.policy() != p {
@@ -190,42 +178,29 @@ impl Routing {
                 s.router.set_policy(p);
             }
         }
-        self.config.store(Arc::new(config));
-    }
-
-    /// Takes new catalog facts (ready endpoints, localities, weights).
-    pub fn set_catalog(&self, catalog: CatalogView) {
-        if **self.catalog.load() != catalog {
-            self.catalog.store(Arc::new(catalog));
-        }
     }
 
     /// A plan for one new connection to `service` among `clusters` (the import's list);
     /// counts it as a first attempt for the retry budget.
-    pub fn plan(&self, shared: &Shared, service: &str, clusters: &[String]) -> Plan {
+    pub fn plan(&self, service: &str, clusters: &[String]) -> Plan {
         let now = Instant::now();
-        let mut services = lock(&self.services);
-        let state = self.state(&mut services, service);
-        let candidates = self.candidates(shared, service, clusters, state.router.policy());
+        let desired = self.desired();
+        let mut services = lock(&self.0.services);
+        let state = self.state(&mut services, &desired, service);
+        let candidates = self.candidates(&desired, service, clusters, state.router.policy());
         state.router.first_attempt(now);
-        let decision = state.router.decide(&self.me, &candidates, now);
-        note_primary(shared, service, state, &decision.considered);
+        let decision = state.router.decide(&self.0.me, &candidates, now);
+        self.note_primary(service, state, &decision.considered);
         for c in &decision.considered {
             if c.out == Some(Out::Saturated) {
-                shared
-                    .metrics
-                    .counter(
-                        "strait_route_saturated_total",
-                        &[("service", service), ("cluster", &c.cluster)],
-                    )
-                    .increment(1);
+                self.0.metrics.saturated(service, &c.cluster);
             }
         }
         let timeout = state
             .router
             .policy()
             .connect_timeout
-            .unwrap_or(shared.config.tunnel.connect_timeout.0);
+            .unwrap_or(self.0.connect_timeout);
         Plan {
             attempts: decision.attempts,
             timeout,
@@ -235,12 +210,13 @@ impl Routing {
 
     /// Whether a retry of `service` may be made now (rerouting away from a dead peer
     /// always may; other retries spend the retry budget).
-    pub fn may_retry(&self, shared: &Shared, service: &str, reason: RetryReason) -> bool {
+    pub fn may_retry(&self, service: &str, reason: RetryReason) -> bool {
         let allowed = match reason {
             RetryReason::PeerDown => true,
             RetryReason::Failed => {
-                let mut services = lock(&self.services);
-                self.state(&mut services, service)
+                let desired = self.desired();
+                let mut services = lock(&self.0.services);
+                self.state(&mut services, &desired, service)
                     .router
                     .try_retry(Instant::now())
             }
@@ -250,38 +226,33 @@ impl Routing {
             (RetryReason::Failed, true) => "failed",
             (RetryReason::Failed, false) => "budget-exhausted",
         };
-        shared
-            .metrics
-            .counter(
-                "strait_route_retries_total",
-                &[("service", service), ("result", label)],
-            )
-            .increment(1);
+        self.0.metrics.retry(service, label);
         allowed
     }
 
     /// Records an attempt's outcome; repeated failures eject the path.
-    pub fn record(&self, shared: &Shared, service: &str, cluster: &str, outcome: Outcome) {
-        let mut services = lock(&self.services);
-        let state = self.state(&mut services, service);
+    pub fn record(&self, service: &str, cluster: &str, outcome: Outcome) {
+        let desired = self.desired();
+        let mut services = lock(&self.0.services);
+        let state = self.state(&mut services, &desired, service);
         if outcome == Outcome::Success {
             *state.served.entry(cluster.to_owned()).or_default() += 1;
         }
         if let Some(time) = state.router.record(cluster, outcome, Instant::now()) {
             tracing::warn!(%service, %cluster, ejected_for = ?time, "path ejected after repeated failures");
-            shared
-                .metrics
-                .counter(
-                    "strait_route_ejections_total",
-                    &[("service", service), ("cluster", cluster)],
-                )
-                .increment(1);
+            self.0.metrics.ejection(service, cluster);
         }
+    }
+
+    /// Whether new connections may be sent to `cluster`'s gateway now (see
+    /// [`crate::tunnel::peers::PeerState::routable`]).
+    pub fn peer_routable(&self, cluster: &str) -> bool {
+        self.0.peers.liveness(cluster).is_some_and(|l| l.routable)
     }
 
     /// Counts a connection to `cluster` until the guard is dropped.
     pub fn hold(&self, service: &str, cluster: &str) -> ActiveGuard {
-        let counter = lock(&self.active)
+        let counter = lock(&self.0.active)
             .entry((service.to_owned(), cluster.to_owned()))
             .or_default()
             .clone();
@@ -291,44 +262,44 @@ impl Routing {
 
     /// Re-judges every imported service (keeps dwell timers and the primary current while
     /// no connection arrives) and publishes per-cluster eligibility.
-    pub fn observe_all(&self, shared: &Shared) {
-        for (service, clusters) in imported(shared) {
-            let mut services = lock(&self.services);
-            let state = self.state(&mut services, &service);
-            let candidates = self.candidates(shared, &service, &clusters, state.router.policy());
-            let considered = state.router.observe(&self.me, &candidates, Instant::now());
-            note_primary(shared, &service, state, &considered);
+    pub fn observe_all(&self) {
+        let desired = self.desired();
+        for (service, clusters) in desired.services() {
+            let mut services = lock(&self.0.services);
+            let state = self.state(&mut services, &desired, &service);
+            let candidates = self.candidates(&desired, &service, &clusters, state.router.policy());
+            let considered = state
+                .router
+                .observe(&self.0.me, &candidates, Instant::now());
+            self.note_primary(&service, state, &considered);
             for c in &considered {
-                shared
+                self.0
                     .metrics
-                    .gauge(
-                        "strait_route_cluster_eligible",
-                        &[("service", &service), ("cluster", &c.cluster)],
-                    )
-                    .set(if c.out.is_none() { 1.0 } else { 0.0 });
+                    .eligible(&service, &c.cluster, c.out.is_none());
             }
         }
     }
 
     /// Explains the routing of every imported service, or of `only`.
-    pub fn report(&self, shared: &Shared, only: Option<&str>) -> Vec<RouteReport> {
+    pub fn report(&self, only: Option<&str>) -> Vec<RouteReport> {
+        let desired = self.desired();
         let mut out = Vec::new();
-        for (service, clusters) in imported(shared) {
+        for (service, clusters) in desired.services() {
             if only.is_some_and(|o| o != service) {
                 continue;
             }
-            let mut services = lock(&self.services);
-            let state = self.state(&mut services, &service);
-            let candidates = self.candidates(shared, &service, &clusters, state.router.policy());
-            let considered = state.router.observe(&self.me, &candidates, Instant::now());
-            note_primary(shared, &service, state, &considered);
-            let catalog = self.catalog.load();
+            let mut services = lock(&self.0.services);
+            let state = self.state(&mut services, &desired, &service);
+            let candidates = self.candidates(&desired, &service, &clusters, state.router.policy());
+            let considered = state
+                .router
+                .observe(&self.0.me, &candidates, Instant::now());
+            self.note_primary(&service, state, &considered);
             let rows = considered
                 .iter()
                 .filter_map(|c| {
                     let cand = candidates.iter().find(|x| x.cluster == c.cluster)?;
-                    let peer = shared.peers.get(&c.cluster);
-                    let st = peer.as_ref().map(|p| p.state());
+                    let peer = self.0.peers.liveness(&c.cluster);
                     let (reason, detail) = explain(c.out.as_ref());
                     Some(ClusterReport {
                         cluster: c.cluster.clone(),
@@ -339,12 +310,11 @@ impl Routing {
                         share: if c.out.is_none() { c.share } else { 0.0 },
                         region: cand.region.clone(),
                         zone: cand.zone.clone(),
-                        peer: st.as_ref().map(|s| s.status),
-                        responsive: st
-                            .as_ref()
-                            .is_some_and(|s| s.status == PeerStatus::Up && s.responsive),
-                        rtt: peer.and_then(|p| p.rtt_summary()),
-                        ready_endpoints: catalog
+                        peer: peer.as_ref().map(|p| p.status),
+                        responsive: peer.as_ref().is_some_and(|p| p.responsive),
+                        rtt: peer.and_then(|p| p.rtt_summary),
+                        ready_endpoints: desired
+                            .catalog
                             .offers
                             .get(&service)
                             .and_then(|o| o.get(&c.cluster))
@@ -366,13 +336,41 @@ impl Routing {
         out
     }
 
+    /// Keeps routing current until the gateway stops: applies changed policies, and
+    /// re-judges every service every 250 ms (dwell timers start when a cluster recovers
+    /// even if no connection arrives).
+    pub async fn run(self) {
+        let mut desired = self.0.desired.clone();
+        let mut applied = desired.borrow_and_update().routing.clone();
+        // Routers made before this loop started may predate the policies now in force.
+        self.set_config(&applied);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.observe_all(),
+                r = desired.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let routing = desired.borrow_and_update().routing.clone();
+                    if routing != applied {
+                        self.set_config(&routing);
+                        applied = routing;
+                    }
+                }
+            }
+        }
+    }
+
     fn state<'a>(
         &self,
         services: &'a mut BTreeMap<String, ServiceState>,
+        desired: &Desired,
         service: &str,
     ) -> &'a mut ServiceState {
         services.entry(service.to_owned()).or_insert_with(|| {
-            let policy = self.config.load().policy_for(service);
+            let policy = desired.routing.policy_for(service);
             // Per-service seeds keep weighted choices independent between services.
             let seed = service.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
@@ -389,21 +387,20 @@ impl Routing {
     /// held (lock order: services, then active).
     fn candidates(
         &self,
-        shared: &Shared,
+        desired: &Desired,
         service: &str,
         clusters: &[String],
         policy: &RoutePolicy,
     ) -> Vec<Candidate> {
-        let catalog = self.catalog.load();
+        let catalog = &desired.catalog;
         let offers = catalog.offers.get(service);
-        let active = lock(&self.active);
+        let active = lock(&self.0.active);
         clusters
             .iter()
             .map(|cluster| {
                 let (region, zone) = catalog.members.get(cluster).cloned().unwrap_or_default();
                 let offer = offers.and_then(|o| o.get(cluster));
-                let peer = shared.peers.get(cluster);
-                let state = peer.as_ref().map(|p| p.state());
+                let peer = self.0.peers.liveness(cluster);
                 Candidate {
                     cluster: cluster.clone(),
                     region,
@@ -421,17 +418,14 @@ impl Routing {
                                 .map(|i| STATIC_ORDER + i)
                         })
                         .map(|p| p as u32),
-                    rtt: state
-                        .as_ref()
-                        .and_then(|s| s.connection.as_ref())
-                        .map(quinn::Connection::rtt),
+                    rtt: peer.as_ref().and_then(|p| p.rtt),
                     weight: policy
                         .weights
                         .get(cluster)
                         .copied()
                         .or(offer.map(|o| o.weight))
                         .unwrap_or(1),
-                    peer_up: state.as_ref().is_some_and(|s| s.routable()),
+                    peer_up: peer.as_ref().is_some_and(|p| p.routable),
                     // A static import without a catalog entry: assume it serves.
                     ready_endpoints: offer.map_or(1, |o| o.ready_endpoints),
                     active: active
@@ -443,47 +437,28 @@ impl Routing {
     }
 }
 
-/// Imported services and their cluster lists, from the bound listeners.
-fn imported(shared: &Shared) -> BTreeMap<String, Vec<String>> {
-    shared
-        .listeners
-        .snapshot()
-        .into_iter()
-        .map(|l| (l.service, l.clusters))
-        .collect()
+impl Routing {
+    fn note_primary(&self, service: &str, state: &mut ServiceState, considered: &[Considered]) {
+        let primary = considered
+            .iter()
+            .find(|c| c.out.is_none())
+            .map(|c| c.cluster.clone());
+        if primary == state.primary {
+            return;
+        }
+        let from = state.primary.clone().unwrap_or_default();
+        let to = primary.clone().unwrap_or_else(|| "none".to_owned());
+        if state.primary.is_some() {
+            tracing::warn!(%service, %from, %to, "traffic moved");
+            self.0.metrics.failover(service, &from, &to);
+        }
+        state.primary = primary;
+    }
 }
 
-fn note_primary(
-    shared: &Shared,
-    service: &str,
-    state: &mut ServiceState,
-    considered: &[Considered],
-) {
-    let primary = considered
-        .iter()
-        .find(|c| c.out.is_none())
-        .map(|c| c.cluster.clone());
-    if primary == state.primary {
-        return;
-    }
-    let from = state.primary.clone().unwrap_or_default();
-    let to = primary.clone().unwrap_or_else(|| "none".to_owned());
-    if state.primary.is_some() {
-        tracing::warn!(%service, %from, %to, "traffic moved");
-        shared
-            .metrics
-            .counter(
-                "strait_route_failovers_total",
-                &[("service", service), ("from", &from), ("to", &to)],
-            )
-            .increment(1);
-    }
-    state.primary = primary;
-}
-
-fn explain(out: Option<&Out>) -> (Option<&'static str>, Option<String>) {
-    match out {
-        None => (None, None),
+fn explain(out: Option<&Out>) -> (Option<String>, Option<String>) {
+    let (reason, detail) = match out {
+        None => return (None, None),
         Some(Out::PeerDown) => (
             Some("peer-down"),
             Some("its gateway is not connected or stopped answering probes".into()),
@@ -510,19 +485,303 @@ fn explain(out: Option<&Out>) -> (Option<&'static str>, Option<String>) {
             Some("saturated"),
             Some("at max_connections_per_cluster".into()),
         ),
-    }
+    };
+    (reason.map(str::to_owned), detail)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Keeps routing state current until the gateway stops.
-pub async fn watch(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        shared.routing.observe_all(&shared);
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use strait_common::api::PeerStatus;
+    use strait_common::config::routing::{Mode, PolicyFields};
+
+    use super::*;
+    use crate::desired::{CatalogView, Import, ImportPort, Offer, PeerTarget};
+    use crate::tunnel::peers::PeerHandle;
+
+    /// A peer set whose liveness the test decides.
+    #[derive(Default)]
+    pub(crate) struct FakePeers(Mutex<BTreeMap<String, Arc<PeerHandle>>>);
+
+    impl FakePeers {
+        /// `cluster`'s tunnel is up (and answering probes) or down from now on.
+        pub(crate) fn set(&self, cluster: &str, up: bool) {
+            let handle = self
+                .0
+                .lock()
+                .unwrap()
+                .entry(cluster.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(PeerHandle::new(PeerTarget {
+                        cluster: cluster.into(),
+                        address: "127.0.0.1:9".parse().unwrap(),
+                    }))
+                })
+                .clone();
+            let status = if up { PeerStatus::Up } else { PeerStatus::Down };
+            handle.set(status, None, None);
+        }
+    }
+
+    impl PeerSet for FakePeers {
+        fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>> {
+            self.0.lock().unwrap().get(cluster).cloned()
+        }
+    }
+
+    pub(crate) fn import(name: &str, clusters: &[&str]) -> Import {
+        Import {
+            namespace: "shop".into(),
+            name: name.into(),
+            address: "127.0.0.1".parse().unwrap(),
+            ports: vec![ImportPort {
+                name: "http".into(),
+                port: 80,
+                listen: 0,
+            }],
+            clusters: clusters.iter().map(|c| c.to_string()).collect(),
+            endpoint: None,
+        }
+    }
+
+    fn clusters(v: &[&str]) -> Vec<String> {
+        v.iter().map(|c| c.to_string()).collect()
+    }
+
+    struct Setup {
+        routing: Routing,
+        peers: Arc<FakePeers>,
+        desired: watch::Sender<Arc<Desired>>,
+        registry: Registry,
+    }
+
+    /// Routing at `here` (region r0) importing `shop/web` from east then north, both up.
+    fn setup() -> Setup {
+        let peers = Arc::new(FakePeers::default());
+        peers.set("east", true);
+        peers.set("north", true);
+        let (desired, rx) = watch::channel(Arc::new(Desired {
+            imports: vec![import("web", &["east", "north"])],
+            ..Default::default()
+        }));
+        let registry = Registry::new();
+        let routing = Routing::new(
+            Locality {
+                cluster: "here".into(),
+                region: "r0".into(),
+                zone: String::new(),
+            },
+            rx,
+            peers.clone(),
+            Duration::from_secs(2),
+            RoutingMetrics::new(&registry),
+        );
+        Setup {
+            routing,
+            peers,
+            desired,
+            registry,
+        }
+    }
+
+    #[test]
+    fn the_services_routed_are_the_desired_imports() {
+        let s = setup();
+        let names = |r: &Routing| -> Vec<String> {
+            r.report(None).into_iter().map(|r| r.service).collect()
+        };
+        assert_eq!(names(&s.routing), vec!["shop/web"]);
+        s.desired.send_modify(|d| {
+            Arc::make_mut(d).imports.push(import("db", &["north"]));
+        });
+        assert_eq!(names(&s.routing), vec!["shop/db", "shop/web"]);
+        s.desired.send_modify(|d| Arc::make_mut(d).imports.clear());
+        assert!(names(&s.routing).is_empty(), "withdrawn: not routed");
+        assert!(s.routing.report(Some("shop/web")).is_empty());
+    }
+
+    #[test]
+    fn a_dead_peer_is_routed_around_and_the_report_says_why() {
+        let s = setup();
+        let plan = s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        assert_eq!(plan.attempts[0], "east", "static order first");
+        assert_eq!(
+            plan.timeout,
+            Duration::from_secs(2),
+            "tunnel.connect_timeout"
+        );
+
+        s.peers.set("east", false);
+        assert!(!s.routing.peer_routable("east"));
+        let plan = s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        assert_eq!(plan.attempts[0], "north");
+        let report = s.routing.report(Some("shop/web")).pop().unwrap();
+        assert_eq!(report.primary.as_deref(), Some("north"));
+        let east = report
+            .clusters
+            .iter()
+            .find(|c| c.cluster == "east")
+            .unwrap();
+        assert!(!east.eligible);
+        assert_eq!(east.reason.as_deref(), Some("peer-down"));
+        assert_eq!(east.peer, Some(PeerStatus::Down));
+        let text = s.registry.render();
+        assert!(
+            text.contains(
+                "strait_route_failovers_total{service=\"shop/web\",from=\"east\",to=\"north\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn catalog_locality_and_readiness_order_the_clusters() {
+        let s = setup();
+        s.desired.send_modify(|d| {
+            let d = Arc::make_mut(d);
+            d.catalog = CatalogView {
+                members: [
+                    ("east".to_owned(), ("r9".to_owned(), String::new())),
+                    ("north".to_owned(), ("r0".to_owned(), String::new())),
+                ]
+                .into(),
+                offers: [(
+                    "shop/web".to_owned(),
+                    [
+                        (
+                            "east".to_owned(),
+                            Offer {
+                                ready_endpoints: 1,
+                                endpoints: 1,
+                                weight: 1,
+                            },
+                        ),
+                        (
+                            "north".to_owned(),
+                            Offer {
+                                ready_endpoints: 2,
+                                endpoints: 2,
+                                weight: 1,
+                            },
+                        ),
+                    ]
+                    .into(),
+                )]
+                .into(),
+            };
+        });
+        let plan = s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        assert_eq!(
+            plan.attempts,
+            clusters(&["north", "east"]),
+            "same region first"
+        );
+        let report = s.routing.report(Some("shop/web")).pop().unwrap();
+        assert_eq!(report.clusters[0].ready_endpoints, Some(2));
+
+        s.desired.send_modify(|d| {
+            let offers = Arc::make_mut(d).catalog.offers.get_mut("shop/web").unwrap();
+            offers.get_mut("north").unwrap().ready_endpoints = 0;
+        });
+        let plan = s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        assert_eq!(plan.attempts[0], "east", "no ready endpoint in north");
+    }
+
+    #[test]
+    fn failures_eject_the_path_and_retries_spend_the_budget() {
+        let s = setup();
+        s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        for _ in 0..3 {
+            s.routing.record("shop/web", "east", Outcome::Failure);
+        }
+        let report = s.routing.report(Some("shop/web")).pop().unwrap();
+        let east = report
+            .clusters
+            .iter()
+            .find(|c| c.cluster == "east")
+            .unwrap();
+        assert_eq!(east.reason.as_deref(), Some("ejected"));
+        assert!(
+            s.registry
+                .render()
+                .contains("strait_route_ejections_total{service=\"shop/web\",cluster=\"east\"} 1")
+        );
+
+        assert!(
+            (0..1000).all(|_| s.routing.may_retry("shop/web", RetryReason::PeerDown)),
+            "rerouting away from a dead peer is always allowed"
+        );
+        let allowed = (0..1000)
+            .filter(|_| s.routing.may_retry("shop/web", RetryReason::Failed))
+            .count();
+        assert!(
+            (1..1000).contains(&allowed),
+            "the budget allows some retries, not all: {allowed}"
+        );
+        let text = s.registry.render();
+        assert!(
+            text.contains(
+                "strait_route_retries_total{service=\"shop/web\",result=\"budget-exhausted\"}"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn held_connections_count_until_released() {
+        let s = setup();
+        let a = s.routing.hold("shop/web", "east");
+        let _b = s.routing.hold("shop/web", "east");
+        let active = |s: &Setup| {
+            s.routing
+                .report(Some("shop/web"))
+                .pop()
+                .unwrap()
+                .clusters
+                .iter()
+                .find(|c| c.cluster == "east")
+                .unwrap()
+                .active
+        };
+        assert_eq!(active(&s), 2);
+        drop(a);
+        assert_eq!(active(&s), 1);
+    }
+
+    #[tokio::test]
+    async fn policy_changes_apply_to_live_routers_without_losing_health() {
+        let s = setup();
+        s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        for _ in 0..3 {
+            s.routing.record("shop/web", "east", Outcome::Failure);
+        }
+        tokio::spawn(s.routing.clone().run());
+        s.desired.send_modify(|d| {
+            Arc::make_mut(d).routing = Arc::new(RoutingConfig {
+                default: PolicyFields {
+                    mode: Some(Mode::Priority),
+                    priority: Some(clusters(&["east", "north"])),
+                    ..Default::default()
+                },
+                services: vec![],
+            });
+        });
+        strait_tests::eventually(Duration::from_secs(5), "policy applied", || {
+            s.routing.report(Some("shop/web")).pop().unwrap().mode == Mode::Priority
+        })
+        .await;
+        let report = s.routing.report(Some("shop/web")).pop().unwrap();
+        let east = report
+            .clusters
+            .iter()
+            .find(|c| c.cluster == "east")
+            .unwrap();
+        assert_eq!(east.reason.as_deref(), Some("ejected"), "health state kept");
     }
 }

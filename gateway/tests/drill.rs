@@ -5,9 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use strait_common::api::{ActiveFault, ApiError};
 use strait_gateway::demo::{self, Demo, DemoArgs, TOKEN_FILE};
-use strait_gateway::drill::analysis::Verdict;
-use strait_gateway::drill::{self, Scenario};
+use strait_ops::client::Admin;
+use strait_ops::drill::analysis::Verdict;
+use strait_ops::drill::{self, Scenario};
 use strait_tests::within;
 
 async fn federation() -> Demo {
@@ -40,19 +42,14 @@ fn scenario(d: &Demo, rest: &str) -> Scenario {
 }
 
 /// The faults active on a gateway, read through its admin API.
-async fn active_faults(d: &Demo, admin: SocketAddr) -> Vec<serde_json::Value> {
+async fn active_faults(d: &Demo, admin: SocketAddr) -> Vec<ActiveFault> {
     let token = std::fs::read_to_string(d.dir.join(TOKEN_FILE)).unwrap();
-    let (code, body) = strait_gateway::admin::client::request(
-        admin,
-        "GET",
-        "/v1/faults",
-        Some(token.trim()),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(code, 200, "{body}");
-    body.as_array().unwrap().clone()
+    let reply = Admin::with_token(admin, token.trim())
+        .faults()
+        .await
+        .unwrap();
+    assert!(reply.is_ok(), "{reply:?}");
+    reply.unwrap()
 }
 
 async fn assert_no_faults_left(d: &Demo) {
@@ -166,18 +163,19 @@ async fn the_guard_rail_stops_a_drill_that_breaks_too_much() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fault_api_wants_the_token_and_explains_bad_requests() {
-    use strait_gateway::admin::client::request;
+    use strait_ops::client::request;
     let d = federation().await;
     let admin = d.regions[1].gateway().admin_addr();
     let token = std::fs::read_to_string(d.dir.join(TOKEN_FILE)).unwrap();
     let token = token.trim();
     let blackhole = serde_json::json!({"fault": {"kind": "blackhole"}, "duration": "1s"});
-    let (code, body) = request(admin, "POST", "/v1/faults", None, Some(&blackhole))
+    let blackhole = &serde_json::to_vec(&blackhole).unwrap()[..];
+    let (code, body) = request(admin, "POST", "/v1/faults", None, Some(blackhole))
         .await
         .unwrap();
     assert_eq!(code, 401, "{body}");
     let wrong = "x".repeat(token.len());
-    let (code, _) = request(admin, "POST", "/v1/faults", Some(&wrong), Some(&blackhole))
+    let (code, _) = request(admin, "POST", "/v1/faults", Some(&wrong), Some(blackhole))
         .await
         .unwrap();
     assert_eq!(code, 401);
@@ -204,15 +202,17 @@ async fn the_fault_api_wants_the_token_and_explains_bad_requests() {
         ),
     ];
     for (req, field) in bad {
-        let (code, body) = request(admin, "POST", "/v1/faults", Some(token), Some(&req))
+        let sent = serde_json::to_vec(&req).unwrap();
+        let (code, body) = request(admin, "POST", "/v1/faults", Some(token), Some(&sent))
             .await
             .unwrap();
         assert_eq!(code, 400, "{req} -> {body}");
+        let error: ApiError = serde_json::from_str(&body).unwrap();
         assert!(
-            body["field"].as_str().unwrap_or("").starts_with(field),
+            error.field.as_deref().unwrap_or("").starts_with(field),
             "{req} -> {body}"
         );
-        assert!(!body["fix"].as_str().unwrap_or("").is_empty(), "{body}");
+        assert!(!error.fix.as_deref().unwrap_or("").is_empty(), "{body}");
     }
     // Undoing an unknown fault is a 404, and none of the above injected anything.
     let (code, _) = request(admin, "DELETE", "/v1/faults/999", Some(token), None)
@@ -221,7 +221,7 @@ async fn the_fault_api_wants_the_token_and_explains_bad_requests() {
     assert_eq!(code, 404);
     assert_no_faults_left(&d).await;
     // A fault ends on the gateway's own timer, with no drill to undo it.
-    let (code, body) = request(admin, "POST", "/v1/faults", Some(token), Some(&blackhole))
+    let (code, body) = request(admin, "POST", "/v1/faults", Some(token), Some(blackhole))
         .await
         .unwrap();
     assert_eq!(code, 201, "{body}");

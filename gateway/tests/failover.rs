@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use strait_common::config::routing::Mode;
 use strait_gateway::Gateway;
 use strait_gateway::demo::backend::Backend;
-use strait_gateway::load::{Load, LoadSpec, Sample, reroute};
 use strait_gateway::tunnel::peers::PeerStatus;
+use strait_ops::load::{Load, LoadSpec, Sample, reroute};
 use strait_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -231,23 +232,18 @@ async fn blackholed_region_reroutes_with_no_failed_connections_and_fails_back() 
     relay.blackhole();
     let fault = struck(&load, established).await;
     // The route explains itself while east is out.
-    let (code, body) = http_get(west.admin_addr(), "/v1/routes/default/svc").await;
-    assert_eq!(code, 200);
-    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(route["primary"], "north", "{route}");
-    let east_row = route["clusters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["cluster"] == "east")
-        .unwrap();
-    assert_eq!(east_row["eligible"], false);
-    assert_eq!(east_row["reason"], "peer-down", "{route}");
+    let route = admin(west).route("default/svc").await.unwrap();
+    assert!(route.is_ok(), "{route:?}");
+    let route = route.unwrap();
+    assert_eq!(route.primary.as_deref(), Some("north"), "{route:?}");
+    let east_row = route.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    assert!(!east_row.eligible);
+    assert_eq!(east_row.reason.as_deref(), Some("peer-down"), "{route:?}");
 
     let healed = load.elapsed();
     relay.restore();
     judge_recovery(west, load, fault, healed).await;
-    let m = west.shared().metrics.render();
+    let m = west.render_metrics();
     assert!(
         metric(
             &m,
@@ -328,7 +324,7 @@ async fn dead_backends_are_ejected_with_no_failed_connections() {
             > 50,
         "north took over"
     );
-    let m = west.shared().metrics.render();
+    let m = west.render_metrics();
     assert!(
         metric(
             &m,
@@ -357,7 +353,7 @@ async fn spill_limit_sends_the_overflow_to_the_next_cluster() {
     let _b = long_lived(target).await;
     let (_, body) = http_get(target, "/").await;
     assert_eq!(body, "hello from north\n", "east is full");
-    let m = west.shared().metrics.render();
+    let m = west.render_metrics();
     assert!(
         metric(
             &m,
@@ -397,12 +393,11 @@ async fn routing_policy_reloads_from_the_config_file() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(served, "hello from north\n", "policy reloaded");
-    let (_, body) = http_get(west.admin_addr(), "/v1/routes/default/svc").await;
-    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(route["mode"], "priority", "{route}");
-    assert_eq!(route["primary"], "north", "{route}");
-    let (code, _) = http_get(west.admin_addr(), "/v1/routes/default/nope").await;
-    assert_eq!(code, 404);
+    let route = admin(&west).route("default/svc").await.unwrap().unwrap();
+    assert_eq!(route.mode, Mode::Priority, "{route:?}");
+    assert_eq!(route.primary.as_deref(), Some("north"), "{route:?}");
+    let nope = admin(&west).route("default/nope").await.unwrap();
+    assert_eq!(nope.map_err(|r| r.code), Err(404));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,7 +464,7 @@ async fn a_lost_answer_never_replays_the_request_on_the_next_cluster() {
         .await
         .unwrap();
     assert!(reply.ends_with("hello from north\n"), "{reply:?}");
-    let m = west.shared().metrics.render();
+    let m = west.render_metrics();
     assert_eq!(
         metric(
             &m,

@@ -113,12 +113,7 @@ pub fn import_from(service: &str, port: u16, peers: &[(&str, SocketAddr)]) -> St
 
 /// Waits (bounded) for a peer of `g` to reach `status`.
 pub async fn wait_peer(g: &Gateway, cluster: &str, status: PeerStatus) {
-    let mut rx = g
-        .shared()
-        .peers
-        .get(cluster)
-        .expect("configured peer")
-        .subscribe();
+    let mut rx = g.peer(cluster).expect("configured peer");
     within(Duration::from_secs(10), rx.wait_for(|s| s.status == status))
         .await
         .unwrap_or_else(|_| panic!("peer {cluster} never became {status:?}"));
@@ -249,6 +244,11 @@ pub fn discovery_block(seeds: &[SocketAddr], lease: &str) -> String {
         "discovery:\n  seeds: [{}]\n  import_addresses: 127.{a}.{b}.0/24\n  interval: 50ms\n  lease: {lease}\n  reload_interval: 50ms\n",
         seeds.join(", ")
     )
+}
+
+/// The admin API of `g`, through the typed client the operator tools use.
+pub fn admin(g: &Gateway) -> strait_ops::client::Admin {
+    strait_ops::client::Admin::new(g.admin_addr())
 }
 
 /// GET `path` from an HTTP/1.1 server; the status code and body.

@@ -28,13 +28,11 @@ async fn echo_through(addr: SocketAddr) -> Vec<u8> {
 }
 
 async fn catalog_has(g: &Gateway, origin: &str, name: &str) -> bool {
-    let (code, body) = http_get(g.admin_addr(), "/v1/catalog").await;
-    assert_eq!(code, 200);
-    let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
-    rows.as_array()
-        .unwrap()
+    let rows = admin(g).catalog().await.unwrap();
+    assert!(rows.is_ok(), "{rows:?}");
+    rows.unwrap()
         .iter()
-        .any(|r| r["origin"] == origin && r["service"] == format!("default/{name}"))
+        .any(|r| r.origin == origin && r.service == format!("default/{name}"))
 }
 
 /// Polls an async condition every 20 ms, at most `limit`.
@@ -175,12 +173,8 @@ async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
     drop(g2);
     let killed = tokio::time::Instant::now();
     until(Duration::from_secs(5), "g2 marked down", || async {
-        let (_, body) = http_get(g1.admin_addr(), "/v1/members").await;
-        let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["cluster"] == "g2" && m["alive"] == false)
+        let rows = admin(&g1).members().await.unwrap().unwrap();
+        rows.iter().any(|m| m.cluster == "g2" && !m.alive)
     })
     .await;
     let detected = killed.elapsed();
@@ -223,9 +217,7 @@ async fn status_and_metrics_show_the_federation() {
         g1.listener("default/svc0", 7000).is_some()
     })
     .await;
-    let text = strait_gateway::status::render(g1.admin_addr())
-        .await
-        .unwrap();
+    let text = strait_ops::status::render(g1.admin_addr()).await.unwrap();
     assert!(text.contains("gateway g1: 2 members (discovery)"), "{text}");
     let g0_row = text
         .lines()
@@ -260,9 +252,7 @@ async fn status_and_metrics_show_the_federation() {
             ),
         )
         .await;
-    let text = strait_gateway::status::render(g2.admin_addr())
-        .await
-        .unwrap();
+    let text = strait_ops::status::render(g2.admin_addr()).await.unwrap();
     assert!(
         text.contains("1 static peers (no discovery)") && text.contains("g0"),
         "{text}"
@@ -298,14 +288,14 @@ async fn rotated_certificates_reach_the_gossip_port_too() {
     let echo = Backend::echo().await.unwrap();
     let (g0, _) = member(&pki, "g0", &["svc0"], echo.addr, &[], "5s").await;
     let seed = g0.discovery_addr().unwrap();
-    let old = g0.shared().identity.load().serial.clone();
+    let old = g0.identity().serial.clone();
     assert_eq!(gossip_serial(&pki, seed, "g0").await, old);
     pki.write("g0", &pki.issue("g0"));
     eventually(Duration::from_secs(10), "rotation loaded", || {
-        g0.shared().identity.load().serial != old
+        g0.identity().serial != old
     })
     .await;
-    let new = g0.shared().identity.load().serial.clone();
+    let new = g0.identity().serial.clone();
     assert_eq!(
         gossip_serial(&pki, seed, "g0").await,
         new,
@@ -342,15 +332,8 @@ async fn a_restarted_gateway_replaces_its_old_incarnation_at_once() {
         echo_through(g0.listener("default/new", 7000).unwrap()).await,
         b"via discovery"
     );
-    let (_, body) = http_get(g0.admin_addr(), "/v1/members").await;
-    let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let g1_row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["cluster"] == "g1")
-        .unwrap()
-        .clone();
-    assert_eq!(g1_row["alive"], true, "{g1_row}");
+    let rows = admin(&g0).members().await.unwrap().unwrap();
+    let g1_row = rows.iter().find(|m| m.cluster == "g1").unwrap().clone();
+    assert!(g1_row.alive, "{g1_row:?}");
     drop(g1);
 }

@@ -130,7 +130,7 @@ async fn hundred_mib_both_ways() {
     writer.await.unwrap();
     assert_eq!(total, LEN, "every byte came back, then a clean EOF");
     assert_eq!(digest, expected, "bytes arrived intact and in order");
-    let m = west.shared().metrics.render();
+    let m = west.render_metrics();
     assert_eq!(
         metric(
             &m,
@@ -210,7 +210,7 @@ async fn thousand_concurrent_connections_share_one_quic_connection() {
     }
     let held = within(Duration::from_secs(30), checks.join_all()).await;
     assert_eq!(held.len(), 1000);
-    let m = east.shared().metrics.render();
+    let m = east.render_metrics();
     assert_eq!(
         metric(
             &m,
@@ -219,11 +219,11 @@ async fn thousand_concurrent_connections_share_one_quic_connection() {
         Some(1000.0)
     );
     assert_eq!(
-        east.shared().endpoint.open_connections(),
+        east.tunnel_connections(),
         1,
         "one QUIC connection carries every stream"
     );
-    assert_eq!(west.shared().peers.get("east").unwrap().state().connects, 1);
+    assert_eq!(west.peer("east").unwrap().borrow().clone().connects, 1);
 }
 
 /// A client presenting `cert` that trusts any server, so that only the server's
@@ -314,12 +314,7 @@ async fn bad_peer_certificates_are_refused() {
     eventually(
         Duration::from_secs(5),
         "four refused handshakes counted",
-        || {
-            metric(
-                &east.shared().metrics.render(),
-                "strait_handshakes_rejected_total",
-            ) >= Some(4.0)
-        },
+        || metric(&east.render_metrics(), "strait_handshakes_rejected_total") >= Some(4.0),
     )
     .await;
 }
@@ -338,15 +333,14 @@ async fn server_with_unexpected_identity_is_refused_by_the_caller() {
             &format!("peers:\n  - cluster: north\n    address: {ae}\n"),
         )
         .await;
-    let peer = west.shared().peers.get("north").unwrap();
-    let mut rx = peer.subscribe();
+    let mut rx = west.peer("north").unwrap();
     within(
         Duration::from_secs(10),
         rx.wait_for(|s| s.last_error.is_some()),
     )
     .await
     .unwrap();
-    let st = peer.state();
+    let st = rx.borrow().clone();
     assert_ne!(st.status, PeerStatus::Up);
     assert!(
         st.last_error
@@ -373,11 +367,11 @@ async fn streams_are_refused_with_the_right_status() {
     );
     let (_east, west, listener) = pair(&pki, echo.addr, &exports).await;
     let conn = west
-        .shared()
-        .peers
-        .get("east")
+        .peer("east")
         .unwrap()
-        .connection()
+        .borrow()
+        .connection
+        .clone()
         .unwrap();
     let ask = |service: &str, port: u32| StreamRequest {
         service: service.into(),
@@ -459,11 +453,11 @@ async fn garbage_on_every_port_does_no_harm() {
     // A verified peer sending a garbage stream header: that stream is reset, the
     // connection and other streams carry on.
     let conn = west
-        .shared()
-        .peers
-        .get("east")
+        .peer("east")
         .unwrap()
-        .connection()
+        .borrow()
+        .connection
+        .clone()
         .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&[0x01, 0x00, 0x05, 0xff, 0xff, 0xff, 0xff, 0xff])
@@ -480,7 +474,7 @@ async fn garbage_on_every_port_does_no_harm() {
     send.write_all(&[0x09; 64]).await.unwrap();
     eventually(Duration::from_secs(5), "bad headers counted", || {
         metric(
-            &east.shared().metrics.render(),
+            &east.render_metrics(),
             "strait_stream_headers_rejected_total{peer=\"west\"}",
         ) >= Some(2.0)
     })
@@ -497,7 +491,7 @@ async fn garbage_on_every_port_does_no_harm() {
     let status = reqwest_status(east.admin_addr(), "/healthz").await;
     assert_eq!(status, 200);
     assert_eq!(
-        west.shared().peers.get("east").unwrap().state().connects,
+        west.peer("east").unwrap().borrow().clone().connects,
         1,
         "tunnel never dropped"
     );
@@ -528,16 +522,16 @@ async fn certificate_rotation_keeps_established_streams() {
     within(Duration::from_secs(5), c.read_exact(&mut b))
         .await
         .unwrap();
-    let old_serial = east.shared().identity.load().serial.clone();
+    let old_serial = east.identity().serial.clone();
 
     pki.write("east", &pki.issue("east"));
     eventually(
         Duration::from_secs(10),
         "rotated certificate loaded",
-        || east.shared().identity.load().serial != old_serial,
+        || east.identity().serial != old_serial,
     )
     .await;
-    let new_serial = east.shared().identity.load().serial.clone();
+    let new_serial = east.identity().serial.clone();
 
     // The connection established under the old certificate still carries bytes.
     c.write_all(b"after!").await.unwrap();
@@ -559,11 +553,11 @@ async fn certificate_rotation_keeps_established_streams() {
         .await;
     wait_peer(&north, "east", PeerStatus::Up).await;
     let conn = north
-        .shared()
-        .peers
-        .get("east")
+        .peer("east")
         .unwrap()
-        .connection()
+        .borrow()
+        .connection
+        .clone()
         .unwrap();
     let certs = conn
         .peer_identity()
@@ -582,12 +576,12 @@ async fn certificate_rotation_keeps_established_streams() {
     std::fs::write(pki.dir.path().join("east.pem"), b"not a certificate").unwrap();
     eventually(Duration::from_secs(10), "failed reload counted", || {
         metric(
-            &east.shared().metrics.render(),
+            &east.render_metrics(),
             "strait_cert_reloads_total{result=\"error\"}",
         ) >= Some(1.0)
     })
     .await;
-    assert_eq!(east.shared().identity.load().serial, new_serial);
+    assert_eq!(east.identity().serial, new_serial);
 }
 
 #[derive(Debug)]
@@ -643,11 +637,11 @@ async fn early_bytes_ride_with_the_header_and_arrive_after_ok() {
     let echo = Backend::echo().await.unwrap();
     let (_east, west, _) = pair(&pki, echo.addr, "").await;
     let conn = west
-        .shared()
-        .peers
-        .get("east")
+        .peer("east")
         .unwrap()
-        .connection()
+        .borrow()
+        .connection
+        .clone()
         .unwrap();
     let req = echo_request();
     let (mut send, mut recv) = open_stream(&conn, &req, b"early bytes", Duration::from_secs(5))
@@ -723,7 +717,7 @@ async fn refused_by_the_first_cluster_served_by_the_next_bytes_delivered_once() 
     let got = within(Duration::from_secs(5), rx.recv()).await.unwrap();
     assert_eq!(got, b"exactly once");
     assert!(rx.try_recv().is_err(), "no second delivery");
-    let m = west.shared().metrics.render();
+    let m = west.render_metrics();
     assert_eq!(
         metric(
             &m,
@@ -752,11 +746,11 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
         .await
         .unwrap();
     let conn = west
-        .shared()
-        .peers
-        .get("east")
+        .peer("east")
         .unwrap()
-        .connection()
+        .borrow()
+        .connection
+        .clone()
         .unwrap();
     let req = echo_request();
     match open_stream(&conn, &req, &[], Duration::from_secs(5)).await {
@@ -767,7 +761,7 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
     // The permit is returned when the held connection ends.
     eventually(Duration::from_secs(5), "capacity is back", || {
         metric(
-            &east.shared().metrics.render(),
+            &east.render_metrics(),
             "strait_active_connections{service=\"default/echo\",direction=\"inbound\"}",
         ) == Some(0.0)
     })
@@ -820,6 +814,6 @@ async fn peer_vanishing_mid_stream_resets_the_client_instead_of_hanging() {
         "failed within idle_timeout, took {:?}",
         started.elapsed()
     );
-    let st = west.shared().peers.get("east").unwrap().state();
+    let st = west.peer("east").unwrap().borrow().clone();
     assert_ne!(st.status, PeerStatus::Up);
 }

@@ -93,8 +93,9 @@ pub struct PolicyFields {
     pub early_data: Option<bool>,
 }
 
-/// A fully resolved policy for one service.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A fully resolved policy for one service (durations in the admin API's JSON are human
+/// strings, as in the config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoutePolicy {
     /// Ordering mode.
     pub mode: Mode,
@@ -103,20 +104,25 @@ pub struct RoutePolicy {
     /// Weight overrides.
     pub weights: BTreeMap<String, u32>,
     /// Per-attempt open timeout; `None` uses tunnel.connect_timeout.
+    #[serde(with = "crate::units::human::option")]
     pub connect_timeout: Option<Duration>,
     /// Most attempts per connection.
     pub attempts: usize,
     /// Consecutive failures that eject.
     pub consecutive_failures: u32,
     /// First ejection time.
+    #[serde(with = "crate::units::human")]
     pub ejection_base: Duration,
     /// Longest ejection.
+    #[serde(with = "crate::units::human")]
     pub ejection_max: Duration,
     /// Largest ejected share of a service's clusters (0..=1).
     pub max_ejected_fraction: f64,
     /// Dwell before failback.
+    #[serde(with = "crate::units::human")]
     pub dwell: Duration,
     /// Slow-start ramp after the dwell.
+    #[serde(with = "crate::units::human")]
     pub slow_start: Duration,
     /// Retries per first attempt.
     pub retry_ratio: f64,

@@ -1,6 +1,6 @@
-//! The DNS server: answers `clusterset.local` names from the federated catalog, over UDP
-//! and TCP on `listen.dns`. The zone is rebuilt whenever the catalog or the imports change
-//! ([`Dns::update`]) and swapped in whole; queries read the current one without locks.
+//! The DNS server: answers `clusterset.local` names from the desired state's DNS entries
+//! (imports and catalog), over UDP and TCP on `listen.dns`. The zone is rebuilt whenever
+//! those change ([`Dns::follow`]) and swapped in whole; queries read it without locks.
 //!
 //! Wire format and parsing come from hickory-dns's protocol crate; the answers are
 //! precomputed per name (see [`zone`]), so the serving loops here only move bytes.
@@ -11,26 +11,59 @@ pub mod zone;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use strait_common::config::{self, Import};
-use strait_discovery::node::View;
+use strait_common::config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
-use crate::gateway::Shared;
-use zone::{EndpointEntry, Kind, PortEntry, ServiceEntry, Spec, Transport, Zone};
+use crate::desired::Desired;
+use crate::lifetime::Lifetime;
+use crate::metrics::{Desc, Registry};
+use zone::{ServiceEntry, Spec, Transport, Zone};
 
 /// Most TCP connections served at once; further ones wait in the accept queue.
 const MAX_TCP_CONNECTIONS: usize = 512;
 /// A TCP connection with no complete query for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+const QUERIES: Desc = Desc::counter(
+    "strait_dns_queries_total",
+    &["transport"],
+    "DNS queries received on listen.dns, by transport (udp, tcp).",
+);
+const DROPPED: Desc = Desc::counter(
+    "strait_dns_dropped_total",
+    &["transport"],
+    "DNS datagrams not answered (not a request, or no room to answer), by transport.",
+);
+/// The DNS server's metrics.
+pub(crate) const METRICS: &[Desc] = &[QUERIES, DROPPED];
+
+/// What the DNS server counts.
+#[derive(Clone)]
+pub struct DnsMetrics {
+    queries_udp: metrics::Counter,
+    queries_tcp: metrics::Counter,
+    dropped_udp: metrics::Counter,
+}
+
+impl DnsMetrics {
+    /// The DNS metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        registry.describe(METRICS);
+        Self {
+            queries_udp: registry.counter(&QUERIES, &["udp"]),
+            queries_tcp: registry.counter(&QUERIES, &["tcp"]),
+            dropped_udp: registry.counter(&DROPPED, &["udp"]),
+        }
+    }
+}
 
 /// The zone being served and how to rebuild it.
 pub struct Dns {
@@ -39,11 +72,12 @@ pub struct Dns {
     zone: ArcSwap<Zone>,
     /// What the zone was last built from: an unchanged catalog costs no rebuild.
     last: Mutex<Option<Vec<ServiceEntry>>>,
+    metrics: DnsMetrics,
 }
 
 impl Dns {
     /// An empty zone (apex, `dns-version`), until the first [`Dns::update`].
-    pub fn new(config: config::Dns) -> Dns {
+    pub fn new(config: config::Dns, metrics: DnsMetrics) -> Dns {
         // Serials only have to grow; starting from the clock keeps them growing across
         // restarts.
         let serial = std::time::SystemTime::now()
@@ -54,6 +88,7 @@ impl Dns {
             serial: AtomicU32::new(serial),
             config,
             last: Mutex::new(Some(Vec::new())),
+            metrics,
         }
     }
 
@@ -69,9 +104,21 @@ impl Dns {
             .store(Arc::new(Zone::build(&spec(&self.config, serial), services)));
     }
 
-    /// The zone now.
-    pub fn zone(&self) -> Arc<Zone> {
-        self.zone.load_full()
+    /// Serves what the desired state says, from now until the gateway stops.
+    pub async fn follow(self: Arc<Self>, mut desired: watch::Receiver<Arc<Desired>>) {
+        loop {
+            let d = desired.borrow_and_update().clone();
+            self.update(&d.dns);
+            if desired.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Serves queries on already-bound sockets (see [`bind`]) until `life` ends.
+    pub fn serve(self: &Arc<Self>, (udp, tcp): (UdpSocket, TcpListener), life: &Lifetime) {
+        life.spawn(serve_udp(self.clone(), udp));
+        life.spawn(serve_tcp(self.clone(), tcp, life.clone()));
     }
 }
 
@@ -81,132 +128,6 @@ fn spec(c: &config::Dns, serial: u32) -> Spec {
         ttl: c.ttl.0.as_secs() as u32,
         negative_ttl: c.negative_ttl.0.as_secs() as u32,
         serial,
-    }
-}
-
-/// What DNS serves, from the imports in force and the catalog: a ClusterSetIP per imported
-/// service, and for headless services every ready endpoint of a live cluster (this
-/// cluster's own at their real addresses, remote ones at their local forwarding addresses),
-/// with SRV priority by locality.
-pub fn entries(
-    imports: &[Import],
-    view: Option<&View>,
-    cluster: &str,
-    region: &str,
-) -> Vec<ServiceEntry> {
-    let (me, region_of_me) = (cluster, region);
-    let mut out: BTreeMap<(String, String), ServiceEntry> = BTreeMap::new();
-    let alive = |cluster: &str| {
-        view.is_none_or(|v| {
-            v.members
-                .iter()
-                .any(|m| m.info.cluster == cluster && m.alive && !m.expired)
-        })
-    };
-    let region = |cluster: &str| {
-        view.and_then(|v| v.members.iter().find(|m| m.info.cluster == cluster))
-            .map(|m| m.info.region.clone())
-    };
-    let ports = |imp: &Import| -> Vec<PortEntry> {
-        imp.ports
-            .iter()
-            .map(|p| PortEntry {
-                name: p.name.clone(),
-                port: p.local_port(),
-                protocol: "tcp".into(),
-            })
-            .collect()
-    };
-    for imp in imports {
-        let key = (imp.namespace.clone(), imp.name.clone());
-        let Some(endpoint) = imp.endpoint else {
-            out.insert(
-                key,
-                ServiceEntry {
-                    namespace: imp.namespace.clone(),
-                    name: imp.name.clone(),
-                    ports: ports(imp),
-                    kind: Kind::ClusterSetIp(imp.address),
-                },
-            );
-            continue;
-        };
-        let entry = out.entry(key).or_insert_with(|| ServiceEntry {
-            namespace: imp.namespace.clone(),
-            name: imp.name.clone(),
-            ports: ports(imp),
-            kind: Kind::Headless(Vec::new()),
-        });
-        let Some(cluster) = imp.clusters.first() else {
-            continue;
-        };
-        let found = view.and_then(|v| {
-            v.services.iter().find_map(|e| {
-                (e.origin.cluster == *cluster
-                    && e.key.namespace == imp.namespace
-                    && e.key.name == imp.name)
-                    .then(|| e.service.endpoints.iter().find(|ep| ep.address == endpoint))
-                    .flatten()
-            })
-        });
-        let Some(ep) = found else { continue };
-        if !ep.ready || !alive(cluster) {
-            continue;
-        }
-        if let Kind::Headless(list) = &mut entry.kind {
-            list.push(EndpointEntry {
-                cluster: cluster.clone(),
-                label: label(ep.hostname.as_deref(), ep.address),
-                address: imp.address,
-                priority: if region(cluster).as_deref() == Some(region_of_me) {
-                    1
-                } else {
-                    2
-                },
-            });
-        }
-    }
-    // This cluster's own headless services: its ready endpoints, reachable directly.
-    for e in view.map(|v| v.services.as_slice()).unwrap_or_default() {
-        if e.origin.cluster != me || !e.service.headless {
-            continue;
-        }
-        let entry = out
-            .entry((e.key.namespace.clone(), e.key.name.clone()))
-            .or_insert_with(|| ServiceEntry {
-                namespace: e.key.namespace.clone(),
-                name: e.key.name.clone(),
-                ports: e
-                    .service
-                    .ports
-                    .iter()
-                    .map(|p| PortEntry {
-                        name: p.name.clone(),
-                        port: p.port,
-                        protocol: p.protocol.to_ascii_lowercase(),
-                    })
-                    .collect(),
-                kind: Kind::Headless(Vec::new()),
-            });
-        if let Kind::Headless(list) = &mut entry.kind {
-            for ep in e.service.endpoints.iter().filter(|ep| ep.ready) {
-                list.push(EndpointEntry {
-                    cluster: me.to_owned(),
-                    label: label(ep.hostname.as_deref(), ep.address),
-                    address: ep.address,
-                    priority: 0,
-                });
-            }
-        }
-    }
-    out.into_values().collect()
-}
-
-/// An endpoint's DNS label: its hostname, else its address with dashes.
-fn label(hostname: Option<&str>, address: IpAddr) -> String {
-    match hostname {
-        Some(h) if !h.is_empty() => h.to_ascii_lowercase(),
-        _ => zone::address_label(address),
     }
 }
 
@@ -244,10 +165,8 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 /// Answers UDP queries until the socket fails. One request, one response at most, never
 /// larger than the client allows; requests that cannot carry an ID get nothing. On Linux,
 /// queries are read and answered in batches of up to [`BATCH`] per system call.
-pub async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket) {
-    let metrics = &shared.metrics;
-    let queries = metrics.counter("strait_dns_queries_total", &[("transport", "udp")]);
-    let dropped = metrics.counter("strait_dns_dropped_total", &[("transport", "udp")]);
+async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
+    let m = &dns.metrics;
     let mut batch = batch::Batch::new();
     loop {
         if socket.readable().await.is_err() {
@@ -263,19 +182,17 @@ pub async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket) {
                 continue;
             }
         };
-        queries.increment(n as u64);
-        let zone = shared.dns.zone.load();
+        m.queries_udp.increment(n as u64);
+        let zone = dns.zone.load();
         let answered = batch.answer(n, |request| zone.respond(request, Transport::Udp));
-        dropped.increment((n - answered) as u64);
+        m.dropped_udp.increment((n - answered) as u64);
         batch.send(&socket).await;
     }
 }
 
 /// Answers TCP queries (two-byte length framing, several per connection).
-pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
-    let metrics = &shared.metrics;
+async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, life: Lifetime) {
     let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-    let queries = metrics.counter("strait_dns_queries_total", &[("transport", "tcp")]);
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
@@ -288,20 +205,15 @@ pub async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let shared = shared.clone();
-        let queries = queries.clone();
-        tokio::spawn(async move {
+        let dns = dns.clone();
+        life.spawn(async move {
             let _permit = permit;
-            let _ = tcp_connection(&shared.dns, stream, &queries).await;
+            let _ = tcp_connection(&dns, stream).await;
         });
     }
 }
 
-async fn tcp_connection(
-    dns: &Dns,
-    mut stream: TcpStream,
-    queries: &metrics::Counter,
-) -> std::io::Result<()> {
+async fn tcp_connection(dns: &Dns, mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
         let mut len = [0u8; 2];
@@ -315,7 +227,7 @@ async fn tcp_connection(
             Ok(Ok(_)) => {}
             _ => return Ok(()),
         }
-        queries.increment(1);
+        dns.metrics.queries_tcp.increment(1);
         let Some(reply) = dns.zone.load().respond(&buf, Transport::Tcp) else {
             // Not a request: the stream cannot be trusted to be in step any more.
             return Ok(());

@@ -98,8 +98,6 @@ pub struct Zone {
     soa: Record,
     /// Lowercase wire-form names → encoded answers.
     nodes: HashMap<Vec<u8>, Node>,
-    /// Names served (for tests and the admin API).
-    names: usize,
 }
 
 /// The encoded answers of one name.
@@ -257,17 +255,7 @@ impl Zone {
         for (name, p) in &pending {
             nodes.insert(key_of(name), encode_node(name, p, &soa));
         }
-        Zone {
-            names: nodes.len(),
-            apex,
-            soa,
-            nodes,
-        }
-    }
-
-    /// How many names the zone answers for.
-    pub fn names(&self) -> usize {
-        self.names
+        Zone { apex, soa, nodes }
     }
 
     /// The response to one request, or `None` when no response must be sent (too short to

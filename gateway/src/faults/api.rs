@@ -10,30 +10,30 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use serde_json::json;
+use strait_common::api::{ApiError, Undone};
 
-use super::{FaultError, FaultRequest};
-use crate::gateway::Shared;
+use super::{FaultError, FaultRequest, Faults};
 
 /// The fault routes, to merge into the admin router.
-pub fn routes() -> Router<Arc<Shared>> {
+pub fn routes<S>(faults: Arc<Faults>) -> Router<S> {
     Router::new()
         .route("/v1/faults", get(list).post(inject).delete(undo_all))
         .route("/v1/faults/{id}", delete(undo))
+        .with_state(faults)
 }
 
 fn error(code: StatusCode, problem: &str, fix: &str) -> Response {
-    (code, Json(json!({ "error": problem, "fix": fix }))).into_response()
+    (code, Json(ApiError::new(problem, fix))).into_response()
 }
 
 /// `None` when the request may go on; the refusal otherwise.
-fn refuse(s: &Shared, headers: &HeaderMap) -> Option<Response> {
+fn refuse(s: &Faults, headers: &HeaderMap) -> Option<Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match presented.map(|t| s.faults.authorized(t.trim())) {
-        _ if s.faults.token.is_none() => Some(error(
+    match presented.map(|t| s.token.authorized(t.trim())) {
+        _ if !s.token.is_on() => Some(error(
             StatusCode::NOT_FOUND,
             "fault injection is off on this gateway",
             "add `faults: {token_file: <file>}` to the gateway config and restart it",
@@ -52,14 +52,14 @@ fn refuse(s: &Shared, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-async fn list(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+async fn list(State(s): State<Arc<Faults>>, headers: HeaderMap) -> Response {
     if let Some(r) = refuse(&s, &headers) {
         return r;
     }
-    Json(s.faults.list()).into_response()
+    Json(s.list()).into_response()
 }
 
-async fn inject(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn inject(State(s): State<Arc<Faults>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(r) = refuse(&s, &headers) {
         return r;
     }
@@ -70,16 +70,16 @@ async fn inject(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
             let field = e.path().to_string();
             return (
                 StatusCode::BAD_REQUEST,
-                Json(json!({
-                    "error": e.into_inner().to_string(),
-                    "field": field,
-                    "fix": "send {\"fault\": {\"kind\": ..., ...}, \"duration\": \"10s\"} (see docs/DRILLS.md)",
-                })),
+                Json(ApiError::field(
+                    e.into_inner().to_string(),
+                    field,
+                    "send {\"fault\": {\"kind\": ..., ...}, \"duration\": \"10s\"} (see docs/DRILLS.md)",
+                )),
             )
                 .into_response();
         }
     };
-    match s.faults.inject(&s, req) {
+    match s.inject(req) {
         Ok(active) => (StatusCode::CREATED, Json(active)).into_response(),
         Err(FaultError::Invalid {
             field,
@@ -87,19 +87,19 @@ async fn inject(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
             fix,
         }) => (
             StatusCode::BAD_REQUEST,
-            Json(json!({ "error": problem, "field": field, "fix": fix })),
+            Json(ApiError::field(problem, field, fix)),
         )
             .into_response(),
         Err(e) => error(StatusCode::CONFLICT, &e.to_string(), ""),
     }
 }
 
-async fn undo(State(s): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+async fn undo(State(s): State<Arc<Faults>>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
     if let Some(r) = refuse(&s, &headers) {
         return r;
     }
-    if s.faults.undo(&s, id) {
-        Json(json!({ "undone": [id] })).into_response()
+    if s.undo(id) {
+        Json(Undone { undone: vec![id] }).into_response()
     } else {
         error(
             StatusCode::NOT_FOUND,
@@ -109,9 +109,12 @@ async fn undo(State(s): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<u
     }
 }
 
-async fn undo_all(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+async fn undo_all(State(s): State<Arc<Faults>>, headers: HeaderMap) -> Response {
     if let Some(r) = refuse(&s, &headers) {
         return r;
     }
-    Json(json!({ "undone": s.faults.undo_all(&s) })).into_response()
+    Json(Undone {
+        undone: s.undo_all(),
+    })
+    .into_response()
 }

@@ -18,147 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use serde::{Deserialize, Serialize};
 use strait_common::units::HumanDuration;
+use strait_discovery::node::Node;
 use tokio::sync::{Notify, watch};
 
-use crate::gateway::Shared;
-use crate::tunnel::codes;
-pub use socket::{PacketRules, Verdict};
-
-/// One fault a gateway can inject into itself.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Fault {
-    /// The tunnel stops as in a crash: every connection is dropped without a word to the
-    /// peer and every packet in or out is discarded until the fault ends.
-    KillTunnel,
-    /// Packets to and/or from one peer cluster (every peer when `peer` is absent) vanish.
-    Blackhole {
-        /// Peer cluster; absent: all of them.
-        #[serde(default)]
-        peer: Option<String>,
-        /// Which way packets are lost.
-        #[serde(default)]
-        direction: Direction,
-    },
-    /// Packets this gateway sends (to one peer, or all) leave `latency` late.
-    Delay {
-        /// Peer cluster; absent: all of them.
-        #[serde(default)]
-        peer: Option<String>,
-        /// Added one-way delay (round trips grow by the same).
-        latency: HumanDuration,
-    },
-    /// A random `fraction` of packets to and/or from a peer is dropped.
-    Loss {
-        /// Peer cluster; absent: all of them.
-        #[serde(default)]
-        peer: Option<String>,
-        /// Share of packets dropped, above 0 and at most 1.
-        fraction: f64,
-        /// Which way packets are lost.
-        #[serde(default)]
-        direction: Direction,
-    },
-    /// Every exported service is published as having no ready endpoint, so peers send new
-    /// connections elsewhere; connections already open (and late arrivals) are still served.
-    Drain,
-    /// One exported service (`namespace/name`) is published as having no ready endpoint.
-    Unready {
-        /// `namespace/name` of an exported service.
-        service: String,
-    },
-    /// Gossip stops both ways; the data plane serves on the last view it had.
-    CutDiscovery,
-}
-
-impl Fault {
-    /// The kind's name, as in the API and metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Fault::KillTunnel => "kill-tunnel",
-            Fault::Blackhole { .. } => "blackhole",
-            Fault::Delay { .. } => "delay",
-            Fault::Loss { .. } => "loss",
-            Fault::Drain => "drain",
-            Fault::Unready { .. } => "unready",
-            Fault::CutDiscovery => "cut-discovery",
-        }
-    }
-
-    /// The peer cluster a packet fault is limited to.
-    pub fn peer(&self) -> Option<&str> {
-        match self {
-            Fault::Blackhole { peer, .. }
-            | Fault::Delay { peer, .. }
-            | Fault::Loss { peer, .. } => peer.as_deref(),
-            _ => None,
-        }
-    }
-
-    /// Problems with the fault's own fields: (field, problem, fix).
-    pub fn check(&self) -> Option<(&'static str, String, &'static str)> {
-        match self {
-            Fault::Delay { latency, .. }
-                if latency.0.is_zero() || latency.0 > Duration::from_secs(10) =>
-            {
-                Some((
-                    "latency",
-                    format!("{latency} is outside 1ms..10s"),
-                    "give a one-way delay such as `200ms`",
-                ))
-            }
-            Fault::Loss { fraction, .. } if !(*fraction > 0.0 && *fraction <= 1.0) => Some((
-                "fraction",
-                format!("{fraction} is not above 0 and at most 1"),
-                "give the share of packets to drop, e.g. `0.3`",
-            )),
-            Fault::Unready { service } if service.split_once('/').is_none() => Some((
-                "service",
-                format!("`{service}` is not `namespace/name`"),
-                "name an exported service as `namespace/name`",
-            )),
-            _ => None,
-        }
-    }
-}
-
-/// Which packets a fault drops, seen from the gateway that injects it.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Direction {
-    /// Both ways.
-    #[default]
-    Both,
-    /// Packets sent to the peer.
-    To,
-    /// Packets received from the peer.
-    From,
-}
-
-/// A request to inject a fault for a while.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FaultRequest {
-    /// What to break.
-    pub fault: Fault,
-    /// How long; the gateway undoes the fault by itself after that.
-    pub duration: HumanDuration,
-}
-
-/// An injected fault, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ActiveFault {
-    /// Id to undo it with (`DELETE /v1/faults/{id}`).
-    pub id: u64,
-    /// The fault.
-    pub fault: Fault,
-    /// When it was injected (Unix milliseconds).
-    pub started_unix_ms: u64,
-    /// Seconds until the gateway undoes it by itself.
-    pub expires_in_seconds: f64,
-}
+use crate::desired::{CatalogFaults, Desired};
+use crate::metrics::{Desc, Registry};
+use crate::tunnel::peers::Peers;
+pub use socket::PacketRules;
+pub use strait_common::api::{ActiveFault, Direction, Fault, FaultRequest};
 
 struct Entry {
     id: u64,
@@ -182,6 +50,16 @@ pub struct Effects {
     pub unready: BTreeSet<String>,
     /// Gossip is cut.
     pub cut_discovery: bool,
+}
+
+impl Effects {
+    /// What they change in the published catalog.
+    pub fn catalog(&self) -> CatalogFaults {
+        CatalogFaults {
+            drain: self.drain,
+            unready: self.unready.clone(),
+        }
+    }
 }
 
 /// The active faults and their expiry; no I/O, explicit time.
@@ -315,42 +193,24 @@ impl FaultError {
     }
 }
 
-/// A gateway's fault state: the table, and the levers it pulls.
-pub struct Faults {
-    table: Mutex<FaultTable>,
-    /// Read by the tunnel socket on every packet.
-    packets: Arc<ArcSwapOption<PacketRules>>,
-    effects: watch::Sender<Effects>,
-    changed: Notify,
-    /// The admin token; `None`: fault injection is off.
-    pub(crate) token: Option<String>,
-    max_duration: Duration,
-}
+/// The admin token that guards `/v1/faults`; none: fault injection is off.
+#[derive(Debug, Clone, Default)]
+pub struct Token(Option<String>);
 
-impl Faults {
-    /// Fault state for a gateway; `token` from the config's `faults.token_file`.
-    pub fn new(
-        token: Option<String>,
-        max_duration: Duration,
-        packets: Arc<ArcSwapOption<PacketRules>>,
-    ) -> Self {
-        Faults {
-            table: Mutex::new(FaultTable::default()),
-            packets,
-            effects: watch::channel(Effects::default()).0,
-            changed: Notify::new(),
-            token,
-            max_duration,
-        }
+impl Token {
+    /// The token from `faults.token_file`, if fault injection is on.
+    pub fn new(token: Option<String>) -> Self {
+        Token(token)
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, FaultTable> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether fault injection is on.
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
     }
 
     /// Whether `presented` is the admin token (constant time in its length).
     pub fn authorized(&self, presented: &str) -> Result<bool, FaultError> {
-        let token = self.token.as_deref().ok_or(FaultError::Disabled)?;
+        let token = self.0.as_deref().ok_or(FaultError::Disabled)?;
         let (a, b) = (token.as_bytes(), presented.as_bytes());
         let diff = a
             .iter()
@@ -358,10 +218,90 @@ impl Faults {
             .fold(a.len() ^ b.len(), |d, (x, y)| d | usize::from(x ^ y));
         Ok(diff == 0)
     }
+}
 
-    /// What the active faults mean now; changes are announced on the receiver.
-    pub fn subscribe(&self) -> watch::Receiver<Effects> {
-        self.effects.subscribe()
+const ACTIVE: Desc = Desc::gauge(
+    "strait_faults_active",
+    &["kind"],
+    "Drill faults in force now, by kind.",
+);
+const INJECTED: Desc = Desc::counter(
+    "strait_faults_injected_total",
+    &["kind"],
+    "Drill faults injected through the admin API, by kind.",
+);
+/// Fault injection's metrics.
+pub(crate) const METRICS: &[Desc] = &[ACTIVE, INJECTED];
+
+/// What fault injection counts.
+#[derive(Clone)]
+pub struct FaultMetrics(Registry);
+
+impl FaultMetrics {
+    /// The fault metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        registry.describe(METRICS);
+        Self(registry.clone())
+    }
+}
+
+/// What faults act on.
+pub struct Targets {
+    /// The rules the tunnel socket follows for every packet.
+    pub packets: Arc<ArcSwapOption<PacketRules>>,
+    /// The outbound tunnels (a kill closes them; packet faults name peers).
+    pub peers: Peers,
+    /// The discovery member (cut; its members' tunnel addresses).
+    pub discovery: Option<Arc<Node>>,
+    /// The desired state (which services this gateway exports).
+    pub desired: watch::Receiver<Arc<Desired>>,
+}
+
+/// A gateway's fault state: the table, and the levers it pulls.
+pub struct Faults {
+    table: Mutex<FaultTable>,
+    targets: Targets,
+    catalog: watch::Sender<CatalogFaults>,
+    killed: watch::Sender<bool>,
+    changed: Notify,
+    /// The admin token.
+    pub(crate) token: Token,
+    max_duration: Duration,
+    metrics: FaultMetrics,
+}
+
+impl Faults {
+    /// Fault state for a gateway; `token` from the config's `faults.token_file`.
+    pub fn new(
+        token: Token,
+        max_duration: Duration,
+        targets: Targets,
+        metrics: FaultMetrics,
+    ) -> Self {
+        Faults {
+            table: Mutex::new(FaultTable::default()),
+            targets,
+            catalog: watch::channel(CatalogFaults::default()).0,
+            killed: watch::channel(false).0,
+            changed: Notify::new(),
+            token,
+            max_duration,
+            metrics,
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, FaultTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The catalog faults in force; the receiver sees every change.
+    pub fn catalog(&self) -> watch::Receiver<CatalogFaults> {
+        self.catalog.subscribe()
+    }
+
+    /// Whether the tunnel is killed; the receiver sees every change.
+    pub fn killed(&self) -> watch::Receiver<bool> {
+        self.killed.subscribe()
     }
 
     /// The active faults.
@@ -370,7 +310,7 @@ impl Faults {
     }
 
     /// Checks and injects a fault.
-    pub fn inject(&self, shared: &Shared, req: FaultRequest) -> Result<ActiveFault, FaultError> {
+    pub fn inject(&self, req: FaultRequest) -> Result<ActiveFault, FaultError> {
         if let Some((field, problem, fix)) = req.fault.check() {
             return Err(FaultError::invalid(&format!("fault.{field}"), problem, fix));
         }
@@ -387,12 +327,12 @@ impl Faults {
             ));
         }
         let peer_addrs = match req.fault.peer() {
-            Some(p) => peer_addresses(shared, p)?,
+            Some(p) => self.peer_addresses(p)?,
             None => Vec::new(),
         };
         match &req.fault {
             Fault::Drain | Fault::Unready { .. } | Fault::CutDiscovery
-                if shared.discovery.is_none() =>
+                if self.targets.discovery.is_none() =>
             {
                 return Err(FaultError::invalid(
                     "fault.kind",
@@ -403,7 +343,7 @@ impl Faults {
                     "use it on a gateway with a `discovery:` block, or blackhole the peer instead",
                 ));
             }
-            Fault::Unready { service } if !exports(shared, service) => {
+            Fault::Unready { service } if !self.exports(service) => {
                 return Err(FaultError::invalid(
                     "fault.service",
                     format!("`{service}` is not exported by this gateway"),
@@ -421,166 +361,132 @@ impl Faults {
         }
         .expect("just added");
         tracing::warn!(id = active.id, kind, duration = %req.duration, fault = ?active.fault, "drill fault injected");
-        shared
-            .metrics
-            .counter("strait_faults_injected_total", &[("kind", kind)])
-            .increment(1);
-        self.apply(shared);
+        self.metrics.0.counter(&INJECTED, &[kind]).increment(1);
+        self.apply();
         Ok(active)
     }
 
     /// Undoes one fault; whether it was active.
-    pub fn undo(&self, shared: &Shared, id: u64) -> bool {
+    pub fn undo(&self, id: u64) -> bool {
         let found = self.table().remove(id);
         if found {
             tracing::warn!(id, "drill fault undone");
-            self.apply(shared);
+            self.apply();
         }
         found
     }
 
     /// Undoes every fault; their ids.
-    pub fn undo_all(&self, shared: &Shared) -> Vec<u64> {
+    pub fn undo_all(&self) -> Vec<u64> {
         let ids = self.table().clear();
         if !ids.is_empty() {
             tracing::warn!(?ids, "drill faults undone");
-            self.apply(shared);
+            self.apply();
         }
         ids
     }
 
     /// Makes the table's effects real.
-    fn apply(&self, shared: &Shared) {
+    fn apply(&self) {
         // The table stays locked until the effects are in place: two changes applied at
         // once (an undo and an expiry) must not land in the wrong order.
         let table = self.table();
         let fx = table.effects();
-        self.packets.store(fx.packets.clone().map(Arc::new));
-        if let Some(node) = &shared.discovery {
+        self.targets.packets.store(fx.packets.clone().map(Arc::new));
+        if let Some(node) = &self.targets.discovery {
             node.set_cut(fx.cut_discovery);
         }
-        let was_killed = self.effects.borrow().killed;
+        let was_killed = *self.killed.borrow();
         if fx.killed && !was_killed {
             // The socket already drops everything, so these closes reach no one: to the peers
             // the gateway simply went silent, and afterwards every connection starts afresh.
-            for p in shared.peers.all() {
-                if let Some(c) = p.connection() {
-                    c.close(codes::SHUTDOWN, b"tunnel killed by a drill");
-                }
-            }
+            self.targets.peers.close_all(b"tunnel killed by a drill");
         }
         let mut kinds: std::collections::BTreeMap<&str, f64> = Default::default();
         for a in table.list(Instant::now()) {
             *kinds.entry(a.fault.kind()).or_default() += 1.0;
         }
-        for kind in [
-            "kill-tunnel",
-            "blackhole",
-            "delay",
-            "loss",
-            "drain",
-            "unready",
-            "cut-discovery",
-        ] {
-            shared
-                .metrics
-                .gauge("strait_faults_active", &[("kind", kind)])
+        for kind in Fault::KINDS {
+            self.metrics
+                .0
+                .gauge(&ACTIVE, &[kind])
                 .set(kinds.get(kind).copied().unwrap_or(0.0));
         }
-        self.effects.send_if_modified(|old| {
-            let changed = *old != fx;
-            *old = fx;
-            changed
-        });
+        self.killed
+            .send_if_modified(|k| std::mem::replace(k, fx.killed) != fx.killed);
+        let catalog = fx.catalog();
+        self.catalog
+            .send_if_modified(|c| std::mem::replace(c, catalog.clone()) != catalog);
         drop(table);
         self.changed.notify_one();
     }
-}
 
-/// Tunnel addresses of a peer cluster: its configured address and, with discovery, the
-/// one it advertises.
-fn peer_addresses(shared: &Shared, cluster: &str) -> Result<Vec<SocketAddr>, FaultError> {
-    let mut addrs: Vec<SocketAddr> = shared
-        .peers
-        .get(cluster)
-        .map(|p| p.config.address)
-        .into_iter()
-        .collect();
-    if let Some(node) = &shared.discovery {
-        addrs.extend(
-            node.view()
-                .members
-                .iter()
-                .filter(|m| m.info.cluster == cluster)
-                .map(|m| m.info.tunnel_addr),
-        );
-    }
-    addrs.sort();
-    addrs.dedup();
-    if addrs.is_empty() {
-        let known: Vec<String> = shared
-            .peers
-            .all()
-            .iter()
-            .map(|p| p.config.cluster.clone())
+    /// Tunnel addresses of a peer cluster: its address as a peer and, with discovery, the
+    /// one it advertises.
+    fn peer_addresses(&self, cluster: &str) -> Result<Vec<SocketAddr>, FaultError> {
+        let peers = &self.targets.peers;
+        let mut addrs: Vec<SocketAddr> = peers
+            .get(cluster)
+            .map(|p| p.target.address)
+            .into_iter()
             .collect();
-        return Err(FaultError::invalid(
-            "fault.peer",
-            format!("`{cluster}` is not a peer of this gateway"),
-            format!("name one of: {}", known.join(", ")),
-        ));
-    }
-    Ok(addrs)
-}
-
-fn exports(shared: &Shared, service: &str) -> bool {
-    shared
-        .exports
-        .load()
-        .iter()
-        .any(|e| format!("{}/{}", e.namespace, e.name) == service)
-}
-
-/// Undoes faults when their time is up, until the gateway stops.
-pub async fn expire(shared: Arc<Shared>) {
-    let faults = &shared.faults;
-    loop {
-        let next = faults.table().next_expiry();
-        let wake = faults.changed.notified();
-        tokio::pin!(wake);
-        match next {
-            Some(at) => tokio::select! {
-                _ = tokio::time::sleep_until(at.into()) => {}
-                _ = &mut wake => continue,
-            },
-            None => {
-                wake.await;
-                continue;
-            }
+        if let Some(node) = &self.targets.discovery {
+            addrs.extend(
+                node.view()
+                    .members
+                    .iter()
+                    .filter(|m| m.info.cluster == cluster)
+                    .map(|m| m.info.tunnel_addr),
+            );
         }
-        let done = faults.table().expire(Instant::now());
-        if !done.is_empty() {
-            for (id, kind) in &done {
-                tracing::warn!(id, kind, "drill fault ended (its duration is up)");
-            }
-            faults.apply(&shared);
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            let known: Vec<String> = peers
+                .all()
+                .iter()
+                .map(|p| p.target.cluster.clone())
+                .collect();
+            return Err(FaultError::invalid(
+                "fault.peer",
+                format!("`{cluster}` is not a peer of this gateway"),
+                format!("name one of: {}", known.join(", ")),
+            ));
         }
+        Ok(addrs)
     }
-}
 
-/// Publishes `services` as the fault state says: drained or unready services keep their
-/// entries (so peers know why) with every endpoint not ready.
-pub fn shape_catalog(
-    fx: &Effects,
-    services: &mut std::collections::BTreeMap<
-        strait_discovery::model::ServiceKey,
-        strait_discovery::model::Service,
-    >,
-) {
-    for (key, svc) in services.iter_mut() {
-        if fx.drain || fx.unready.contains(&key.to_string()) {
-            for e in &mut svc.endpoints {
-                e.ready = false;
+    fn exports(&self, service: &str) -> bool {
+        self.targets
+            .desired
+            .borrow()
+            .exports
+            .iter()
+            .any(|e| format!("{}/{}", e.namespace, e.name) == service)
+    }
+
+    /// Undoes faults when their time is up, until the gateway stops.
+    pub async fn expire(self: Arc<Self>) {
+        loop {
+            let next = self.table().next_expiry();
+            let wake = self.changed.notified();
+            tokio::pin!(wake);
+            match next {
+                Some(at) => tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = &mut wake => continue,
+                },
+                None => {
+                    wake.await;
+                    continue;
+                }
+            }
+            let done = self.table().expire(Instant::now());
+            if !done.is_empty() {
+                for (id, kind) in &done {
+                    tracing::warn!(id, kind, "drill fault ended (its duration is up)");
+                }
+                self.apply();
             }
         }
     }

@@ -16,7 +16,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use rand::Rng;
 use tokio::sync::mpsc;
 
-use super::Direction;
+use strait_common::api::Direction;
 
 /// Packets on their way to the delay queue at most.
 const DELAY_QUEUE: usize = 8192;

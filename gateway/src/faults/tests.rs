@@ -1,6 +1,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::faults::socket::Verdict;
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -183,7 +184,7 @@ fn drained_and_unready_services_are_published_without_ready_endpoints() {
         unready: ["demo/echo".to_owned()].into(),
         ..Default::default()
     };
-    shape_catalog(&fx, &mut catalog);
+    crate::desired::shape(&mut catalog, &fx.catalog());
     assert_eq!(
         catalog[&ServiceKey::new("demo", "echo")].ready_endpoints(),
         0
@@ -192,12 +193,13 @@ fn drained_and_unready_services_are_published_without_ready_endpoints() {
         catalog[&ServiceKey::new("demo", "hello")].ready_endpoints(),
         1
     );
-    shape_catalog(
+    crate::desired::shape(
+        &mut catalog,
         &Effects {
             drain: true,
             ..Default::default()
-        },
-        &mut catalog,
+        }
+        .catalog(),
     );
     assert_eq!(
         catalog[&ServiceKey::new("demo", "hello")].ready_endpoints(),
@@ -207,15 +209,11 @@ fn drained_and_unready_services_are_published_without_ready_endpoints() {
 
 #[test]
 fn the_token_must_match_exactly() {
-    let f = Faults::new(
-        Some("0123456789abcdef".into()),
-        Duration::from_secs(60),
-        Default::default(),
-    );
+    let f = Token::new(Some("0123456789abcdef".into()));
     assert!(f.authorized("0123456789abcdef").unwrap());
     assert!(!f.authorized("0123456789abcde").unwrap());
     assert!(!f.authorized("0123456789abcdeF").unwrap());
     assert!(!f.authorized("").unwrap());
-    let off = Faults::new(None, Duration::ZERO, Default::default());
+    let off = Token::new(None);
     assert!(matches!(off.authorized("x"), Err(FaultError::Disabled)));
 }

@@ -4,76 +4,282 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use quinn::{Connection, Incoming, RecvStream, SendStream};
 use strait_common::config::Export;
 use strait_common::pki::peer_id;
 use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use super::header::{Status, StreamRequest, StreamResponse};
 use super::outbound::{read_frame, respond};
-use super::{codes, splice};
-use crate::gateway::Shared;
+use super::{StreamMetrics, codes, splice};
+use crate::desired::Desired;
+use crate::lifetime::Lifetime;
+use crate::metrics::{Desc, Registry};
 
-/// Accepts tunnel connections until the endpoint closes.
-pub async fn accept_loop(shared: Arc<Shared>) {
-    while let Some(incoming) = shared.endpoint.accept().await {
-        let shared = shared.clone();
-        tokio::spawn(async move { serve_connection(shared, incoming).await });
+const HANDSHAKES_REJECTED: Desc = Desc::counter(
+    "strait_handshakes_rejected_total",
+    &[],
+    "Inbound tunnel handshakes refused (bad or missing certificate, wrong identity, timeout).",
+);
+const HEADERS_REJECTED: Desc = Desc::counter(
+    "strait_stream_headers_rejected_total",
+    &["peer"],
+    "Inbound streams whose header was malformed or late, by peer cluster.",
+);
+/// The inbound side's metrics (besides the stream metrics it shares with the listeners).
+pub(crate) const METRICS: &[Desc] = &[HANDSHAKES_REJECTED, HEADERS_REJECTED];
+
+/// What the inbound side counts.
+#[derive(Clone)]
+pub struct InboundMetrics {
+    registry: Registry,
+    handshakes_rejected: metrics::Counter,
+    streams: StreamMetrics,
+}
+
+impl InboundMetrics {
+    /// The inbound metrics in `registry`; `streams` are shared with the listeners.
+    pub fn new(registry: &Registry, streams: StreamMetrics) -> Self {
+        registry.describe(METRICS);
+        Self {
+            registry: registry.clone(),
+            handshakes_rejected: registry.counter(&HANDSHAKES_REJECTED, &[]),
+            streams,
+        }
+    }
+
+    fn header_rejected(&self, peer: &str) {
+        self.registry
+            .counter(&HEADERS_REJECTED, &[peer])
+            .increment(1);
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, incoming: Incoming) {
-    let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(shared.config.tunnel.connect_timeout.0, incoming).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return reject_handshake(&shared, remote, &e.to_string()),
-        Err(_) => return reject_handshake(&shared, remote, "handshake timed out"),
-    };
-    let Some(peer) = peer_cluster(&conn) else {
-        conn.close(codes::BAD_IDENTITY, b"no gateway identity");
-        return reject_handshake(
-            &shared,
-            remote,
-            "verified certificate carries no gateway identity",
-        );
-    };
-    let span = tracing::info_span!("inbound", peer = %peer, %remote);
-    // Liveness probes: the peer sends small datagrams and expects each one back.
-    let echo = tokio::spawn(echo_probes(conn.clone()));
-    let _echo = AbortOnDrop(echo);
-    let mut faults = shared.faults.subscribe();
-    async {
-        tracing::debug!("peer connected");
-        loop {
-            let accepted = tokio::select! {
-                a = conn.accept_bi() => a,
-                // A killed tunnel drops its connections; the socket is already silent, so
-                // the peer is not told.
-                _ = faults.wait_for(|f| f.killed) => {
-                    conn.close(codes::SHUTDOWN, b"tunnel killed by a drill");
-                    return;
-                }
-            };
-            match accepted {
-                Ok((send, recv)) => {
-                    let shared = shared.clone();
-                    let peer = peer.clone();
-                    tokio::spawn(
-                        async move { serve_stream(shared, peer, send, recv).await }
-                            .in_current_span(),
-                    );
-                }
-                Err(e) => {
-                    tracing::debug!(reason = %e, "peer connection ended");
-                    return;
+/// Limits of the inbound side.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Handshake and stream-header deadline (`tunnel.connect_timeout`).
+    pub handshake_timeout: Duration,
+    /// Deadline for connecting one endpoint (`tunnel.endpoint_connect_timeout`).
+    pub endpoint_connect_timeout: Duration,
+    /// Bytes per write towards the endpoint (`tunnel.copy_buffer`).
+    pub copy_buffer: usize,
+}
+
+/// The serving side of the tunnel: authorizes each peer stream against this cluster's
+/// exports (from the desired state) and connects it to an endpoint.
+pub struct Inbound {
+    exports: watch::Receiver<Arc<Desired>>,
+    /// Bounds inbound streams; beyond it peers are told `overloaded`.
+    streams: Arc<Semaphore>,
+    /// Round-robin cursor over endpoints.
+    next_endpoint: AtomicUsize,
+    limits: Limits,
+    metrics: InboundMetrics,
+    /// Whether a drill has killed the tunnel (connections are dropped at once).
+    killed: watch::Receiver<bool>,
+}
+
+impl Inbound {
+    /// The inbound side: `max_streams` concurrent streams at most.
+    pub fn new(
+        exports: watch::Receiver<Arc<Desired>>,
+        max_streams: usize,
+        limits: Limits,
+        metrics: InboundMetrics,
+        killed: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            exports,
+            streams: Arc::new(Semaphore::new(max_streams)),
+            next_endpoint: AtomicUsize::new(0),
+            limits,
+            metrics,
+            killed,
+        }
+    }
+
+    /// Accepts tunnel connections until the endpoint closes or `life` ends.
+    pub async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint, life: Lifetime) {
+        while let Some(incoming) = endpoint.accept().await {
+            let me = self.clone();
+            life.spawn(async move { me.serve_connection(incoming).await });
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, incoming: Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(self.limits.handshake_timeout, incoming).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return self.reject_handshake(remote, &e.to_string()),
+            Err(_) => return self.reject_handshake(remote, "handshake timed out"),
+        };
+        let Some(peer) = peer_cluster(&conn) else {
+            conn.close(codes::BAD_IDENTITY, b"no gateway identity");
+            return self
+                .reject_handshake(remote, "verified certificate carries no gateway identity");
+        };
+        let span = tracing::info_span!("inbound", peer = %peer, %remote);
+        // Liveness probes: the peer sends small datagrams and expects each one back.
+        let echo = tokio::spawn(echo_probes(conn.clone()));
+        let _echo = AbortOnDrop(echo);
+        let mut killed = self.killed.clone();
+        async {
+            tracing::debug!("peer connected");
+            loop {
+                let accepted = tokio::select! {
+                    a = conn.accept_bi() => a,
+                    // A killed tunnel drops its connections; the socket is already silent, so
+                    // the peer is not told.
+                    _ = killed.wait_for(|k| *k) => {
+                        conn.close(codes::SHUTDOWN, b"tunnel killed by a drill");
+                        return;
+                    }
+                };
+                match accepted {
+                    Ok((send, recv)) => {
+                        let me = self.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(
+                            async move { me.serve_stream(peer, send, recv).await }
+                                .in_current_span(),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::debug!(reason = %e, "peer connection ended");
+                        return;
+                    }
                 }
             }
         }
+        .instrument(span)
+        .await
     }
-    .instrument(span)
-    .await
+
+    fn reject_handshake(&self, remote: SocketAddr, reason: &str) {
+        self.metrics.handshakes_rejected.increment(1);
+        tracing::warn!(%remote, %reason, "tunnel handshake refused");
+    }
+
+    async fn serve_stream(&self, peer: String, mut send: SendStream, mut recv: RecvStream) {
+        let req: StreamRequest = match tokio::time::timeout(
+            self.limits.handshake_timeout,
+            read_frame(&mut recv),
+        )
+        .await
+        {
+            Ok(Ok(req)) => req,
+            Ok(Err(e)) => return self.reject_header(&peer, &e.to_string(), send, recv),
+            Err(_) => return self.reject_header(&peer, "no header in time", send, recv),
+        };
+        let service = format!("{}/{}", req.namespace, req.service);
+        let (tcp, _permit) = match self.connect_endpoint(&peer, &req).await {
+            Ok(ok) => ok,
+            Err(resp) => {
+                tracing::info!(%service, status = resp.status().label(), detail = %resp.detail, "stream refused");
+                self.metrics
+                    .streams
+                    .failed(&service, &peer, resp.status().label());
+                let _ = respond(&mut send, &resp).await;
+                return;
+            }
+        };
+        if respond(&mut send, &StreamResponse::new(Status::Ok, ""))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        splice::splice_counted(
+            &self.metrics.streams,
+            &service,
+            &peer,
+            splice::Side::Inbound,
+            (tcp, send, recv),
+            self.limits.copy_buffer,
+            0,
+        )
+        .await;
+    }
+
+    fn reject_header(&self, peer: &str, reason: &str, mut send: SendStream, mut recv: RecvStream) {
+        self.metrics.header_rejected(peer);
+        tracing::warn!(%reason, "stream header rejected");
+        let _ = send.reset(codes::BAD_HEADER);
+        let _ = recv.stop(codes::BAD_HEADER);
+    }
+
+    /// Authorizes the request and connects to an endpoint; the answer to send on refusal.
+    async fn connect_endpoint(
+        &self,
+        peer: &str,
+        req: &StreamRequest,
+    ) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), StreamResponse> {
+        // The exports as they are now (they change with the config file or the cluster).
+        let desired = self.exports.borrow().clone();
+        let (export, target) = authorize(&desired, peer, req)?;
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            StreamResponse::new(Status::Overloaded, "gateway at its inbound stream limit")
+        })?;
+        let candidates = candidates(export, req.endpoint.as_deref(), &self.next_endpoint);
+        if candidates.is_empty() {
+            return Err(StreamResponse::new(
+                Status::NoEndpoints,
+                format!("{}/{} has no ready endpoint", req.namespace, req.service),
+            ));
+        }
+        let timeout = self.limits.endpoint_connect_timeout;
+        let mut last = String::new();
+        for ip in candidates {
+            let addr = SocketAddr::new(ip, target);
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Ok((tcp, permit));
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: timed out after {timeout:?}"),
+            }
+            tracing::debug!(endpoint = %addr, error = %last, "endpoint connect failed");
+        }
+        Err(StreamResponse::new(Status::ConnectFailed, last))
+    }
+}
+
+/// The export a stream asks for and the endpoints' target port, if `peer` may have it.
+/// An unknown service and one not exported to the caller look the same, so peers cannot
+/// probe for names they are not allowed to see.
+fn authorize<'a>(
+    desired: &'a Desired,
+    peer: &str,
+    req: &StreamRequest,
+) -> Result<(&'a Export, u16), StreamResponse> {
+    let export = desired
+        .export(&req.namespace, &req.service)
+        .filter(|e| e.exported_to(peer))
+        .ok_or_else(|| {
+            StreamResponse::new(
+                Status::Forbidden,
+                format!(
+                    "{}/{} is not exported to {peer}",
+                    req.namespace, req.service
+                ),
+            )
+        })?;
+    let port = u16::try_from(req.port)
+        .ok()
+        .and_then(|p| export.port(p))
+        .ok_or_else(|| {
+            StreamResponse::new(
+                Status::NoEndpoints,
+                format!("{}/{} has no port {}", req.namespace, req.service, req.port),
+            )
+        })?;
+    Ok((export, port.target()))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -97,14 +303,6 @@ async fn echo_probes(conn: Connection) {
     }
 }
 
-fn reject_handshake(shared: &Shared, remote: SocketAddr, reason: &str) {
-    shared
-        .metrics
-        .counter("strait_handshakes_rejected_total", &[])
-        .increment(1);
-    tracing::warn!(%remote, %reason, "tunnel handshake refused");
-}
-
 /// The cluster id from the peer's verified certificate.
 fn peer_cluster(conn: &Connection) -> Option<String> {
     let certs = conn
@@ -112,136 +310,6 @@ fn peer_cluster(conn: &Connection) -> Option<String> {
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
     peer_id(certs.first()?).ok().map(|id| id.cluster)
-}
-
-async fn serve_stream(
-    shared: Arc<Shared>,
-    peer: String,
-    mut send: SendStream,
-    mut recv: RecvStream,
-) {
-    let req: StreamRequest = match tokio::time::timeout(
-        shared.config.tunnel.connect_timeout.0,
-        read_frame(&mut recv),
-    )
-    .await
-    {
-        Ok(Ok(req)) => req,
-        Ok(Err(e)) => return reject_header(&shared, &peer, &e.to_string(), send, recv),
-        Err(_) => return reject_header(&shared, &peer, "no header in time", send, recv),
-    };
-    let service = format!("{}/{}", req.namespace, req.service);
-    let labels = [("service", service.as_str()), ("peer", peer.as_str())];
-    let (tcp, _permit) = match connect_endpoint(&shared, &peer, &req).await {
-        Ok(ok) => ok,
-        Err(resp) => {
-            tracing::info!(%service, status = resp.status().label(), detail = %resp.detail, "stream refused");
-            shared
-                .metrics
-                .counter(
-                    "strait_streams_failed_total",
-                    &[labels[0], labels[1], ("reason", resp.status().label())],
-                )
-                .increment(1);
-            let _ = respond(&mut send, &resp).await;
-            return;
-        }
-    };
-    if respond(&mut send, &StreamResponse::new(Status::Ok, ""))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    splice::splice_counted(
-        &shared.metrics,
-        &service,
-        &peer,
-        splice::Side::Inbound,
-        (tcp, send, recv),
-        shared.config.tunnel.copy_buffer.0 as usize,
-        0,
-    )
-    .await;
-}
-
-fn reject_header(
-    shared: &Shared,
-    peer: &str,
-    reason: &str,
-    mut send: SendStream,
-    mut recv: RecvStream,
-) {
-    shared
-        .metrics
-        .counter("strait_stream_headers_rejected_total", &[("peer", peer)])
-        .increment(1);
-    tracing::warn!(%reason, "stream header rejected");
-    let _ = send.reset(codes::BAD_HEADER);
-    let _ = recv.stop(codes::BAD_HEADER);
-}
-
-/// Authorizes the request and connects to an endpoint; the answer to send on refusal.
-async fn connect_endpoint(
-    shared: &Shared,
-    peer: &str,
-    req: &StreamRequest,
-) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), StreamResponse> {
-    // The exports as they are now (they change with the config file under discovery).
-    let exports = shared.exports.load_full();
-    let export = exports
-        .iter()
-        .find(|e| e.name == req.service && e.namespace == req.namespace)
-        .filter(|e| e.exported_to(peer))
-        // An unknown service and one not exported to the caller look the same, so peers
-        // cannot probe for names they are not allowed to see.
-        .ok_or_else(|| {
-            StreamResponse::new(
-                Status::Forbidden,
-                format!(
-                    "{}/{} is not exported to {peer}",
-                    req.namespace, req.service
-                ),
-            )
-        })?;
-    let port = u16::try_from(req.port)
-        .ok()
-        .and_then(|p| export.port(p))
-        .ok_or_else(|| {
-            StreamResponse::new(
-                Status::NoEndpoints,
-                format!("{}/{} has no port {}", req.namespace, req.service, req.port),
-            )
-        })?;
-    let permit = shared
-        .inbound_streams
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| {
-            StreamResponse::new(Status::Overloaded, "gateway at its inbound stream limit")
-        })?;
-    let candidates = candidates(export, req.endpoint.as_deref(), &shared.next_endpoint);
-    if candidates.is_empty() {
-        return Err(StreamResponse::new(
-            Status::NoEndpoints,
-            format!("{}/{} has no ready endpoint", req.namespace, req.service),
-        ));
-    }
-    let timeout = shared.config.tunnel.endpoint_connect_timeout.0;
-    let mut last = String::new();
-    for ip in candidates {
-        let addr = SocketAddr::new(ip, port.target());
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                return Ok((tcp, permit));
-            }
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: timed out after {timeout:?}"),
-        }
-        tracing::debug!(endpoint = %addr, error = %last, "endpoint connect failed");
-    }
-    Err(StreamResponse::new(Status::ConnectFailed, last))
 }
 
 /// Ready endpoints to try, in order: the named one only, or all, rotated round-robin.
@@ -265,4 +333,202 @@ fn candidates(export: &Export, named: Option<&str>, next: &AtomicUsize) -> Vec<s
         .take(ready.len())
         .map(|e| e.address)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use strait_common::config::{Endpoint, Protocol, ServicePort};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn export(name: &str, export_to: &[&str], endpoints: Vec<Endpoint>, target: u16) -> Export {
+        Export {
+            name: name.into(),
+            namespace: "shop".into(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: Some(target),
+                protocol: Protocol::default(),
+            }],
+            endpoints,
+            export_to: export_to.iter().map(|c| c.to_string()).collect(),
+            weight: 1,
+            headless: false,
+        }
+    }
+
+    fn endpoint(address: &str, hostname: Option<&str>, ready: bool) -> Endpoint {
+        Endpoint {
+            address: address.parse().unwrap(),
+            hostname: hostname.map(str::to_owned),
+            ready,
+        }
+    }
+
+    fn request(name: &str, port: u32, endpoint: Option<&str>) -> StreamRequest {
+        StreamRequest {
+            service: name.into(),
+            namespace: "shop".into(),
+            port,
+            endpoint: endpoint.map(str::to_owned),
+        }
+    }
+
+    fn desired(exports: Vec<Export>) -> Desired {
+        Desired {
+            exports: Arc::new(exports),
+            ..Default::default()
+        }
+    }
+
+    fn status(r: Result<impl Sized, StreamResponse>) -> Status {
+        match r {
+            Ok(_) => Status::Ok,
+            Err(resp) => resp.status(),
+        }
+    }
+
+    #[test]
+    fn only_callers_a_service_is_exported_to_get_it_and_unknown_names_look_the_same() {
+        let d = desired(vec![export("web", &["west"], vec![], 8080)]);
+        let (e, target) = authorize(&d, "west", &request("web", 80, None)).unwrap();
+        assert_eq!((e.name.as_str(), target), ("web", 8080));
+        let refused = authorize(&d, "east", &request("web", 80, None)).unwrap_err();
+        let unknown = authorize(&d, "east", &request("nope", 80, None)).unwrap_err();
+        assert_eq!(refused.status(), Status::Forbidden);
+        assert_eq!(unknown.status(), Status::Forbidden);
+        assert_eq!(
+            status(authorize(&d, "west", &request("web", 81, None))),
+            Status::NoEndpoints,
+            "no such port"
+        );
+        assert_eq!(
+            status(authorize(&d, "west", &request("web", 1 << 20, None))),
+            Status::NoEndpoints,
+            "a port number beyond u16 is no port"
+        );
+    }
+
+    /// An inbound side serving `exports`, at most `max` streams.
+    fn inbound(exports: Vec<Export>, max: usize) -> (Inbound, watch::Sender<Arc<Desired>>) {
+        let (tx, rx) = watch::channel(Arc::new(desired(exports)));
+        let registry = Registry::new();
+        let inbound = Inbound::new(
+            rx,
+            max,
+            Limits {
+                handshake_timeout: Duration::from_secs(1),
+                endpoint_connect_timeout: Duration::from_secs(1),
+                copy_buffer: 16 << 10,
+            },
+            InboundMetrics::new(&registry, StreamMetrics::new(&registry)),
+            watch::channel(false).1,
+        );
+        (inbound, tx)
+    }
+
+    /// Which backend a connection reached: the port of its local end as the server saw it.
+    async fn reached(listeners: &[TcpListener], tcp: &TcpStream) -> usize {
+        let mine = tcp.local_addr().unwrap();
+        for (i, l) in listeners.iter().enumerate() {
+            if let Ok(Ok((_, peer))) =
+                tokio::time::timeout(Duration::from_millis(200), l.accept()).await
+                && peer == mine
+            {
+                return i;
+            }
+        }
+        panic!("no backend accepted {mine}");
+    }
+
+    #[tokio::test]
+    async fn streams_reach_ready_endpoints_in_turn_and_fail_over_between_them() {
+        // Two backends on one port number: 127.0.0.2 and 127.0.0.3 (loopback aliases).
+        let a = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = a.local_addr().unwrap().port();
+        let b = TcpListener::bind(("127.0.0.3", port)).await.unwrap();
+        let endpoints = vec![
+            endpoint("127.0.0.2", Some("pod-a"), true),
+            endpoint("127.0.0.3", Some("pod-b"), true),
+            endpoint("127.0.0.4", Some("pod-c"), false),
+        ];
+        let (inbound, exports) = inbound(vec![export("web", &["*"], endpoints, port)], 4);
+        let backends = [a, b];
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (tcp, _permit) = inbound
+                .connect_endpoint("west", &request("web", 80, None))
+                .await
+                .unwrap();
+            seen.push(reached(&backends, &tcp).await);
+        }
+        seen.sort();
+        assert_eq!(seen, vec![0, 1], "round robin over the ready endpoints");
+
+        // A headless request names its endpoint, by hostname or address, and gets only it.
+        for name in ["pod-b", "127.0.0.3"] {
+            let (tcp, _permit) = inbound
+                .connect_endpoint("west", &request("web", 80, Some(name)))
+                .await
+                .unwrap();
+            assert_eq!(reached(&backends, &tcp).await, 1);
+        }
+        let unready = inbound
+            .connect_endpoint("west", &request("web", 80, Some("pod-c")))
+            .await;
+        assert_eq!(
+            status(unready),
+            Status::NoEndpoints,
+            "unready endpoints are never used"
+        );
+
+        // One backend gone: the next one answers; both gone: connect-failed.
+        let [a, b] = backends;
+        drop(a);
+        for _ in 0..2 {
+            let (tcp, _permit) = inbound
+                .connect_endpoint("west", &request("web", 80, None))
+                .await
+                .unwrap();
+            assert_eq!(reached(std::slice::from_ref(&b), &tcp).await, 0);
+        }
+        drop(b);
+        let failed = inbound
+            .connect_endpoint("west", &request("web", 80, None))
+            .await;
+        assert_eq!(status(failed), Status::ConnectFailed);
+
+        // The exports follow the desired state.
+        exports.send_replace(Arc::new(desired(vec![])));
+        let gone = inbound
+            .connect_endpoint("west", &request("web", 80, None))
+            .await;
+        assert_eq!(status(gone), Status::Forbidden, "withdrawn");
+    }
+
+    #[tokio::test]
+    async fn beyond_the_stream_limit_callers_are_told_overloaded() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = backend.local_addr().unwrap().port();
+        let endpoints = vec![endpoint("127.0.0.1", None, true)];
+        let (inbound, _exports) = inbound(vec![export("web", &["*"], endpoints, port)], 1);
+        let held = inbound
+            .connect_endpoint("west", &request("web", 80, None))
+            .await
+            .unwrap();
+        let over = inbound
+            .connect_endpoint("west", &request("web", 80, None))
+            .await;
+        assert_eq!(status(over), Status::Overloaded);
+        drop(held);
+        assert!(
+            inbound
+                .connect_endpoint("west", &request("web", 80, None))
+                .await
+                .is_ok(),
+            "the permit is returned with the stream"
+        );
+    }
 }

@@ -15,6 +15,70 @@ use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use strait_common::config::TunnelTuning;
 use strait_common::pki::{Identity, PkiError};
 
+use crate::metrics::{Desc, Registry};
+use splice::Side;
+
+const OPENED: Desc = Desc::counter(
+    "strait_streams_opened_total",
+    &["service", "peer", "direction"],
+    "Tunnel streams opened that reached an endpoint (direction=outbound|inbound), by service and peer cluster.",
+);
+const FAILED: Desc = Desc::counter(
+    "strait_streams_failed_total",
+    &["service", "peer", "reason"],
+    "Tunnel streams that did not reach an endpoint, by service, peer and reason.",
+);
+const BYTES: Desc = Desc::counter(
+    "strait_bytes_total",
+    &["service", "peer", "direction"],
+    "Payload bytes proxied, by service, peer and direction (sent=towards the service).",
+);
+const ACTIVE: Desc = Desc::gauge(
+    "strait_active_connections",
+    &["service", "direction"],
+    "Proxied connections open now, by service and direction (outbound|inbound).",
+);
+/// Metrics of proxied streams, both sides of the tunnel.
+pub(crate) const STREAM_METRICS: &[Desc] = &[OPENED, FAILED, BYTES, ACTIVE];
+
+/// What both sides of the tunnel count about proxied streams.
+#[derive(Clone)]
+pub struct StreamMetrics(Registry);
+
+impl StreamMetrics {
+    /// The stream metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        registry.describe(STREAM_METRICS);
+        Self(registry.clone())
+    }
+
+    /// A stream to or from `peer` for `service` did not reach an endpoint.
+    pub fn failed(&self, service: &str, peer: &str, reason: &str) {
+        self.0
+            .counter(&FAILED, &[service, peer, reason])
+            .increment(1);
+    }
+
+    fn opened(&self, service: &str, peer: &str, side: Side) {
+        self.0
+            .counter(&OPENED, &[service, peer, side.label()])
+            .increment(1);
+    }
+
+    fn active(&self, service: &str, side: Side) -> metrics::Gauge {
+        self.0.gauge(&ACTIVE, &[service, side.label()])
+    }
+
+    fn bytes(&self, service: &str, peer: &str, sent: u64, received: u64) {
+        self.0
+            .counter(&BYTES, &[service, peer, "sent"])
+            .increment(sent);
+        self.0
+            .counter(&BYTES, &[service, peer, "received"])
+            .increment(received);
+    }
+}
+
 /// QUIC application error codes used when closing connections and resetting streams.
 pub mod codes {
     use quinn::VarInt;
@@ -112,7 +176,7 @@ pub fn endpoint_on(
     socket: std::net::UdpSocket,
     server: quinn::ServerConfig,
     t: &TunnelTuning,
-    faults: Arc<arc_swap::ArcSwapOption<crate::faults::PacketRules>>,
+    faults: Arc<arc_swap::ArcSwapOption<crate::faults::socket::PacketRules>>,
 ) -> std::io::Result<quinn::Endpoint> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;

@@ -1,4 +1,5 @@
-//! Outbound tunnel connections: one per configured peer, kept up with reconnect backoff.
+//! Outbound tunnel connections: one per desired peer (configured, or a discovery member),
+//! kept up with reconnect backoff, each judged alive by probes of its own.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -6,25 +7,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use quinn::Connection;
 use rand::Rng;
-use serde::Serialize;
-use strait_common::config::Peer;
+use strait_common::config::TunnelTuning;
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
-use tracing::Instrument;
 
-use crate::gateway::Shared;
+use crate::desired::{Desired, PeerTarget};
+use crate::lifetime::Lifetime;
+use crate::metrics::{Desc, Registry};
+use crate::rotation::CurrentIdentity;
 
-/// Connection state of one peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PeerStatus {
-    /// A handshake is under way.
-    Connecting,
-    /// The tunnel connection is established.
-    Up,
-    /// The last attempt failed or the connection was lost; retrying with backoff.
-    Down,
-}
+pub use strait_common::api::{PeerStatus, RttSummary};
 
 /// What is known about one peer right now.
 #[derive(Debug, Clone)]
@@ -60,27 +51,16 @@ impl PeerState {
 const RTT_SAMPLES: usize = 240;
 const RTT_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
-/// RTT percentiles over the last minute.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct RttSummary {
-    /// Median, in milliseconds.
-    pub p50_ms: f64,
-    /// 99th percentile, in milliseconds.
-    pub p99_ms: f64,
-    /// Samples behind the figures.
-    pub samples: usize,
-}
-
-/// A configured peer and its live state.
+/// A peer and its live state.
 pub struct PeerHandle {
-    /// The peer's configuration.
-    pub config: Peer,
+    /// Who and where it is.
+    pub target: PeerTarget,
     state: watch::Sender<PeerState>,
     rtt: Mutex<VecDeque<Duration>>,
 }
 
 impl PeerHandle {
-    fn new(config: Peer) -> Self {
+    pub(crate) fn new(target: PeerTarget) -> Self {
         let state = PeerState {
             status: PeerStatus::Connecting,
             connection: None,
@@ -90,9 +70,21 @@ impl PeerHandle {
             responsive: false,
         };
         Self {
-            config,
+            target,
             state: watch::channel(state).0,
             rtt: Mutex::new(VecDeque::with_capacity(RTT_SAMPLES)),
+        }
+    }
+
+    /// What routing needs to know of this peer now.
+    pub fn liveness(&self) -> Liveness {
+        let s = self.state();
+        Liveness {
+            status: s.status,
+            routable: s.routable(),
+            responsive: s.status == PeerStatus::Up && s.responsive,
+            rtt: s.connection.as_ref().map(Connection::rtt),
+            rtt_summary: self.rtt_summary(),
         }
     }
 
@@ -168,7 +160,12 @@ impl PeerHandle {
         self.state.subscribe()
     }
 
-    fn set(&self, status: PeerStatus, connection: Option<Connection>, error: Option<String>) {
+    pub(crate) fn set(
+        &self,
+        status: PeerStatus,
+        connection: Option<Connection>,
+        error: Option<String>,
+    ) {
         self.state.send_modify(|s| {
             if s.status != status {
                 s.since = SystemTime::now();
@@ -187,25 +184,129 @@ impl PeerHandle {
     }
 }
 
-/// The peers this gateway keeps tunnels to, by cluster id: the configured ones plus, with
-/// discovery, every member of the federation. Each has a task keeping its connection up.
-#[derive(Default)]
-pub struct Peers(RwLock<BTreeMap<String, Running>>);
+const UP: Desc = Desc::gauge(
+    "strait_peer_up",
+    &["peer"],
+    "1 while the tunnel connection to the peer cluster is established.",
+);
+const RTT: Desc = Desc::gauge(
+    "strait_peer_rtt_seconds",
+    &["peer"],
+    "Smoothed QUIC RTT to the peer cluster.",
+);
+const RTT_QUANTILE: Desc = Desc::gauge(
+    "strait_peer_rtt_quantile_seconds",
+    &["peer", "quantile"],
+    "RTT to the peer cluster over the last minute (quantile 0.5, 0.99).",
+);
+const RESPONSIVE: Desc = Desc::gauge(
+    "strait_peer_responsive",
+    &["peer"],
+    "1 while the peer answers liveness probes (only then does it get new connections).",
+);
+const CONNECTS: Desc = Desc::counter(
+    "strait_peer_connects_total",
+    &["peer", "result"],
+    "Tunnel connection attempts to the peer cluster, by result (ok, error).",
+);
+/// The outbound tunnels' metrics.
+pub(crate) const METRICS: &[Desc] = &[UP, RTT, RTT_QUANTILE, RESPONSIVE, CONNECTS];
 
-struct Running {
-    handle: Arc<PeerHandle>,
-    task: AbortHandle,
-}
+/// What the outbound tunnels count, per peer.
+#[derive(Clone)]
+pub struct PeerMetrics(Registry);
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
+impl PeerMetrics {
+    /// The peer metrics in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        registry.describe(METRICS);
+        Self(registry.clone())
+    }
+
+    fn gauges(&self, peer: &str) -> Gauges {
+        Gauges {
+            up: self.0.gauge(&UP, &[peer]),
+            rtt: self.0.gauge(&RTT, &[peer]),
+            responsive: self.0.gauge(&RESPONSIVE, &[peer]),
+            p50: self.0.gauge(&RTT_QUANTILE, &[peer, "0.5"]),
+            p99: self.0.gauge(&RTT_QUANTILE, &[peer, "0.99"]),
+        }
+    }
+
+    fn connect(&self, peer: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.0.counter(&CONNECTS, &[peer, result]).increment(1);
     }
 }
 
+/// How a peer is dialled: the endpoint, the identity presented, the tuning.
+#[derive(Clone)]
+pub struct Dialer {
+    /// The tunnel's QUIC endpoint.
+    pub endpoint: quinn::Endpoint,
+    /// The certificate presented (swapped by rotation).
+    pub identity: CurrentIdentity,
+    /// Timeouts, backoff, probing, windows.
+    pub tuning: TunnelTuning,
+}
+
+/// What routing needs to know of one peer's tunnel now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Liveness {
+    /// Tunnel state.
+    pub status: PeerStatus,
+    /// New connections may go there (see [`PeerState::routable`]).
+    pub routable: bool,
+    /// Up and answering probes.
+    pub responsive: bool,
+    /// Smoothed RTT of the live connection.
+    pub rtt: Option<Duration>,
+    /// RTT percentiles over the last minute.
+    pub rtt_summary: Option<RttSummary>,
+}
+
+/// The peers as routing and the listeners read them: the tunnel's [`Peers`], or a fake in
+/// tests.
+pub trait PeerSet: Send + Sync + 'static {
+    /// One peer, if this gateway keeps a tunnel to it.
+    fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>>;
+
+    /// What is known of `cluster`'s tunnel now; `None` when there is none.
+    fn liveness(&self, cluster: &str) -> Option<Liveness> {
+        self.get(cluster).map(|p| p.liveness())
+    }
+}
+
+/// The peers this gateway keeps tunnels to, by cluster id. Each has a task keeping its
+/// connection up. Cheap to clone: clones share the set.
+#[derive(Clone)]
+pub struct Peers(Arc<Inner>);
+
+struct Inner {
+    map: RwLock<BTreeMap<String, Running>>,
+    dialer: Dialer,
+    metrics: PeerMetrics,
+    life: Lifetime,
+}
+
+struct Running {
+    handle: Arc<PeerHandle>,
+    life: Lifetime,
+}
+
 impl Peers {
+    /// An empty set; connection tasks run within `life`.
+    pub fn new(dialer: Dialer, metrics: PeerMetrics, life: Lifetime) -> Self {
+        Peers(Arc::new(Inner {
+            map: RwLock::new(BTreeMap::new()),
+            dialer,
+            metrics,
+            life,
+        }))
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Running>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner())
+        self.0.map.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One peer.
@@ -219,14 +320,22 @@ impl Peers {
     }
 
     /// Makes the set equal to `desired`: new peers get a connection task, peers whose
-    /// address changed are restarted, peers no longer desired are dropped (their
-    /// connection closes).
-    pub fn reconcile(&self, shared: &Arc<Shared>, desired: &[Peer]) {
-        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+    /// address changed are restarted, peers no longer desired are stopped and their
+    /// connection closed.
+    pub fn reconcile(&self, desired: &[PeerTarget]) {
+        let mut map = self.0.map.write().unwrap_or_else(|p| p.into_inner());
         map.retain(|cluster, r| {
-            desired
+            let keep = desired
                 .iter()
-                .any(|p| &p.cluster == cluster && p.address == r.handle.config.address)
+                .any(|p| &p.cluster == cluster && p.address == r.handle.target.address);
+            if !keep {
+                tracing::info!(peer = %cluster, "peer removed");
+                r.life.stop();
+                if let Some(c) = r.handle.connection() {
+                    c.close(super::codes::SHUTDOWN, b"peer removed");
+                }
+            }
+            keep
         });
         for p in desired {
             if map.contains_key(&p.cluster) {
@@ -234,92 +343,87 @@ impl Peers {
             }
             tracing::info!(peer = %p.cluster, address = %p.address, "peer added");
             let handle = Arc::new(PeerHandle::new(p.clone()));
-            let task = tokio::spawn(maintain(shared.clone(), handle.clone()).in_current_span())
-                .abort_handle();
-            map.insert(p.cluster.clone(), Running { handle, task });
+            let life = self.0.life.child();
+            life.spawn(maintain(
+                self.0.dialer.clone(),
+                self.0.metrics.clone(),
+                handle.clone(),
+            ));
+            map.insert(p.cluster.clone(), Running { handle, life });
         }
     }
 
-    /// Stops every connection task.
-    pub fn clear(&self) {
-        self.0.write().unwrap_or_else(|p| p.into_inner()).clear();
+    /// Keeps the set equal to the desired peers until the gateway stops.
+    pub async fn follow(self, mut desired: watch::Receiver<Arc<Desired>>) {
+        loop {
+            let d = desired.borrow_and_update().clone();
+            self.reconcile(&d.peers);
+            if desired.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Closes every live connection (the peers' tasks reconnect).
+    pub fn close_all(&self, reason: &'static [u8]) {
+        for p in self.all() {
+            if let Some(c) = p.connection() {
+                c.close(super::codes::SHUTDOWN, reason);
+            }
+        }
+    }
+}
+
+impl PeerSet for Peers {
+    fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>> {
+        Peers::get(self, cluster)
     }
 }
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Keeps the connection to `peer` up until the gateway shuts down.
-pub async fn maintain(shared: Arc<Shared>, peer: Arc<PeerHandle>) {
-    let cluster = peer.config.cluster.clone();
-    let up = shared
-        .metrics
-        .gauge("strait_peer_up", &[("peer", &cluster)]);
-    let gauges = Gauges {
-        rtt: shared
-            .metrics
-            .gauge("strait_peer_rtt_seconds", &[("peer", &cluster)]),
-        responsive: shared
-            .metrics
-            .gauge("strait_peer_responsive", &[("peer", &cluster)]),
-        p50: shared.metrics.gauge(
-            "strait_peer_rtt_quantile_seconds",
-            &[("peer", &cluster), ("quantile", "0.5")],
-        ),
-        p99: shared.metrics.gauge(
-            "strait_peer_rtt_quantile_seconds",
-            &[("peer", &cluster), ("quantile", "0.99")],
-        ),
-    };
+/// Keeps the connection to `peer` up until its lifetime ends.
+async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
+    let cluster = peer.target.cluster.clone();
+    let gauges = metrics.gauges(&cluster);
     let mut backoff = INITIAL_BACKOFF;
     loop {
         peer.set(PeerStatus::Connecting, None, None);
-        match connect(&shared, &peer).await {
+        match connect(&dialer, &peer.target).await {
             Ok(conn) => {
-                tracing::info!(peer = %cluster, address = %peer.config.address, "tunnel up");
-                shared
-                    .metrics
-                    .counter(
-                        "strait_peer_connects_total",
-                        &[("peer", &cluster), ("result", "ok")],
-                    )
-                    .increment(1);
+                tracing::info!(peer = %cluster, address = %peer.target.address, "tunnel up");
+                metrics.connect(&cluster, true);
                 backoff = INITIAL_BACKOFF;
-                up.set(1.0);
+                gauges.up.set(1.0);
                 peer.set(PeerStatus::Up, Some(conn.clone()), None);
-                let reason = watch_connection(&shared, &peer, &conn, &gauges).await;
-                up.set(0.0);
+                let reason = watch_connection(&dialer.tuning, &peer, &conn, &gauges).await;
+                gauges.up.set(0.0);
                 gauges.responsive.set(0.0);
                 tracing::warn!(peer = %cluster, %reason, "tunnel down");
                 peer.set(PeerStatus::Down, None, Some(reason));
             }
             Err(e) => {
-                shared
-                    .metrics
-                    .counter(
-                        "strait_peer_connects_total",
-                        &[("peer", &cluster), ("result", "error")],
-                    )
-                    .increment(1);
-                tracing::warn!(peer = %cluster, address = %peer.config.address, error = %e, retry_in = ?backoff, "tunnel connect failed");
+                metrics.connect(&cluster, false);
+                tracing::warn!(peer = %cluster, address = %peer.target.address, error = %e, retry_in = ?backoff, "tunnel connect failed");
                 peer.set(PeerStatus::Down, None, Some(e));
                 // Jitter keeps a federation that lost a peer from reconnecting in lockstep.
                 let jitter = rand::rng().random_range(0.5..1.0);
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
-                backoff = (backoff * 2).min(shared.config.tunnel.max_backoff.0);
+                backoff = (backoff * 2).min(dialer.tuning.max_backoff.0);
             }
         }
     }
 }
 
-async fn connect(shared: &Shared, peer: &PeerHandle) -> Result<Connection, String> {
-    let identity = shared.identity.load();
-    let cfg = super::client_config(&identity, &peer.config.cluster, &shared.config.tunnel)
+async fn connect(dialer: &Dialer, peer: &PeerTarget) -> Result<Connection, String> {
+    let identity = dialer.identity.load();
+    let cfg = super::client_config(&identity, &peer.cluster, &dialer.tuning)
         .map_err(|e| e.to_string())?;
-    let connecting = shared
+    let connecting = dialer
         .endpoint
-        .connect_with(cfg, peer.config.address, &peer.config.cluster)
+        .connect_with(cfg, peer.address, &peer.cluster)
         .map_err(|e| e.to_string())?;
-    let timeout = shared.config.tunnel.connect_timeout.0;
+    let timeout = dialer.tuning.connect_timeout.0;
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(e.to_string()),
@@ -328,6 +432,7 @@ async fn connect(shared: &Shared, peer: &PeerHandle) -> Result<Connection, Strin
 }
 
 struct Gauges {
+    up: metrics::Gauge,
     rtt: metrics::Gauge,
     responsive: metrics::Gauge,
     p50: metrics::Gauge,
@@ -342,12 +447,11 @@ struct Gauges {
 /// (and repeated old ACKs) keep arriving. That is known long before the idle timeout
 /// closes the connection, and routing stops sending new connections there at once.
 async fn watch_connection(
-    shared: &Shared,
+    t: &TunnelTuning,
     peer: &PeerHandle,
     conn: &Connection,
     gauges: &Gauges,
 ) -> String {
-    let t = &shared.config.tunnel;
     let period = (t.keep_alive.0 / 2).max(Duration::from_millis(5));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -388,9 +492,9 @@ async fn watch_connection(
         let responsive = silent < limit;
         if responsive != peer.state().responsive {
             if responsive {
-                tracing::info!(peer = %peer.config.cluster, "peer answers again");
+                tracing::info!(peer = %peer.target.cluster, "peer answers again");
             } else {
-                tracing::warn!(peer = %peer.config.cluster, silent = ?silent, "peer unresponsive; routing around it");
+                tracing::warn!(peer = %peer.target.cluster, silent = ?silent, "peer unresponsive; routing around it");
             }
             peer.set_responsive(responsive);
             gauges.responsive.set(if responsive { 1.0 } else { 0.0 });

@@ -7,8 +7,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use super::StreamMetrics;
 use super::codes;
-use crate::metrics::Metrics;
 
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +39,21 @@ pub enum Side {
     Inbound,
 }
 
+impl Side {
+    /// The `direction` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Outbound => "outbound",
+            Side::Inbound => "inbound",
+        }
+    }
+}
+
 /// Splices and accounts for one proxied connection: streams opened, active connections,
 /// and bytes in each direction (`sent` = towards the service). `early` bytes were already
 /// sent with the stream header.
-pub async fn splice_counted(
-    metrics: &Metrics,
+pub(crate) async fn splice_counted(
+    metrics: &StreamMetrics,
     service: &str,
     peer: &str,
     side: Side,
@@ -51,21 +61,8 @@ pub async fn splice_counted(
     buf_size: usize,
     early: u64,
 ) {
-    let direction = match side {
-        Side::Outbound => "outbound",
-        Side::Inbound => "inbound",
-    };
-    let labels = [("service", service), ("peer", peer)];
-    metrics
-        .counter(
-            "strait_streams_opened_total",
-            &[labels[0], labels[1], ("direction", direction)],
-        )
-        .increment(1);
-    let active = metrics.gauge(
-        "strait_active_connections",
-        &[("service", service), ("direction", direction)],
-    );
+    metrics.opened(service, peer, side);
+    let active = metrics.active(service, side);
     active.increment(1.0);
     let (tcp, send, recv) = conn;
     let moved = splice(tcp, send, recv, buf_size).await;
@@ -74,14 +71,7 @@ pub async fn splice_counted(
         Side::Outbound => (early + moved.tcp_to_quic, moved.quic_to_tcp),
         Side::Inbound => (moved.quic_to_tcp, moved.tcp_to_quic),
     };
-    let bytes = |d| {
-        metrics.counter(
-            "strait_bytes_total",
-            &[labels[0], labels[1], ("direction", d)],
-        )
-    };
-    bytes("sent").increment(towards_service);
-    bytes("received").increment(from_service);
+    metrics.bytes(service, peer, towards_service, from_service);
 }
 
 /// Runs both directions until both finished or either side reset.

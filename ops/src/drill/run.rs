@@ -9,13 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
+use strait_common::api::{Direction, Fault, FaultRequest};
 use strait_common::units::HumanDuration;
 
 use super::analysis::{self, LoadRecording, Recording, Report, RoutePoll, StepRecord};
 use super::scenario::{FROM, FaultKind, LoadEntry, PRIMARY, Scenario, Step};
-use crate::admin::client::request;
-use crate::faults::{Direction, Fault, FaultRequest};
+use crate::client::Admin;
 use crate::load::{Load, LoadSpec, Steady, SteadySpec};
 
 /// How often the source gateways' routes are read.
@@ -40,19 +39,14 @@ struct Planned {
     injected: Vec<(SocketAddr, u64)>,
 }
 
+/// Calls gateways' fault APIs with the drill's token.
 struct Client {
     token: String,
 }
 
 impl Client {
-    async fn call(
-        &self,
-        admin: SocketAddr,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(u16, Value)> {
-        request(admin, method, path, Some(&self.token), body).await
+    fn admin(&self, addr: SocketAddr) -> Admin {
+        Admin::with_token(addr, self.token.clone())
     }
 }
 
@@ -149,13 +143,9 @@ pub async fn run(scenario: Scenario, abort: impl Future<Output = ()>) -> anyhow:
 async fn preflight(client: &Client, s: &Scenario) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for (cluster, admin) in &s.federation.gateways {
-        match client.call(*admin, "GET", "/v1/faults", None).await {
-            Ok((200, _)) => {}
-            Ok((code, body)) => problems.push(format!(
-                "{cluster} ({admin}): HTTP {code}: {} ({})",
-                body["error"].as_str().unwrap_or("?"),
-                body["fix"].as_str().unwrap_or("")
-            )),
+        match client.admin(*admin).faults().await {
+            Ok(Ok(_)) => {}
+            Ok(Err(refused)) => problems.push(format!("{cluster} ({admin}): {refused}")),
             Err(e) => problems.push(format!("{cluster}: {e:#}")),
         }
     }
@@ -171,26 +161,19 @@ async fn preflight(client: &Client, s: &Scenario) -> anyhow::Result<()> {
 /// The listener address of a load's service on its source gateway.
 async fn listener_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<SocketAddr> {
     let admin = s.federation.gateways[&l.from];
-    let (_, services) = crate::admin::client::get(admin, "/v1/services").await?;
-    let imports: Vec<&Value> = services["imports"]
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
-    let found: Vec<&&Value> = imports
+    let imports = Admin::new(admin).services().await?.imports;
+    let found: Vec<_> = imports
         .iter()
-        .filter(|i| i["service"] == l.service.as_str())
-        .filter(|i| l.port.is_none_or(|p| i["port"] == p))
+        .filter(|i| i.service == l.service)
+        .filter(|i| l.port.is_none_or(|p| i.port == p))
         .collect();
     let names: Vec<String> = imports
         .iter()
-        .map(|i| format!("{}:{}", i["service"].as_str().unwrap_or("?"), i["port"]))
+        .map(|i| format!("{}:{}", i.service, i.port))
         .collect();
     match found[..] {
         [one] => {
-            let mut addr: SocketAddr = one["address"]
-                .as_str()
-                .and_then(|a| a.parse().ok())
-                .context("malformed /v1/services answer")?;
+            let mut addr = one.address;
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
@@ -214,12 +197,11 @@ async fn listener_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<SocketAddr> 
 /// The cluster the load's service goes to first now, from its source gateway.
 async fn primary_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<Option<String>> {
     let admin = s.federation.gateways[&l.from];
-    let (code, route) =
-        crate::admin::client::get(admin, &format!("/v1/routes/{}", l.service)).await?;
-    if code != 200 {
-        return Ok(None);
-    }
-    Ok(route["primary"].as_str().map(str::to_owned))
+    Ok(Admin::new(admin)
+        .route(&l.service)
+        .await?
+        .ok()
+        .and_then(|route| route.primary))
 }
 
 fn plan_step(
@@ -356,24 +338,9 @@ async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
     p.record.start = t0.elapsed();
     let mut errors = Vec::new();
     for inj in &p.injections {
-        let body = serde_json::to_value(&inj.request).unwrap_or_default();
-        match client
-            .call(inj.admin, "POST", "/v1/faults", Some(&body))
-            .await
-        {
-            Ok((201, v)) => match v["id"].as_u64() {
-                Some(id) => p.injected.push((inj.admin, id)),
-                None => errors.push(format!("{}: answer without an id", inj.gateway)),
-            },
-            Ok((code, v)) => errors.push(format!(
-                "{}: HTTP {code}: {} {}",
-                inj.gateway,
-                v["field"]
-                    .as_str()
-                    .map(|f| format!("field `{f}`:"))
-                    .unwrap_or_default(),
-                v["error"].as_str().unwrap_or("?")
-            )),
+        match client.admin(inj.admin).inject(&inj.request).await {
+            Ok(Ok(active)) => p.injected.push((inj.admin, active.id)),
+            Ok(Err(refused)) => errors.push(format!("{}: {refused}", inj.gateway)),
             Err(e) => errors.push(format!("{}: {e:#}", inj.gateway)),
         }
     }
@@ -390,19 +357,25 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
     let mut left = Vec::new();
     for (admin, id) in p.injected.drain(..) {
         // 404: the gateway already ended it on its own timer.
-        match client
-            .call(admin, "DELETE", &format!("/v1/faults/{id}"), None)
-            .await
-        {
-            Ok((200 | 404, _)) => {}
+        match client.admin(admin).undo(id).await {
+            Ok(reply) if undone(&reply) => {}
             other => {
-                tracing::warn!(%admin, id, result = ?other.map(|r| r.0), "undo failed; will retry");
+                tracing::warn!(%admin, id, result = ?other, "undo failed; will retry");
                 left.push((admin, id));
             }
         }
     }
     p.injected = left;
     p.record.end = t0.elapsed();
+}
+
+/// Whether an undo left the fault gone: undone now, or (404) already ended on the
+/// gateway's own timer.
+fn undone<T>(reply: &crate::client::Reply<T>) -> bool {
+    match reply {
+        Ok(_) => true,
+        Err(refused) => refused.code == 404,
+    }
 }
 
 /// Asks every gateway the drill touched whether any fault matching one of its injections
@@ -412,23 +385,15 @@ async fn confirm_undone(client: &Client, plan: &[Planned]) -> bool {
     let mut all = plan.iter().all(|p| p.injected.is_empty());
     for p in plan {
         for inj in &p.injections {
-            let Ok((200, Value::Array(active))) =
-                client.call(inj.admin, "GET", "/v1/faults", None).await
-            else {
+            let admin = client.admin(inj.admin);
+            let Ok(Ok(active)) = admin.faults().await else {
                 all = false;
                 continue;
             };
             // Only faults this drill asked for are removed; others' are left alone.
-            let ours = active
-                .iter()
-                .filter(|f| f["fault"] == json!(inj.request.fault))
-                .filter_map(|f| f["id"].as_u64());
-            for id in ours {
-                let gone = client
-                    .call(inj.admin, "DELETE", &format!("/v1/faults/{id}"), None)
-                    .await
-                    .is_ok_and(|(c, _)| c == 200 || c == 404);
-                all &= gone;
+            let ours = active.iter().filter(|f| f.fault == inj.request.fault);
+            for f in ours {
+                all &= admin.undo(f.id).await.is_ok_and(|r| undone(&r));
             }
         }
     }
@@ -556,30 +521,18 @@ async fn poll_routes(
 ) {
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let path = format!("/v1/routes/{service}");
+    let admin = Admin::new(admin);
     loop {
         tick.tick().await;
         let at = t0.elapsed();
-        let Ok((200, route)) = crate::admin::client::get(admin, &path).await else {
+        let Ok(Ok(route)) = admin.route(&service).await else {
             continue;
         };
-        let clusters = route["clusters"]
-            .as_array()
-            .map(|cs| {
-                cs.iter()
-                    .filter_map(|c| {
-                        Some((
-                            c["cluster"].as_str()?.to_owned(),
-                            (
-                                c["eligible"].as_bool().unwrap_or(false),
-                                c["reason"].as_str().map(str::to_owned),
-                                c["served"].as_u64().unwrap_or(0),
-                            ),
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let clusters = route
+            .clusters
+            .into_iter()
+            .map(|c| (c.cluster, (c.eligible, c.reason, c.served)))
+            .collect();
         polls
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use strait_common::config::{ConfigErrors, Validator, into_errors, parse_yaml};
 use strait_common::units::HumanDuration;
 
-use crate::faults::Direction;
+use strait_common::api::Direction;
 
 /// Placeholder for the cluster the (first) load's service goes to first when the drill
 /// starts.

@@ -1,0 +1,417 @@
+//! The assembly: the one file that knows every component. It binds the sockets, builds
+//! each component from exactly what that component reads, starts their tasks in one
+//! [`Lifetime`], and stops them. Nothing else imports it but the binary, the demo and the
+//! tests (through [`Gateway`]).
+//!
+//! ```text
+//! config file ─┐                                  ┌─► peers      (tunnel per peer)
+//! exports ─────┤                                  ├─► listeners  (one per import port)
+//! discovery ───┼─► desired::run ─► watch<Desired> ┼─► routing    (services, catalog, policy)
+//! faults ──────┘    (one writer)                  ├─► dns        (zone)
+//!                                                 ├─► inbound    (exports it may serve)
+//!                                                 └─► federation (what is published)
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwapOption;
+use strait_common::pki::Identity;
+use strait_common::{Config, GatewayId};
+use strait_discovery::source::{ExportSource, FileSource};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::admin::{self, AdminState};
+use crate::desired::{self, Allocation, Desired, Local, Sources};
+use crate::dns::{self, Dns, DnsMetrics};
+use crate::faults::{FaultMetrics, Faults, Targets, Token};
+use crate::federation::Federation;
+use crate::lifetime::Lifetime;
+use crate::listener::{BoundListener, Forwarding, ListenerMetrics, Listeners};
+use crate::metrics::Registry;
+use crate::rotation::{CertMetrics, CurrentIdentity, Install, Rotation, TunnelServer};
+use crate::router::Locality;
+use crate::routing::{RouteReport, Routing, RoutingMetrics};
+use crate::tunnel::inbound::{Inbound, InboundMetrics, Limits};
+use crate::tunnel::peers::{Dialer, PeerMetrics, PeerState, Peers};
+use crate::tunnel::{self, StreamMetrics, codes};
+
+/// A running gateway. It stops on [`Gateway::shutdown`], or when dropped.
+pub struct Gateway {
+    life: Lifetime,
+    tasks: JoinSet<()>,
+    endpoint: quinn::Endpoint,
+    admin_addr: SocketAddr,
+    dns_addr: Option<SocketAddr>,
+    federation: Option<Federation>,
+    identity: CurrentIdentity,
+    peers: Peers,
+    listeners: Listeners,
+    routing: Routing,
+    metrics: Registry,
+}
+
+impl Gateway {
+    /// Loads the identity, binds every socket, and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let udp = tunnel::bind_udp(config.listen.tunnel, &config.tunnel)
+            .with_context(|| format!("binding the tunnel UDP socket {}", config.listen.tunnel))?;
+        Self::start_on(config, udp).await
+    }
+
+    /// Like [`Gateway::start`], on an already-bound tunnel socket (see [`tunnel::bind_udp`]).
+    pub async fn start_on(config: Config, udp: std::net::UdpSocket) -> anyhow::Result<Gateway> {
+        anyhow::ensure!(
+            config.discovery.is_none() || config.source.is_some(),
+            "discovery needs the config file's path to reload exports (load it with Config::load)"
+        );
+        let me = GatewayId::new(&config.trust_domain, &config.cluster);
+        let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key, &me)
+            .context("loading the gateway certificate")?;
+        let server = tunnel::server_config(&identity, &config.tunnel)
+            .context("building the tunnel TLS configuration")?;
+        let (token, max_fault) = fault_token(&config)?;
+        let packets = Arc::new(ArcSwapOption::empty());
+        let endpoint = tunnel::endpoint_on(udp, server, &config.tunnel, packets.clone())
+            .context("starting the QUIC endpoint")?;
+        let admin_listener = tokio::net::TcpListener::bind(config.listen.admin)
+            .await
+            .with_context(|| format!("binding the admin API {}", config.listen.admin))?;
+        let admin_addr = admin_listener.local_addr()?;
+        let dns_sockets = match config.listen.dns {
+            Some(addr) => Some(
+                dns::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the DNS server {addr} (UDP and TCP)"))?,
+            ),
+            None => None,
+        };
+        let dns_addr = match &dns_sockets {
+            Some((udp, _)) => Some(udp.local_addr()?),
+            None => None,
+        };
+        let metrics = Registry::new();
+        let federation = match &config.discovery {
+            Some(d) => Some(
+                Federation::start(&config, d, &identity, endpoint.local_addr()?, &metrics).await?,
+            ),
+            None => None,
+        };
+        let node = federation.as_ref().map(|f| f.node().clone());
+
+        let span = tracing::info_span!("gateway", cluster = %config.cluster);
+        let life = Lifetime::new();
+        let identity = CurrentIdentity::new(identity);
+        let streams = StreamMetrics::new(&metrics);
+        let peers = Peers::new(
+            Dialer {
+                endpoint: endpoint.clone(),
+                identity: identity.clone(),
+                tuning: config.tunnel.clone(),
+            },
+            PeerMetrics::new(&metrics),
+            life.child(),
+        );
+
+        // The desired state: its one writer's inputs, and its first value, computed now so
+        // that a configured import that cannot be bound fails the start.
+        let (desired_tx, desired) = watch::channel(Arc::new(Desired::default()));
+        let faults = Arc::new(Faults::new(
+            token,
+            max_fault,
+            Targets {
+                packets,
+                peers: peers.clone(),
+                discovery: node.clone(),
+                desired: desired.clone(),
+            },
+            FaultMetrics::new(&metrics),
+        ));
+        let file = config.source.clone().map(|path| {
+            let interval = config
+                .discovery
+                .as_ref()
+                .map_or(Duration::from_secs(1), |d| d.reload_interval.0);
+            FileSource::start(path, config.clone(), interval)
+        });
+        let mut sources = Sources {
+            exports: match &file {
+                Some(f) => f.watch(),
+                None => watch::channel(Arc::new(config.exports.clone())).1,
+            },
+            config: match &file {
+                Some(f) => f.config(),
+                None => watch::channel(Arc::new(config.clone())).1,
+            },
+            view: node.as_ref().map(|n| n.subscribe()),
+            faults: faults.catalog(),
+        };
+        let local = Local::from(&config);
+        let mut alloc = Allocation::default();
+        let first = Arc::new(sources.compute(&local, &mut alloc));
+        desired_tx.send_replace(first.clone());
+
+        let routing = Routing::new(
+            Locality {
+                cluster: config.cluster.clone(),
+                region: config.region.clone(),
+                zone: config.zone.clone(),
+            },
+            desired.clone(),
+            Arc::new(peers.clone()),
+            config.tunnel.connect_timeout.0,
+            RoutingMetrics::new(&metrics),
+        );
+        let listeners = Listeners::new(
+            Forwarding {
+                routing: routing.clone(),
+                peers: Arc::new(peers.clone()),
+                metrics: ListenerMetrics::new(&metrics, streams.clone()),
+                copy_buffer: config.tunnel.copy_buffer.0 as usize,
+            },
+            life.child(),
+        );
+        span.in_scope(|| peers.reconcile(&first.peers));
+        let bind_errors = listeners
+            .reconcile(&first.imports)
+            .instrument(span.clone())
+            .await;
+        if let Some(e) = bind_errors.into_iter().next() {
+            // Peer tasks have started: stop them, or a gateway that failed to start would
+            // keep running (and gossiping) unseen.
+            stop(&life, &endpoint, node.as_deref());
+            return Err(e);
+        }
+        if let Some(n) = &node {
+            n.set_local(first.published.clone());
+        }
+        let dns = Arc::new(Dns::new(config.dns.clone(), DnsMetrics::new(&metrics)));
+        dns.update(&first.dns);
+        let inbound = Arc::new(Inbound::new(
+            desired.clone(),
+            config.tunnel.max_inbound_streams as usize,
+            Limits {
+                handshake_timeout: config.tunnel.connect_timeout.0,
+                endpoint_connect_timeout: config.tunnel.endpoint_connect_timeout.0,
+                copy_buffer: config.tunnel.copy_buffer.0 as usize,
+            },
+            InboundMetrics::new(&metrics, streams),
+            faults.killed(),
+        ));
+        let mut rotate: Vec<Box<dyn Install>> = Vec::new();
+        if let Some(n) = &node {
+            rotate.push(Box::new(n.clone()));
+        }
+        rotate.push(Box::new(TunnelServer {
+            endpoint: endpoint.clone(),
+            tuning: config.tunnel.clone(),
+        }));
+        let rotation = Rotation::new(
+            config.tls.clone(),
+            me,
+            identity.clone(),
+            rotate,
+            CertMetrics::new(&metrics),
+        );
+        let admin_state = AdminState {
+            cluster: config.cluster.clone(),
+            identity: identity.clone(),
+            peers: peers.clone(),
+            listeners: listeners.clone(),
+            routing: routing.clone(),
+            desired: desired.clone(),
+            federation: federation.clone(),
+            metrics: metrics.clone(),
+        };
+
+        let mut tasks = JoinSet::new();
+        let mut spawn = |task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
+            tasks.spawn(life.bound(task).instrument(span.clone()));
+        };
+        spawn(Box::pin(async move {
+            // The file watcher lives as long as the writer that reads it.
+            let _file = file;
+            desired::run(local, sources, alloc, desired_tx).await
+        }));
+        spawn(Box::pin(peers.clone().follow(desired.clone())));
+        spawn(Box::pin(listeners.clone().follow(desired.clone())));
+        spawn(Box::pin(routing.clone().run()));
+        spawn(Box::pin(dns.clone().follow(desired.clone())));
+        spawn(Box::pin(
+            inbound.accept_loop(endpoint.clone(), life.child()),
+        ));
+        spawn(Box::pin(admin::serve(
+            admin_state,
+            faults.clone(),
+            admin_listener,
+        )));
+        spawn(Box::pin(faults.expire()));
+        spawn(Box::pin(rotation.run()));
+        if let Some(f) = &federation {
+            spawn(Box::pin(f.clone().publish(desired.clone())));
+        }
+        if let Some(sockets) = dns_sockets {
+            tracing::info!(parent: &span, address = ?dns_addr, zone = %config.dns.zone, "dns server listening");
+            span.in_scope(|| dns.serve(sockets, &life));
+        }
+        tracing::info!(parent: &span, tunnel = %endpoint.local_addr()?, admin = %admin_addr, discovery = federation.is_some(), "gateway started");
+        Ok(Gateway {
+            life,
+            tasks,
+            endpoint,
+            admin_addr,
+            dns_addr,
+            federation,
+            identity,
+            peers,
+            listeners,
+            routing,
+            metrics,
+        })
+    }
+
+    /// The tunnel's bound UDP address.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("bound socket has an address")
+    }
+
+    /// The DNS server's bound address (UDP and TCP), when `listen.dns` is set.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns_addr
+    }
+
+    /// The admin API's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The gossip address, when discovery runs.
+    pub fn discovery_addr(&self) -> Option<SocketAddr> {
+        self.federation.as_ref().map(|f| f.node().addr())
+    }
+
+    /// Bound service listeners.
+    pub fn listeners(&self) -> Vec<BoundListener> {
+        self.listeners.snapshot()
+    }
+
+    /// The listener address for an imported `namespace/name` and service port.
+    pub fn listener(&self, service: &str, port: u16) -> Option<SocketAddr> {
+        self.listeners.address(service, port)
+    }
+
+    /// The certificate in use.
+    pub fn identity(&self) -> Arc<Identity> {
+        self.identity.load()
+    }
+
+    /// The tunnel state of a peer, followed as it changes; `None` if it is not a peer.
+    pub fn peer(&self, cluster: &str) -> Option<watch::Receiver<PeerState>> {
+        self.peers.get(cluster).map(|p| p.subscribe())
+    }
+
+    /// Open tunnel connections (inbound and outbound).
+    pub fn tunnel_connections(&self) -> usize {
+        self.endpoint.open_connections()
+    }
+
+    /// How an imported service (`namespace/name`) routes now.
+    pub fn route(&self, service: &str) -> Option<RouteReport> {
+        self.routing.report(Some(service)).pop()
+    }
+
+    /// The Prometheus text of this gateway's metrics (as `/metrics` serves it).
+    pub fn render_metrics(&self) -> String {
+        if let Some(f) = &self.federation {
+            f.publish_metrics();
+        }
+        self.metrics.render()
+    }
+
+    /// Runs until one of the gateway's tasks ends (which only happens on a fatal error).
+    pub async fn wait(&mut self) {
+        self.tasks.join_next().await;
+    }
+
+    /// Closes every connection and stops every task, waiting briefly for them to end and
+    /// for peers to be told.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        let joined = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!("gateway tasks did not stop within 2s");
+        }
+        self.life.wait(Duration::from_secs(1)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Tells every task to stop, closes the tunnel and leaves the gossip.
+    fn stop(&self) {
+        stop(
+            &self.life,
+            &self.endpoint,
+            self.federation.as_ref().map(|f| &**f.node()),
+        );
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn stop(life: &Lifetime, endpoint: &quinn::Endpoint, node: Option<&strait_discovery::node::Node>) {
+    life.stop();
+    endpoint.close(codes::SHUTDOWN, b"gateway shutting down");
+    if let Some(n) = node {
+        n.stop();
+    }
+}
+
+/// The admin token from `faults.token_file` (fault injection is off without one), and the
+/// longest fault it may ask for.
+fn fault_token(config: &Config) -> anyhow::Result<(Token, Duration)> {
+    let Some(f) = &config.faults else {
+        return Ok((Token::new(None), Duration::ZERO));
+    };
+    let token = std::fs::read_to_string(&f.token_file).with_context(|| {
+        format!(
+            "reading faults.token_file {} (create it with a random token, e.g. `openssl rand -hex 32`)",
+            f.token_file.display()
+        )
+    })?;
+    let token = token.trim().to_owned();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "faults.token_file {}: the token is {} characters; use at least 16 random ones (e.g. `openssl rand -hex 32`)",
+        f.token_file.display(),
+        token.len()
+    );
+    Ok((Token::new(Some(token)), f.max_duration.0))
+}
+
+/// Raises the open-file limit to its hard maximum: each proxied connection holds two
+/// sockets, and the usual soft limit of 1024 is far below what a gateway carries.
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Which peers and imports a gateway wants: the configured ones, plus, with discovery,
+//! every member and every service another cluster exports to this one, each on a stable
+//! address from `discovery.import_addresses`.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use strait_discovery::model::{MemberInfo, Service};
+use strait_discovery::node::View;
+
+use super::{Import, ImportPort, Local, PeerTarget};
+
+/// The addresses given to discovered imports, by allocation key (`ns/name`, or for a
+/// headless endpoint `ns/name@cluster/address`); kept between computations so an import
+/// keeps its address while its service exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocation(BTreeMap<String, IpAddr>);
+
+impl Allocation {
+    /// An allocation that already gave `key` the address `address`.
+    #[cfg(test)]
+    pub fn with(mut self, key: &str, address: IpAddr) -> Self {
+        self.0.insert(key.to_owned(), address);
+        self
+    }
+
+    /// Addresses given out now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// A stable address for `key` in `range`: its previous one, else the first free host
+    /// starting from a hash of the name (so restarts tend to give the same address).
+    fn allocate(&mut self, range: IpNet, key: &str, reserved: &[IpAddr]) -> Option<IpAddr> {
+        if let Some(a) = self.0.get(key) {
+            return Some(*a);
+        }
+        let hosts: Vec<IpAddr> = range.hosts().take(65_536).collect();
+        if hosts.is_empty() {
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let start = (h.finish() % hosts.len() as u64) as usize;
+        let taken: Vec<IpAddr> = self
+            .0
+            .values()
+            .copied()
+            .chain(reserved.iter().copied())
+            .collect();
+        let free = (0..hosts.len())
+            .map(|i| hosts[(start + i) % hosts.len()])
+            .find(|a| !taken.contains(a))?;
+        self.0.insert(key.to_owned(), free);
+        Some(free)
+    }
+}
+
+/// Peers to keep: the configured ones, plus every member of the federation whose lease
+/// holds (suspected members are kept: their connection retries until the lease ends).
+pub(super) fn desired_peers(configured: &[PeerTarget], view: &View, me: &str) -> Vec<PeerTarget> {
+    let mut out: BTreeMap<String, PeerTarget> = view
+        .members
+        .iter()
+        .filter(|m| m.info.cluster != me && !m.expired)
+        .map(|m| {
+            (
+                m.info.cluster.clone(),
+                PeerTarget {
+                    cluster: m.info.cluster.clone(),
+                    address: m.info.tunnel_addr,
+                },
+            )
+        })
+        .collect();
+    for p in configured {
+        out.insert(p.cluster.clone(), p.clone());
+    }
+    out.into_values().collect()
+}
+
+/// Imports: the configured ones, plus every service another cluster exports to this one,
+/// on an address from the import range that stays the same while the service exists.
+/// Clusters are ordered alive first, then same region, then by id.
+///
+/// A headless service gets no shared address: each endpoint of each origin cluster gets
+/// its own import (and address), reaching exactly that endpoint.
+pub(super) fn desired_imports(local: &Local, view: &View, alloc: &mut Allocation) -> Vec<Import> {
+    let alive: BTreeMap<&str, bool> = view
+        .members
+        .iter()
+        .map(|m| (m.info.cluster.as_str(), m.alive))
+        .collect();
+    let mut found: BTreeMap<(String, String), Offers> = BTreeMap::new();
+    for e in &view.services {
+        if e.origin.cluster == local.cluster || !e.service.exported_to(&local.cluster) {
+            continue;
+        }
+        let slot = found
+            .entry((e.key.namespace.clone(), e.key.name.clone()))
+            .or_default();
+        for p in &e.service.ports {
+            slot.ports.entry(p.port).or_insert_with(|| p.name.clone());
+        }
+        slot.headless |= e.service.headless;
+        slot.origins.push((&e.origin, &e.service));
+    }
+    // Configured imports keep their addresses; discovered ones never take them.
+    let configured = &local.imports;
+    let reserved: Vec<IpAddr> = configured.iter().map(|i| i.address).collect();
+    let mut wanted: Vec<Wanted> = Vec::new();
+    for (
+        (namespace, name),
+        Offers {
+            ports,
+            mut origins,
+            headless,
+        },
+    ) in found
+    {
+        if configured
+            .iter()
+            .any(|i| i.namespace == namespace && i.name == name)
+        {
+            continue;
+        }
+        origins.sort_by_key(|(m, _)| {
+            (
+                !alive.get(m.cluster.as_str()).copied().unwrap_or(false),
+                m.region != local.region,
+                m.cluster.clone(),
+            )
+        });
+        let ports: Vec<ImportPort> = ports
+            .into_iter()
+            .map(|(port, name)| ImportPort {
+                name,
+                port,
+                listen: port,
+            })
+            .collect();
+        let base = format!("{namespace}/{name}");
+        if headless {
+            for (origin, service) in &origins {
+                for ep in &service.endpoints {
+                    wanted.push(Wanted {
+                        key: endpoint_key(&base, &origin.cluster, ep.address),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        ports: ports.clone(),
+                        clusters: vec![origin.cluster.clone()],
+                        endpoint: Some(ep.address),
+                    });
+                }
+            }
+        } else {
+            wanted.push(Wanted {
+                key: base,
+                namespace,
+                name,
+                ports,
+                clusters: origins.iter().map(|(m, _)| m.cluster.clone()).collect(),
+                endpoint: None,
+            });
+        }
+    }
+    alloc.0.retain(|k, _| wanted.iter().any(|w| w.key == *k));
+    let mut out: Vec<Import> = configured.to_vec();
+    for w in wanted {
+        let Some(range) = local.import_range else {
+            tracing::warn!(service = %w.key, "a discovered service needs discovery.import_addresses");
+            continue;
+        };
+        let Some(address) = alloc.allocate(range, &w.key, &reserved) else {
+            tracing::warn!(service = %w.key, %range, "no free import address; widen discovery.import_addresses");
+            continue;
+        };
+        out.push(Import {
+            name: w.name,
+            namespace: w.namespace,
+            address,
+            ports: w.ports,
+            clusters: w.clusters,
+            endpoint: w.endpoint,
+        });
+    }
+    out
+}
+
+/// The allocation key of one headless endpoint: `ns/name@cluster/address`.
+pub(super) fn endpoint_key(service: &str, cluster: &str, address: IpAddr) -> String {
+    format!("{service}@{cluster}/{address}")
+}
+
+/// What the federation offers of one service: the union of its ports, and its origins.
+#[derive(Default)]
+struct Offers<'a> {
+    ports: BTreeMap<u16, String>,
+    origins: Vec<(&'a MemberInfo, &'a Service)>,
+    headless: bool,
+}
+
+/// One import to allocate an address for.
+struct Wanted {
+    key: String,
+    namespace: String,
+    name: String,
+    ports: Vec<ImportPort>,
+    clusters: Vec<String>,
+    endpoint: Option<IpAddr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use strait_discovery::model::{Port, ServiceKey};
+    use strait_discovery::state::{CatalogEntry, MemberView, OriginDigest};
+
+    use super::*;
+
+    fn member(c: &str, region: &str, alive: bool) -> MemberView {
+        MemberView {
+            info: MemberInfo {
+                cluster: c.into(),
+                region: region.into(),
+                zone: String::new(),
+                tunnel_addr: "127.0.0.1:1".parse().unwrap(),
+                gossip_addr: "127.0.0.1:2".parse().unwrap(),
+            },
+            alive,
+            expired: false,
+            phi: 0.0,
+            last_heard: Duration::ZERO,
+            digest: OriginDigest::default(),
+            services: 1,
+        }
+    }
+
+    fn entry(origin: &MemberView, name: &str, export_to: &[&str]) -> CatalogEntry {
+        CatalogEntry {
+            origin: origin.info.clone(),
+            key: ServiceKey::new("shop", name),
+            service: Service {
+                ports: vec![Port {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "TCP".into(),
+                }],
+                endpoints: vec![],
+                export_to: export_to.iter().map(|s| s.to_string()).collect(),
+                weight: 1,
+                headless: false,
+            },
+            version: 1,
+            lease_age: Duration::ZERO,
+            origin_alive: origin.alive,
+        }
+    }
+
+    fn local(me: &MemberView, range: &str) -> Local {
+        Local {
+            cluster: me.info.cluster.clone(),
+            region: me.info.region.clone(),
+            zone: String::new(),
+            peers: vec![],
+            imports: vec![],
+            import_range: Some(range.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn imports_follow_the_catalog_with_stable_addresses_and_locality_order() {
+        let me = member("us-east", "us", true);
+        let near = member("us-west", "us", true);
+        let far = member("eu-west", "eu", true);
+        let down = member("ap-south", "ap", false);
+        let view = View {
+            members: vec![me.clone(), near.clone(), far.clone(), down.clone()],
+            services: vec![
+                entry(&me, "own", &["*"]),
+                entry(&far, "web", &["*"]),
+                entry(&near, "web", &["*"]),
+                entry(&down, "web", &["*"]),
+                entry(&far, "secret", &["ap-south"]),
+            ],
+        };
+        let local = local(&me, "127.0.10.0/29");
+        let range = local.import_range.unwrap();
+        let mut alloc = Allocation::default();
+        let imports = desired_imports(&local, &view, &mut alloc);
+        assert_eq!(
+            imports.len(),
+            1,
+            "own and not-exported-to-us services are not imported"
+        );
+        let web = &imports[0];
+        assert_eq!(
+            web.clusters,
+            vec!["us-west", "eu-west", "ap-south"],
+            "alive first, same region first"
+        );
+        assert!(range.contains(&web.address));
+        let again = desired_imports(&local, &view, &mut alloc);
+        assert_eq!(again[0].address, web.address, "address is stable");
+        let gone = View {
+            members: view.members.clone(),
+            services: vec![],
+        };
+        assert!(desired_imports(&local, &gone, &mut alloc).is_empty());
+        assert!(alloc.0.is_empty(), "a withdrawn service frees its address");
+    }
+
+    #[test]
+    fn discovered_imports_never_take_a_configured_address() {
+        let range: IpNet = "127.0.10.0/30".parse().unwrap();
+        let reserved: IpAddr = "127.0.10.1".parse().unwrap();
+        let mut alloc = Allocation::default();
+        assert_eq!(
+            alloc.allocate(range, "x/a", &[reserved]),
+            Some("127.0.10.2".parse().unwrap())
+        );
+        assert_eq!(alloc.allocate(range, "x/b", &[reserved]), None);
+    }
+
+    #[test]
+    fn addresses_do_not_collide() {
+        let range: IpNet = "127.0.10.0/30".parse().unwrap();
+        let mut alloc = Allocation::default();
+        let a = alloc.allocate(range, "x/a", &[]).unwrap();
+        let b = alloc.allocate(range, "x/b", &[]).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(
+            alloc.allocate(range, "x/c", &[]),
+            None,
+            "a /30 has two hosts"
+        );
+    }
+
+    #[test]
+    fn peers_are_members_plus_configured() {
+        let me = member("us-east", "us", true);
+        let mut gone = member("old", "us", false);
+        gone.expired = true;
+        let view = View {
+            members: vec![me.clone(), member("eu-west", "eu", false), gone],
+            services: vec![],
+        };
+        let fixed = PeerTarget {
+            cluster: "static".into(),
+            address: "127.0.0.1:9".parse().unwrap(),
+        };
+        let peers = desired_peers(std::slice::from_ref(&fixed), &view, "us-east");
+        let names: Vec<_> = peers.iter().map(|p| p.cluster.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["eu-west", "static"],
+            "suspected members stay, expired ones and self do not"
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! How long a gateway's tasks live: one stop signal that every task watches, and a tracker
+//! that lets the gateway wait for them to end. Stopping is a signal handed to each
+//! component, not a side effect of dropping something.
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// A gateway's (or one part's) lifetime. Clones share it; [`Lifetime::child`] makes one
+/// that ends with its parent or on its own (a listener closed, a peer removed).
+#[derive(Clone, Debug, Default)]
+pub struct Lifetime {
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Lifetime {
+    /// A new lifetime, running until [`Lifetime::stop`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A lifetime that ends when this one does, or earlier when stopped itself; its tasks
+    /// are waited for with this one's.
+    pub fn child(&self) -> Self {
+        Self {
+            stop: self.stop.child_token(),
+            tasks: self.tasks.clone(),
+        }
+    }
+
+    /// Ends the lifetime: every task spawned in it (and in its children) stops at its
+    /// next await point.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Whether it has ended.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Resolves when the lifetime ends.
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// `task`, ended early when the lifetime ends.
+    pub fn bound<F: Future<Output = ()>>(&self, task: F) -> impl Future<Output = ()> + use<F> {
+        let stop = self.stop.clone();
+        async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = task => {}
+            }
+        }
+    }
+
+    /// Spawns `task` for the length of this lifetime, in the current tracing span.
+    pub fn spawn<F: Future<Output = ()> + Send + 'static>(&self, task: F) {
+        self.tasks.spawn(self.bound(task).in_current_span());
+    }
+
+    /// Waits (at most `limit`) for every task spawned in this lifetime to end; call after
+    /// [`Lifetime::stop`].
+    pub async fn wait(&self, limit: std::time::Duration) -> bool {
+        self.tasks.close();
+        tokio::time::timeout(limit, self.tasks.wait()).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn stopping_ends_tasks_and_children_but_a_child_stops_alone() {
+        let life = Lifetime::new();
+        let child = life.child();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&str>();
+        for (name, l) in [("parent", &life), ("child", &child)] {
+            let tx = tx.clone();
+            let guard = Sent(tx, name);
+            l.spawn(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+            });
+        }
+        child.stop();
+        assert_eq!(rx.recv().await, Some("child"));
+        assert!(
+            !life.is_stopped(),
+            "a child's stop leaves the parent running"
+        );
+        life.stop();
+        assert_eq!(rx.recv().await, Some("parent"));
+        assert!(life.wait(Duration::from_secs(5)).await, "every task ended");
+    }
+
+    /// Reports its name when dropped (its task ended).
+    struct Sent(
+        tokio::sync::mpsc::UnboundedSender<&'static str>,
+        &'static str,
+    );
+
+    impl Drop for Sent {
+        fn drop(&mut self) {
+            let _ = self.0.send(self.1);
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `strait status`: a running gateway's view of the federation, read from its admin API.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use strait_common::api::{Member, Peer, Route};
+
+use crate::client::Admin;
+
+/// Prints members (or static peers), and imported services.
+pub async fn print(admin: SocketAddr) -> anyhow::Result<()> {
+    println!("{}", render(admin).await?);
+    Ok(())
+}
+
+/// The status text.
+pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
+    let admin = Admin::new(admin);
+    let services = admin.services().await?;
+    let peers = admin.peers().await?;
+    let members = admin.members().await?;
+    let routes = admin.routes().await?;
+    let cluster = services.cluster.as_str();
+    let mut out = String::new();
+    let rtt = |c: &str| {
+        peers
+            .iter()
+            .find(|p| p.cluster == c)
+            .and_then(|p| p.rtt_ms)
+            .map_or("-".to_owned(), |r| format!("{r:.1}ms"))
+    };
+    match members {
+        Ok(rows) => members_table(&mut out, cluster, &rows, rtt),
+        Err(_) => peers_table(&mut out, cluster, &peers, rtt),
+    }
+    let _ = writeln!(out, "\nimported services: {}\n", services.imports.len());
+    let _ = writeln!(
+        out,
+        "{:<28} {:>6}  {:<24} ROUTE (best first; out of rotation in brackets)",
+        "SERVICE", "PORT", "LISTEN"
+    );
+    for i in &services.imports {
+        let route = routes
+            .iter()
+            .find(|r| r.service == i.service)
+            .map(route_line)
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<28} {:>6}  {:<24} {}",
+            i.service,
+            i.port.to_string(),
+            i.address.to_string(),
+            route
+        );
+    }
+    let _ = write!(out, "\nexported services: {}", services.exports.len());
+    Ok(out)
+}
+
+fn members_table(out: &mut String, cluster: &str, rows: &[Member], rtt: impl Fn(&str) -> String) {
+    let _ = writeln!(
+        out,
+        "gateway {cluster}: {} members (discovery)\n",
+        rows.len()
+    );
+    let _ = writeln!(
+        out,
+        "{:<14} {:<14} {:<8} {:>8} {:>9} {:>11} {:>6}",
+        "CLUSTER", "REGION", "STATE", "RTT", "SERVICES", "LAST HEARD", "PHI"
+    );
+    for m in rows {
+        let me = m.cluster == cluster;
+        let state = if me {
+            "self"
+        } else if m.expired {
+            "expired"
+        } else if m.alive {
+            "alive"
+        } else {
+            "suspect"
+        };
+        let heard = if me {
+            "-".to_owned()
+        } else {
+            format!("{:.1}s ago", m.last_heard_seconds)
+        };
+        let _ = writeln!(
+            out,
+            "{:<14} {:<14} {:<8} {:>8} {:>9} {:>11} {:>6.1}",
+            m.cluster,
+            m.region,
+            state,
+            if me { "-".to_owned() } else { rtt(&m.cluster) },
+            m.services.to_string(),
+            heard,
+            m.phi
+        );
+    }
+}
+
+fn peers_table(out: &mut String, cluster: &str, rows: &[Peer], rtt: impl Fn(&str) -> String) {
+    let _ = writeln!(
+        out,
+        "gateway {cluster}: {} static peers (no discovery)\n",
+        rows.len()
+    );
+    let _ = writeln!(
+        out,
+        "{:<14} {:<22} {:<11} {:>8}  LAST ERROR",
+        "CLUSTER", "ADDRESS", "TUNNEL", "RTT"
+    );
+    for p in rows {
+        let _ = writeln!(
+            out,
+            "{:<14} {:<22} {:<11} {:>8}  {}",
+            p.cluster,
+            p.address,
+            p.status.as_str(),
+            rtt(&p.cluster),
+            p.last_error.as_deref().unwrap_or("")
+        );
+    }
+}
+
+/// One service's ranked clusters: `a, b [peer-down]`, with a ramping share as a percentage.
+fn route_line(r: &Route) -> String {
+    r.clusters
+        .iter()
+        .map(|c| match &c.reason {
+            Some(why) => format!("[{}: {why}]", c.cluster),
+            None if c.share < 1.0 => format!("{} ({:.0}%)", c.cluster, c.share * 100.0),
+            None => c.cluster.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
