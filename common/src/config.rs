@@ -93,6 +93,23 @@ pub struct Discovery {
     pub reload_interval: HumanDuration,
 }
 
+impl Discovery {
+    /// Discovery through `seeds`, importing on `import_addresses`, everything else at its
+    /// default (as a `discovery:` block with only those two fields).
+    pub fn new(seeds: Vec<SocketAddr>, import_addresses: ipnet::IpNet) -> Self {
+        Discovery {
+            seeds,
+            import_addresses,
+            interval: default_gossip_interval(),
+            fanout: default_fanout(),
+            lease: default_lease(),
+            phi_threshold: default_phi(),
+            advertise: None,
+            reload_interval: default_exports_reload(),
+        }
+    }
+}
+
 fn default_gossip_interval() -> HumanDuration {
     HumanDuration(Duration::from_millis(100))
 }
@@ -201,6 +218,18 @@ pub struct TlsFiles {
     /// connections without dropping established ones.
     #[serde(default = "default_reload_interval")]
     pub reload_interval: HumanDuration,
+}
+
+impl TlsFiles {
+    /// These files, checked for changes at the default interval.
+    pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        TlsFiles {
+            ca,
+            cert,
+            key,
+            reload_interval: default_reload_interval(),
+        }
+    }
 }
 
 fn default_reload_interval() -> HumanDuration {
@@ -390,10 +419,6 @@ pub struct Import {
     pub ports: Vec<ImportPort>,
     /// Clusters serving the service, tried in this order.
     pub clusters: Vec<String>,
-    /// For one endpoint of a headless service: the endpoint's address in its cluster, the
-    /// only backend this import reaches. Set by discovery, never read from the file.
-    #[serde(skip)]
-    pub endpoint: Option<IpAddr>,
 }
 
 /// One port of an imported service.
@@ -461,6 +486,41 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl Config {
+    /// The typed twin of the smallest config file: a cluster, its region, the trust
+    /// domain, the tunnel address and the certificate files; every other section at its
+    /// default. It is not checked: write it to a file and [`Config::load`] it, as an
+    /// operator's file would be.
+    pub fn new(
+        cluster: &str,
+        region: &str,
+        trust_domain: &str,
+        tunnel: SocketAddr,
+        tls: TlsFiles,
+    ) -> Config {
+        Config {
+            cluster: cluster.to_owned(),
+            region: region.to_owned(),
+            zone: String::new(),
+            trust_domain: trust_domain.to_owned(),
+            listen: Listen {
+                tunnel,
+                admin: default_admin(),
+                discovery: None,
+                dns: None,
+            },
+            tls,
+            tunnel: TunnelTuning::default(),
+            exports: Vec::new(),
+            peers: Vec::new(),
+            imports: Vec::new(),
+            discovery: None,
+            routing: routing::Routing::default(),
+            faults: None,
+            dns: Dns::default(),
+            source: None,
+        }
+    }
+
     /// Reads, parses and validates a configuration file. Relative certificate paths are
     /// resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

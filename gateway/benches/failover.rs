@@ -14,11 +14,13 @@
 //!
 //! Run: `cargo bench -p strait-gateway --bench failover` (options after `--`:
 //! `--runs N` (default 3), `--rate R` (default 500), `--out FILE.md` (relative to the
-//! workspace), `--west-yaml 'tunnel:\n  keep_alive: 500ms'` (appended to west's config)).
+//! workspace), `--west-yaml 'tunnel:\n  keep_alive: 200ms'` (top-level sections set in
+//! west's config, as if appended to its file)).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use strait_common::Config;
 use strait_gateway::demo::backend::Backend;
 use strait_gateway::tunnel::peers::PeerStatus;
 use strait_ops::load::{Load, LoadSpec, Sample, reroute};
@@ -50,6 +52,27 @@ fn p99(samples: &[&Sample]) -> Duration {
         .unwrap_or_default()
 }
 
+/// Sets the top-level sections of `yaml` (e.g. `tunnel:` with other timings) in `config`,
+/// as appending them to its file would: a section given replaces the whole section, and
+/// what it leaves out takes its default.
+fn set_sections(config: &mut Config, yaml: &str) {
+    if yaml.trim().is_empty() {
+        return;
+    }
+    let extra: serde_yaml::Mapping = serde_yaml::from_str(yaml)
+        .unwrap_or_else(|e| panic!("--west-yaml is not a YAML mapping: {e}"));
+    let serde_yaml::Value::Mapping(mut merged) =
+        serde_yaml::to_value(&*config).expect("a config serializes")
+    else {
+        unreachable!("a config serializes to a mapping")
+    };
+    for (key, value) in extra {
+        merged.insert(key, value);
+    }
+    *config = serde_yaml::from_value(serde_yaml::Value::Mapping(merged))
+        .unwrap_or_else(|e| panic!("--west-yaml does not fit west's config: {e}"));
+}
+
 async fn run_once(fault: Fault, rate: f64, west_extra: &str) -> Outcome {
     let pki = TestPki::new();
     let be = Backend::http_hello("hello from east\n".into())
@@ -58,14 +81,17 @@ async fn run_once(fault: Fault, rate: f64, west_extra: &str) -> Outcome {
     let bn = Backend::http_hello("hello from north\n".into())
         .await
         .unwrap();
-    let exporting = |b: &Backend| format!("exports:\n{}", export("svc", 7000, b.addr, "[\"*\"]"));
     let mut children = Vec::new();
     let mut tunnel = |name: &str, backend: &Backend| {
         let (probe, addr) = udp();
         drop(probe);
         pki.write(name, &pki.issue(name));
-        let config = pki.write_config(name, addr, &exporting(backend));
-        children.push(spawn_strait(env!("CARGO_BIN_EXE_strait"), &config));
+        let mut config = pki.config(name, addr);
+        config
+            .exports
+            .push(export("svc", 7000, backend.addr, &["*"]));
+        let path = pki.write_config(&config);
+        children.push(spawn_strait(env!("CARGO_BIN_EXE_strait"), &path));
         addr
     };
     let east = tunnel("east", &be);
@@ -73,14 +99,10 @@ async fn run_once(fault: Fault, rate: f64, west_extra: &str) -> Outcome {
     let relay = UdpRelay::new(east).await;
     let (uw, _) = udp();
     let west = pki
-        .gateway(
-            "west",
-            uw,
-            &format!(
-                "{}{west_extra}",
-                import_from("svc", 7000, &[("east", relay.addr), ("north", north)])
-            ),
-        )
+        .gateway("west", uw, |c| {
+            import_from(c, "svc", 7000, &[("east", relay.addr), ("north", north)]);
+            set_sections(c, west_extra);
+        })
         .await;
     wait_peer(&west, "east", PeerStatus::Up).await;
     wait_peer(&west, "north", PeerStatus::Up).await;
@@ -134,7 +156,7 @@ fn main() {
     };
     let runs: usize = opt("--runs").and_then(|v| v.parse().ok()).unwrap_or(3);
     let rate: f64 = opt("--rate").and_then(|v| v.parse().ok()).unwrap_or(500.0);
-    // YAML appended to west's config, e.g. other tunnel timings for a comparison.
+    // YAML sections for west's config, e.g. other tunnel timings for a comparison.
     let west_extra = opt("--west-yaml").unwrap_or_default().replace("\\n", "\n");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

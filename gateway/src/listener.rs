@@ -474,7 +474,7 @@ mod tests {
         // Withdrawn: the port stops accepting.
         assert!(s.listeners.reconcile(&[]).await.is_empty());
         assert!(s.listeners.address("shop/web", 80).is_none());
-        strait_tests::eventually(Duration::from_secs(5), "listener closed", || {
+        strait_tests::eventually(Duration::from_secs(5), "listener closed", async || {
             std::net::TcpStream::connect(addr).is_err()
         })
         .await;
@@ -523,7 +523,7 @@ mod tests {
             s.listeners.address("shop/web", 80).is_none(),
             "not at once: on the retry timer"
         );
-        strait_tests::eventually(Duration::from_secs(10), "bound once free", || {
+        strait_tests::eventually(Duration::from_secs(10), "bound once free", async || {
             s.listeners.address("shop/web", 80).map(|a| a.port()) == Some(port)
         })
         .await;

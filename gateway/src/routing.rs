@@ -772,7 +772,7 @@ pub(crate) mod tests {
                 services: vec![],
             });
         });
-        strait_tests::eventually(Duration::from_secs(5), "policy applied", || {
+        strait_tests::eventually(Duration::from_secs(5), "policy applied", async || {
             s.routing.report(Some("shop/web")).pop().unwrap().mode == Mode::Priority
         })
         .await;

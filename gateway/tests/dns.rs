@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hickory_client::client::{Client, ClientHandle};
 use hickory_client::proto::op::ResponseCode;
@@ -15,8 +15,10 @@ use hickory_client::proto::runtime::TokioRuntimeProvider;
 use hickory_client::proto::tcp::TcpClientStream;
 use hickory_client::proto::udp::UdpClientStream;
 use hickory_client::proto::xfer::DnsResponse;
+use strait_common::Config;
+use strait_common::pki::write_atomic;
 use strait_gateway::demo::{self, Demo, DemoArgs};
-use strait_tests::within;
+use strait_tests::{eventually, within};
 
 async fn federation() -> Demo {
     strait_gateway::raise_fd_limit();
@@ -182,18 +184,6 @@ async fn every_record_form_over_udp_and_tcp() {
     }
 }
 
-/// Polls `check` until it holds; returns how long that took.
-async fn until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    within(limit, async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    start.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_follow_the_catalog_when_an_endpoint_turns_unready_or_a_cluster_goes_down() {
     let mut d = federation().await;
@@ -215,18 +205,19 @@ async fn answers_follow_the_catalog_when_an_endpoint_turns_unready_or_a_cluster_
 
     // b's pod turns unready in b's config: gone from the answer, and its name is NXDOMAIN.
     let path = &d.regions[1].config_path;
-    let yaml = std::fs::read_to_string(path).unwrap();
-    // Only the headless export (the last one) turns unready; hello stays ready.
-    let edited = {
-        let (head, tail) =
-            yaml.split_at(yaml.find("- name: hello-pods").expect("demo config shape"));
-        format!(
-            "{head}{}",
-            tail.replace("hostname: hello-0}", "hostname: hello-0, ready: false}")
-        )
-    };
-    std::fs::write(path, edited).unwrap();
-    let took = until(Duration::from_secs(10), async || {
+    let mut config = Config::load(path).unwrap();
+    // Only the headless export turns unready; hello stays ready.
+    let pods_export = config
+        .exports
+        .iter_mut()
+        .find(|e| e.name == "hello-pods")
+        .expect("demo config shape");
+    for endpoint in &mut pods_export.endpoints {
+        endpoint.ready = false;
+    }
+    let yaml = serde_yaml::to_string(&config).unwrap();
+    write_atomic(path, yaml.as_bytes(), false).unwrap();
+    let took = eventually(Duration::from_secs(10), "b's pod left DNS", async || {
         ask(&mut client, &pod_of(&b), RecordType::A)
             .await
             .response_code()
@@ -241,7 +232,7 @@ async fn answers_follow_the_catalog_when_an_endpoint_turns_unready_or_a_cluster_
 
     // c goes down: once the federation sees it, its pod goes too; the ClusterSetIP stays.
     d.take_down(&c).await.unwrap();
-    let took = until(Duration::from_secs(15), async || {
+    let took = eventually(Duration::from_secs(15), "c's pod left DNS", async || {
         ask(&mut client, &pod_of(&c), RecordType::A)
             .await
             .response_code()

@@ -10,7 +10,7 @@ use strait_gateway::demo::{self, Demo, DemoArgs, TOKEN_FILE};
 use strait_ops::client::Admin;
 use strait_ops::drill::analysis::Verdict;
 use strait_ops::drill::{self, Scenario};
-use strait_tests::within;
+use strait_tests::{eventually, within};
 
 async fn federation() -> Demo {
     strait_gateway::raise_fd_limit();
@@ -106,16 +106,18 @@ async fn an_interrupted_drill_undoes_its_faults() {
     let admins: Vec<SocketAddr> = d.regions.iter().map(|r| r.gateway().admin_addr()).collect();
     // The operator presses Ctrl-C once both faults are in place.
     let interrupt = async {
-        loop {
-            let mut n = 0;
-            for a in &admins {
-                n += active_faults(&d, *a).await.len();
-            }
-            if n == 2 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            Duration::from_secs(30),
+            "both faults in place",
+            async || {
+                let mut n = 0;
+                for a in &admins {
+                    n += active_faults(&d, *a).await.len();
+                }
+                n == 2
+            },
+        )
+        .await;
     };
     let report = within(Duration::from_secs(30), drill::run(s, interrupt))
         .await
@@ -226,10 +228,10 @@ async fn the_fault_api_wants_the_token_and_explains_bad_requests() {
         .unwrap();
     assert_eq!(code, 201, "{body}");
     assert_eq!(active_faults(&d, admin).await.len(), 1);
-    within(Duration::from_secs(5), async {
-        while !active_faults(&d, admin).await.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the fault ended on its own",
+        async || active_faults(&d, admin).await.is_empty(),
+    )
     .await;
 }

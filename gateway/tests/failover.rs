@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use strait_common::Config;
 use strait_common::config::routing::Mode;
 use strait_gateway::Gateway;
 use strait_gateway::demo::backend::Backend;
@@ -17,7 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// West's tuning: failback after 1 s, at once; quick reconnects so healing is quick too.
-const WEST: &str = "tunnel:\n  connect_timeout: 1s\n  max_backoff: 200ms\nrouting:\n  default:\n    dwell: 1s\n    slow_start: 0s\n";
+fn west_tuning(c: &mut Config) {
+    c.tunnel.connect_timeout = ms(1000);
+    c.tunnel.max_backoff = ms(200);
+    c.routing.default.dwell = Some(ms(1000));
+    c.routing.default.slow_start = Some(ms(0));
+}
 
 async fn hello(name: &str) -> Backend {
     Backend::http_hello(format!("hello from {name}\n"))
@@ -25,26 +31,30 @@ async fn hello(name: &str) -> Backend {
         .expect("backend")
 }
 
-fn exporting(backend: SocketAddr) -> String {
-    format!("exports:\n{}", export("svc", 7000, backend, "[\"*\"]"))
+/// Exports `svc` (port 7000, forwarding to `backend`) to everyone.
+fn exporting(c: &mut Config, backend: SocketAddr) {
+    c.exports.push(export("svc", 7000, backend, &["*"]));
 }
 
-/// West importing from `east` at `east_addr` and from `north`.
-async fn west(pki: &TestPki, east_addr: SocketAddr, north: &Gateway, extra: &str) -> Gateway {
+/// West's config: it imports from `east` at `east_addr` and from `north`, tuned.
+fn west_config(c: &mut Config, east_addr: SocketAddr, north: SocketAddr) {
+    import_from(c, "svc", 7000, &[("east", east_addr), ("north", north)]);
+    west_tuning(c);
+}
+
+/// West importing from `east` at `east_addr` and from `north`; `extra` adjusts its config.
+async fn west(
+    pki: &TestPki,
+    east_addr: SocketAddr,
+    north: &Gateway,
+    extra: impl FnOnce(&mut Config),
+) -> Gateway {
     let (uw, _) = udp();
     let west = pki
-        .gateway(
-            "west",
-            uw,
-            &format!(
-                "{}{WEST}{extra}",
-                import_from(
-                    "svc",
-                    7000,
-                    &[("east", east_addr), ("north", north.tunnel_addr())]
-                )
-            ),
-        )
+        .gateway("west", uw, |c| {
+            west_config(c, east_addr, north.tunnel_addr());
+            extra(c);
+        })
         .await;
     wait_peer(&west, "east", PeerStatus::Up).await;
     wait_peer(&west, "north", PeerStatus::Up).await;
@@ -61,13 +71,19 @@ struct Federation {
     _pki: TestPki,
 }
 
-async fn federation(east_backend: SocketAddr, relayed: bool, extra: &str) -> Federation {
+async fn federation(
+    east_backend: SocketAddr,
+    relayed: bool,
+    extra: impl FnOnce(&mut Config),
+) -> Federation {
     let pki = TestPki::new();
     let bn = hello("north").await;
     let (ue, ae) = udp();
     let (un, _) = udp();
-    let east = pki.gateway("east", ue, &exporting(east_backend)).await;
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
+    let east = pki
+        .gateway("east", ue, |c| exporting(c, east_backend))
+        .await;
+    let north = pki.gateway("north", un, |c| exporting(c, bn.addr)).await;
     let relay = if relayed {
         Some(UdpRelay::new(ae).await)
     } else {
@@ -112,7 +128,7 @@ async fn served_by(load: &Load, cluster: &str, n: usize) {
     eventually(
         Duration::from_secs(10),
         &format!("{n} connections served by {cluster}"),
-        || count() >= n,
+        async || count() >= n,
     )
     .await;
 }
@@ -222,7 +238,7 @@ async fn judge_recovery(west: &Gateway, load: Load, fault: Duration, healed: Dur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackholed_region_reroutes_with_no_failed_connections_and_fails_back() {
     let be = hello("east").await;
-    let fed = federation(be.addr, true, "").await;
+    let fed = federation(be.addr, true, |_| {}).await;
     let (west, relay) = (&fed.west, fed.relay());
     let target = listener(west);
     let established = long_lived(target).await;
@@ -285,10 +301,12 @@ async fn killed_gateway_process_reroutes_with_no_failed_connections_and_fails_ba
     let (probe, ae) = udp();
     drop(probe);
     pki.write("east", &pki.issue("east"));
-    let mut east = Process::spawn(&pki.write_config("east", ae, &exporting(be.addr)));
+    let mut east_config = pki.config("east", ae);
+    exporting(&mut east_config, be.addr);
+    let mut east = Process::spawn(&pki.write_config(&east_config));
     let (un, _) = udp();
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
-    let west = west(&pki, ae, &north, "").await;
+    let north = pki.gateway("north", un, |c| exporting(c, bn.addr)).await;
+    let west = west(&pki, ae, &north, |_| {}).await;
     let target = listener(&west);
     let established = long_lived(target).await;
 
@@ -305,7 +323,7 @@ async fn killed_gateway_process_reroutes_with_no_failed_connections_and_fails_ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_backends_are_ejected_with_no_failed_connections() {
     let be = hello("east").await;
-    let fed = federation(be.addr, false, "").await;
+    let fed = federation(be.addr, false, |_| {}).await;
     let west = &fed.west;
     let load = load(listener(west), 3);
     served_by(&load, "east", 20).await;
@@ -346,7 +364,10 @@ async fn dead_backends_are_ejected_with_no_failed_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spill_limit_sends_the_overflow_to_the_next_cluster() {
     let be = hello("east").await;
-    let fed = federation(be.addr, false, "    max_connections_per_cluster: 2\n").await;
+    let fed = federation(be.addr, false, |c| {
+        c.routing.default.max_connections_per_cluster = Some(2)
+    })
+    .await;
     let west = &fed.west;
     let target = listener(west);
     let _a = long_lived(target).await;
@@ -370,28 +391,24 @@ async fn routing_policy_reloads_from_the_config_file() {
     let (be, bn) = (hello("east").await, hello("north").await);
     let (ue, ae) = udp();
     let (un, _) = udp();
-    let _east = pki.gateway("east", ue, &exporting(be.addr)).await;
-    let north = pki.gateway("north", un, &exporting(bn.addr)).await;
-    let west = west(&pki, ae, &north, "").await;
+    let _east = pki.gateway("east", ue, |c| exporting(c, be.addr)).await;
+    let north = pki.gateway("north", un, |c| exporting(c, bn.addr)).await;
+    let west = west(&pki, ae, &north, |_| {}).await;
     let target = listener(&west);
     assert_eq!(http_get(target, "/").await.1, "hello from east\n");
 
     // Rewrite west's file: north first. The gateway picks it up while running.
-    let imports = import_from("svc", 7000, &[("east", ae), ("north", north.tunnel_addr())]);
-    let policy = "    mode: priority\n    priority: [north, east]\n";
-    pki.write_config(
-        "west",
-        west.tunnel_addr(),
-        &format!("{imports}{WEST}{policy}"),
-    );
+    let mut rewritten = pki.config("west", west.tunnel_addr());
+    west_config(&mut rewritten, ae, north.tunnel_addr());
+    rewritten.routing.default.mode = Some(Mode::Priority);
+    rewritten.routing.default.priority = Some(vec!["north".into(), "east".into()]);
+    pki.write_config(&rewritten);
     let mut served = String::new();
-    for _ in 0..250 {
+    eventually(Duration::from_secs(5), "policy reloaded", async || {
         served = http_get(target, "/").await.1;
-        if served == "hello from north\n" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        served == "hello from north\n"
+    })
+    .await;
     assert_eq!(served, "hello from north\n", "policy reloaded");
     let route = admin(&west).route("default/svc").await.unwrap().unwrap();
     assert_eq!(route.mode, Mode::Priority, "{route:?}");
@@ -403,7 +420,7 @@ async fn routing_policy_reloads_from_the_config_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_loss_towards_a_peer_is_caught_by_missing_probe_echoes() {
     let be = hello("east").await;
-    let fed = federation(be.addr, true, "").await;
+    let fed = federation(be.addr, true, |_| {}).await;
     let load = load(listener(&fed.west), 4);
     served_by(&load, "east", 20).await;
     // East's own keep-alives still reach west; only what west sends is lost.
@@ -451,7 +468,7 @@ async fn recorder() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_never_replays_the_request_on_the_next_cluster() {
     let (east_backend, east_saw, _t) = recorder().await;
-    let fed = federation(east_backend, true, "").await;
+    let fed = federation(east_backend, true, |_| {}).await;
     let west = &fed.west;
     // East still hears west and connects its endpoint, but its answers are lost.
     fed.relay().blackhole_from_target();
@@ -478,7 +495,7 @@ async fn a_lost_answer_never_replays_the_request_on_the_next_cluster() {
     eventually(
         Duration::from_secs(5),
         "east's endpoint connection ended",
-        || !east_saw.lock().unwrap().is_empty(),
+        async || !east_saw.lock().unwrap().is_empty(),
     )
     .await;
     assert!(

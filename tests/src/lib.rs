@@ -6,7 +6,11 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use strait_common::config::{
+    Discovery, Endpoint, Export, Import, ImportPort, Peer, Protocol, ServicePort, TlsFiles,
+};
 use strait_common::pki::{CertificateAuthority, IssuedCert, write_atomic};
+use strait_common::units::HumanDuration;
 use strait_common::{Config, GatewayId};
 use strait_gateway::Gateway;
 use strait_gateway::tunnel::peers::PeerStatus;
@@ -55,26 +59,54 @@ impl TestPki {
         cert.save(self.dir.path(), name).expect("write cert");
     }
 
-    /// Writes (or rewrites, atomically) `<cluster>.yaml`: the base config plus `extra`.
-    pub fn write_config(&self, cluster: &str, tunnel: SocketAddr, extra: &str) -> PathBuf {
-        let yaml = format!(
-            "cluster: {cluster}\nregion: {cluster}-region\ntrust_domain: {TD}\nlisten:\n  tunnel: {tunnel}\n  admin: 127.0.0.1:0\n  discovery: 127.0.0.1:0\ntls:\n  ca: ca.pem\n  cert: {cluster}.pem\n  key: {cluster}.key\n  reload_interval: 100ms\n{extra}"
+    /// The base config of `cluster`: its certificate files in this directory (re-read
+    /// every 100 ms), the tunnel on `tunnel`, admin and gossip on ephemeral loopback ports.
+    pub fn config(&self, cluster: &str, tunnel: SocketAddr) -> Config {
+        let file = |name: String| self.dir.path().join(name);
+        let mut tls = TlsFiles::new(
+            self.ca_path(),
+            file(format!("{cluster}.pem")),
+            file(format!("{cluster}.key")),
         );
-        let path = self.dir.path().join(format!("{cluster}.yaml"));
+        tls.reload_interval = ms(100);
+        let mut c = Config::new(cluster, &format!("{cluster}-region"), TD, tunnel, tls);
+        c.listen.admin = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.listen.discovery = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        c
+    }
+
+    /// Writes (or rewrites, atomically) `config` as `<cluster>.yaml`, the file an operator
+    /// would edit; its path.
+    pub fn write_config(&self, config: &Config) -> PathBuf {
+        let yaml = serde_yaml::to_string(config).expect("a config serializes");
+        let path = self.dir.path().join(format!("{}.yaml", config.cluster));
         write_atomic(&path, yaml.as_bytes(), false).expect("write config");
         path
     }
 
-    /// Starts a gateway for `cluster` on `udp` with a fresh certificate; `extra` is YAML
-    /// appended to the generated base config (exports, peers, imports, tunnel tuning).
-    pub async fn gateway(&self, cluster: &str, udp: UdpSocket, extra: &str) -> Gateway {
+    /// Starts a gateway for `cluster` on `udp` with a fresh certificate. `setup` adds what
+    /// the test needs (exports, peers, imports, tuning) to the base config; the result goes
+    /// through its file and [`Config::load`], as an operator's config does.
+    pub async fn gateway(
+        &self,
+        cluster: &str,
+        udp: UdpSocket,
+        setup: impl FnOnce(&mut Config),
+    ) -> Gateway {
         self.write(cluster, &self.issue(cluster));
-        let path = self.write_config(cluster, udp.local_addr().expect("addr"), extra);
+        let mut config = self.config(cluster, udp.local_addr().expect("addr"));
+        setup(&mut config);
+        let path = self.write_config(&config);
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
         Gateway::start_on(config, udp)
             .await
             .expect("gateway starts")
     }
+}
+
+/// A duration of `n` milliseconds, as config fields take it.
+pub fn ms(n: u64) -> HumanDuration {
+    HumanDuration(Duration::from_millis(n))
 }
 
 /// A UDP socket on an ephemeral loopback port, and its address.
@@ -88,27 +120,49 @@ pub fn udp() -> (UdpSocket, SocketAddr) {
     (s, a)
 }
 
-/// YAML exporting `service` (namespace `default`) on `port` to `target` on 127.0.0.1.
-pub fn export(service: &str, port: u16, target: SocketAddr, export_to: &str) -> String {
-    format!(
-        "  - name: {service}\n    ports: [{{name: p, port: {port}, target_port: {}}}]\n    endpoints: [{{address: {}}}]\n    export_to: {export_to}\n",
-        target.port(),
-        target.ip()
-    )
+/// An export of `service` (namespace `default`) on `port`, forwarding to `target`, for
+/// the clusters in `export_to` (`"*"`: all).
+pub fn export(service: &str, port: u16, target: SocketAddr, export_to: &[&str]) -> Export {
+    Export {
+        name: service.into(),
+        namespace: "default".into(),
+        ports: vec![ServicePort {
+            name: "p".into(),
+            port,
+            target_port: Some(target.port()),
+            protocol: Protocol::default(),
+        }],
+        endpoints: vec![Endpoint {
+            address: target.ip(),
+            hostname: None,
+            ready: true,
+        }],
+        export_to: export_to.iter().map(|c| c.to_string()).collect(),
+        weight: 1,
+        headless: false,
+    }
 }
 
-/// YAML with peers and an import of `service`/`port` from them, on an ephemeral port.
-pub fn import_from(service: &str, port: u16, peers: &[(&str, SocketAddr)]) -> String {
-    let mut y = String::from("peers:\n");
-    for (c, a) in peers {
-        y += &format!("  - cluster: {c}\n    address: {a}\n");
+/// Adds `peers` and an import of `service`/`port` from them (tried in that order), on an
+/// ephemeral port of 127.0.0.1.
+pub fn import_from(config: &mut Config, service: &str, port: u16, peers: &[(&str, SocketAddr)]) {
+    for (cluster, address) in peers {
+        config.peers.push(Peer {
+            cluster: cluster.to_string(),
+            address: *address,
+        });
     }
-    let names: Vec<_> = peers.iter().map(|(c, _)| *c).collect();
-    y += &format!(
-        "imports:\n  - name: {service}\n    address: 127.0.0.1\n    ports: [{{name: p, port: {port}, listen_port: 0}}]\n    clusters: [{}]\n",
-        names.join(", ")
-    );
-    y
+    config.imports.push(Import {
+        name: service.into(),
+        namespace: "default".into(),
+        address: [127, 0, 0, 1].into(),
+        ports: vec![ImportPort {
+            name: "p".into(),
+            port,
+            listen_port: Some(0),
+        }],
+        clusters: peers.iter().map(|(c, _)| c.to_string()).collect(),
+    });
 }
 
 /// Waits (bounded) for a peer of `g` to reach `status`.
@@ -126,16 +180,26 @@ pub async fn within<F: Future>(limit: Duration, fut: F) -> F::Output {
         .unwrap_or_else(|_| panic!("not done within {limit:?}"))
 }
 
-/// Polls `cond` every 20 ms until it holds, for at most `limit`.
-pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Polls `cond` every 20 ms until it holds, for at most `limit`; how long that took. The
+/// one bounded wait of the tests: it panics naming `what` when time runs out.
+pub async fn eventually(
+    limit: Duration,
+    what: &str,
+    mut cond: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    // The limit bounds the checks too: a check that hangs fails the wait, not the suite.
+    let polled = tokio::time::timeout(limit, async {
+        while !cond().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        polled.is_ok(),
+        "timed out after {limit:?} waiting for: {what}"
+    );
+    started.elapsed()
 }
 
 /// The value of a metric line (name with labels, exactly as rendered) in `text`.
@@ -233,17 +297,18 @@ impl UdpRelay {
     }
 }
 
-/// A `discovery:` block for tests: fast rounds, a short lease, a random /24 of loopback for
-/// imports (so parallel tests do not collide on service ports).
-pub fn discovery_block(seeds: &[SocketAddr], lease: &str) -> String {
+/// Discovery for tests: fast rounds, the given lease, a random /24 of loopback for imports
+/// (so parallel tests do not collide on service ports).
+pub fn discovery(seeds: &[SocketAddr], lease: Duration) -> Discovery {
     use rand::Rng;
     let mut rng = rand::rng();
     let (a, b) = (rng.random_range(100..250u8), rng.random_range(0..=255u8));
-    let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
-    format!(
-        "discovery:\n  seeds: [{}]\n  import_addresses: 127.{a}.{b}.0/24\n  interval: 50ms\n  lease: {lease}\n  reload_interval: 50ms\n",
-        seeds.join(", ")
-    )
+    let range = format!("127.{a}.{b}.0/24").parse().expect("a /24");
+    let mut d = Discovery::new(seeds.to_vec(), range);
+    d.interval = ms(50);
+    d.lease = HumanDuration(lease);
+    d.reload_interval = ms(50);
+    d
 }
 
 /// The admin API of `g`, through the typed client the operator tools use.
@@ -284,4 +349,41 @@ pub fn spawn_strait(bin: &str, config: &std::path::Path) -> tokio::process::Chil
         .kill_on_drop(true)
         .spawn()
         .expect("start strait")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_built_in_rust_round_trips_through_its_file() {
+        let pki = TestPki::new();
+        let mut c = pki.config("east", "127.0.0.1:7400".parse().unwrap());
+        c.exports
+            .push(export("web", 80, "127.0.0.1:8080".parse().unwrap(), &["*"]));
+        import_from(
+            &mut c,
+            "db",
+            5432,
+            &[("west", "127.0.0.1:7410".parse().unwrap())],
+        );
+        c.discovery = Some(discovery(
+            &["127.0.0.1:7402".parse().unwrap()],
+            Duration::from_secs(2),
+        ));
+        c.routing.default.dwell = Some(ms(1500));
+        c.tunnel.connect_timeout = ms(750);
+        let loaded = Config::load(&pki.write_config(&c)).expect("a valid config");
+        assert_eq!(
+            loaded.source.as_deref(),
+            Some(pki.dir.path().join("east.yaml").as_path())
+        );
+        assert_eq!(
+            Config {
+                source: None,
+                ..loaded
+            },
+            c
+        );
+    }
 }

@@ -274,7 +274,7 @@ async fn members_with_an_unknown_origin_identity_are_still_verified_by_chain() {
     eventually(
         Duration::from_secs(10),
         "several join attempts failed",
-        || joiner.stats().failed_exchanges.load(Ordering::Relaxed) >= 3,
+        async || joiner.stats().failed_exchanges.load(Ordering::Relaxed) >= 3,
     )
     .await;
     let learned = joiner

@@ -3,18 +3,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use strait_common::Config;
+use strait_common::config::{Export, Peer};
 use strait_gateway::Gateway;
 use strait_gateway::demo::backend::Backend;
 use strait_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn exports_yaml(names: &[&str], backend: SocketAddr) -> String {
-    let mut y = String::from("exports:\n");
-    for n in names {
-        y += &export(n, 7000, backend, "[\"*\"]");
-    }
-    y
+/// Exports of `names` (echo on port 7000) to everyone.
+fn exports(names: &[&str], backend: SocketAddr) -> Vec<Export> {
+    names
+        .iter()
+        .map(|n| export(n, 7000, backend, &["*"]))
+        .collect()
 }
 
 async fn echo_through(addr: SocketAddr) -> Vec<u8> {
@@ -35,75 +37,60 @@ async fn catalog_has(g: &Gateway, origin: &str, name: &str) -> bool {
         .any(|r| r.origin == origin && r.service == format!("default/{name}"))
 }
 
-/// Polls an async condition every 20 ms, at most `limit`.
-async fn until<F, Fut>(limit: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The config of a discovery member exporting `names` (echo on port 7000).
-fn member_yaml(names: &[&str], backend: SocketAddr, seeds: &[SocketAddr], lease: &str) -> String {
-    let exports = if names.is_empty() {
-        String::new()
-    } else {
-        exports_yaml(names, backend)
-    };
-    format!("{exports}{}", discovery_block(seeds, lease))
-}
-
-/// Starts a discovery member; returns it with its tunnel address (to rewrite its config).
+/// Starts a discovery member exporting `names` (echo on port 7000); returns it with the
+/// config it started with (to rewrite its file).
 async fn member(
     pki: &TestPki,
     name: &str,
     names: &[&str],
     backend: SocketAddr,
     seeds: &[SocketAddr],
-    lease: &str,
-) -> (Gateway, SocketAddr) {
+    lease: Duration,
+) -> (Gateway, Config) {
     let (u, a) = udp();
-    (
-        pki.gateway(name, u, &member_yaml(names, backend, seeds, lease))
-            .await,
-        a,
-    )
+    let mut config = pki.config(name, a);
+    config.exports = exports(names, backend);
+    config.discovery = Some(discovery(seeds, lease));
+    let g = pki.gateway(name, u, |c| *c = config.clone()).await;
+    (g, config)
 }
 
 #[tokio::test]
 async fn five_gateways_discover_each_other_and_follow_export_changes() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (g0, a0) = member(&pki, "g0", &["svc0"], echo.addr, &[], "2s").await;
+    let (g0, c0) = member(
+        &pki,
+        "g0",
+        &["svc0"],
+        echo.addr,
+        &[],
+        Duration::from_secs(2),
+    )
+    .await;
     let seed = g0.discovery_addr().unwrap();
     let mut gateways = vec![g0];
-    let mut tunnels = vec![a0];
+    let mut configs = vec![c0];
     for i in 1..5 {
-        let (g, a) = member(
+        let (g, c) = member(
             &pki,
             &format!("g{i}"),
             &[&format!("svc{i}")],
             echo.addr,
             &[seed],
-            "2s",
+            Duration::from_secs(2),
         )
         .await;
         gateways.push(g);
-        tunnels.push(a);
+        configs.push(c);
     }
     // Every gateway gets a listener for the four services of the others.
     for (i, g) in gateways.iter().enumerate() {
-        eventually(Duration::from_secs(10), "four imported listeners", || {
-            g.listeners().len() == 4
-        })
+        eventually(
+            Duration::from_secs(10),
+            "four imported listeners",
+            async || g.listeners().len() == 4,
+        )
         .await;
         assert!(
             g.listener(&format!("default/svc{i}"), 7000).is_none(),
@@ -115,19 +102,19 @@ async fn five_gateways_discover_each_other_and_follow_export_changes() {
     assert_eq!(echo_through(addr).await, b"via discovery");
 
     // Add an export at g2 by editing its config file: everyone imports it.
-    pki.write_config(
-        "g2",
-        tunnels[2],
-        &member_yaml(&["svc2", "extra"], echo.addr, &[seed], "2s"),
-    );
+    let mut edited = configs[2].clone();
+    edited.exports = exports(&["svc2", "extra"], echo.addr);
+    pki.write_config(&edited);
     for (i, g) in gateways.iter().enumerate() {
         if i != 2 {
-            eventually(Duration::from_secs(10), "extra gets a listener", || {
-                g.listener("default/extra", 7000).is_some()
-            })
+            eventually(
+                Duration::from_secs(10),
+                "extra gets a listener",
+                async || g.listener("default/extra", 7000).is_some(),
+            )
             .await;
-            until(Duration::from_secs(5), "extra in /v1/catalog", || {
-                catalog_has(g, "g2", "extra")
+            eventually(Duration::from_secs(5), "extra in /v1/catalog", async || {
+                catalog_has(g, "g2", "extra").await
             })
             .await;
         }
@@ -137,16 +124,15 @@ async fn five_gateways_discover_each_other_and_follow_export_changes() {
         b"via discovery"
     );
     // And remove it again.
-    pki.write_config(
-        "g2",
-        tunnels[2],
-        &member_yaml(&["svc2"], echo.addr, &[seed], "2s"),
-    );
+    edited.exports = exports(&["svc2"], echo.addr);
+    pki.write_config(&edited);
     for (i, g) in gateways.iter().enumerate() {
         if i != 2 {
-            eventually(Duration::from_secs(10), "extra's listener closes", || {
-                g.listener("default/extra", 7000).is_none()
-            })
+            eventually(
+                Duration::from_secs(10),
+                "extra's listener closes",
+                async || g.listener("default/extra", 7000).is_none(),
+            )
             .await;
         }
     }
@@ -161,18 +147,36 @@ async fn five_gateways_discover_each_other_and_follow_export_changes() {
 async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (g0, _) = member(&pki, "g0", &["svc0"], echo.addr, &[], "2s").await;
+    let (g0, _) = member(
+        &pki,
+        "g0",
+        &["svc0"],
+        echo.addr,
+        &[],
+        Duration::from_secs(2),
+    )
+    .await;
     let seed = g0.discovery_addr().unwrap();
-    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], "2s").await;
-    let (g2, _) = member(&pki, "g2", &["svc2"], echo.addr, &[seed], "2s").await;
-    eventually(Duration::from_secs(10), "g1 imports svc0 and svc2", || {
-        g1.listeners().len() == 2
-    })
+    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], Duration::from_secs(2)).await;
+    let (g2, _) = member(
+        &pki,
+        "g2",
+        &["svc2"],
+        echo.addr,
+        &[seed],
+        Duration::from_secs(2),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "g1 imports svc0 and svc2",
+        async || g1.listeners().len() == 2,
+    )
     .await;
 
     drop(g2);
     let killed = tokio::time::Instant::now();
-    until(Duration::from_secs(5), "g2 marked down", || async {
+    eventually(Duration::from_secs(5), "g2 marked down", async || {
         let rows = admin(&g1).members().await.unwrap().unwrap();
         rows.iter().any(|m| m.cluster == "g2" && !m.alive)
     })
@@ -185,7 +189,7 @@ async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
     eventually(
         Duration::from_secs(10),
         "svc2 withdrawn after the lease",
-        || g1.listener("default/svc2", 7000).is_none(),
+        async || g1.listener("default/svc2", 7000).is_none(),
     )
     .await;
     assert!(
@@ -203,17 +207,25 @@ async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
 async fn status_and_metrics_show_the_federation() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (g0, _) = member(&pki, "g0", &["svc0"], echo.addr, &[], "5s").await;
+    let (g0, _) = member(
+        &pki,
+        "g0",
+        &["svc0"],
+        echo.addr,
+        &[],
+        Duration::from_secs(5),
+    )
+    .await;
     let (g1, _) = member(
         &pki,
         "g1",
         &[],
         echo.addr,
         &[g0.discovery_addr().unwrap()],
-        "5s",
+        Duration::from_secs(5),
     )
     .await;
-    eventually(Duration::from_secs(10), "g1 imports svc0", || {
+    eventually(Duration::from_secs(10), "g1 imports svc0", async || {
         g1.listener("default/svc0", 7000).is_some()
     })
     .await;
@@ -243,14 +255,12 @@ async fn status_and_metrics_show_the_federation() {
     // A gateway without discovery says so and shows its static peers instead.
     let (u2, _) = udp();
     let g2 = pki
-        .gateway(
-            "g2",
-            u2,
-            &format!(
-                "peers:\n  - cluster: g0\n    address: {}\n",
-                g0.tunnel_addr()
-            ),
-        )
+        .gateway("g2", u2, |c| {
+            c.peers.push(Peer {
+                cluster: "g0".into(),
+                address: g0.tunnel_addr(),
+            })
+        })
         .await;
     let text = strait_ops::status::render(g2.admin_addr()).await.unwrap();
     assert!(
@@ -286,12 +296,20 @@ async fn gossip_serial(pki: &TestPki, addr: SocketAddr, expect: &str) -> String 
 async fn rotated_certificates_reach_the_gossip_port_too() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (g0, _) = member(&pki, "g0", &["svc0"], echo.addr, &[], "5s").await;
+    let (g0, _) = member(
+        &pki,
+        "g0",
+        &["svc0"],
+        echo.addr,
+        &[],
+        Duration::from_secs(5),
+    )
+    .await;
     let seed = g0.discovery_addr().unwrap();
     let old = g0.identity().serial.clone();
     assert_eq!(gossip_serial(&pki, seed, "g0").await, old);
     pki.write("g0", &pki.issue("g0"));
-    eventually(Duration::from_secs(10), "rotation loaded", || {
+    eventually(Duration::from_secs(10), "rotation loaded", async || {
         g0.identity().serial != old
     })
     .await;
@@ -302,8 +320,8 @@ async fn rotated_certificates_reach_the_gossip_port_too() {
         "gossip presents the rotated certificate"
     );
     // Gossip keeps working across the rotation: a new member joins through g0.
-    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], "5s").await;
-    eventually(Duration::from_secs(10), "g1 imports svc0", || {
+    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "g1 imports svc0", async || {
         g1.listener("default/svc0", 7000).is_some()
     })
     .await;
@@ -313,20 +331,40 @@ async fn rotated_certificates_reach_the_gossip_port_too() {
 async fn a_restarted_gateway_replaces_its_old_incarnation_at_once() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (g0, _) = member(&pki, "g0", &[], echo.addr, &[], "30s").await;
+    let (g0, _) = member(&pki, "g0", &[], echo.addr, &[], Duration::from_secs(30)).await;
     let seed = g0.discovery_addr().unwrap();
-    let (g1, _) = member(&pki, "g1", &["old"], echo.addr, &[seed], "30s").await;
-    eventually(Duration::from_secs(10), "g0 imports old", || {
+    let (g1, _) = member(
+        &pki,
+        "g1",
+        &["old"],
+        echo.addr,
+        &[seed],
+        Duration::from_secs(30),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "g0 imports old", async || {
         g0.listener("default/old", 7000).is_some()
     })
     .await;
     drop(g1);
     // Back with a new generation and different exports; the 30 s lease of the old
     // incarnation does not keep `old` alive.
-    let (g1, _) = member(&pki, "g1", &["new"], echo.addr, &[seed], "30s").await;
-    eventually(Duration::from_secs(10), "new imported, old gone", || {
-        g0.listener("default/new", 7000).is_some() && g0.listener("default/old", 7000).is_none()
-    })
+    let (g1, _) = member(
+        &pki,
+        "g1",
+        &["new"],
+        echo.addr,
+        &[seed],
+        Duration::from_secs(30),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "new imported, old gone",
+        async || {
+            g0.listener("default/new", 7000).is_some() && g0.listener("default/old", 7000).is_none()
+        },
+    )
     .await;
     assert_eq!(
         echo_through(g0.listener("default/new", 7000).unwrap()).await,

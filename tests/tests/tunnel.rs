@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
+use strait_common::Config;
+use strait_common::config::{Endpoint, Export, Peer, ServicePort};
 use strait_common::pki::{CertificateAuthority, Identity};
 use strait_gateway::Gateway;
 use strait_gateway::demo::backend::Backend;
@@ -28,35 +30,31 @@ fn echo_request() -> StreamRequest {
 
 /// Starts "east", exporting `echo` (port 7000, forwarding to `backend`) to everyone.
 async fn exporter(pki: &TestPki, udp: std::net::UdpSocket, backend: SocketAddr) -> Gateway {
-    pki.gateway(
-        "east",
-        udp,
-        &format!("exports:\n{}", export("echo", 7000, backend, "[\"*\"]")),
-    )
+    pki.gateway("east", udp, |c| {
+        c.exports.push(export("echo", 7000, backend, &["*"]))
+    })
     .await
 }
 
-/// East exports `echo` (port 7000) to everyone; west imports it. Returns both and the
-/// local listener address on west.
+/// East exports `echo` (port 7000) to everyone, then whatever `extra_east` adds; west
+/// imports it. Returns both and the local listener address on west.
 async fn pair(
     pki: &TestPki,
     backend: SocketAddr,
-    extra_east: &str,
+    extra_east: impl FnOnce(&mut Config),
 ) -> (Gateway, Gateway, SocketAddr) {
     let (ue, ae) = udp();
     let (uw, _) = udp();
     let east = pki
-        .gateway(
-            "east",
-            ue,
-            &format!(
-                "exports:\n{}{extra_east}",
-                export("echo", 7000, backend, "[\"*\"]")
-            ),
-        )
+        .gateway("east", ue, |c| {
+            c.exports.push(export("echo", 7000, backend, &["*"]));
+            extra_east(c);
+        })
         .await;
     let west = pki
-        .gateway("west", uw, &import_from("echo", 7000, &[("east", ae)]))
+        .gateway("west", uw, |c| {
+            import_from(c, "echo", 7000, &[("east", ae)])
+        })
         .await;
     wait_peer(&west, "east", PeerStatus::Up).await;
     let listener = west.listener("default/echo", 7000).expect("listener bound");
@@ -79,7 +77,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 async fn one_kib_round_trips() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (_east, _west, addr) = pair(&pki, echo.addr, "").await;
+    let (_east, _west, addr) = pair(&pki, echo.addr, |_| {}).await;
     let mut c = TcpStream::connect(addr).await.unwrap();
     let data = pattern(1024, 7);
     c.write_all(&data).await.unwrap();
@@ -94,7 +92,7 @@ async fn one_kib_round_trips() {
 async fn hundred_mib_both_ways() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (_east, west, addr) = pair(&pki, echo.addr, "").await;
+    let (_east, west, addr) = pair(&pki, echo.addr, |_| {}).await;
     let c = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = c.into_split();
     const LEN: usize = 100 << 20;
@@ -155,7 +153,7 @@ async fn half_close_keeps_the_other_direction_open() {
         s.shutdown().await.unwrap();
     });
     let pki = TestPki::new();
-    let (_east, _west, addr) = pair(&pki, backend, "").await;
+    let (_east, _west, addr) = pair(&pki, backend, |_| {}).await;
     let mut c = TcpStream::connect(addr).await.unwrap();
     c.write_all(&[1u8; 10_000]).await.unwrap();
     c.shutdown().await.unwrap();
@@ -177,7 +175,7 @@ async fn backend_reset_reaches_the_client_as_reset() {
         tunnel::splice::abort_on_close(&s);
     });
     let pki = TestPki::new();
-    let (_east, _west, addr) = pair(&pki, backend, "").await;
+    let (_east, _west, addr) = pair(&pki, backend, |_| {}).await;
     let mut c = TcpStream::connect(addr).await.unwrap();
     c.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 16];
@@ -191,7 +189,7 @@ async fn backend_reset_reaches_the_client_as_reset() {
 async fn thousand_concurrent_connections_share_one_quic_connection() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (east, west, addr) = pair(&pki, echo.addr, "").await;
+    let (east, west, addr) = pair(&pki, echo.addr, |_| {}).await;
     let mut conns = Vec::new();
     for i in 0..1000u32 {
         let mut c = TcpStream::connect(addr).await.unwrap();
@@ -314,7 +312,7 @@ async fn bad_peer_certificates_are_refused() {
     eventually(
         Duration::from_secs(5),
         "four refused handshakes counted",
-        || metric(&east.render_metrics(), "strait_handshakes_rejected_total") >= Some(4.0),
+        async || metric(&east.render_metrics(), "strait_handshakes_rejected_total") >= Some(4.0),
     )
     .await;
 }
@@ -324,14 +322,15 @@ async fn server_with_unexpected_identity_is_refused_by_the_caller() {
     let pki = TestPki::new();
     let (ue, ae) = udp();
     let (uw, _) = udp();
-    let _east = pki.gateway("east", ue, "").await;
+    let _east = pki.gateway("east", ue, |_| {}).await;
     // West believes the gateway at east's address is "north": the SPIFFE ID will not match.
     let west = pki
-        .gateway(
-            "west",
-            uw,
-            &format!("peers:\n  - cluster: north\n    address: {ae}\n"),
-        )
+        .gateway("west", uw, |c| {
+            c.peers.push(Peer {
+                cluster: "north".into(),
+                address: ae,
+            })
+        })
         .await;
     let mut rx = west.peer("north").unwrap();
     within(
@@ -359,13 +358,31 @@ async fn streams_are_refused_with_the_right_status() {
         .unwrap()
         .local_addr()
         .unwrap(); // closed again: refuses
-    let exports = format!(
-        "{}{}{}",
-        export("secret", 7001, echo.addr, "[north]"),
-        export("broken", 7002, dead, "[\"*\"]"),
-        "  - name: drained\n    ports: [{port: 7003}]\n    endpoints: [{address: 127.0.0.1, ready: false}]\n"
-    );
-    let (_east, west, listener) = pair(&pki, echo.addr, &exports).await;
+    let exports = |c: &mut Config| {
+        c.exports
+            .push(export("secret", 7001, echo.addr, &["north"]));
+        c.exports.push(export("broken", 7002, dead, &["*"]));
+        // A bare export: default namespace, unnamed port, its one endpoint not ready.
+        c.exports.push(Export {
+            name: "drained".into(),
+            namespace: "default".into(),
+            ports: vec![ServicePort {
+                name: String::new(),
+                port: 7003,
+                target_port: None,
+                protocol: Default::default(),
+            }],
+            endpoints: vec![Endpoint {
+                address: [127, 0, 0, 1].into(),
+                hostname: None,
+                ready: false,
+            }],
+            export_to: vec!["*".into()],
+            weight: 1,
+            headless: false,
+        });
+    };
+    let (_east, west, listener) = pair(&pki, echo.addr, exports).await;
     let conn = west
         .peer("east")
         .unwrap()
@@ -432,7 +449,7 @@ async fn streams_are_refused_with_the_right_status() {
 async fn garbage_on_every_port_does_no_harm() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (east, west, listener) = pair(&pki, echo.addr, "").await;
+    let (east, west, listener) = pair(&pki, echo.addr, |_| {}).await;
     let ae = east.tunnel_addr();
 
     // UDP garbage at the tunnel port, including things shaped like QUIC long headers.
@@ -472,7 +489,7 @@ async fn garbage_on_every_port_does_no_harm() {
     );
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(&[0x09; 64]).await.unwrap();
-    eventually(Duration::from_secs(5), "bad headers counted", || {
+    eventually(Duration::from_secs(5), "bad headers counted", async || {
         metric(
             &east.render_metrics(),
             "strait_stream_headers_rejected_total{peer=\"west\"}",
@@ -515,7 +532,7 @@ async fn reqwest_status(addr: SocketAddr, path: &str) -> u16 {
 async fn certificate_rotation_keeps_established_streams() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (east, _west, addr) = pair(&pki, echo.addr, "").await;
+    let (east, _west, addr) = pair(&pki, echo.addr, |_| {}).await;
     let mut c = TcpStream::connect(addr).await.unwrap();
     c.write_all(b"before").await.unwrap();
     let mut b = [0u8; 6];
@@ -528,7 +545,7 @@ async fn certificate_rotation_keeps_established_streams() {
     eventually(
         Duration::from_secs(10),
         "rotated certificate loaded",
-        || east.identity().serial != old_serial,
+        async || east.identity().serial != old_serial,
     )
     .await;
     let new_serial = east.identity().serial.clone();
@@ -542,14 +559,12 @@ async fn certificate_rotation_keeps_established_streams() {
     // A new peer handshakes against the new certificate.
     let (un, _) = udp();
     let north = pki
-        .gateway(
-            "north",
-            un,
-            &format!(
-                "peers:\n  - cluster: east\n    address: {}\n",
-                east.tunnel_addr()
-            ),
-        )
+        .gateway("north", un, |c| {
+            c.peers.push(Peer {
+                cluster: "east".into(),
+                address: east.tunnel_addr(),
+            })
+        })
         .await;
     wait_peer(&north, "east", PeerStatus::Up).await;
     let conn = north
@@ -574,12 +589,16 @@ async fn certificate_rotation_keeps_established_streams() {
 
     // A broken file on disk is refused and the current certificate stays.
     std::fs::write(pki.dir.path().join("east.pem"), b"not a certificate").unwrap();
-    eventually(Duration::from_secs(10), "failed reload counted", || {
-        metric(
-            &east.render_metrics(),
-            "strait_cert_reloads_total{result=\"error\"}",
-        ) >= Some(1.0)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "failed reload counted",
+        async || {
+            metric(
+                &east.render_metrics(),
+                "strait_cert_reloads_total{result=\"error\"}",
+            ) >= Some(1.0)
+        },
+    )
     .await;
     assert_eq!(east.identity().serial, new_serial);
 }
@@ -635,7 +654,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
 async fn early_bytes_ride_with_the_header_and_arrive_after_ok() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (_east, west, _) = pair(&pki, echo.addr, "").await;
+    let (_east, west, _) = pair(&pki, echo.addr, |_| {}).await;
     let conn = west
         .peer("east")
         .unwrap()
@@ -682,25 +701,19 @@ async fn refused_by_the_first_cluster_served_by_the_next_bytes_delivered_once() 
     let (uw, _) = udp();
     // east's endpoint refuses connections (connect-failed); north serves.
     let _east = pki
-        .gateway(
-            "east",
-            ue,
-            &format!("exports:\n{}", export("svc", 7000, dead, "[\"*\"]")),
-        )
+        .gateway("east", ue, |c| {
+            c.exports.push(export("svc", 7000, dead, &["*"]))
+        })
         .await;
     let _north = pki
-        .gateway(
-            "north",
-            un,
-            &format!("exports:\n{}", export("svc", 7000, backend, "[\"*\"]")),
-        )
+        .gateway("north", un, |c| {
+            c.exports.push(export("svc", 7000, backend, &["*"]))
+        })
         .await;
     let west = pki
-        .gateway(
-            "west",
-            uw,
-            &import_from("svc", 7000, &[("east", ae), ("north", an)]),
-        )
+        .gateway("west", uw, |c| {
+            import_from(c, "svc", 7000, &[("east", ae), ("north", an)])
+        })
         .await;
     wait_peer(&west, "east", PeerStatus::Up).await;
     wait_peer(&west, "north", PeerStatus::Up).await;
@@ -738,7 +751,7 @@ async fn refused_by_the_first_cluster_served_by_the_next_bytes_delivered_once() 
 async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (east, west, addr) = pair(&pki, echo.addr, "tunnel:\n  max_inbound_streams: 1\n").await;
+    let (east, west, addr) = pair(&pki, echo.addr, |c| c.tunnel.max_inbound_streams = 1).await;
     let mut held = TcpStream::connect(addr).await.unwrap();
     held.write_all(b"x").await.unwrap();
     let mut b = [0u8; 1];
@@ -759,7 +772,7 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
     }
     drop(held);
     // The permit is returned when the held connection ends.
-    eventually(Duration::from_secs(5), "capacity is back", || {
+    eventually(Duration::from_secs(5), "capacity is back", async || {
         metric(
             &east.render_metrics(),
             "strait_active_connections{service=\"default/echo\",direction=\"inbound\"}",
@@ -781,16 +794,12 @@ async fn peer_vanishing_mid_stream_resets_the_client_instead_of_hanging() {
     let (uw, _) = udp();
     let _east = exporter(&pki, ue, echo.addr).await;
     let relay = UdpRelay::new(ae).await;
-    let tuning = "tunnel:\n  keep_alive: 100ms\n  idle_timeout: 1s\n";
     let west = pki
-        .gateway(
-            "west",
-            uw,
-            &format!(
-                "{}{tuning}",
-                import_from("echo", 7000, &[("east", relay.addr)])
-            ),
-        )
+        .gateway("west", uw, |c| {
+            import_from(c, "echo", 7000, &[("east", relay.addr)]);
+            c.tunnel.keep_alive = ms(100);
+            c.tunnel.idle_timeout = ms(1000);
+        })
         .await;
     wait_peer(&west, "east", PeerStatus::Up).await;
     let mut c = TcpStream::connect(west.listener("default/echo", 7000).unwrap())
