@@ -32,7 +32,7 @@ use crate::faults::{FaultMetrics, Faults, Targets, Token};
 use crate::federation::Federation;
 use crate::lifetime::Lifetime;
 use crate::listener::{BoundListener, Forwarding, ListenerMetrics, Listeners};
-use crate::metrics::Registry;
+use crate::metrics::{Desc, Registry};
 use crate::rotation::{CertMetrics, CurrentIdentity, Install, Rotation, TunnelServer};
 use crate::router::Locality;
 use crate::routing::{RouteReport, Routing, RoutingMetrics};
@@ -202,14 +202,15 @@ impl Gateway {
             InboundMetrics::new(&metrics, streams),
             faults.killed(),
         ));
-        let mut rotate: Vec<Box<dyn Install>> = Vec::new();
+        // The tunnel first: its server config is the stricter check (TLS and QUIC), so a
+        // certificate it refuses reaches neither.
+        let mut rotate: Vec<Box<dyn Install>> = vec![Box::new(TunnelServer {
+            endpoint: endpoint.clone(),
+            tuning: config.tunnel.clone(),
+        })];
         if let Some(n) = &node {
             rotate.push(Box::new(n.clone()));
         }
-        rotate.push(Box::new(TunnelServer {
-            endpoint: endpoint.clone(),
-            tuning: config.tunnel.clone(),
-        }));
         let rotation = Rotation::new(
             config.tls.clone(),
             me,
@@ -376,6 +377,25 @@ fn stop(life: &Lifetime, endpoint: &quinn::Endpoint, node: Option<&strait_discov
     if let Some(n) = node {
         n.stop();
     }
+}
+
+/// Every metric a gateway can export, component by component (docs/METRICS.md lists
+/// exactly these).
+pub fn metrics_reference() -> Vec<&'static Desc> {
+    [
+        crate::tunnel::STREAM_METRICS,
+        crate::tunnel::peers::METRICS,
+        crate::tunnel::inbound::METRICS,
+        crate::listener::METRICS,
+        crate::routing::METRICS,
+        crate::dns::METRICS,
+        crate::rotation::METRICS,
+        crate::federation::METRICS,
+        crate::faults::METRICS,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// The admin token from `faults.token_file` (fault injection is off without one), and the

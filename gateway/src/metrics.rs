@@ -3,8 +3,9 @@
 //!
 //! Each component declares its metrics once, as [`Desc`]s beside a small typed struct that
 //! records them (`routing::RoutingMetrics`, `dns::DnsMetrics`, ...); the struct describes
-//! them when it is created. [`reference`] lists every one, and a test keeps
-//! docs/METRICS.md equal to it and checks that a running federation exports nothing else.
+//! them when it is created. [`crate::app::metrics_reference`] lists every one, and a test
+//! keeps docs/METRICS.md equal to it and checks that a running federation exports nothing
+//! else.
 
 use std::sync::Arc;
 
@@ -100,24 +101,6 @@ impl Desc {
     }
 }
 
-/// Every metric a gateway can export, component by component.
-pub fn reference() -> Vec<&'static Desc> {
-    [
-        crate::tunnel::STREAM_METRICS,
-        crate::tunnel::peers::METRICS,
-        crate::tunnel::inbound::METRICS,
-        crate::listener::METRICS,
-        crate::routing::METRICS,
-        crate::dns::METRICS,
-        crate::rotation::METRICS,
-        crate::federation::METRICS,
-        crate::faults::METRICS,
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
-}
-
 /// A gateway's metrics registry; cheap to clone (every clone records into the same one).
 #[derive(Clone)]
 pub struct Registry {
@@ -201,7 +184,7 @@ mod tests {
 
     #[test]
     fn every_metric_is_named_once_with_conventional_names() {
-        let all = reference();
+        let all = crate::app::metrics_reference();
         let mut names: Vec<&str> = all.iter().map(|d| d.name).collect();
         names.sort();
         let before = names.len();

@@ -39,7 +39,7 @@ impl CurrentIdentity {
 const RELOADS: Desc = Desc::counter(
     "strait_cert_reloads_total",
     &["result"],
-    "Certificate reloads from disk, by result (ok|error).",
+    "Certificate reloads from disk, by result (ok, error).",
 );
 const EXPIRY: Desc = Desc::gauge(
     "strait_cert_expiry_timestamp_seconds",

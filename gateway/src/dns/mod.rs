@@ -45,23 +45,23 @@ const DROPPED: Desc = Desc::counter(
 /// The DNS server's metrics.
 pub(crate) const METRICS: &[Desc] = &[QUERIES, DROPPED];
 
-/// What the DNS server counts.
+/// What the DNS server counts (its series appear once it serves).
 #[derive(Clone)]
-pub struct DnsMetrics {
-    queries_udp: metrics::Counter,
-    queries_tcp: metrics::Counter,
-    dropped_udp: metrics::Counter,
-}
+pub struct DnsMetrics(Registry);
 
 impl DnsMetrics {
     /// The DNS metrics in `registry`.
     pub fn new(registry: &Registry) -> Self {
         registry.describe(METRICS);
-        Self {
-            queries_udp: registry.counter(&QUERIES, &["udp"]),
-            queries_tcp: registry.counter(&QUERIES, &["tcp"]),
-            dropped_udp: registry.counter(&DROPPED, &["udp"]),
-        }
+        Self(registry.clone())
+    }
+
+    fn queries(&self, transport: &str) -> metrics::Counter {
+        self.0.counter(&QUERIES, &[transport])
+    }
+
+    fn dropped(&self, transport: &str) -> metrics::Counter {
+        self.0.counter(&DROPPED, &[transport])
     }
 }
 
@@ -166,7 +166,8 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 /// larger than the client allows; requests that cannot carry an ID get nothing. On Linux,
 /// queries are read and answered in batches of up to [`BATCH`] per system call.
 async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
-    let m = &dns.metrics;
+    let queries = dns.metrics.queries("udp");
+    let dropped = dns.metrics.dropped("udp");
     let mut batch = batch::Batch::new();
     loop {
         if socket.readable().await.is_err() {
@@ -182,10 +183,10 @@ async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
                 continue;
             }
         };
-        m.queries_udp.increment(n as u64);
+        queries.increment(n as u64);
         let zone = dns.zone.load();
         let answered = batch.answer(n, |request| zone.respond(request, Transport::Udp));
-        m.dropped_udp.increment((n - answered) as u64);
+        dropped.increment((n - answered) as u64);
         batch.send(&socket).await;
     }
 }
@@ -193,6 +194,7 @@ async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
 /// Answers TCP queries (two-byte length framing, several per connection).
 async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, life: Lifetime) {
     let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let queries = dns.metrics.queries("tcp");
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
@@ -206,14 +208,19 @@ async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, life: Lifetime) {
             }
         };
         let dns = dns.clone();
+        let queries = queries.clone();
         life.spawn(async move {
             let _permit = permit;
-            let _ = tcp_connection(&dns, stream).await;
+            let _ = tcp_connection(&dns, stream, &queries).await;
         });
     }
 }
 
-async fn tcp_connection(dns: &Dns, mut stream: TcpStream) -> std::io::Result<()> {
+async fn tcp_connection(
+    dns: &Dns,
+    mut stream: TcpStream,
+    queries: &metrics::Counter,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
         let mut len = [0u8; 2];
@@ -227,7 +234,7 @@ async fn tcp_connection(dns: &Dns, mut stream: TcpStream) -> std::io::Result<()>
             Ok(Ok(_)) => {}
             _ => return Ok(()),
         }
-        dns.metrics.queries_tcp.increment(1);
+        queries.increment(1);
         let Some(reply) = dns.zone.load().respond(&buf, Transport::Tcp) else {
             // Not a request: the stream cannot be trusted to be in step any more.
             return Ok(());

@@ -21,7 +21,7 @@ use splice::Side;
 const OPENED: Desc = Desc::counter(
     "strait_streams_opened_total",
     &["service", "peer", "direction"],
-    "Tunnel streams opened that reached an endpoint (direction=outbound|inbound), by service and peer cluster.",
+    "Tunnel streams opened that reached an endpoint (direction: outbound or inbound), by service and peer cluster.",
 );
 const FAILED: Desc = Desc::counter(
     "strait_streams_failed_total",
@@ -36,7 +36,7 @@ const BYTES: Desc = Desc::counter(
 const ACTIVE: Desc = Desc::gauge(
     "strait_active_connections",
     &["service", "direction"],
-    "Proxied connections open now, by service and direction (outbound|inbound).",
+    "Proxied connections open now, by service and direction (outbound or inbound).",
 );
 /// Metrics of proxied streams, both sides of the tunnel.
 pub(crate) const STREAM_METRICS: &[Desc] = &[OPENED, FAILED, BYTES, ACTIVE];
