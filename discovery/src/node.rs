@@ -80,7 +80,8 @@ pub struct NodeStats {
     pub failed_exchanges: AtomicU64,
 }
 
-struct Shared {
+/// A member's state, held by its tasks and its handle.
+struct Inner {
     catalog: Mutex<Catalog>,
     config: NodeConfig,
     /// Swapped when the gateway's certificate is rotated on disk.
@@ -95,9 +96,15 @@ struct Shared {
     cut: AtomicBool,
 }
 
+/// A certificate checked by [`Node::prepare_identity`], ready to present.
+pub struct PreparedIdentity {
+    identity: Arc<Identity>,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
 /// A running discovery member; dropping it stops it.
 pub struct Node {
-    shared: Arc<Shared>,
+    shared: Arc<Inner>,
     addr: SocketAddr,
     tasks: JoinSet<()>,
     gossip: tokio::task::AbortHandle,
@@ -115,7 +122,7 @@ impl Node {
     ) -> std::io::Result<Node> {
         let addr = listener.local_addr()?;
         let catalog = Catalog::new(me, generation, config.catalog.clone());
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Inner {
             view: watch::channel(Arc::new(View::default())).0,
             catalog: Mutex::new(catalog),
             config,
@@ -177,7 +184,22 @@ impl Node {
     /// Switches to a rotated certificate: new connections (both ways) use it, established
     /// ones keep their TLS session until they close.
     pub fn set_identity(&self, identity: Arc<Identity>) -> std::io::Result<()> {
-        self.shared.acceptor.store(Arc::new(acceptor(&identity)?));
+        self.use_identity(Self::prepare_identity(identity)?);
+        Ok(())
+    }
+
+    /// Checks that `identity` can be presented on the gossip port; nothing changes yet.
+    pub fn prepare_identity(identity: Arc<Identity>) -> std::io::Result<PreparedIdentity> {
+        Ok(PreparedIdentity {
+            acceptor: acceptor(&identity)?,
+            identity,
+        })
+    }
+
+    /// Presents a prepared identity from now on (see [`Node::set_identity`]).
+    pub fn use_identity(&self, prepared: PreparedIdentity) {
+        let PreparedIdentity { identity, acceptor } = prepared;
+        self.shared.acceptor.store(Arc::new(acceptor));
         self.shared.identity.store(identity);
         // Cached client channels were dialled with the old certificate.
         self.shared
@@ -185,7 +207,6 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        Ok(())
     }
 
     /// Cuts gossip (both ways) or restores it. While cut the member keeps its view and its
@@ -202,7 +223,7 @@ impl Node {
     }
 }
 
-impl Shared {
+impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
         // A panic while holding the lock leaves a consistent catalog (every mutation is a
         // complete step), so a poisoned lock is still usable.
@@ -265,7 +286,7 @@ impl Shared {
     }
 }
 
-struct GossipService(Arc<Shared>);
+struct GossipService(Arc<Inner>);
 
 /// The caller's cluster, from its verified client certificate.
 fn caller<T>(req: &Request<T>) -> Option<String> {
@@ -326,7 +347,7 @@ fn acceptor(identity: &Identity) -> std::io::Result<tokio_rustls::TlsAcceptor> {
 }
 
 /// Accepts TLS connections (verified gateway certificates only) and serves gRPC on them.
-async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+async fn serve(shared: Arc<Inner>, listener: TcpListener) {
     let (tx, rx) = tokio::sync::mpsc::channel::<
         std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
     >(64);
@@ -393,7 +414,7 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// A cached gRPC channel to `addr` over our mTLS, expecting `cluster`'s identity when known.
-fn channel(shared: &Shared, addr: SocketAddr, cluster: Option<&str>) -> Option<Channel> {
+fn channel(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Option<Channel> {
     let key = (addr, cluster.map(str::to_owned));
     let mut channels = shared.channels.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(c) = channels.get(&key) {
@@ -439,7 +460,7 @@ pub fn connect(
 }
 
 /// One push-pull exchange with a member.
-async fn exchange(shared: &Shared, addr: SocketAddr, cluster: Option<&str>) -> Result<(), String> {
+async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Result<(), String> {
     let ch = channel(shared, addr, cluster).ok_or("no TLS configuration")?;
     let limit = shared.config.max_message_bytes;
     let mut client = pb::gossip_client::GossipClient::new(ch)
@@ -479,7 +500,7 @@ async fn exchange(shared: &Shared, addr: SocketAddr, cluster: Option<&str>) -> R
     Ok(())
 }
 
-async fn gossip_loop(shared: Arc<Shared>) {
+async fn gossip_loop(shared: Arc<Inner>) {
     let mut tick = tokio::time::interval(shared.config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut round: u64 = 0;

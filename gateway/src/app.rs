@@ -26,25 +26,28 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::admin::{self, AdminState};
-use crate::desired::{self, Allocation, Desired, Local, Sources};
+use crate::desired::{self, Allocation, Desired, Exports, Local, Sources};
 use crate::dns::{self, Dns, DnsMetrics};
 use crate::faults::{FaultMetrics, Faults, Targets, Token};
 use crate::federation::Federation;
 use crate::lifetime::Lifetime;
 use crate::listener::{BoundListener, Forwarding, ListenerMetrics, Listeners};
 use crate::metrics::{Desc, Registry};
-use crate::rotation::{CertMetrics, CurrentIdentity, Install, Rotation, TunnelServer};
+use crate::rotation::{CertMetrics, Install, Rotation, TunnelServer};
 use crate::router::Locality;
 use crate::routing::{RouteReport, Routing, RoutingMetrics};
 use crate::tunnel::inbound::{Inbound, InboundMetrics, Limits};
 use crate::tunnel::peers::{Dialer, PeerMetrics, PeerState, Peers};
-use crate::tunnel::{self, StreamMetrics, codes};
+use crate::tunnel::{self, CurrentIdentity, StreamMetrics, codes};
 
 /// A running gateway. It stops on [`Gateway::shutdown`], or when dropped.
 pub struct Gateway {
     life: Lifetime,
     tasks: JoinSet<()>,
     endpoint: quinn::Endpoint,
+    /// Kept to know when the endpoint has let go of the port (see `shutdown`).
+    socket: Option<tunnel::TunnelSocket>,
+    tunnel_addr: SocketAddr,
     admin_addr: SocketAddr,
     dns_addr: Option<SocketAddr>,
     federation: Option<Federation>,
@@ -76,7 +79,7 @@ impl Gateway {
             .context("building the tunnel TLS configuration")?;
         let (token, max_fault) = fault_token(&config)?;
         let packets = Arc::new(ArcSwapOption::empty());
-        let endpoint = tunnel::endpoint_on(udp, server, &config.tunnel, packets.clone())
+        let (endpoint, socket) = tunnel::endpoint_on(udp, server, &config.tunnel, packets.clone())
             .context("starting the QUIC endpoint")?;
         let admin_listener = tokio::net::TcpListener::bind(config.listen.admin)
             .await
@@ -95,10 +98,17 @@ impl Gateway {
             None => None,
         };
         let metrics = Registry::new();
+        let tunnel_addr = endpoint.local_addr()?;
         let federation = match &config.discovery {
-            Some(d) => Some(
-                Federation::start(&config, d, &identity, endpoint.local_addr()?, &metrics).await?,
-            ),
+            Some(d) => {
+                let services = desired::published(
+                    &config.exports,
+                    &config.zone,
+                    &desired::CatalogFaults::default(),
+                );
+                let f = Federation::start(&config, d, &identity, tunnel_addr, services, &metrics);
+                Some(f.await?)
+            }
             None => None,
         };
         let node = federation.as_ref().map(|f| f.node().clone());
@@ -127,7 +137,7 @@ impl Gateway {
                 packets,
                 peers: peers.clone(),
                 discovery: node.clone(),
-                desired: desired.clone(),
+                exports: Exports::new(desired.clone()),
             },
             FaultMetrics::new(&metrics),
         ));
@@ -186,13 +196,10 @@ impl Gateway {
             stop(&life, &endpoint, node.as_deref());
             return Err(e);
         }
-        if let Some(n) = &node {
-            n.set_local(first.published.clone());
-        }
         let dns = Arc::new(Dns::new(config.dns.clone(), DnsMetrics::new(&metrics)));
         dns.update(&first.dns);
         let inbound = Arc::new(Inbound::new(
-            desired.clone(),
+            Exports::new(desired.clone()),
             config.tunnel.max_inbound_streams as usize,
             Limits {
                 handshake_timeout: config.tunnel.connect_timeout.0,
@@ -202,8 +209,6 @@ impl Gateway {
             InboundMetrics::new(&metrics, streams),
             faults.killed(),
         ));
-        // The tunnel first: its server config is the stricter check (TLS and QUIC), so a
-        // certificate it refuses reaches neither.
         let mut rotate: Vec<Box<dyn Install>> = vec![Box::new(TunnelServer {
             endpoint: endpoint.clone(),
             tuning: config.tunnel.clone(),
@@ -255,15 +260,18 @@ impl Gateway {
         if let Some(f) = &federation {
             spawn(Box::pin(f.clone().publish(desired.clone())));
         }
-        if let Some(sockets) = dns_sockets {
-            tracing::info!(parent: &span, address = ?dns_addr, zone = %config.dns.zone, "dns server listening");
-            span.in_scope(|| dns.serve(sockets, &life));
+        if let (Some((udp, tcp)), Some(address)) = (dns_sockets, dns_addr) {
+            tracing::info!(parent: &span, %address, zone = %config.dns.zone, "dns server listening");
+            spawn(Box::pin(dns::serve_udp(dns.clone(), udp)));
+            spawn(Box::pin(dns::serve_tcp(dns.clone(), tcp, life.child())));
         }
-        tracing::info!(parent: &span, tunnel = %endpoint.local_addr()?, admin = %admin_addr, discovery = federation.is_some(), "gateway started");
+        tracing::info!(parent: &span, tunnel = %tunnel_addr, admin = %admin_addr, discovery = federation.is_some(), "gateway started");
         Ok(Gateway {
             life,
             tasks,
             endpoint,
+            socket: Some(socket),
+            tunnel_addr,
             admin_addr,
             dns_addr,
             federation,
@@ -277,9 +285,7 @@ impl Gateway {
 
     /// The tunnel's bound UDP address.
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.endpoint
-            .local_addr()
-            .expect("bound socket has an address")
+        self.tunnel_addr
     }
 
     /// The DNS server's bound address (UDP and TCP), when `listen.dns` is set.
@@ -351,8 +357,21 @@ impl Gateway {
         if joined.is_err() {
             tracing::warn!("gateway tasks did not stop within 2s");
         }
-        self.life.wait(Duration::from_secs(1)).await;
+        if !self.life.wait(Duration::from_secs(1)).await {
+            tracing::warn!("gateway connection tasks did not stop within 1s");
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        // Every handle on the endpoint goes; once its driver has let go of the UDP socket
+        // the port is free, so a restart on the same ports can follow at once.
+        let socket = self.socket.take();
+        drop(self);
+        if let Some(socket) = socket
+            && !socket.released(Duration::from_secs(2)).await
+        {
+            tracing::warn!(
+                "the tunnel socket is still in use 2s after shutdown (connections still open?)"
+            );
+        }
     }
 
     /// Tells every task to stop, closes the tunnel and leaves the gossip.

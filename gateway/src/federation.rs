@@ -2,6 +2,7 @@
 //! desired state publishes for this cluster, and its view of the federation is one input
 //! of the desired state. Its own counters become `strait_discovery_*` metrics.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use anyhow::Context;
 use strait_common::Config;
 use strait_common::config::Discovery;
 use strait_common::pki::Identity;
-use strait_discovery::model::MemberInfo;
+use strait_discovery::model::{MemberInfo, Service, ServiceKey};
 use strait_discovery::node::{Node, NodeConfig};
 use strait_discovery::state::CatalogConfig;
 use tokio::sync::watch;
@@ -74,12 +75,15 @@ pub struct Federation {
 
 impl Federation {
     /// Binds the gossip port and starts the member, advertising `tunnel` (or
-    /// `discovery.advertise`) as this gateway's tunnel address.
+    /// `discovery.advertise`) as this gateway's tunnel address and `published` as this
+    /// cluster's services from its first round (a restarted member that gossiped before
+    /// publishing would tell peers its new incarnation has no services).
     pub async fn start(
         config: &Config,
         d: &Discovery,
         identity: &Identity,
         tunnel: SocketAddr,
+        published: BTreeMap<ServiceKey, Service>,
         metrics: &Registry,
     ) -> anyhow::Result<Federation> {
         let addr = config
@@ -126,6 +130,7 @@ impl Federation {
             listener,
             node_config,
         )?;
+        node.set_local(published);
         metrics.describe(METRICS);
         Ok(Federation {
             node: Arc::new(node),
@@ -186,5 +191,59 @@ impl Federation {
             .absolute(get(&st.rejected_messages));
         m.counter(&REJECTED, &["handshake"])
             .absolute(get(&st.rejected_handshakes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use strait_common::GatewayId;
+
+    use super::*;
+    use crate::desired::{CatalogFaults, published};
+
+    #[tokio::test]
+    async fn a_new_member_publishes_its_services_before_its_first_round() {
+        let pki = strait_tests::TestPki::new();
+        pki.write("east", &pki.issue("east"));
+        let mut config = pki.config("east", "127.0.0.1:7400".parse().unwrap());
+        config.exports.push(strait_tests::export(
+            "web",
+            80,
+            "127.0.0.1:8080".parse().unwrap(),
+            &["*"],
+        ));
+        let d = strait_tests::discovery(&[], Duration::from_secs(30));
+        let tls = &config.tls;
+        let identity = Identity::load(
+            &tls.ca,
+            &tls.cert,
+            &tls.key,
+            &GatewayId::new(strait_tests::TD, "east"),
+        )
+        .unwrap();
+        let services = published(&config.exports, "", &CatalogFaults::default());
+        let f = Federation::start(
+            &config,
+            &d,
+            &identity,
+            config.listen.tunnel,
+            services,
+            &Registry::new(),
+        )
+        .await
+        .unwrap();
+        // No await since the start: the gossip loop has not run yet.
+        let own: Vec<String> = f
+            .node()
+            .view()
+            .services
+            .iter()
+            .filter(|e| e.origin.cluster == "east")
+            .map(|e| e.key.to_string())
+            .collect();
+        assert_eq!(own, vec!["default/web"]);
+        f.node().stop();
     }
 }

@@ -38,13 +38,9 @@ impl Lifetime {
     }
 
     /// Whether it has ended.
+    #[cfg(test)]
     pub fn is_stopped(&self) -> bool {
         self.stop.is_cancelled()
-    }
-
-    /// Resolves when the lifetime ends.
-    pub async fn stopped(&self) {
-        self.stop.cancelled().await;
     }
 
     /// `task`, ended early when the lifetime ends.
@@ -52,6 +48,9 @@ impl Lifetime {
         let stop = self.stop.clone();
         async move {
             tokio::select! {
+                // Stop wins a tie: a task told to stop never takes one more step (a peer
+                // task would otherwise dial the closed endpoint and count the failure).
+                biased;
                 _ = stop.cancelled() => {}
                 _ = task => {}
             }
@@ -99,6 +98,35 @@ mod tests {
         life.stop();
         assert_eq!(rx.recv().await, Some("parent"));
         assert!(life.wait(Duration::from_secs(5)).await, "every task ended");
+    }
+
+    #[tokio::test]
+    async fn a_task_stopped_while_it_has_work_does_no_more() {
+        let life = Lifetime::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let steps = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = steps.clone();
+        life.spawn(async move {
+            while rx.recv().await.is_some() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        tx.send(1).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while steps.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_ok(),
+            "the task runs"
+        );
+        // Work and the stop arrive together: the stop wins.
+        tx.send(2).unwrap();
+        life.stop();
+        assert!(life.wait(Duration::from_secs(5)).await);
+        assert_eq!(steps.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// Reports its name when dropped (its task ended).

@@ -7,34 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
 use strait_common::config::TlsFiles;
 use strait_common::pki::Identity;
 use strait_common::{GatewayId, config::TunnelTuning};
 use strait_discovery::node::Node;
 
 use crate::metrics::{Desc, Registry};
-
-/// The gateway's identity now: read for each new handshake, replaced by rotation. Cheap
-/// to clone: clones share it.
-#[derive(Clone)]
-pub struct CurrentIdentity(Arc<ArcSwap<Identity>>);
-
-impl CurrentIdentity {
-    /// Starts with `identity`.
-    pub fn new(identity: Identity) -> Self {
-        Self(Arc::new(ArcSwap::from_pointee(identity)))
-    }
-
-    /// The identity in use.
-    pub fn load(&self) -> Arc<Identity> {
-        self.0.load_full()
-    }
-
-    fn store(&self, identity: Identity) {
-        self.0.store(Arc::new(identity));
-    }
-}
+use crate::tunnel::CurrentIdentity;
 
 const RELOADS: Desc = Desc::counter(
     "strait_cert_reloads_total",
@@ -78,10 +57,15 @@ impl CertMetrics {
     }
 }
 
-/// Somewhere a new identity must be installed besides [`CurrentIdentity`].
+/// The step that presents a prepared identity; it cannot fail.
+pub type Commit<'a> = Box<dyn FnOnce() + 'a>;
+
+/// Somewhere a new identity must be presented besides [`CurrentIdentity`]. Rotation
+/// prepares every target before committing any, so a certificate one of them refuses
+/// reaches none.
 pub trait Install: Send + Sync {
-    /// Presents `identity` from now on; an error leaves the old one in place.
-    fn install(&self, identity: &Identity) -> anyhow::Result<()>;
+    /// Checks that `identity` can be presented here; the step that presents it.
+    fn prepare(&self, identity: &Identity) -> anyhow::Result<Commit<'_>>;
 }
 
 /// The tunnel's server side: new inbound handshakes present the new certificate.
@@ -93,16 +77,18 @@ pub struct TunnelServer {
 }
 
 impl Install for TunnelServer {
-    fn install(&self, identity: &Identity) -> anyhow::Result<()> {
+    fn prepare(&self, identity: &Identity) -> anyhow::Result<Commit<'_>> {
         let server = crate::tunnel::server_config(identity, &self.tuning)?;
-        self.endpoint.set_server_config(Some(server));
-        Ok(())
+        Ok(Box::new(move || {
+            self.endpoint.set_server_config(Some(server))
+        }))
     }
 }
 
 impl Install for Arc<Node> {
-    fn install(&self, identity: &Identity) -> anyhow::Result<()> {
-        Ok(self.set_identity(Arc::new(identity.clone()))?)
+    fn prepare(&self, identity: &Identity) -> anyhow::Result<Commit<'_>> {
+        let prepared = Node::prepare_identity(Arc::new(identity.clone()))?;
+        Ok(Box::new(move || self.use_identity(prepared)))
     }
 }
 
@@ -193,8 +179,13 @@ impl Rotation {
     fn reload(&self) -> anyhow::Result<String> {
         let f = &self.files;
         let identity = Identity::load(&f.ca, &f.cert, &f.key, &self.me)?;
-        for t in &self.targets {
-            t.install(&identity)?;
+        let commits = self
+            .targets
+            .iter()
+            .map(|t| t.prepare(&identity))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for commit in commits {
+            commit();
         }
         self.metrics.expiry(&identity);
         let serial = identity.serial.clone();
@@ -227,13 +218,13 @@ mod tests {
     struct Fake(Arc<Mutex<Vec<String>>>, Arc<std::sync::atomic::AtomicBool>);
 
     impl Install for Fake {
-        fn install(&self, identity: &Identity) -> anyhow::Result<()> {
+        fn prepare(&self, identity: &Identity) -> anyhow::Result<Commit<'_>> {
             anyhow::ensure!(
                 !self.1.load(std::sync::atomic::Ordering::Relaxed),
                 "refused"
             );
-            self.0.lock().unwrap().push(identity.serial.clone());
-            Ok(())
+            let serial = identity.serial.clone();
+            Ok(Box::new(move || self.0.lock().unwrap().push(serial)))
         }
     }
 
@@ -315,13 +306,13 @@ mod tests {
         let s = Setup::new();
         let current = CurrentIdentity::new(s.load());
         let first = current.load().serial.clone();
-        let fake = Fake::default();
+        let (fake, refusing) = (Fake::default(), Fake::default());
         let registry = Registry::new();
         let mut r = Rotation::new(
             s.files.clone(),
             s.me.clone(),
             current.clone(),
-            vec![Box::new(fake.clone())],
+            vec![Box::new(fake.clone()), Box::new(refusing.clone())],
             CertMetrics::new(&registry),
         );
         assert!(matches!(r.check(), Checked::Unchanged));
@@ -330,6 +321,7 @@ mod tests {
         assert!(matches!(r.check(), Checked::Rotated));
         assert_eq!(current.load().serial, second, "new handshakes use it");
         assert_eq!(*fake.0.lock().unwrap(), vec![second.clone()]);
+        assert_eq!(*refusing.0.lock().unwrap(), vec![second.clone()]);
         assert!(matches!(r.check(), Checked::Unchanged), "installed once");
 
         s.issue("west");
@@ -340,10 +332,18 @@ mod tests {
         assert_eq!(current.load().serial, second, "the old one stays");
         assert_eq!(fake.0.lock().unwrap().len(), 1);
 
-        fake.1.store(true, std::sync::atomic::Ordering::Relaxed);
+        refusing.1.store(true, std::sync::atomic::Ordering::Relaxed);
         s.issue("east");
-        assert!(matches!(r.check(), Checked::Refused), "a target refused it");
+        assert!(
+            matches!(r.check(), Checked::Refused),
+            "the second target refused it"
+        );
         assert_eq!(current.load().serial, second, "not swapped half-way");
+        assert_eq!(
+            fake.0.lock().unwrap().len(),
+            1,
+            "the first target never presented what the second refused"
+        );
 
         let text = registry.render();
         assert!(

@@ -91,6 +91,13 @@ struct ServiceState {
     served: BTreeMap<String, u64>,
 }
 
+/// The routers, and the policies new ones start with. One lock: a router made while the
+/// policies change gets the new ones, never a stale copy.
+struct Routers {
+    by_service: BTreeMap<String, ServiceState>,
+    config: Arc<RoutingConfig>,
+}
+
 /// Proxied connections per (service, cluster), for spill protection and metrics.
 type Active = BTreeMap<(String, String), Arc<AtomicUsize>>;
 
@@ -106,7 +113,7 @@ struct Inner {
     peers: Arc<dyn PeerSet>,
     /// Per-attempt timeout when the policy sets none (`tunnel.connect_timeout`).
     connect_timeout: Duration,
-    services: Mutex<BTreeMap<String, ServiceState>>,
+    services: Mutex<Routers>,
     active: Mutex<Active>,
     metrics: RoutingMetrics,
 }
@@ -153,12 +160,16 @@ impl Routing {
         connect_timeout: Duration,
         metrics: RoutingMetrics,
     ) -> Self {
+        let config = desired.borrow().routing.clone();
         Routing(Arc::new(Inner {
             me,
             desired,
             peers,
             connect_timeout,
-            services: Mutex::new(BTreeMap::new()),
+            services: Mutex::new(Routers {
+                by_service: BTreeMap::new(),
+                config,
+            }),
             active: Mutex::new(BTreeMap::new()),
             metrics,
         }))
@@ -169,15 +180,16 @@ impl Routing {
     }
 
     /// Applies changed policies; routers keep their health state.
-    fn set_config(&self, config: &RoutingConfig) {
+    fn set_config(&self, config: Arc<RoutingConfig>) {
         let mut services = lock(&self.0.services);
-        for (name, s) in services.iter_mut() {
+        for (name, s) in services.by_service.iter_mut() {
             let p = config.policy_for(name);
             if *s.router.policy() != p {
                 tracing::info!(service = %name, "routing policy changed");
                 s.router.set_policy(p);
             }
         }
+        services.config = config;
     }
 
     /// A plan for one new connection to `service` among `clusters` (the import's list);
@@ -186,7 +198,7 @@ impl Routing {
         let now = Instant::now();
         let desired = self.desired();
         let mut services = lock(&self.0.services);
-        let state = self.state(&mut services, &desired, service);
+        let state = self.state(&mut services, service);
         let candidates = self.candidates(&desired, service, clusters, state.router.policy());
         state.router.first_attempt(now);
         let decision = state.router.decide(&self.0.me, &candidates, now);
@@ -214,9 +226,8 @@ impl Routing {
         let allowed = match reason {
             RetryReason::PeerDown => true,
             RetryReason::Failed => {
-                let desired = self.desired();
                 let mut services = lock(&self.0.services);
-                self.state(&mut services, &desired, service)
+                self.state(&mut services, service)
                     .router
                     .try_retry(Instant::now())
             }
@@ -232,9 +243,8 @@ impl Routing {
 
     /// Records an attempt's outcome; repeated failures eject the path.
     pub fn record(&self, service: &str, cluster: &str, outcome: Outcome) {
-        let desired = self.desired();
         let mut services = lock(&self.0.services);
-        let state = self.state(&mut services, &desired, service);
+        let state = self.state(&mut services, service);
         if outcome == Outcome::Success {
             *state.served.entry(cluster.to_owned()).or_default() += 1;
         }
@@ -266,7 +276,7 @@ impl Routing {
         let desired = self.desired();
         for (service, clusters) in desired.services() {
             let mut services = lock(&self.0.services);
-            let state = self.state(&mut services, &desired, &service);
+            let state = self.state(&mut services, &service);
             let candidates = self.candidates(&desired, &service, &clusters, state.router.policy());
             let considered = state
                 .router
@@ -289,7 +299,7 @@ impl Routing {
                 continue;
             }
             let mut services = lock(&self.0.services);
-            let state = self.state(&mut services, &desired, &service);
+            let state = self.state(&mut services, &service);
             let candidates = self.candidates(&desired, &service, &clusters, state.router.policy());
             let considered = state
                 .router
@@ -299,7 +309,8 @@ impl Routing {
                 .iter()
                 .filter_map(|c| {
                     let cand = candidates.iter().find(|x| x.cluster == c.cluster)?;
-                    let peer = self.0.peers.liveness(&c.cluster);
+                    let handle = self.0.peers.get(&c.cluster);
+                    let peer = handle.as_ref().map(|p| p.liveness());
                     let (reason, detail) = explain(c.out.as_ref());
                     Some(ClusterReport {
                         cluster: c.cluster.clone(),
@@ -312,7 +323,7 @@ impl Routing {
                         zone: cand.zone.clone(),
                         peer: peer.as_ref().map(|p| p.status),
                         responsive: peer.as_ref().is_some_and(|p| p.responsive),
-                        rtt: peer.and_then(|p| p.rtt_summary),
+                        rtt: handle.and_then(|p| p.rtt_summary()),
                         ready_endpoints: desired
                             .catalog
                             .offers
@@ -343,7 +354,7 @@ impl Routing {
         let mut desired = self.0.desired.clone();
         let mut applied = desired.borrow_and_update().routing.clone();
         // Routers made before this loop started may predate the policies now in force.
-        self.set_config(&applied);
+        self.set_config(applied.clone());
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -355,7 +366,7 @@ impl Routing {
                     }
                     let routing = desired.borrow_and_update().routing.clone();
                     if routing != applied {
-                        self.set_config(&routing);
+                        self.set_config(routing.clone());
                         applied = routing;
                     }
                 }
@@ -363,24 +374,23 @@ impl Routing {
         }
     }
 
-    fn state<'a>(
-        &self,
-        services: &'a mut BTreeMap<String, ServiceState>,
-        desired: &Desired,
-        service: &str,
-    ) -> &'a mut ServiceState {
-        services.entry(service.to_owned()).or_insert_with(|| {
-            let policy = desired.routing.policy_for(service);
-            // Per-service seeds keep weighted choices independent between services.
-            let seed = service.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            });
-            ServiceState {
-                router: ServiceRouter::new(policy, seed ^ rand::random::<u64>()),
-                primary: None,
-                served: BTreeMap::new(),
-            }
-        })
+    fn state<'a>(&self, services: &'a mut Routers, service: &str) -> &'a mut ServiceState {
+        let config = &services.config;
+        services
+            .by_service
+            .entry(service.to_owned())
+            .or_insert_with(|| {
+                let policy = config.policy_for(service);
+                // Per-service seeds keep weighted choices independent between services.
+                let seed = service.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+                ServiceState {
+                    router: ServiceRouter::new(policy, seed ^ rand::random::<u64>()),
+                    primary: None,
+                    served: BTreeMap::new(),
+                }
+            })
     }
 
     /// What is known of each cluster serving `service`. Called with the services lock
@@ -752,6 +762,25 @@ pub(crate) mod tests {
         assert_eq!(active(&s), 2);
         drop(a);
         assert_eq!(active(&s), 1);
+    }
+
+    #[test]
+    fn a_router_made_while_the_policies_change_gets_the_new_ones() {
+        // What `run` applies wins over the snapshot a connection's plan started from.
+        let s = setup();
+        let priority = Arc::new(RoutingConfig {
+            default: PolicyFields {
+                mode: Some(Mode::Priority),
+                priority: Some(clusters(&["north", "east"])),
+                ..Default::default()
+            },
+            services: vec![],
+        });
+        s.routing.set_config(priority);
+        let plan = s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        assert_eq!(plan.attempts[0], "north");
+        let report = s.routing.report(Some("shop/web")).pop().unwrap();
+        assert_eq!(report.mode, Mode::Priority);
     }
 
     #[tokio::test]

@@ -9,11 +9,12 @@ use strait_gateway::app::metrics_reference as reference;
 use strait_gateway::demo::{self, DemoArgs};
 use strait_tests::{eventually, http_get};
 
-/// One documented metric: its type and label names.
+/// One documented metric: its type, label names and meaning (the `# HELP` text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Documented {
     kind: String,
     labels: BTreeSet<String>,
+    help: String,
 }
 
 /// The table of docs/METRICS.md: rows `| `name` | type | labels | ... |`.
@@ -36,6 +37,7 @@ fn documented() -> BTreeMap<String, Documented> {
                 Documented {
                     kind: cells.get(2)?.to_string(),
                     labels,
+                    help: cells.get(4)?.to_string(),
                 },
             ))
         })
@@ -52,6 +54,7 @@ fn declared() -> BTreeMap<String, Documented> {
                 Documented {
                     kind: d.kind.as_str().to_owned(),
                     labels: d.labels.iter().map(|l| l.to_string()).collect(),
+                    help: d.help.to_owned(),
                 },
             )
         })
@@ -188,6 +191,11 @@ async fn a_running_federation_exports_only_described_and_documented_metrics() {
                 .get(name)
                 .unwrap_or_else(|| panic!("{name} is exported but not in docs/METRICS.md"));
             assert_eq!(&doc.kind, kind, "{name}: documented type");
+            assert_eq!(
+                help.as_deref(),
+                Some(doc.help.as_str()),
+                "{name}: documented meaning"
+            );
         }
         for (family, labels) in &scrape.samples {
             assert!(

@@ -375,3 +375,134 @@ async fn a_restarted_gateway_replaces_its_old_incarnation_at_once() {
     assert!(g1_row.alive, "{g1_row:?}");
     drop(g1);
 }
+
+#[tokio::test]
+async fn connections_through_a_member_whose_lease_ran_out_keep_flowing() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (g0, _) = member(
+        &pki,
+        "g0",
+        &["svc0"],
+        echo.addr,
+        &[],
+        Duration::from_secs(2),
+    )
+    .await;
+    // g1 has fault injection on, so a drill can cut its gossip.
+    let token = "0123456789abcdef0123456789abcdef";
+    let token_file = pki.dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let (u1, a1) = udp();
+    let mut c1 = pki.config("g1", a1);
+    c1.discovery = Some(discovery(
+        &[g0.discovery_addr().unwrap()],
+        Duration::from_secs(2),
+    ));
+    c1.faults = Some(strait_common::config::FaultInjection {
+        token_file,
+        max_duration: ms(60_000),
+    });
+    let g1 = pki.gateway("g1", u1, |c| *c = c1).await;
+    eventually(Duration::from_secs(10), "g1 imports svc0", async || {
+        g1.listener("default/svc0", 7000).is_some()
+    })
+    .await;
+    let mut held = TcpStream::connect(g1.listener("default/svc0", 7000).unwrap())
+        .await
+        .unwrap();
+    let mut b = [0u8; 6];
+    held.write_all(b"before").await.unwrap();
+    within(Duration::from_secs(5), held.read_exact(&mut b))
+        .await
+        .unwrap();
+
+    // Gossip cut: g0's lease runs out in g1's view, so g0 is no longer a peer of g1.
+    let cut = strait_common::api::FaultRequest {
+        fault: strait_common::api::Fault::CutDiscovery,
+        duration: ms(20_000),
+    };
+    let admin = strait_ops::client::Admin::with_token(g1.admin_addr(), token);
+    admin.inject(&cut).await.unwrap().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "g0 removed from g1's peers",
+        async || {
+            !admin
+                .peers()
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.cluster == "g0")
+        },
+    )
+    .await;
+    assert!(
+        g1.listener("default/svc0", 7000).is_none(),
+        "the import is withdrawn"
+    );
+
+    // The connection opened before keeps its stream, and its stream the tunnel.
+    held.write_all(b"after!").await.unwrap();
+    within(Duration::from_secs(5), held.read_exact(&mut b))
+        .await
+        .unwrap();
+    assert_eq!(&b, b"after!");
+    admin.undo_all().await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_gateway_shut_down_starts_again_at_once_on_the_same_ports() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (g0, c0) = member(
+        &pki,
+        "g0",
+        &["svc0"],
+        echo.addr,
+        &[],
+        Duration::from_secs(5),
+    )
+    .await;
+    let seed = g0.discovery_addr().unwrap();
+    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "g1 imports svc0", async || {
+        g1.listener("default/svc0", 7000).is_some()
+    })
+    .await;
+    assert_eq!(
+        echo_through(g1.listener("default/svc0", 7000).unwrap()).await,
+        b"via discovery"
+    );
+    // Tunnels both ways, gossip and the admin API are all in use; then a restart.
+    let mut again = c0.clone();
+    again.listen.admin = g0.admin_addr();
+    again.listen.discovery = Some(seed);
+    assert_eq!(again.listen.tunnel, g0.tunnel_addr());
+    g0.shutdown().await;
+    let path = pki.write_config(&again);
+    let config = Config::load(&path).unwrap();
+    let g0 = Gateway::start(config)
+        .await
+        .expect("every port is free again after shutdown");
+    assert_eq!(g0.admin_addr(), again.listen.admin);
+    // While g1 reconnects, connections may be refused; then they are served again.
+    eventually(Duration::from_secs(10), "g1 reaches g0 again", async || {
+        let Some(addr) = g1.listener("default/svc0", 7000) else {
+            return false;
+        };
+        let echoed = async {
+            let mut c = TcpStream::connect(addr).await.ok()?;
+            c.write_all(b"again").await.ok()?;
+            let mut b = [0u8; 5];
+            c.read_exact(&mut b).await.ok()?;
+            Some(b)
+        };
+        tokio::time::timeout(Duration::from_secs(1), echoed)
+            .await
+            .ok()
+            .flatten()
+            == Some(*b"again")
+    })
+    .await;
+}

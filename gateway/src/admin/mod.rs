@@ -19,8 +19,8 @@ use crate::faults::Faults;
 use crate::federation::Federation;
 use crate::listener::Listeners;
 use crate::metrics::Registry;
-use crate::rotation::CurrentIdentity;
 use crate::routing::Routing;
+use crate::tunnel::CurrentIdentity;
 use crate::tunnel::peers::{PeerStatus, Peers, age};
 
 /// What the admin API reads: a handle to each component it reports on.

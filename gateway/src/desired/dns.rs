@@ -1,4 +1,5 @@
-//! What DNS answers, from the imports in force and the catalog.
+//! What DNS answers, from the imports in force and the catalog: the entries that
+//! `dns::zone` turns into records.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -6,7 +7,57 @@ use std::net::IpAddr;
 use strait_discovery::node::View;
 
 use super::Import;
-use crate::dns::zone::{self, EndpointEntry, Kind, PortEntry, ServiceEntry};
+
+/// One service as DNS sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Ports; named ones get SRV records.
+    pub ports: Vec<PortEntry>,
+    /// ClusterSetIP or headless.
+    pub kind: Kind,
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortEntry {
+    /// Port name (the SRV `_<name>` label); unnamed ports get no SRV record.
+    pub name: String,
+    /// Port number clients connect to.
+    pub port: u16,
+    /// Protocol, lowercase (`tcp`).
+    pub protocol: String,
+}
+
+/// How a service is addressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// One stable address; the gateway picks a healthy cluster per connection.
+    ClusterSetIp(IpAddr),
+    /// One address per ready endpoint of a live cluster (none → the name does not exist).
+    Headless(Vec<EndpointEntry>),
+}
+
+/// One endpoint of a headless service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointEntry {
+    /// Cluster id.
+    pub cluster: String,
+    /// Hostname label: the endpoint's hostname, else its address with dashes.
+    pub label: String,
+    /// The address clients use (local to this gateway for remote endpoints).
+    pub address: IpAddr,
+    /// SRV priority: locality order, lower is nearer (0 = this cluster).
+    pub priority: u16,
+}
+
+/// The label of an endpoint without hostname: its address with dashes (`10-1-2-3`).
+fn address_label(address: IpAddr) -> String {
+    address.to_string().replace(['.', ':'], "-")
+}
 
 /// What DNS serves, from the imports in force and the catalog: a ClusterSetIP per imported
 /// service, and for headless services every ready endpoint of a live cluster (this
@@ -128,6 +179,6 @@ pub(super) fn entries(
 fn label(hostname: Option<&str>, address: IpAddr) -> String {
     match hostname {
         Some(h) if !h.is_empty() => h.to_ascii_lowercase(),
-        _ => zone::address_label(address),
+        _ => address_label(address),
     }
 }

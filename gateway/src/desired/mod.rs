@@ -11,7 +11,7 @@
 //! through the same code, so a static config and a discovery view carrying the same
 //! services give the same desired state (a property test checks this).
 
-mod dns;
+pub(crate) mod dns;
 mod imports;
 
 #[cfg(test)]
@@ -30,7 +30,7 @@ use strait_discovery::node::View;
 use strait_discovery::source::to_catalog;
 use tokio::sync::watch;
 
-use crate::dns::zone::ServiceEntry;
+use dns::ServiceEntry;
 pub(crate) use imports::Allocation;
 
 /// A peer gateway to keep one tunnel connection to.
@@ -250,12 +250,22 @@ impl Desired {
         }
         out
     }
+}
 
-    /// One export by `namespace` and `name`.
-    pub fn export(&self, namespace: &str, name: &str) -> Option<&Export> {
-        self.exports
-            .iter()
-            .find(|e| e.name == name && e.namespace == namespace)
+/// This cluster's exports as the desired state has them now: a read-only view for the
+/// components that need nothing else (the inbound side, fault validation).
+#[derive(Clone)]
+pub struct Exports(watch::Receiver<Arc<Desired>>);
+
+impl Exports {
+    /// The exports in `desired`.
+    pub fn new(desired: watch::Receiver<Arc<Desired>>) -> Self {
+        Exports(desired)
+    }
+
+    /// The exports now.
+    pub fn now(&self) -> Arc<Vec<Export>> {
+        self.0.borrow().exports.clone()
     }
 }
 

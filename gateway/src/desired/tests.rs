@@ -9,8 +9,8 @@ use strait_discovery::model::{MemberInfo, Port, Service, ServiceKey};
 use strait_discovery::node::View;
 use strait_discovery::state::{CatalogEntry, MemberView, OriginDigest};
 
+use super::dns::Kind;
 use super::*;
-use crate::dns::zone::Kind;
 
 const ME: &str = "here";
 const MY_REGION: &str = "r0";
@@ -297,7 +297,7 @@ fn catalog_faults_shape_what_is_published_but_not_what_is_served() {
         "published unready, so peers route elsewhere"
     );
     assert!(
-        d.export("shop", "db").unwrap().endpoints[0].ready,
+        d.exports.iter().find(|e| e.name == "db").unwrap().endpoints[0].ready,
         "connections that still arrive are served"
     );
     assert_eq!(

@@ -114,12 +114,6 @@ impl Dns {
             }
         }
     }
-
-    /// Serves queries on already-bound sockets (see [`bind`]) until `life` ends.
-    pub fn serve(self: &Arc<Self>, (udp, tcp): (UdpSocket, TcpListener), life: &Lifetime) {
-        life.spawn(serve_udp(self.clone(), udp));
-        life.spawn(serve_tcp(self.clone(), tcp, life.clone()));
-    }
 }
 
 fn spec(c: &config::Dns, serial: u32) -> Spec {
@@ -165,7 +159,7 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 /// Answers UDP queries until the socket fails. One request, one response at most, never
 /// larger than the client allows; requests that cannot carry an ID get nothing. On Linux,
 /// queries are read and answered in batches of up to [`BATCH`] per system call.
-async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
+pub async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
     let queries = dns.metrics.queries("udp");
     let dropped = dns.metrics.dropped("udp");
     let mut batch = batch::Batch::new();
@@ -191,8 +185,9 @@ async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
     }
 }
 
-/// Answers TCP queries (two-byte length framing, several per connection).
-async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, life: Lifetime) {
+/// Answers TCP queries (two-byte length framing, several per connection); connections are
+/// served within `life`.
+pub async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, life: Lifetime) {
     let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     let queries = dns.metrics.queries("tcp");
     loop {

@@ -5,6 +5,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use proptest::prelude::*;
 
 use super::zone::*;
+use crate::desired::dns::EndpointEntry;
 
 fn spec() -> Spec {
     Spec {

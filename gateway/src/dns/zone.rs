@@ -40,56 +40,7 @@ pub struct Spec {
     pub serial: u32,
 }
 
-/// One service as DNS sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceEntry {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// Ports; named ones get SRV records.
-    pub ports: Vec<PortEntry>,
-    /// ClusterSetIP or headless.
-    pub kind: Kind,
-}
-
-/// One port of a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortEntry {
-    /// Port name (the SRV `_<name>` label); unnamed ports get no SRV record.
-    pub name: String,
-    /// Port number clients connect to.
-    pub port: u16,
-    /// Protocol, lowercase (`tcp`).
-    pub protocol: String,
-}
-
-/// How a service is addressed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kind {
-    /// One stable address; the gateway picks a healthy cluster per connection.
-    ClusterSetIp(IpAddr),
-    /// One address per ready endpoint of a live cluster (none → the name does not exist).
-    Headless(Vec<EndpointEntry>),
-}
-
-/// One endpoint of a headless service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointEntry {
-    /// Cluster id.
-    pub cluster: String,
-    /// Hostname label: the endpoint's hostname, else its address with dashes.
-    pub label: String,
-    /// The address clients use (local to this gateway for remote endpoints).
-    pub address: IpAddr,
-    /// SRV priority: locality order, lower is nearer (0 = this cluster).
-    pub priority: u16,
-}
-
-/// The label of an endpoint without hostname: its address with dashes (`10-1-2-3`).
-pub fn address_label(address: IpAddr) -> String {
-    address.to_string().replace(['.', ':'], "-")
-}
+pub use crate::desired::dns::{Kind, PortEntry, ServiceEntry};
 
 /// A built zone, ready to answer.
 #[derive(Debug)]

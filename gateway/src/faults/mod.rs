@@ -1,7 +1,7 @@
 //! Fault injection for failover drills, driven through the admin API (`/v1/faults`).
 //!
 //! Packet faults (kill, blackhole, delay, loss) act in the tunnel's own UDP socket
-//! ([`socket::FaultSocket`]), so they look to peers exactly like the network or the process
+//! ([`crate::tunnel::socket::FaultSocket`]), so they look to peers exactly like the network or the process
 //! failing. Catalog faults (drain, unready) change what this gateway publishes to
 //! discovery; `cut-discovery` silences its gossip. Every fault has a duration the gateway
 //! enforces itself: a drill that dies cannot leave a fault behind.
@@ -10,7 +10,6 @@
 //! set means for packets and the catalog) without I/O; [`Faults`] applies them.
 
 pub mod api;
-pub mod socket;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -22,10 +21,10 @@ use strait_common::units::HumanDuration;
 use strait_discovery::node::Node;
 use tokio::sync::{Notify, watch};
 
-use crate::desired::{CatalogFaults, Desired};
+use crate::desired::{CatalogFaults, Exports};
 use crate::metrics::{Desc, Registry};
 use crate::tunnel::peers::Peers;
-pub use socket::PacketRules;
+use crate::tunnel::socket::PacketRules;
 pub use strait_common::api::{ActiveFault, Direction, Fault, FaultRequest};
 
 struct Entry {
@@ -253,8 +252,8 @@ pub struct Targets {
     pub peers: Peers,
     /// The discovery member (cut; its members' tunnel addresses).
     pub discovery: Option<Arc<Node>>,
-    /// The desired state (which services this gateway exports).
-    pub desired: watch::Receiver<Arc<Desired>>,
+    /// Which services this gateway exports.
+    pub exports: Exports,
 }
 
 /// A gateway's fault state: the table, and the levers it pulls.
@@ -458,9 +457,8 @@ impl Faults {
 
     fn exports(&self, service: &str) -> bool {
         self.targets
-            .desired
-            .borrow()
             .exports
+            .now()
             .iter()
             .any(|e| format!("{}/{}", e.namespace, e.name) == service)
     }

@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::faults::socket::Verdict;
+use crate::tunnel::socket::{PacketRules, Verdict};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()

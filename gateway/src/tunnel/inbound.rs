@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::header::{Status, StreamRequest, StreamResponse};
 use super::outbound::{read_frame, respond};
 use super::{StreamMetrics, codes, splice};
-use crate::desired::Desired;
+use crate::desired::Exports;
 use crate::lifetime::Lifetime;
 use crate::metrics::{Desc, Registry};
 
@@ -73,7 +73,7 @@ pub struct Limits {
 /// The serving side of the tunnel: authorizes each peer stream against this cluster's
 /// exports (from the desired state) and connects it to an endpoint.
 pub struct Inbound {
-    exports: watch::Receiver<Arc<Desired>>,
+    exports: Exports,
     /// Bounds inbound streams; beyond it peers are told `overloaded`.
     streams: Arc<Semaphore>,
     /// Round-robin cursor over endpoints.
@@ -87,7 +87,7 @@ pub struct Inbound {
 impl Inbound {
     /// The inbound side: `max_streams` concurrent streams at most.
     pub fn new(
-        exports: watch::Receiver<Arc<Desired>>,
+        exports: Exports,
         max_streams: usize,
         limits: Limits,
         metrics: InboundMetrics,
@@ -124,11 +124,8 @@ impl Inbound {
                 .reject_handshake(remote, "verified certificate carries no gateway identity");
         };
         let span = tracing::info_span!("inbound", peer = %peer, %remote);
-        // Liveness probes: the peer sends small datagrams and expects each one back.
-        let echo = tokio::spawn(echo_probes(conn.clone()));
-        let _echo = AbortOnDrop(echo);
         let mut killed = self.killed.clone();
-        async {
+        let streams = async {
             tracing::debug!("peer connected");
             loop {
                 let accepted = tokio::select! {
@@ -154,6 +151,19 @@ impl Inbound {
                         return;
                     }
                 }
+            }
+        };
+        // Liveness probes ride along: the peer sends small datagrams and expects each one
+        // back, for as long as the connection is served.
+        let echo = async {
+            echo_probes(conn.clone()).await;
+            // The connection decides when serving ends, not the probes.
+            std::future::pending::<()>().await
+        };
+        async {
+            tokio::select! {
+                () = streams => {}
+                () = echo => {}
             }
         }
         .instrument(span)
@@ -220,8 +230,8 @@ impl Inbound {
         req: &StreamRequest,
     ) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), StreamResponse> {
         // The exports as they are now (they change with the config file or the cluster).
-        let desired = self.exports.borrow().clone();
-        let (export, target) = authorize(&desired, peer, req)?;
+        let exports = self.exports.now();
+        let (export, target) = authorize(&exports, peer, req)?;
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             StreamResponse::new(Status::Overloaded, "gateway at its inbound stream limit")
         })?;
@@ -254,12 +264,13 @@ impl Inbound {
 /// An unknown service and one not exported to the caller look the same, so peers cannot
 /// probe for names they are not allowed to see.
 fn authorize<'a>(
-    desired: &'a Desired,
+    exports: &'a [Export],
     peer: &str,
     req: &StreamRequest,
 ) -> Result<(&'a Export, u16), StreamResponse> {
-    let export = desired
-        .export(&req.namespace, &req.service)
+    let export = exports
+        .iter()
+        .find(|e| e.name == req.service && e.namespace == req.namespace)
         .filter(|e| e.exported_to(peer))
         .ok_or_else(|| {
             StreamResponse::new(
@@ -280,14 +291,6 @@ fn authorize<'a>(
             )
         })?;
     Ok((export, port.target()))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Most bytes a probe may carry; larger datagrams are not echoed (no amplification, and
@@ -376,8 +379,8 @@ mod tests {
         }
     }
 
-    fn desired(exports: Vec<Export>) -> Desired {
-        Desired {
+    fn desired(exports: Vec<Export>) -> crate::desired::Desired {
+        crate::desired::Desired {
             exports: Arc::new(exports),
             ..Default::default()
         }
@@ -392,7 +395,7 @@ mod tests {
 
     #[test]
     fn only_callers_a_service_is_exported_to_get_it_and_unknown_names_look_the_same() {
-        let d = desired(vec![export("web", &["west"], vec![], 8080)]);
+        let d = vec![export("web", &["west"], vec![], 8080)];
         let (e, target) = authorize(&d, "west", &request("web", 80, None)).unwrap();
         assert_eq!((e.name.as_str(), target), ("web", 8080));
         let refused = authorize(&d, "east", &request("web", 80, None)).unwrap_err();
@@ -412,11 +415,14 @@ mod tests {
     }
 
     /// An inbound side serving `exports`, at most `max` streams.
-    fn inbound(exports: Vec<Export>, max: usize) -> (Inbound, watch::Sender<Arc<Desired>>) {
+    fn inbound(
+        exports: Vec<Export>,
+        max: usize,
+    ) -> (Inbound, watch::Sender<Arc<crate::desired::Desired>>) {
         let (tx, rx) = watch::channel(Arc::new(desired(exports)));
         let registry = Registry::new();
         let inbound = Inbound::new(
-            rx,
+            Exports::new(rx),
             max,
             Limits {
                 handshake_timeout: Duration::from_secs(1),

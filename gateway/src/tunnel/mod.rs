@@ -2,9 +2,10 @@
 //! stream per proxied TCP connection, a [`header`] exchange before payload.
 
 pub mod header;
-pub mod inbound;
+pub(crate) mod inbound;
 pub mod outbound;
 pub mod peers;
+pub(crate) mod socket;
 pub mod splice;
 
 use std::net::SocketAddr;
@@ -18,6 +19,28 @@ use strait_common::pki::{Identity, PkiError};
 use crate::metrics::{Desc, Registry};
 use splice::Side;
 
+/// The gateway's identity now: read for each new handshake, replaced by certificate
+/// rotation. Cheap to clone: clones share it.
+#[derive(Clone)]
+pub(crate) struct CurrentIdentity(Arc<arc_swap::ArcSwap<Identity>>);
+
+impl CurrentIdentity {
+    /// Starts with `identity`.
+    pub fn new(identity: Identity) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::from_pointee(identity)))
+    }
+
+    /// The identity in use.
+    pub fn load(&self) -> Arc<Identity> {
+        self.0.load_full()
+    }
+
+    /// Presents `identity` from now on (rotation does this).
+    pub(crate) fn store(&self, identity: Identity) {
+        self.0.store(Arc::new(identity));
+    }
+}
+
 const OPENED: Desc = Desc::counter(
     "strait_streams_opened_total",
     &["service", "peer", "direction"],
@@ -26,7 +49,7 @@ const OPENED: Desc = Desc::counter(
 const FAILED: Desc = Desc::counter(
     "strait_streams_failed_total",
     &["service", "peer", "reason"],
-    "Tunnel streams that did not reach an endpoint, by service, peer and reason.",
+    "Tunnel streams that did not reach an endpoint, by service, peer and reason (a refusal status: no-endpoints, forbidden, connect-failed, overloaded; or peer-down, timeout, stream-error, peer-unresponsive, protocol-error).",
 );
 const BYTES: Desc = Desc::counter(
     "strait_bytes_total",
@@ -43,7 +66,7 @@ pub(crate) const STREAM_METRICS: &[Desc] = &[OPENED, FAILED, BYTES, ACTIVE];
 
 /// What both sides of the tunnel count about proxied streams.
 #[derive(Clone)]
-pub struct StreamMetrics(Registry);
+pub(crate) struct StreamMetrics(Registry);
 
 impl StreamMetrics {
     /// The stream metrics in `registry`.
@@ -170,14 +193,34 @@ pub fn bind_udp(addr: SocketAddr, t: &TunnelTuning) -> std::io::Result<std::net:
     Ok(socket.into())
 }
 
-/// Starts the QUIC endpoint on a bound UDP socket, behind the drill fault layer that
-/// `faults` steers.
-pub fn endpoint_on(
+/// The tunnel's UDP socket as the endpoint uses it. Holding it tells when quinn has let go
+/// of the socket (see [`TunnelSocket::released`]).
+pub(crate) struct TunnelSocket(Arc<socket::FaultSocket>);
+
+impl TunnelSocket {
+    /// Waits (at most `limit`) until the endpoint's driver has dropped the socket, then
+    /// closes it: the port is free for a restart. Call once every endpoint handle is gone.
+    pub(crate) async fn released(self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while Arc::strong_count(&self.0) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // The driver ends on its next poll once the last handle is gone.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+/// Starts the QUIC endpoint on a bound UDP socket, behind the drill fault layer
+/// ([`socket::FaultSocket`]) that `faults` steers.
+pub(crate) fn endpoint_on(
     socket: std::net::UdpSocket,
     server: quinn::ServerConfig,
     t: &TunnelTuning,
-    faults: Arc<arc_swap::ArcSwapOption<crate::faults::socket::PacketRules>>,
-) -> std::io::Result<quinn::Endpoint> {
+    faults: Arc<arc_swap::ArcSwapOption<socket::PacketRules>>,
+) -> std::io::Result<(quinn::Endpoint, TunnelSocket)> {
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     let mut config = quinn::EndpointConfig::default();
@@ -187,6 +230,8 @@ pub fn endpoint_on(
         .max_udp_payload_size(t.max_udp_payload)
         .map_err(|e| std::io::Error::other(format!("tunnel.max_udp_payload: {e}")))?;
     let socket = runtime.wrap_udp_socket(socket)?;
-    let socket = Arc::new(crate::faults::socket::FaultSocket::new(socket, faults));
-    quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, runtime)
+    let socket = Arc::new(socket::FaultSocket::new(socket, faults));
+    let endpoint =
+        quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket.clone(), runtime)?;
+    Ok((endpoint, TunnelSocket(socket)))
 }

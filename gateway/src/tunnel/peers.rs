@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::desired::{Desired, PeerTarget};
 use crate::lifetime::Lifetime;
 use crate::metrics::{Desc, Registry};
-use crate::rotation::CurrentIdentity;
+use crate::tunnel::CurrentIdentity;
 
 pub use strait_common::api::{PeerStatus, RttSummary};
 
@@ -52,7 +52,7 @@ const RTT_SAMPLES: usize = 240;
 const RTT_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// A peer and its live state.
-pub struct PeerHandle {
+pub(crate) struct PeerHandle {
     /// Who and where it is.
     pub target: PeerTarget,
     state: watch::Sender<PeerState>,
@@ -76,7 +76,7 @@ impl PeerHandle {
         }
     }
 
-    /// What routing needs to know of this peer now.
+    /// What routing needs to know of this peer now (cheap: read for every new connection).
     pub fn liveness(&self) -> Liveness {
         let s = self.state();
         Liveness {
@@ -84,7 +84,6 @@ impl PeerHandle {
             routable: s.routable(),
             responsive: s.status == PeerStatus::Up && s.responsive,
             rtt: s.connection.as_ref().map(Connection::rtt),
-            rtt_summary: self.rtt_summary(),
         }
     }
 
@@ -214,7 +213,7 @@ pub(crate) const METRICS: &[Desc] = &[UP, RTT, RTT_QUANTILE, RESPONSIVE, CONNECT
 
 /// What the outbound tunnels count, per peer.
 #[derive(Clone)]
-pub struct PeerMetrics(Registry);
+pub(crate) struct PeerMetrics(Registry);
 
 impl PeerMetrics {
     /// The peer metrics in `registry`.
@@ -241,7 +240,7 @@ impl PeerMetrics {
 
 /// How a peer is dialled: the endpoint, the identity presented, the tuning.
 #[derive(Clone)]
-pub struct Dialer {
+pub(crate) struct Dialer {
     /// The tunnel's QUIC endpoint.
     pub endpoint: quinn::Endpoint,
     /// The certificate presented (swapped by rotation).
@@ -252,7 +251,7 @@ pub struct Dialer {
 
 /// What routing needs to know of one peer's tunnel now.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Liveness {
+pub(crate) struct Liveness {
     /// Tunnel state.
     pub status: PeerStatus,
     /// New connections may go there (see [`PeerState::routable`]).
@@ -261,13 +260,11 @@ pub struct Liveness {
     pub responsive: bool,
     /// Smoothed RTT of the live connection.
     pub rtt: Option<Duration>,
-    /// RTT percentiles over the last minute.
-    pub rtt_summary: Option<RttSummary>,
 }
 
 /// The peers as routing and the listeners read them: the tunnel's [`Peers`], or a fake in
 /// tests.
-pub trait PeerSet: Send + Sync + 'static {
+pub(crate) trait PeerSet: Send + Sync + 'static {
     /// One peer, if this gateway keeps a tunnel to it.
     fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>>;
 
@@ -280,7 +277,7 @@ pub trait PeerSet: Send + Sync + 'static {
 /// The peers this gateway keeps tunnels to, by cluster id. Each has a task keeping its
 /// connection up. Cheap to clone: clones share the set.
 #[derive(Clone)]
-pub struct Peers(Arc<Inner>);
+pub(crate) struct Peers(Arc<Inner>);
 
 struct Inner {
     map: RwLock<BTreeMap<String, Running>>,
@@ -320,8 +317,8 @@ impl Peers {
     }
 
     /// Makes the set equal to `desired`: new peers get a connection task, peers whose
-    /// address changed are restarted, peers no longer desired are stopped and their
-    /// connection closed.
+    /// address changed are restarted, peers no longer desired are no longer reconnected
+    /// (their connection lives on while streams use it).
     pub fn reconcile(&self, desired: &[PeerTarget]) {
         let mut map = self.0.map.write().unwrap_or_else(|p| p.into_inner());
         map.retain(|cluster, r| {
@@ -329,11 +326,10 @@ impl Peers {
                 .iter()
                 .any(|p| &p.cluster == cluster && p.address == r.handle.target.address);
             if !keep {
+                // Only the reconnecting stops: streams still open on the connection keep it
+                // (and the client connections they carry) until they end.
                 tracing::info!(peer = %cluster, "peer removed");
                 r.life.stop();
-                if let Some(c) = r.handle.connection() {
-                    c.close(super::codes::SHUTDOWN, b"peer removed");
-                }
             }
             keep
         });

@@ -154,7 +154,8 @@ impl PartialOrd for Delayed {
 /// stuck behind a long one to another). A packet whose peer has since been blackholed or
 /// killed is dropped then, as it would be on the wire.
 async fn send_delayed(
-    inner: Arc<dyn AsyncUdpSocket>,
+    // Weak: the socket closes when the endpoint lets go of it, not when this task notices.
+    inner: std::sync::Weak<dyn AsyncUdpSocket>,
     rules: Arc<ArcSwapOption<PacketRules>>,
     mut rx: mpsc::Receiver<Delayed>,
 ) {
@@ -182,6 +183,7 @@ async fn send_delayed(
                     if dropped {
                         continue;
                     }
+                    let Some(inner) = inner.upgrade() else { return };
                     // A full socket buffer loses the packet, as a congested link would.
                     let _ = inner.try_send(&Transmit {
                         destination: d.destination,
@@ -216,7 +218,7 @@ impl FaultSocket {
     /// task that lives as long as the socket).
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, rules: Arc<ArcSwapOption<PacketRules>>) -> Self {
         let (tx, rx) = mpsc::channel::<Delayed>(DELAY_QUEUE);
-        tokio::spawn(send_delayed(inner.clone(), rules.clone(), rx));
+        tokio::spawn(send_delayed(Arc::downgrade(&inner), rules.clone(), rx));
         FaultSocket {
             inner,
             rules,
