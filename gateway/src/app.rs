@@ -348,7 +348,27 @@ impl Gateway {
 
     /// Closes every connection and stops every task, waiting briefly for them to end and
     /// for peers to be told.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop_and_wait().await;
+    }
+
+    /// [`Gateway::shutdown`], then waits (at most 2 s) until the endpoint has let go of the
+    /// tunnel's UDP port, so that a gateway can start again on the same ports at once (a
+    /// restart in the same process; a new process needs no wait). Connections that were
+    /// still handshaking (to a dead peer, say) drain first, which can take a second or two.
+    pub async fn shutdown_and_release(self) {
+        if let Some(socket) = self.stop_and_wait().await
+            && !socket.released(Duration::from_secs(2)).await
+        {
+            tracing::warn!(
+                "the tunnel socket is still in use 2s after shutdown (connections still open?)"
+            );
+        }
+    }
+
+    /// Stops, waits for the tasks and for the peers to be told, and drops every handle; the
+    /// tunnel socket, to wait for its release.
+    async fn stop_and_wait(mut self) -> Option<tunnel::TunnelSocket> {
         self.stop();
         let joined = tokio::time::timeout(Duration::from_secs(2), async {
             while self.tasks.join_next().await.is_some() {}
@@ -361,17 +381,7 @@ impl Gateway {
             tracing::warn!("gateway connection tasks did not stop within 1s");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-        // Every handle on the endpoint goes; once its driver has let go of the UDP socket
-        // the port is free, so a restart on the same ports can follow at once.
-        let socket = self.socket.take();
-        drop(self);
-        if let Some(socket) = socket
-            && !socket.released(Duration::from_secs(2)).await
-        {
-            tracing::warn!(
-                "the tunnel socket is still in use 2s after shutdown (connections still open?)"
-            );
-        }
+        self.socket.take()
     }
 
     /// Tells every task to stop, closes the tunnel and leaves the gossip.

@@ -493,7 +493,8 @@ impl Demo {
             .gateway
             .take()
             .with_context(|| format!("{cluster} is already down"))?;
-        g.shutdown().await;
+        // `up` binds the same ports again, possibly at once.
+        g.shutdown_and_release().await;
         Ok(())
     }
 

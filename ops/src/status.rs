@@ -40,10 +40,12 @@ pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
         "SERVICE", "PORT", "LISTEN"
     );
     for i in &services.imports {
+        // One endpoint of a headless service is reached through its own cluster only.
+        let only = i.endpoint.as_deref().and_then(|e| e.split('/').next());
         let route = routes
             .iter()
             .find(|r| r.service == i.service)
-            .map(route_line)
+            .map(|r| route_line(r, only))
             .unwrap_or_default();
         let _ = writeln!(
             out,
@@ -123,10 +125,12 @@ fn peers_table(out: &mut String, cluster: &str, rows: &[Peer], rtt: impl Fn(&str
     }
 }
 
-/// One service's ranked clusters: `a, b [peer-down]`, with a ramping share as a percentage.
-fn route_line(r: &Route) -> String {
+/// One service's ranked clusters: `a, b [peer-down]`, with a ramping share as a percentage;
+/// `only` that cluster's when given.
+fn route_line(r: &Route, only: Option<&str>) -> String {
     r.clusters
         .iter()
+        .filter(|c| only.is_none_or(|o| o == c.cluster))
         .map(|c| match &c.reason {
             Some(why) => format!("[{}: {why}]", c.cluster),
             None if c.share < 1.0 => format!("{} ({:.0}%)", c.cluster, c.share * 100.0),
@@ -134,4 +138,52 @@ fn route_line(r: &Route) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use strait_common::api::RouteCluster;
+    use strait_common::config::routing::{Mode, RoutePolicy};
+
+    use super::*;
+
+    fn cluster(name: &str, reason: Option<&str>, share: f64) -> RouteCluster {
+        RouteCluster {
+            cluster: name.into(),
+            tier: 0,
+            eligible: reason.is_none(),
+            reason: reason.map(str::to_owned),
+            detail: None,
+            share,
+            region: String::new(),
+            zone: String::new(),
+            peer: None,
+            responsive: false,
+            rtt: None,
+            ready_endpoints: None,
+            weight: 1,
+            active: 0,
+            served: 0,
+        }
+    }
+
+    #[test]
+    fn a_route_line_names_clusters_best_first_and_a_headless_row_its_own_cluster() {
+        let route = Route {
+            service: "shop/pods".into(),
+            mode: Mode::Locality,
+            primary: Some("east".into()),
+            clusters: vec![
+                cluster("east", None, 1.0),
+                cluster("north", None, 0.25),
+                cluster("west", Some("peer-down"), 0.0),
+            ],
+            policy: RoutePolicy::default(),
+        };
+        assert_eq!(
+            route_line(&route, None),
+            "east, north (25%), [west: peer-down]"
+        );
+        assert_eq!(route_line(&route, Some("west")), "[west: peer-down]");
+    }
 }

@@ -479,7 +479,7 @@ async fn a_gateway_shut_down_starts_again_at_once_on_the_same_ports() {
     again.listen.admin = g0.admin_addr();
     again.listen.discovery = Some(seed);
     assert_eq!(again.listen.tunnel, g0.tunnel_addr());
-    g0.shutdown().await;
+    g0.shutdown_and_release().await;
     let path = pki.write_config(&again);
     let config = Config::load(&path).unwrap();
     let g0 = Gateway::start(config)
