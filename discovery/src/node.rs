@@ -120,8 +120,22 @@ impl Node {
         listener: TcpListener,
         config: NodeConfig,
     ) -> std::io::Result<Node> {
+        Self::start_with(me, generation, identity, listener, config, BTreeMap::new())
+    }
+
+    /// [`Node::start`] with this member's services in its catalog from the first round (a
+    /// restarted member never tells its peers that its new incarnation has none).
+    pub fn start_with(
+        me: MemberInfo,
+        generation: u64,
+        identity: Arc<Identity>,
+        listener: TcpListener,
+        config: NodeConfig,
+        local: BTreeMap<ServiceKey, Service>,
+    ) -> std::io::Result<Node> {
         let addr = listener.local_addr()?;
-        let catalog = Catalog::new(me, generation, config.catalog.clone());
+        let mut catalog = Catalog::new(me, generation, config.catalog.clone());
+        catalog.set_local(local);
         let shared = Arc::new(Inner {
             view: watch::channel(Arc::new(View::default())).0,
             catalog: Mutex::new(catalog),

@@ -352,16 +352,21 @@ impl Gateway {
         self.stop_and_wait().await;
     }
 
-    /// [`Gateway::shutdown`], then waits (at most 2 s) until the endpoint has let go of the
-    /// tunnel's UDP port, so that a gateway can start again on the same ports at once (a
-    /// restart in the same process; a new process needs no wait). Connections that were
-    /// still handshaking (to a dead peer, say) drain first, which can take a second or two.
+    /// [`Gateway::shutdown`], then waits (at most 5 s in all) until the endpoint has let go
+    /// of the tunnel's UDP port, so that a gateway can start again on the same ports at
+    /// once (a restart in the same process; a new process needs no wait). Closed
+    /// connections drain first: about 3 s for one that was still handshaking (with a dead
+    /// peer, say), as QUIC waits three probe timeouts of its initial 333 ms RTT estimate.
+    /// Proxied connections still open keep the port until they end.
     pub async fn shutdown_and_release(self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         if let Some(socket) = self.stop_and_wait().await
-            && !socket.released(Duration::from_secs(2)).await
+            && !socket
+                .released(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await
         {
             tracing::warn!(
-                "the tunnel socket is still in use 2s after shutdown (connections still open?)"
+                "the tunnel socket is still in use 5s after shutdown began (proxied connections still open?)"
             );
         }
     }

@@ -123,14 +123,14 @@ impl Federation {
             },
             ..Default::default()
         };
-        let node = Node::start(
+        let node = Node::start_with(
             me,
             generation,
             Arc::new(identity.clone()),
             listener,
             node_config,
+            published,
         )?;
-        node.set_local(published);
         metrics.describe(METRICS);
         Ok(Federation {
             node: Arc::new(node),
@@ -234,7 +234,7 @@ mod tests {
         )
         .await
         .unwrap();
-        // No await since the start: the gossip loop has not run yet.
+        // Its catalog held them before its tasks were spawned.
         let own: Vec<String> = f
             .node()
             .view()

@@ -437,10 +437,12 @@ async fn connections_through_a_member_whose_lease_ran_out_keep_flowing() {
         },
     )
     .await;
-    assert!(
-        g1.listener("default/svc0", 7000).is_none(),
-        "the import is withdrawn"
-    );
+    eventually(
+        Duration::from_secs(5),
+        "the import is withdrawn",
+        async || g1.listener("default/svc0", 7000).is_none(),
+    )
+    .await;
 
     // The connection opened before keeps its stream, and its stream the tunnel.
     held.write_all(b"after!").await.unwrap();
@@ -505,4 +507,33 @@ async fn a_gateway_shut_down_starts_again_at_once_on_the_same_ports() {
             == Some(*b"again")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_gateway_dialling_a_dead_peer_starts_again_at_once_on_the_same_ports() {
+    let pki = TestPki::new();
+    let (gone, gone_addr) = udp();
+    drop(gone);
+    let (u, a) = udp();
+    let mut config = pki.config("g0", a);
+    config.peers.push(Peer {
+        cluster: "gone".into(),
+        address: gone_addr,
+    });
+    let g0 = pki.gateway("g0", u, |c| *c = config.clone()).await;
+    // A handshake to the dead peer is under way when the gateway stops.
+    eventually(
+        Duration::from_secs(5),
+        "a handshake in flight",
+        async || g0.tunnel_connections() >= 1,
+    )
+    .await;
+    config.listen.admin = g0.admin_addr();
+    config.listen.discovery = None;
+    g0.shutdown_and_release().await;
+    let again = Config::load(&pki.write_config(&config)).unwrap();
+    let g0 = Gateway::start(again)
+        .await
+        .expect("the port is free once the handshake has drained");
+    assert_eq!(g0.tunnel_addr(), a);
 }

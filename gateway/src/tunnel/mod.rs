@@ -49,7 +49,7 @@ const OPENED: Desc = Desc::counter(
 const FAILED: Desc = Desc::counter(
     "strait_streams_failed_total",
     &["service", "peer", "reason"],
-    "Tunnel streams that did not reach an endpoint, by service, peer and reason (a refusal status: no-endpoints, forbidden, connect-failed, overloaded; or peer-down, timeout, stream-error, peer-unresponsive, protocol-error).",
+    "Tunnel streams that did not reach an endpoint, by service, peer and reason (a refusal status: no-endpoints, forbidden, connect-failed, overloaded, unspecified; or peer-down, timeout, stream-error, peer-unresponsive, protocol-error).",
 );
 const BYTES: Desc = Desc::counter(
     "strait_bytes_total",
@@ -202,7 +202,10 @@ impl TunnelSocket {
     /// closes it: the port is free for a restart. Call once every endpoint handle is gone.
     pub(crate) async fn released(self, limit: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while Arc::strong_count(&self.0) > 1 {
+        // The endpoint holds this socket, and each connection's I/O poller the runtime's
+        // socket inside it: both must be gone (the pollers can outlive the connection's
+        // hold on this socket for a moment on a multi-threaded runtime).
+        while Arc::strong_count(&self.0) > 1 || self.0.other_users() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }

@@ -78,7 +78,7 @@ impl PeerHandle {
 
     /// What routing needs to know of this peer now (cheap: read for every new connection).
     pub fn liveness(&self) -> Liveness {
-        let s = self.state();
+        let s = self.state.borrow();
         Liveness {
             status: s.status,
             routable: s.routable(),
@@ -382,6 +382,10 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
     let cluster = peer.target.cluster.clone();
     let gauges = metrics.gauges(&cluster);
+    let _ended = Ended {
+        peer: peer.clone(),
+        gauges: gauges.clone(),
+    };
     let mut backoff = INITIAL_BACKOFF;
     loop {
         peer.set(PeerStatus::Connecting, None, None);
@@ -411,6 +415,24 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
     }
 }
 
+/// What a peer's state says once its task is stopped (the peer was removed, or the
+/// gateway stops): down, with no connection of its own. Waiters for a handshake stop
+/// waiting, the gauges stop claiming the tunnel is up, and the connection lives only as
+/// long as streams still use it.
+struct Ended {
+    peer: Arc<PeerHandle>,
+    gauges: Gauges,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.gauges.up.set(0.0);
+        self.gauges.responsive.set(0.0);
+        self.peer
+            .set(PeerStatus::Down, None, Some("no longer a peer".to_owned()));
+    }
+}
+
 async fn connect(dialer: &Dialer, peer: &PeerTarget) -> Result<Connection, String> {
     let identity = dialer.identity.load();
     let cfg = super::client_config(&identity, &peer.cluster, &dialer.tuning)
@@ -427,6 +449,7 @@ async fn connect(dialer: &Dialer, peer: &PeerTarget) -> Result<Connection, Strin
     }
 }
 
+#[derive(Clone)]
 struct Gauges {
     up: metrics::Gauge,
     rtt: metrics::Gauge,

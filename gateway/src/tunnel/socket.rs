@@ -205,6 +205,13 @@ pub struct FaultSocket {
     delayed: mpsc::Sender<Delayed>,
 }
 
+impl FaultSocket {
+    /// Holders of the runtime's socket besides this one: the endpoint's I/O pollers.
+    pub(super) fn other_users(&self) -> usize {
+        Arc::strong_count(&self.inner) - 1
+    }
+}
+
 impl fmt::Debug for FaultSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FaultSocket")
