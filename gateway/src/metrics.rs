@@ -58,18 +58,27 @@ pub struct Desc {
 }
 
 impl Desc {
-    /// A counter.
-    pub(crate) const fn counter(
+    const fn new(
+        kind: Kind,
         name: &'static str,
         labels: &'static [&'static str],
         help: &'static str,
     ) -> Desc {
         Desc {
             name,
-            kind: Kind::Counter,
+            kind,
             help,
             labels,
         }
+    }
+
+    /// A counter.
+    pub(crate) const fn counter(
+        name: &'static str,
+        labels: &'static [&'static str],
+        help: &'static str,
+    ) -> Desc {
+        Self::new(Kind::Counter, name, labels, help)
     }
 
     /// A gauge.
@@ -78,12 +87,7 @@ impl Desc {
         labels: &'static [&'static str],
         help: &'static str,
     ) -> Desc {
-        Desc {
-            name,
-            kind: Kind::Gauge,
-            help,
-            labels,
-        }
+        Self::new(Kind::Gauge, name, labels, help)
     }
 
     /// A histogram.
@@ -92,12 +96,7 @@ impl Desc {
         labels: &'static [&'static str],
         help: &'static str,
     ) -> Desc {
-        Desc {
-            name,
-            kind: Kind::Histogram,
-            help,
-            labels,
-        }
+        Self::new(Kind::Histogram, name, labels, help)
     }
 }
 

@@ -600,6 +600,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// A connection plan, then three failures on east: the path is ejected.
+    fn eject_east(s: &Setup) {
+        s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        for _ in 0..3 {
+            s.routing.record("shop/web", "east", Outcome::Failure);
+        }
+    }
+
     #[test]
     fn the_services_routed_are_the_desired_imports() {
         let s = setup();
@@ -706,10 +714,7 @@ pub(crate) mod tests {
     #[test]
     fn failures_eject_the_path_and_retries_spend_the_budget() {
         let s = setup();
-        s.routing.plan("shop/web", &clusters(&["east", "north"]));
-        for _ in 0..3 {
-            s.routing.record("shop/web", "east", Outcome::Failure);
-        }
+        eject_east(&s);
         let report = s.routing.report(Some("shop/web")).pop().unwrap();
         let east = report
             .clusters
@@ -786,10 +791,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn policy_changes_apply_to_live_routers_without_losing_health() {
         let s = setup();
-        s.routing.plan("shop/web", &clusters(&["east", "north"]));
-        for _ in 0..3 {
-            s.routing.record("shop/web", "east", Outcome::Failure);
-        }
+        eject_east(&s);
         tokio::spawn(s.routing.clone().run());
         s.desired.send_modify(|d| {
             Arc::make_mut(d).routing = Arc::new(RoutingConfig {

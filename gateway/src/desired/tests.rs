@@ -37,6 +37,18 @@ fn member(cluster: &str, region: &str, tunnel_addr: SocketAddr) -> MemberView {
     }
 }
 
+/// This cluster with nothing configured, importing what discovery offers on 127.9.0.0/24.
+fn discovering() -> Local {
+    Local {
+        cluster: ME.into(),
+        region: MY_REGION.into(),
+        zone: String::new(),
+        peers: vec![],
+        imports: vec![],
+        import_range: Some("127.9.0.0/24".parse().unwrap()),
+    }
+}
+
 fn export(name: &str, headless: bool) -> Export {
     Export {
         name: name.into(),
@@ -163,14 +175,7 @@ impl Federation {
     /// The same federation as discovery sees it, with every service already given the
     /// address the static config gives it.
     fn discovered(&self) -> (Local, View, Allocation) {
-        let local = Local {
-            cluster: ME.into(),
-            region: MY_REGION.into(),
-            zone: String::new(),
-            peers: vec![],
-            imports: vec![],
-            import_range: Some("127.9.0.0/24".parse().unwrap()),
-        };
+        let local = discovering();
         let mut members = vec![member(ME, MY_REGION, "127.0.0.1:7400".parse().unwrap())];
         members.extend(
             self.clusters
@@ -338,14 +343,7 @@ fn headless_endpoints_are_imports_of_their_own_and_routing_sees_every_cluster() 
         members: vec![here, near.clone(), far.clone()],
         services: vec![pods(&far, 2), pods(&near, 1)],
     };
-    let local = Local {
-        cluster: ME.into(),
-        region: MY_REGION.into(),
-        zone: String::new(),
-        peers: vec![],
-        imports: vec![],
-        import_range: Some("127.9.0.0/24".parse().unwrap()),
-    };
+    let local = discovering();
     let d = compute(
         &inputs(
             &local,
