@@ -203,18 +203,15 @@ mod tests {
 
     #[test]
     fn described_metrics_render_with_help_and_labels() {
-        const D: Desc = Desc::counter("strait_test_total", &["peer"], "A test counter.");
+        const D: Desc = Desc::counter("example_total", &["peer"], "A test counter.");
         let r = Registry::new();
         r.describe(&[D]);
         r.counter(&D, &["east"]).increment(2);
         let text = r.render();
         assert!(
-            text.contains("# HELP strait_test_total A test counter."),
+            text.contains("# HELP example_total A test counter."),
             "{text}"
         );
-        assert!(
-            text.contains("strait_test_total{peer=\"east\"} 2"),
-            "{text}"
-        );
+        assert!(text.contains("example_total{peer=\"east\"} 2"), "{text}");
     }
 }

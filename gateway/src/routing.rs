@@ -600,6 +600,15 @@ pub(crate) mod tests {
         }
     }
 
+    /// One cluster's row of a route report.
+    fn row<'a>(report: &'a RouteReport, cluster: &str) -> &'a ClusterReport {
+        report
+            .clusters
+            .iter()
+            .find(|c| c.cluster == cluster)
+            .unwrap()
+    }
+
     /// A connection plan, then three failures on east: the path is ejected.
     fn eject_east(s: &Setup) {
         s.routing.plan("shop/web", &clusters(&["east", "north"]));
@@ -641,11 +650,7 @@ pub(crate) mod tests {
         assert_eq!(plan.attempts[0], "north");
         let report = s.routing.report(Some("shop/web")).pop().unwrap();
         assert_eq!(report.primary.as_deref(), Some("north"));
-        let east = report
-            .clusters
-            .iter()
-            .find(|c| c.cluster == "east")
-            .unwrap();
+        let east = row(&report, "east");
         assert!(!east.eligible);
         assert_eq!(east.reason.as_deref(), Some("peer-down"));
         assert_eq!(east.peer, Some(PeerStatus::Down));
@@ -716,11 +721,7 @@ pub(crate) mod tests {
         let s = setup();
         eject_east(&s);
         let report = s.routing.report(Some("shop/web")).pop().unwrap();
-        let east = report
-            .clusters
-            .iter()
-            .find(|c| c.cluster == "east")
-            .unwrap();
+        let east = row(&report, "east");
         assert_eq!(east.reason.as_deref(), Some("ejected"));
         assert!(
             s.registry
@@ -753,17 +754,8 @@ pub(crate) mod tests {
         let s = setup();
         let a = s.routing.hold("shop/web", "east");
         let _b = s.routing.hold("shop/web", "east");
-        let active = |s: &Setup| {
-            s.routing
-                .report(Some("shop/web"))
-                .pop()
-                .unwrap()
-                .clusters
-                .iter()
-                .find(|c| c.cluster == "east")
-                .unwrap()
-                .active
-        };
+        let active =
+            |s: &Setup| row(&s.routing.report(Some("shop/web")).pop().unwrap(), "east").active;
         assert_eq!(active(&s), 2);
         drop(a);
         assert_eq!(active(&s), 1);
@@ -808,11 +800,7 @@ pub(crate) mod tests {
         })
         .await;
         let report = s.routing.report(Some("shop/web")).pop().unwrap();
-        let east = report
-            .clusters
-            .iter()
-            .find(|c| c.cluster == "east")
-            .unwrap();
+        let east = row(&report, "east");
         assert_eq!(east.reason.as_deref(), Some("ejected"), "health state kept");
     }
 }

@@ -55,6 +55,20 @@ async fn member(
     (g, config)
 }
 
+/// g0 exporting `svc0` (echo at `backend`), and g1 joining through it; returned once g1
+/// imports `svc0` (leases 5 s), with g0's config.
+async fn exporter_and_importer(pki: &TestPki, backend: SocketAddr) -> (Gateway, Config, Gateway) {
+    let lease = Duration::from_secs(5);
+    let (g0, c0) = member(pki, "g0", &["svc0"], backend, &[], lease).await;
+    let seed = g0.discovery_addr().unwrap();
+    let (g1, _) = member(pki, "g1", &[], backend, &[seed], lease).await;
+    eventually(Duration::from_secs(10), "g1 imports svc0", async || {
+        g1.listener("default/svc0", 7000).is_some()
+    })
+    .await;
+    (g0, c0, g1)
+}
+
 #[tokio::test]
 async fn five_gateways_discover_each_other_and_follow_export_changes() {
     let pki = TestPki::new();
@@ -207,28 +221,7 @@ async fn a_killed_gateway_is_marked_down_and_withdrawn_after_its_lease() {
 async fn status_and_metrics_show_the_federation() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (g0, _) = member(
-        &pki,
-        "g0",
-        &["svc0"],
-        echo.addr,
-        &[],
-        Duration::from_secs(5),
-    )
-    .await;
-    let (g1, _) = member(
-        &pki,
-        "g1",
-        &[],
-        echo.addr,
-        &[g0.discovery_addr().unwrap()],
-        Duration::from_secs(5),
-    )
-    .await;
-    eventually(Duration::from_secs(10), "g1 imports svc0", async || {
-        g1.listener("default/svc0", 7000).is_some()
-    })
-    .await;
+    let (g0, _, g1) = exporter_and_importer(&pki, echo.addr).await;
     let text = strait_ops::status::render(g1.admin_addr()).await.unwrap();
     assert!(text.contains("gateway g1: 2 members (discovery)"), "{text}");
     let g0_row = text
@@ -457,21 +450,8 @@ async fn connections_through_a_member_whose_lease_ran_out_keep_flowing() {
 async fn a_gateway_shut_down_starts_again_at_once_on_the_same_ports() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let (g0, c0) = member(
-        &pki,
-        "g0",
-        &["svc0"],
-        echo.addr,
-        &[],
-        Duration::from_secs(5),
-    )
-    .await;
+    let (g0, c0, g1) = exporter_and_importer(&pki, echo.addr).await;
     let seed = g0.discovery_addr().unwrap();
-    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(10), "g1 imports svc0", async || {
-        g1.listener("default/svc0", 7000).is_some()
-    })
-    .await;
     assert_eq!(
         echo_through(g1.listener("default/svc0", 7000).unwrap()).await,
         b"via discovery"
