@@ -24,6 +24,20 @@ pub struct Ready {
     pub peers: usize,
     /// Service listeners bound.
     pub listeners: usize,
+    /// Kubernetes mode: the state of the API integration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesReady>,
+}
+
+/// The Kubernetes integration as `/ready` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesReady {
+    /// Every watch has listed once.
+    pub synced: bool,
+    /// This replica writes (holds the Lease).
+    pub leader: bool,
+    /// The latest unresolved error talking to the API server.
+    pub error: Option<String>,
 }
 
 /// Connection state of one peer's tunnel.

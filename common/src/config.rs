@@ -57,6 +57,10 @@ pub struct Config {
     /// The DNS server for `clusterset.local` names (served on `listen.dns`).
     #[serde(default)]
     pub dns: Dns,
+    /// Kubernetes mode: exports from `ServiceExport` objects, imports written as
+    /// `ServiceImport`s with derived Services and EndpointSlices; off when absent.
+    #[serde(default)]
+    pub kubernetes: Option<Kubernetes>,
     /// The file this configuration was loaded from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -128,6 +132,122 @@ fn default_phi() -> f64 {
 
 fn default_exports_reload() -> HumanDuration {
     HumanDuration(Duration::from_secs(1))
+}
+
+/// Kubernetes mode. The gateway runs as a Deployment; its exports are the cluster's
+/// `ServiceExport`s, and each service it imports gets a `ServiceImport` plus a derived
+/// Service whose EndpointSlices point at the gateway pods on a port from `import_ports`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    /// The gateway's own namespace: its Lease and its Service live there.
+    #[serde(default = "default_kube_namespace")]
+    pub namespace: String,
+    /// The Service selecting the gateway pods; its ready endpoints are where imported
+    /// services' derived EndpointSlices point.
+    #[serde(default = "default_gateway_service")]
+    pub gateway_service: String,
+    /// Gateway ports given to imported service ports, one per (service, port), kept while
+    /// the import exists.
+    #[serde(default = "default_import_ports")]
+    pub import_ports: PortRange,
+    /// Address the import listeners bind (every pod address by default).
+    #[serde(default = "default_kube_listen")]
+    pub listen: IpAddr,
+    /// API server URL; by default the in-cluster service account, else `KUBECONFIG`.
+    #[serde(default)]
+    pub api_server: Option<String>,
+    /// This replica's name in the writer Lease; by default `$POD_NAME`, else the hostname.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// How long a writer's Lease holds without renewal.
+    #[serde(default = "default_kube_lease")]
+    pub lease: HumanDuration,
+}
+
+impl Kubernetes {
+    /// Kubernetes mode against `api_server`, everything else at its default.
+    pub fn new(api_server: Option<String>) -> Self {
+        Kubernetes {
+            namespace: default_kube_namespace(),
+            gateway_service: default_gateway_service(),
+            import_ports: default_import_ports(),
+            listen: default_kube_listen(),
+            api_server,
+            replica: None,
+            lease: default_kube_lease(),
+        }
+    }
+}
+
+fn default_kube_namespace() -> String {
+    "strait-system".into()
+}
+
+fn default_gateway_service() -> String {
+    "strait-gateway".into()
+}
+
+fn default_import_ports() -> PortRange {
+    PortRange {
+        first: 20_000,
+        last: 20_999,
+    }
+}
+
+fn default_kube_listen() -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+}
+
+fn default_kube_lease() -> HumanDuration {
+    HumanDuration(Duration::from_secs(15))
+}
+
+/// An inclusive range of ports, written `20000-20999`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// How many ports it holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.last.saturating_sub(self.first)) + usize::from(self.first <= self.last)
+    }
+
+    /// Whether it holds no port.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a port range; write it as `20000-20999`");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> String {
+        format!("{}-{}", r.first, r.last)
+    }
 }
 
 /// Listen addresses. The admin API must never share the peer-facing port.
@@ -517,6 +637,7 @@ impl Config {
             routing: routing::Routing::default(),
             faults: None,
             dns: Dns::default(),
+            kubernetes: None,
             source: None,
         }
     }
@@ -590,7 +711,52 @@ impl Config {
             );
         }
         self.validate_dns(&mut v);
+        self.validate_kubernetes(&mut v);
         v.problems
+    }
+
+    fn validate_kubernetes(&self, v: &mut Validator) {
+        let Some(k) = &self.kubernetes else { return };
+        if self.discovery.is_none() {
+            v.push(
+                "kubernetes",
+                "needs `discovery`: imported services are learned from the federation",
+                "add a `discovery:` section with the other clusters' gateways as `seeds`",
+            );
+        }
+        if !self.exports.is_empty() {
+            v.push(
+                "exports",
+                "is set together with `kubernetes`, where exports are the cluster's ServiceExport objects",
+                "remove `exports` and create a ServiceExport for each Service instead",
+            );
+        }
+        v.label("kubernetes.namespace", &k.namespace);
+        v.label("kubernetes.gateway_service", &k.gateway_service);
+        let own = [
+            Some(self.listen.tunnel.port()),
+            Some(self.listen.admin.port()),
+            self.listen.discovery.map(|a| a.port()),
+            self.listen.dns.map(|a| a.port()),
+        ];
+        if let Some(p) = own
+            .into_iter()
+            .flatten()
+            .find(|p| k.import_ports.contains(*p))
+        {
+            v.push(
+                "kubernetes.import_ports",
+                format!("contains port {p}, which the gateway already listens on"),
+                "choose a range clear of the `listen` ports, e.g. `20000-20999`",
+            );
+        }
+        if k.lease.0 < Duration::from_secs(2) {
+            v.push(
+                "kubernetes.lease",
+                "is shorter than 2s",
+                "use e.g. `15s`: replicas renew it every third of that",
+            );
+        }
     }
 
     fn validate_dns(&self, v: &mut Validator) {
@@ -797,7 +963,8 @@ impl Config {
                 .listen
                 .discovery
                 .is_some_and(|a| a.ip().is_unspecified());
-        if unspecified && d.advertise.is_none() {
+        // In Kubernetes mode the address comes from the gateway Service's load balancer.
+        if unspecified && d.advertise.is_none() && self.kubernetes.is_none() {
             v.push(
                 "discovery.advertise",
                 "is missing while listen.tunnel or listen.discovery is an unspecified address (0.0.0.0), which members cannot dial",

@@ -30,6 +30,7 @@ use crate::desired::{self, Allocation, Desired, Exports, Local, Sources};
 use crate::dns::{self, Dns, DnsMetrics};
 use crate::faults::{FaultMetrics, Faults, Targets, Token};
 use crate::federation::Federation;
+use crate::kubernetes;
 use crate::lifetime::Lifetime;
 use crate::listener::{BoundListener, Forwarding, ListenerMetrics, Listeners};
 use crate::metrics::{Desc, Registry};
@@ -67,7 +68,7 @@ impl Gateway {
     }
 
     /// Like [`Gateway::start`], on an already-bound tunnel socket (see [`tunnel::bind_udp`]).
-    pub async fn start_on(config: Config, udp: std::net::UdpSocket) -> anyhow::Result<Gateway> {
+    pub async fn start_on(mut config: Config, udp: std::net::UdpSocket) -> anyhow::Result<Gateway> {
         anyhow::ensure!(
             config.discovery.is_none() || config.source.is_some(),
             "discovery needs the config file's path to reload exports (load it with Config::load)"
@@ -99,6 +100,20 @@ impl Gateway {
         };
         let metrics = Registry::new();
         let tunnel_addr = endpoint.local_addr()?;
+        let kube_client = match &config.kubernetes {
+            Some(k) => {
+                let client = kubernetes::client(k).await?;
+                kubernetes::check_cluster_id(&client, &config.cluster).await?;
+                if let Some(d) = config.discovery.as_mut()
+                    && d.advertise.is_none()
+                    && config.listen.tunnel.ip().is_unspecified()
+                {
+                    d.advertise = Some(kubernetes::advertise_address(&client, k).await?);
+                }
+                Some(client)
+            }
+            None => None,
+        };
         let federation = match &config.discovery {
             Some(d) => {
                 let services = desired::published(
@@ -148,10 +163,18 @@ impl Gateway {
                 .map_or(Duration::from_secs(1), |d| d.reload_interval.0);
             FileSource::start(path, config.clone(), interval)
         });
+        let kube = kube_client.map(|client| {
+            let k = config
+                .kubernetes
+                .as_ref()
+                .expect("a client only in Kubernetes mode");
+            kubernetes::start(client, k, desired.clone(), &metrics)
+        });
         let mut sources = Sources {
-            exports: match &file {
-                Some(f) => f.watch(),
-                None => watch::channel(Arc::new(config.exports.clone())).1,
+            exports: match (&kube, &file) {
+                (Some(k), _) => k.exports.watch(),
+                (None, Some(f)) => f.watch(),
+                (None, None) => watch::channel(Arc::new(config.exports.clone())).1,
             },
             config: match &file {
                 Some(f) => f.config(),
@@ -159,6 +182,7 @@ impl Gateway {
             },
             view: node.as_ref().map(|n| n.subscribe()),
             faults: faults.catalog(),
+            placement: kube.as_ref().map(|k| k.placement.clone()),
         };
         let local = Local::from(&config);
         let mut alloc = Allocation::default();
@@ -232,6 +256,7 @@ impl Gateway {
             desired: desired.clone(),
             federation: federation.clone(),
             metrics: metrics.clone(),
+            kubernetes: kube.as_ref().map(|k| k.health.clone()),
         };
 
         let mut tasks = JoinSet::new();
@@ -243,6 +268,9 @@ impl Gateway {
             let _file = file;
             desired::run(local, sources, alloc, desired_tx).await
         }));
+        for task in kube.map(|k| k.tasks).into_iter().flatten() {
+            spawn(task);
+        }
         spawn(Box::pin(peers.clone().follow(desired.clone())));
         spawn(Box::pin(listeners.clone().follow(desired.clone())));
         spawn(Box::pin(routing.clone().run()));
@@ -426,6 +454,7 @@ pub fn metrics_reference() -> Vec<&'static Desc> {
         crate::rotation::METRICS,
         crate::federation::METRICS,
         crate::faults::METRICS,
+        crate::kubernetes::METRICS,
     ]
     .into_iter()
     .flatten()

@@ -16,6 +16,7 @@ pub(crate) mod desired;
 pub(crate) mod dns;
 pub(crate) mod faults;
 pub(crate) mod federation;
+pub(crate) mod kubernetes;
 pub(crate) mod lifetime;
 pub(crate) mod listener;
 pub(crate) mod rotation;

@@ -167,9 +167,10 @@ impl Listeners {
         {
             let mut active = self.lock();
             active.retain(|key, a| {
-                let keep = wanted
-                    .get(key)
-                    .is_some_and(|(imp, _)| imp.address == a.address.ip());
+                // Rebound when its address or (a fixed) port changes.
+                let keep = wanted.get(key).is_some_and(|(imp, port)| {
+                    imp.listen_on == a.address.ip() && (*port == 0 || *port == a.address.port())
+                });
                 if !keep {
                     a.life.stop();
                     tracing::info!(service = %key.0, port = key.1, "listener closed");
@@ -189,7 +190,7 @@ impl Listeners {
         }
         let mut errors = Vec::new();
         for ((service, port, endpoint), imp, local_port) in to_bind {
-            let addr = SocketAddr::new(imp.address, local_port);
+            let addr = SocketAddr::new(imp.listen_on, local_port);
             let listener = match TcpListener::bind(addr).await {
                 Ok(l) => l,
                 Err(e) => {

@@ -550,6 +550,7 @@ pub(crate) mod tests {
             namespace: "shop".into(),
             name: name.into(),
             address: "127.0.0.1".parse().unwrap(),
+            listen_on: "127.0.0.1".parse().unwrap(),
             ports: vec![ImportPort {
                 name: "http".into(),
                 port: 80,

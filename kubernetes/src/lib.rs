@@ -4,4 +4,10 @@
 //! runtime (reflectors), so the tests drive the production code path against a fake API
 //! server that speaks the HTTP list/watch protocol.
 
+pub mod exports;
+pub mod imports;
+pub mod install;
+pub mod lease;
 pub mod mcs;
+pub mod source;
+pub mod watch;

@@ -43,7 +43,9 @@ pub mod v1beta1 {
 
     /// Declares that the Service of the same namespace and name may be consumed from
     /// other clusters of the clusterset.
-    #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+    #[derive(
+        CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema,
+    )]
     #[kube(
         group = "multicluster.x-k8s.io",
         version = "v1beta1",
@@ -89,7 +91,9 @@ pub mod v1beta1 {
 
     /// A service imported from the clusterset, written by the gateway in every cluster
     /// that imports it.
-    #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+    #[derive(
+        CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema,
+    )]
     #[kube(
         group = "multicluster.x-k8s.io",
         version = "v1beta1",
@@ -184,7 +188,9 @@ pub mod v1alpha1 {
     use super::*;
 
     /// The v1alpha1 `ServiceExport` (empty spec).
-    #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+    #[derive(
+        CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema,
+    )]
     #[kube(
         group = "multicluster.x-k8s.io",
         version = "v1alpha1",
@@ -205,7 +211,9 @@ pub mod about {
     pub const CLUSTERSET: &str = "clusterset.k8s.io";
 
     /// One property of this cluster; its name is the property's name.
-    #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+    #[derive(
+        CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema,
+    )]
     #[kube(group = "about.k8s.io", version = "v1alpha1", kind = "ClusterProperty")]
     pub struct ClusterPropertySpec {
         /// The value.
@@ -215,13 +223,21 @@ pub mod about {
 
 /// The CRDs of the types above: `ServiceExport` (v1beta1 stored, v1alpha1 still served),
 /// `ServiceImport` and `ClusterProperty`.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
     let exports = kube::core::crd::merge_crds(
-        vec![v1beta1::ServiceExport::crd(), v1alpha1::ServiceExport::crd()],
+        vec![
+            v1beta1::ServiceExport::crd(),
+            v1alpha1::ServiceExport::crd(),
+        ],
         "v1beta1",
     )
     .expect("the two ServiceExport versions describe one kind");
-    vec![exports, v1beta1::ServiceImport::crd(), about::ClusterProperty::crd()]
+    vec![
+        exports,
+        v1beta1::ServiceImport::crd(),
+        about::ClusterProperty::crd(),
+    ]
 }

@@ -1,6 +1,7 @@
 //! Test harness: a throwaway federation PKI, gateways on ephemeral loopback ports, and
 //! bounded waits on conditions (never sleeps as synchronisation).
 
+pub mod kube;
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;

@@ -41,6 +41,8 @@ pub struct AdminState {
     pub federation: Option<Federation>,
     /// The metrics registry.
     pub metrics: Registry,
+    /// The Kubernetes integration's health, in Kubernetes mode.
+    pub kubernetes: Option<strait_kubernetes::watch::Health>,
 }
 
 /// Serves the admin API on an already-bound listener, with the fault routes of `faults`.
@@ -71,14 +73,26 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
         .iter()
         .filter(|p| p.state().status == PeerStatus::Up)
         .count();
+    let kubernetes = s.kubernetes.as_ref().map(|h| {
+        let h = h.now();
+        api::KubernetesReady {
+            synced: h.synced,
+            leader: h.leader,
+            error: h.error,
+        }
+    });
+    // Not ready until the API has been read once; after that, an API server that goes
+    // away only shows in `error`: the last known state keeps serving.
+    let unsynced = kubernetes.as_ref().is_some_and(|k| !k.synced);
     let body = api::Ready {
-        ready: !expired,
+        ready: !expired && !unsynced,
+        kubernetes,
         certificate_expired: expired,
         peers_up: up,
         peers: s.peers.all().len(),
         listeners: s.listeners.snapshot().len(),
     };
-    let code = if expired {
+    let code = if expired || unsynced {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK

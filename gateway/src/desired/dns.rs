@@ -87,12 +87,16 @@ pub(super) fn entries(
             .iter()
             .map(|p| PortEntry {
                 name: p.name.clone(),
-                port: p.listen,
+                port: imp.client_port(p),
                 protocol: "tcp".into(),
             })
             .collect()
     };
     for imp in imports {
+        // In Kubernetes mode, until the derived Service has its cluster IP.
+        if imp.address.is_unspecified() {
+            continue;
+        }
         let key = (imp.namespace.clone(), imp.name.clone());
         let Some(endpoint) = imp.endpoint else {
             out.insert(

@@ -10,13 +10,18 @@ use ipnet::IpNet;
 use strait_discovery::model::{MemberInfo, Service};
 use strait_discovery::node::View;
 
-use super::{Import, ImportPort, Local, PeerTarget};
+use strait_common::config::PortRange;
+use strait_kubernetes::imports::Placement;
+
+use super::{Import, ImportPort, KubeImports, Local, PeerTarget};
 
 /// The addresses given to discovered imports, by allocation key (`ns/name`, or for a
 /// headless endpoint `ns/name@cluster/address`); kept between computations so an import
 /// keeps its address while its service exists.
+/// In Kubernetes mode it also holds the gateway port of each (key, service port), for
+/// the ports the API has not recorded yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Allocation(BTreeMap<String, IpAddr>);
+pub struct Allocation(BTreeMap<String, IpAddr>, BTreeMap<(String, u16), u16>);
 
 impl Allocation {
     /// An allocation that already gave `key` the address `address`.
@@ -30,6 +35,49 @@ impl Allocation {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// A stable gateway port for service port `port` of `key` in `range`: the one the
+    /// derived Services record, else the one given before, else the first free port from a
+    /// hash of the key (the same on every replica, so they tend to agree before the record
+    /// exists). A recorded port wins over a local choice.
+    fn allocate_port(
+        &mut self,
+        range: PortRange,
+        key: &str,
+        port: u16,
+        placement: &Placement,
+    ) -> Option<u16> {
+        let id = (key.to_owned(), port);
+        let recorded: BTreeMap<(&str, u16), u16> = placement
+            .0
+            .iter()
+            .flat_map(|(k, p)| p.ports.iter().map(move |(sp, gp)| ((k.as_str(), *sp), *gp)))
+            .collect();
+        if let Some(p) = recorded.get(&(key, port)) {
+            self.1.insert(id, *p);
+            return Some(*p);
+        }
+        let taken_by_other = |p: u16, me: &(String, u16)| {
+            recorded
+                .iter()
+                .any(|((k, sp), gp)| *gp == p && (*k, *sp) != (me.0.as_str(), me.1))
+        };
+        if let Some(p) = self.1.get(&id).copied()
+            && !taken_by_other(p, &id)
+        {
+            return Some(p);
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (key, port).hash(&mut h);
+        let start = (h.finish() % range.len() as u64) as usize;
+        let free = (0..range.len())
+            .map(|i| range.first + ((start + i) % range.len()) as u16)
+            .find(|p| {
+                !taken_by_other(*p, &id) && !self.1.iter().any(|(other, q)| q == p && *other != id)
+            })?;
+        self.1.insert(id, free);
+        Some(free)
     }
 
     /// A stable address for `key` in `range`: its previous one, else the first free host
@@ -88,7 +136,12 @@ pub(super) fn desired_peers(configured: &[PeerTarget], view: &View, me: &str) ->
 ///
 /// A headless service gets no shared address: each endpoint of each origin cluster gets
 /// its own import (and address), reaching exactly that endpoint.
-pub(super) fn desired_imports(local: &Local, view: &View, alloc: &mut Allocation) -> Vec<Import> {
+pub(super) fn desired_imports(
+    local: &Local,
+    view: &View,
+    placement: &Placement,
+    alloc: &mut Allocation,
+) -> Vec<Import> {
     let alive: BTreeMap<&str, bool> = view
         .members
         .iter()
@@ -168,8 +221,17 @@ pub(super) fn desired_imports(local: &Local, view: &View, alloc: &mut Allocation
         }
     }
     alloc.0.retain(|k, _| wanted.iter().any(|w| w.key == *k));
+    alloc
+        .1
+        .retain(|(k, _), _| wanted.iter().any(|w| w.key == *k));
     let mut out: Vec<Import> = configured.to_vec();
     for w in wanted {
+        if let Some(kube) = local.kubernetes {
+            if let Some(import) = kube_import(w, kube, placement, alloc) {
+                out.push(import);
+            }
+            continue;
+        }
         let Some(range) = local.import_range else {
             tracing::warn!(service = %w.key, "a discovered service needs discovery.import_addresses");
             continue;
@@ -182,6 +244,7 @@ pub(super) fn desired_imports(local: &Local, view: &View, alloc: &mut Allocation
             name: w.name,
             namespace: w.namespace,
             address,
+            listen_on: address,
             ports: w.ports,
             clusters: w.clusters,
             endpoint: w.endpoint,
@@ -190,8 +253,40 @@ pub(super) fn desired_imports(local: &Local, view: &View, alloc: &mut Allocation
     out
 }
 
+/// An import in Kubernetes mode: every port on `kube.listen` with a port of its own, and
+/// addressed by the cluster IP the derived Service records (unspecified until then).
+fn kube_import(
+    w: Wanted,
+    kube: KubeImports,
+    placement: &Placement,
+    alloc: &mut Allocation,
+) -> Option<Import> {
+    let mut ports = Vec::with_capacity(w.ports.len());
+    for p in w.ports {
+        let Some(listen) = alloc.allocate_port(kube.ports, &w.key, p.port, placement) else {
+            tracing::warn!(service = %w.key, range = %String::from(kube.ports), "no free gateway port for an import; widen kubernetes.import_ports");
+            return None;
+        };
+        ports.push(ImportPort { listen, ..p });
+    }
+    let address = placement
+        .0
+        .get(&w.key)
+        .and_then(|p| p.cluster_ip)
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    Some(Import {
+        name: w.name,
+        namespace: w.namespace,
+        address,
+        listen_on: kube.listen,
+        ports,
+        clusters: w.clusters,
+        endpoint: w.endpoint,
+    })
+}
+
 /// The allocation key of one headless endpoint: `ns/name@cluster/address`.
-pub(super) fn endpoint_key(service: &str, cluster: &str, address: IpAddr) -> String {
+pub(crate) fn endpoint_key(service: &str, cluster: &str, address: IpAddr) -> String {
     format!("{service}@{cluster}/{address}")
 }
 
@@ -269,6 +364,7 @@ mod tests {
             peers: vec![],
             imports: vec![],
             import_range: Some(range.parse().unwrap()),
+            kubernetes: None,
         }
     }
 
@@ -291,7 +387,7 @@ mod tests {
         let local = local(&me, "127.0.10.0/29");
         let range = local.import_range.unwrap();
         let mut alloc = Allocation::default();
-        let imports = desired_imports(&local, &view, &mut alloc);
+        let imports = desired_imports(&local, &view, &Placement::default(), &mut alloc);
         assert_eq!(
             imports.len(),
             1,
@@ -304,13 +400,13 @@ mod tests {
             "alive first, same region first"
         );
         assert!(range.contains(&web.address));
-        let again = desired_imports(&local, &view, &mut alloc);
+        let again = desired_imports(&local, &view, &Placement::default(), &mut alloc);
         assert_eq!(again[0].address, web.address, "address is stable");
         let gone = View {
             members: view.members.clone(),
             services: vec![],
         };
-        assert!(desired_imports(&local, &gone, &mut alloc).is_empty());
+        assert!(desired_imports(&local, &gone, &Placement::default(), &mut alloc).is_empty());
         assert!(alloc.0.is_empty(), "a withdrawn service frees its address");
     }
 

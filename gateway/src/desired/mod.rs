@@ -23,15 +23,16 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use strait_common::Config;
-use strait_common::config::Export;
 use strait_common::config::routing::Routing as RoutingConfig;
+use strait_common::config::{Export, PortRange};
 use strait_discovery::model::{Service, ServiceKey};
 use strait_discovery::node::View;
 use strait_discovery::source::to_catalog;
+use strait_kubernetes::imports::Placement;
 use tokio::sync::watch;
 
 use dns::ServiceEntry;
-pub(crate) use imports::Allocation;
+pub(crate) use imports::{Allocation, endpoint_key};
 
 /// A peer gateway to keep one tunnel connection to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +51,12 @@ pub struct Import {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// Local address the listeners bind.
+    /// The address clients use (what DNS answers): the listeners' own, or in Kubernetes
+    /// mode the derived Service's cluster IP (unspecified until the API has assigned it).
     pub address: IpAddr,
+    /// Local address the listeners bind: `address`, or in Kubernetes mode
+    /// `kubernetes.listen` (the pod's addresses).
+    pub listen_on: IpAddr,
     /// Ports.
     pub ports: Vec<ImportPort>,
     /// Clusters serving it, in the order they are tried when no policy says otherwise.
@@ -65,6 +70,16 @@ impl Import {
     pub fn service(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The port clients dial for `p`: the listener's own, or in Kubernetes mode (where
+    /// kube-proxy maps the cluster IP's service port to the gateway port) the service port.
+    pub fn client_port(&self, p: &ImportPort) -> u16 {
+        if self.address == self.listen_on {
+            p.listen
+        } else {
+            p.port
+        }
+    }
 }
 
 /// One port of an [`Import`].
@@ -74,7 +89,8 @@ pub struct ImportPort {
     pub name: String,
     /// The service port, as the exporting cluster knows it.
     pub port: u16,
-    /// The local port the listener binds (0: any free one, for tests).
+    /// The local port the listener binds (0: any free one, for tests); in Kubernetes mode
+    /// one from `kubernetes.import_ports`, the derived Service's target port.
     pub listen: u16,
 }
 
@@ -84,6 +100,7 @@ impl From<&strait_common::config::Import> for Import {
             namespace: i.namespace.clone(),
             name: i.name.clone(),
             address: i.address,
+            listen_on: i.address,
             ports: i
                 .ports
                 .iter()
@@ -194,6 +211,18 @@ pub struct Local {
     pub imports: Vec<Import>,
     /// Where discovered imports get their addresses (`discovery.import_addresses`).
     pub import_range: Option<IpNet>,
+    /// Kubernetes mode: discovered imports listen on `listen` with a port each from
+    /// `ports`, and are addressed by their derived Service's cluster IP.
+    pub kubernetes: Option<KubeImports>,
+}
+
+/// Where imports listen in Kubernetes mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KubeImports {
+    /// The address every import listener binds.
+    pub listen: IpAddr,
+    /// The gateway ports imports are given.
+    pub ports: PortRange,
 }
 
 impl From<&Config> for Local {
@@ -212,6 +241,10 @@ impl From<&Config> for Local {
                 .collect(),
             imports: c.imports.iter().map(Import::from).collect(),
             import_range: c.discovery.as_ref().map(|d| d.import_addresses),
+            kubernetes: c.kubernetes.as_ref().map(|k| KubeImports {
+                listen: k.listen,
+                ports: k.import_ports,
+            }),
         }
     }
 }
@@ -282,6 +315,8 @@ pub struct Inputs<'a> {
     pub view: Option<&'a View>,
     /// Catalog faults in force.
     pub faults: &'a CatalogFaults,
+    /// Kubernetes mode: the ports and cluster IPs recorded in the derived Services.
+    pub placement: Option<&'a Placement>,
 }
 
 /// The desired state for `inputs`. `alloc` keeps discovered imports on stable addresses:
@@ -290,7 +325,9 @@ pub fn compute(inputs: &Inputs<'_>, alloc: &mut Allocation) -> Desired {
     let no_view = View::default();
     let view = inputs.view.unwrap_or(&no_view);
     let local = inputs.local;
-    let imports = imports::desired_imports(local, view, alloc);
+    let no_placement = Placement::default();
+    let placement = inputs.placement.unwrap_or(&no_placement);
+    let imports = imports::desired_imports(local, view, placement, alloc);
     Desired {
         peers: imports::desired_peers(&local.peers, view, &local.cluster),
         dns: dns::entries(&imports, view, &local.cluster, &local.region),
@@ -312,6 +349,8 @@ pub struct Sources {
     pub view: Option<watch::Receiver<Arc<View>>>,
     /// Catalog faults in force.
     pub faults: watch::Receiver<CatalogFaults>,
+    /// Kubernetes mode: the placement recorded in the derived Services.
+    pub placement: Option<watch::Receiver<Arc<Placement>>>,
 }
 
 impl Sources {
@@ -321,6 +360,10 @@ impl Sources {
         let routing = Arc::new(self.config.borrow_and_update().routing.clone());
         let view = self.view.as_mut().map(|v| v.borrow_and_update().clone());
         let faults = self.faults.borrow_and_update().clone();
+        let placement = self
+            .placement
+            .as_mut()
+            .map(|p| p.borrow_and_update().clone());
         compute(
             &Inputs {
                 local,
@@ -328,6 +371,7 @@ impl Sources {
                 routing: &routing,
                 view: view.as_deref(),
                 faults: &faults,
+                placement: placement.as_deref(),
             },
             alloc,
         )
@@ -347,12 +391,8 @@ pub async fn run(
         tokio::select! {
             _ = changed(&mut sources.exports) => {}
             _ = changed(&mut sources.faults) => {}
-            _ = async {
-                match sources.view.as_mut() {
-                    Some(v) => changed(v).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
+            _ = changed_opt(&mut sources.view) => {}
+            _ = changed_opt(&mut sources.placement) => {}
             _ = changed(&mut sources.config) => {
                 note_reload(&started, &sources.config.borrow());
             }
@@ -372,6 +412,14 @@ pub async fn run(
 async fn changed<T>(rx: &mut watch::Receiver<T>) {
     if rx.changed().await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves when `rx` is present and changes.
+async fn changed_opt<T>(rx: &mut Option<watch::Receiver<T>>) {
+    match rx.as_mut() {
+        Some(rx) => changed(rx).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -46,6 +46,7 @@ fn discovering() -> Local {
         peers: vec![],
         imports: vec![],
         import_range: Some("127.9.0.0/24".parse().unwrap()),
+        kubernetes: None,
     }
 }
 
@@ -156,6 +157,7 @@ impl Federation {
                     namespace: "shop".into(),
                     name: name.clone(),
                     address: Self::address(i),
+                    listen_on: Self::address(i),
                     ports: ports
                         .iter()
                         .map(|(port, name)| ImportPort {
@@ -169,6 +171,7 @@ impl Federation {
                 })
                 .collect(),
             import_range: None,
+            kubernetes: None,
         }
     }
 
@@ -239,6 +242,7 @@ fn inputs<'a>(
         routing,
         view,
         faults,
+        placement: None,
     }
 }
 
@@ -283,6 +287,7 @@ fn catalog_faults_shape_what_is_published_but_not_what_is_served() {
         peers: vec![],
         imports: vec![],
         import_range: None,
+        kubernetes: None,
     };
     let exports = Arc::new(vec![export("web", false), export("db", false)]);
     let routing = Arc::new(RoutingConfig::default());

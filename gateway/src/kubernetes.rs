@@ -1,0 +1,286 @@
+//! Kubernetes mode in the gateway: connecting to the API server, checking the cluster's
+//! identity against its `ClusterProperty`, and the two ends of the integration: the
+//! export source and the importer, which reads the desired state's imports.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use strait_common::config::Kubernetes;
+use strait_kubernetes::imports::{Importer, Placement, Unit, Wanted};
+use strait_kubernetes::mcs::about::{CLUSTER_ID, ClusterProperty};
+use strait_kubernetes::source::KubeExports;
+use strait_kubernetes::watch::{Health, HealthReport};
+use tokio::sync::watch;
+
+use crate::desired::{Desired, endpoint_key};
+use crate::metrics::{Desc, Registry};
+
+/// A future the gateway runs for its whole life.
+pub(crate) type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The running integration.
+pub(crate) struct Kube {
+    /// This cluster's exports.
+    pub exports: KubeExports,
+    /// The placement recorded in the derived Services.
+    pub placement: watch::Receiver<Arc<Placement>>,
+    /// What an operator sees of it.
+    pub health: Health,
+    /// Its tasks: the Lease, the export source, the importer, and the one that feeds the
+    /// importer from `desired`.
+    pub tasks: Vec<Task>,
+}
+
+/// A kube-rs client for `k`: its `api_server`, else in-cluster or `KUBECONFIG`.
+pub(crate) async fn client(k: &Kubernetes) -> anyhow::Result<kube::Client> {
+    let config = match &k.api_server {
+        Some(url) => kube::Config::new(
+            url.parse()
+                .with_context(|| format!("kubernetes.api_server `{url}` is not a URL"))?,
+        ),
+        None => kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API server (no service account, no KUBECONFIG); set kubernetes.api_server")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Fails when the cluster's `ClusterProperty` `cluster.clusterset.k8s.io` names another
+/// cluster than `cluster`. An API server that does not answer in time is logged and
+/// skipped: the gateway must start without it.
+pub(crate) async fn check_cluster_id(client: &kube::Client, cluster: &str) -> anyhow::Result<()> {
+    let api = kube::Api::<ClusterProperty>::all(client.clone());
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(CLUSTER_ID)).await {
+        Ok(Ok(Some(p))) if p.spec.value != cluster => anyhow::bail!(
+            "this cluster's ClusterProperty {CLUSTER_ID} is `{}` but the gateway is configured (and certified) as `{cluster}`; set `cluster: {}` and issue its certificate, or fix the ClusterProperty",
+            p.spec.value,
+            p.spec.value
+        ),
+        Ok(Ok(_)) => Ok(()),
+        // No About API installed: nothing to disagree with.
+        Ok(Err(kube::Error::Api(e))) if e.code == 404 => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read ClusterProperty {CLUSTER_ID}; starting without the check");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the Kubernetes API server did not answer within 5s; starting without the ClusterProperty check"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The address other clusters reach this gateway on: the gateway Service's load
+/// balancer address, else (no load balancer yet) this pod's `POD_IP`.
+pub(crate) async fn advertise_address(
+    client: &kube::Client,
+    k: &Kubernetes,
+) -> anyhow::Result<std::net::IpAddr> {
+    let api =
+        kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), &k.namespace);
+    let lb = tokio::time::timeout(Duration::from_secs(5), api.get_opt(&k.gateway_service))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+        .and_then(|s| {
+            s.status?
+                .load_balancer?
+                .ingress?
+                .into_iter()
+                .find_map(|i| i.ip?.parse().ok())
+        });
+    if let Some(ip) = lb {
+        return Ok(ip);
+    }
+    let pod = std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok());
+    match pod {
+        Some(ip) => {
+            tracing::warn!(%ip, service = %k.gateway_service, "the gateway Service has no load balancer address yet; advertising the pod address");
+            Ok(ip)
+        }
+        None => anyhow::bail!(
+            "no address to advertise: Service {}/{} has no load balancer address and POD_IP is unset; set discovery.advertise",
+            k.namespace,
+            k.gateway_service
+        ),
+    }
+}
+
+/// Starts the integration: the writer Lease, the export source and the importer, fed
+/// from `desired`.
+pub(crate) fn start(
+    client: kube::Client,
+    k: &Kubernetes,
+    desired: watch::Receiver<Arc<Desired>>,
+    metrics: &Registry,
+) -> Kube {
+    let health = Health::default();
+    let (leader_tx, leader) = watch::channel(false);
+    let me = k
+        .replica
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(hostname);
+    let lease = strait_kubernetes::lease::run(
+        client.clone(),
+        k.namespace.clone(),
+        me,
+        k.lease.0,
+        leader_tx,
+        health.clone(),
+    );
+    let (exports, run_exports) = KubeExports::start(client.clone(), leader.clone(), health.clone());
+    let (wanted_tx, wanted) = watch::channel(Arc::new(Vec::new()));
+    let (importer, run_importer) = Importer::start(
+        client,
+        (k.namespace.clone(), k.gateway_service.clone()),
+        wanted,
+        leader,
+        health.clone(),
+    );
+    let feed = feed(desired, wanted_tx);
+    let report = KubeMetrics::new(metrics).follow(health.subscribe());
+    Kube {
+        exports,
+        placement: importer.placement(),
+        health,
+        tasks: vec![
+            Box::pin(lease),
+            Box::pin(run_exports),
+            Box::pin(run_importer),
+            Box::pin(feed),
+            Box::pin(report),
+        ],
+    }
+}
+
+/// Keeps the importer's input equal to the desired state's imports.
+async fn feed(mut desired: watch::Receiver<Arc<Desired>>, wanted: watch::Sender<Arc<Vec<Wanted>>>) {
+    loop {
+        let now = wanted_of(&desired.borrow_and_update());
+        wanted.send_if_modified(|cur| {
+            let changed = **cur != now;
+            if changed {
+                *cur = Arc::new(now);
+            }
+            changed
+        });
+        if desired.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The imports of `d` as the importer needs them: one entry per service, with one unit
+/// per derived Service (the service, or each endpoint of a headless one).
+pub(crate) fn wanted_of(d: &Desired) -> Vec<Wanted> {
+    let mut by_service: BTreeMap<(String, String), Wanted> = BTreeMap::new();
+    for imp in &d.imports {
+        let w = by_service
+            .entry((imp.namespace.clone(), imp.name.clone()))
+            .or_insert_with(|| Wanted {
+                namespace: imp.namespace.clone(),
+                name: imp.name.clone(),
+                headless: false,
+                ports: Vec::new(),
+                clusters: Vec::new(),
+                units: Vec::new(),
+            });
+        for p in &imp.ports {
+            if !w.ports.iter().any(|(_, port)| *port == p.port) {
+                w.ports.push((p.name.clone(), p.port));
+            }
+        }
+        for c in &imp.clusters {
+            if !w.clusters.contains(c) {
+                w.clusters.push(c.clone());
+            }
+        }
+        let service = imp.service();
+        let key = match (imp.endpoint, imp.clusters.first()) {
+            (Some(address), Some(cluster)) => {
+                w.headless = true;
+                endpoint_key(&service, cluster, address)
+            }
+            _ => service,
+        };
+        w.units.push(Unit {
+            key,
+            clusters: imp.clusters.clone(),
+            hostname: None,
+            ports: imp
+                .ports
+                .iter()
+                .map(|p| (p.name.clone(), p.port, p.listen))
+                .collect(),
+        });
+    }
+    by_service.into_values().collect()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "strait-gateway".into())
+}
+
+const SYNCED: Desc = Desc::gauge(
+    "strait_kubernetes_synced",
+    &[],
+    "1 once every Kubernetes watch has listed (exports and imports reflect the API server), else 0",
+);
+const LEADER: Desc = Desc::gauge(
+    "strait_kubernetes_leader",
+    &[],
+    "1 while this replica holds the writer Lease (writes ServiceExport status and imports), else 0",
+);
+const WATCH_ERRORS: Desc = Desc::counter(
+    "strait_kubernetes_watch_errors_total",
+    &[],
+    "Kubernetes list or watch requests that failed (retried with backoff; the last known state keeps serving)",
+);
+const WRITE_ERRORS: Desc = Desc::counter(
+    "strait_kubernetes_write_errors_total",
+    &[],
+    "Kubernetes writes (status, ServiceImports, derived Services and EndpointSlices, the Lease) that failed",
+);
+/// The Kubernetes integration's metrics (recorded in Kubernetes mode only).
+pub(crate) const METRICS: &[Desc] = &[SYNCED, LEADER, WATCH_ERRORS, WRITE_ERRORS];
+
+/// The integration's health as metrics.
+struct KubeMetrics {
+    synced: metrics::Gauge,
+    leader: metrics::Gauge,
+    watch_errors: metrics::Counter,
+    write_errors: metrics::Counter,
+}
+
+impl KubeMetrics {
+    fn new(r: &Registry) -> Self {
+        r.describe(METRICS);
+        KubeMetrics {
+            synced: r.gauge(&SYNCED, &[]),
+            leader: r.gauge(&LEADER, &[]),
+            watch_errors: r.counter(&WATCH_ERRORS, &[]),
+            write_errors: r.counter(&WRITE_ERRORS, &[]),
+        }
+    }
+
+    async fn follow(self, mut health: watch::Receiver<HealthReport>) {
+        loop {
+            let h = health.borrow_and_update().clone();
+            self.synced.set(if h.synced { 1.0 } else { 0.0 });
+            self.leader.set(if h.leader { 1.0 } else { 0.0 });
+            self.watch_errors.absolute(h.watch_errors);
+            self.write_errors.absolute(h.write_errors);
+            if health.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}

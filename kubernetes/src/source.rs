@@ -1,0 +1,236 @@
+//! The Kubernetes export source: reflectors of `ServiceExport`s, Services and
+//! EndpointSlices, turned into this cluster's exports by [`exports_from`] whenever one of
+//! them changes, and the `ServiceExport` conditions written back by the replica that holds
+//! the Lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use strait_common::config::Export;
+use strait_discovery::source::ExportSource;
+use tokio::sync::{Notify, watch};
+
+use crate::exports::{Cond, ExportObject, Verdict, exports_from};
+use crate::mcs::GROUP;
+use crate::watch::{Health, reflect};
+
+/// How often everything is re-checked even without a change (a failed status write is
+/// retried then).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// This cluster's exports from its `ServiceExport`s.
+pub struct KubeExports {
+    rx: watch::Receiver<Arc<Vec<Export>>>,
+}
+
+impl ExportSource for KubeExports {
+    fn watch(&self) -> watch::Receiver<Arc<Vec<Export>>> {
+        self.rx.clone()
+    }
+}
+
+/// The `ServiceExport` resource at `version`.
+pub fn export_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, version, "ServiceExport"),
+        "serviceexports",
+    )
+}
+
+impl KubeExports {
+    /// The source, and the future that runs it (its watches and the status writer). The
+    /// exports start empty and are published once every watch has listed. Conditions are
+    /// written only while `leader` is true.
+    pub fn start(
+        client: Client,
+        leader: watch::Receiver<bool>,
+        health: Health,
+    ) -> (KubeExports, impl Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        (KubeExports { rx }, run(client, leader, health, tx))
+    }
+}
+
+async fn run(
+    client: Client,
+    mut leader: watch::Receiver<bool>,
+    health: Health,
+    tx: watch::Sender<Arc<Vec<Export>>>,
+) {
+    let version = served_version(&client, &health).await;
+    tracing::info!(version, "reading ServiceExports");
+    let resource = export_resource(version);
+    let changed = Arc::new(Notify::new());
+    let (exports, watch_exports) = reflect(
+        Api::<DynamicObject>::all_with(client.clone(), &resource),
+        watcher::Config::default(),
+        resource.clone(),
+        "serviceexports",
+        health.clone(),
+        changed.clone(),
+    );
+    let (services, watch_services) = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        (),
+        "services",
+        health.clone(),
+        changed.clone(),
+    );
+    // Derived slices (strait's own, for imports) never feed exports.
+    let (slices, watch_slices) = reflect(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{}!=strait", crate::mcs::label::MANAGED_BY)),
+        (),
+        "endpointslices",
+        health.clone(),
+        changed.clone(),
+    );
+    let write = async move {
+        let mut resync = tokio::time::interval(RESYNC);
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = leader.changed() => {}
+                _ = resync.tick() => {}
+            }
+            if !health.now().synced {
+                continue;
+            }
+            let objects: Vec<(ExportObject, Arc<DynamicObject>)> = exports
+                .state()
+                .into_iter()
+                .filter_map(|o| Some((ExportObject::from_dynamic(&o)?, o)))
+                .collect();
+            let parsed: Vec<ExportObject> = objects.iter().map(|(e, _)| e.clone()).collect();
+            let (now, verdicts) = exports_from(&parsed, &services.state(), &slices.state());
+            tx.send_if_modified(|cur| {
+                let changed = **cur != now;
+                if changed {
+                    tracing::info!(exports = now.len(), "exports read from ServiceExports");
+                    *cur = Arc::new(now);
+                }
+                changed
+            });
+            if *leader.borrow() {
+                write_statuses(&client, &resource, &exports, &verdicts, &health).await;
+            }
+        }
+    };
+    tokio::join!(watch_exports, watch_services, watch_slices, write);
+}
+
+/// The newest `ServiceExport` version the API server serves: v1beta1, else v1alpha1.
+/// Retries until the API server answers.
+async fn served_version(client: &Client, health: &Health) -> &'static str {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &export_resource("v1beta1"));
+        let version = match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => "v1beta1",
+            Err(kube::Error::Api(e)) if e.code == 404 => "v1alpha1",
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the Kubernetes API server; retrying");
+                health.wrote(Err(format!("reaching the API server: {e}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        health.wrote(Ok(()));
+        return version;
+    }
+}
+
+/// Writes each verdict whose conditions differ from the object's, through the `status`
+/// subresource. A condition keeps its `lastTransitionTime` while its status stays.
+async fn write_statuses(
+    client: &Client,
+    resource: &ApiResource,
+    store: &Store<DynamicObject>,
+    verdicts: &[Verdict],
+    health: &Health,
+) {
+    for v in verdicts {
+        let Some(current) = store.state().into_iter().find(|o| {
+            o.metadata.namespace.as_deref() == Some(&v.namespace)
+                && o.metadata.name.as_deref() == Some(&v.name)
+        }) else {
+            continue;
+        };
+        let before: Vec<Condition> = current
+            .data
+            .pointer("/status/conditions")
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .unwrap_or_default();
+        let after = conditions(&before, &v.conditions, v.generation);
+        if same(&before, &after) {
+            continue;
+        }
+        let api = Api::<DynamicObject>::namespaced_with(client.clone(), &v.namespace, resource);
+        let patch = serde_json::json!({ "status": { "conditions": after } });
+        let result = api
+            .patch_status(&v.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        match result {
+            Ok(_) => health.wrote(Ok(())),
+            Err(e) => {
+                tracing::warn!(export = %format!("{}/{}", v.namespace, v.name), error = %e, "writing ServiceExport status failed; retrying later");
+                health.wrote(Err(format!(
+                    "writing the status of ServiceExport {}/{}: {e}",
+                    v.namespace, v.name
+                )));
+            }
+        }
+    }
+}
+
+/// The conditions to write: `wanted`, with the transition times of `before` kept where
+/// the status did not change.
+fn conditions(before: &[Condition], wanted: &[Cond], generation: Option<i64>) -> Vec<Condition> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    wanted
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" };
+            let since = before
+                .iter()
+                .find(|b| b.type_ == c.type_ && b.status == status)
+                .map_or_else(|| now.clone(), |b| b.last_transition_time.clone());
+            Condition {
+                type_: c.type_.to_owned(),
+                status: status.to_owned(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}
+
+/// Whether two condition lists say the same (ignoring order and transition times).
+fn same(a: &[Condition], b: &[Condition]) -> bool {
+    let key = |c: &Condition| {
+        (
+            c.type_.clone(),
+            c.status.clone(),
+            c.reason.clone(),
+            c.message.clone(),
+            c.observed_generation,
+        )
+    };
+    let mut a: Vec<_> = a.iter().map(key).collect();
+    let mut b: Vec<_> = b.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    a == b
+}

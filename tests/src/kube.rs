@@ -1,0 +1,200 @@
+//! Kubernetes clusters for tests: a fake API server (the real HTTP list/watch protocol)
+//! and a real gateway in Kubernetes mode talking to it through kube-rs, on loopback.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use strait_common::config::{Kubernetes, PortRange};
+use strait_fake_kube::FakeApi;
+use strait_gateway::Gateway;
+
+use crate::{TestPki, discovery, udp};
+
+/// The namespace of the test services.
+pub const NS: &str = "shop";
+
+/// One cluster: its API server, its gateway, and the address the gateway's import
+/// listeners bind (a loopback address of its own, as a pod has its own IP).
+pub struct KubeCluster {
+    /// Cluster id.
+    pub name: String,
+    /// The fake API server.
+    pub api: FakeApi,
+    /// The gateway.
+    pub gateway: Gateway,
+    /// The gateway "pod" address.
+    pub pod_ip: IpAddr,
+}
+
+impl KubeCluster {
+    /// Starts the API server (with namespaces `shop` and `strait-system`, and the gateway
+    /// Service's EndpointSlice naming the pod address), then the gateway, joining the
+    /// federation through `seeds`.
+    pub async fn start(pki: &TestPki, name: &str, seeds: &[SocketAddr]) -> KubeCluster {
+        let api = FakeApi::start().await;
+        let pod_ip = random_loopback();
+        prepare(&api, pod_ip);
+        let (socket, _) = udp();
+        let gateway = pki
+            .gateway(name, socket, |c| {
+                c.discovery = Some(discovery(seeds, Duration::from_secs(5)));
+                let mut k = Kubernetes::new(Some(api.url()));
+                k.listen = pod_ip;
+                k.import_ports = PortRange {
+                    first: 20_000,
+                    last: 20_099,
+                };
+                k.replica = Some(format!("{name}-gateway-0"));
+                k.lease = strait_common::units::HumanDuration(Duration::from_secs(3));
+                c.kubernetes = Some(k);
+                c.listen.dns = Some(SocketAddr::new(pod_ip, 0));
+            })
+            .await;
+        KubeCluster {
+            name: name.into(),
+            api,
+            gateway,
+            pod_ip,
+        }
+    }
+
+    /// Creates Service `name` (ports: (name, port, target port)), one EndpointSlice with
+    /// `endpoints` (address, hostname, ready), and its `ServiceExport`.
+    pub fn export(
+        &self,
+        name: &str,
+        headless: bool,
+        ports: &[(&str, u16, u16)],
+        endpoints: &[(IpAddr, Option<&str>, bool)],
+    ) {
+        self.service(name, headless, ports, endpoints);
+        self.api.create(json!({
+            "apiVersion": "multicluster.x-k8s.io/v1beta1",
+            "kind": "ServiceExport",
+            "metadata": { "name": name, "namespace": NS },
+        }));
+    }
+
+    /// Creates Service `name` and its EndpointSlice, without exporting it.
+    pub fn service(
+        &self,
+        name: &str,
+        headless: bool,
+        ports: &[(&str, u16, u16)],
+        endpoints: &[(IpAddr, Option<&str>, bool)],
+    ) {
+        let mut spec = json!({
+            "ports": ports.iter().map(|(n, p, t)| json!({ "name": n, "port": p, "targetPort": t, "protocol": "TCP" })).collect::<Vec<_>>(),
+        });
+        if headless {
+            spec["clusterIP"] = json!("None");
+        }
+        self.api.create(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": name, "namespace": NS },
+            "spec": spec,
+        }));
+        self.set_endpoints(name, ports, endpoints);
+    }
+
+    /// Creates or replaces the EndpointSlice of Service `name`.
+    pub fn set_endpoints(
+        &self,
+        name: &str,
+        ports: &[(&str, u16, u16)],
+        endpoints: &[(IpAddr, Option<&str>, bool)],
+    ) {
+        self.api.apply(json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{name}-x1"),
+                "namespace": NS,
+                "labels": { "kubernetes.io/service-name": name },
+            },
+            "addressType": "IPv4",
+            "ports": ports.iter().map(|(n, _, t)| json!({ "name": n, "port": t, "protocol": "TCP" })).collect::<Vec<_>>(),
+            "endpoints": endpoints.iter().map(|(a, h, ready)| {
+                let mut e = json!({ "addresses": [a.to_string()], "conditions": { "ready": ready } });
+                if let Some(h) = h {
+                    e["hostname"] = json!(h);
+                }
+                e
+            }).collect::<Vec<_>>(),
+        }));
+    }
+
+    /// The `ServiceImport` `name`, if there is one.
+    pub fn service_import(&self, name: &str) -> Option<Value> {
+        self.api.get(
+            "multicluster.x-k8s.io/v1beta1",
+            "ServiceImport",
+            Some(NS),
+            name,
+        )
+    }
+
+    /// Objects of `kind` that strait derived for imported service `name`.
+    pub fn derived(&self, api_version: &str, kind: &str, name: &str) -> Vec<Value> {
+        self.api
+            .list(api_version, kind, Some(NS))
+            .into_iter()
+            .filter(|o| {
+                o["metadata"]["labels"]["multicluster.kubernetes.io/service-name"] == name
+                    && o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "strait"
+            })
+            .collect()
+    }
+
+    /// The `ServiceExport` `name`'s condition `type_`: (status, reason).
+    pub fn export_condition(&self, name: &str, type_: &str) -> Option<(String, String)> {
+        let e = self.api.get(
+            "multicluster.x-k8s.io/v1beta1",
+            "ServiceExport",
+            Some(NS),
+            name,
+        )?;
+        let c = e["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)?
+            .clone();
+        Some((
+            c["status"].as_str()?.to_owned(),
+            c["reason"].as_str()?.to_owned(),
+        ))
+    }
+}
+
+/// Namespaces and the gateway Service's EndpointSlice (the "pod" at `pod_ip`, ready).
+fn prepare(api: &FakeApi, pod_ip: IpAddr) {
+    for ns in [NS, "strait-system"] {
+        api.create(json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }));
+    }
+    api.create(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "strait-gateway-abc",
+            "namespace": "strait-system",
+            "labels": { "kubernetes.io/service-name": "strait-gateway" },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{ "addresses": [pod_ip.to_string()], "conditions": { "ready": true } }],
+        "ports": [{ "name": "tunnel", "port": 4433, "protocol": "UDP" }],
+    }));
+}
+
+/// A random 127.x.y.z, so parallel tests' gateway "pods" never share ports.
+fn random_loopback() -> IpAddr {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    IpAddr::from([
+        127,
+        rng.random_range(100..250u8),
+        rng.random(),
+        rng.random_range(2..250u8),
+    ])
+}

@@ -1,0 +1,181 @@
+//! Kubernetes mode end to end: clusters that are each a fake API server (the real HTTP
+//! list/watch protocol) plus a real gateway using kube-rs, federated over real QUIC and
+//! gossip on loopback.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use hickory_client::client::{Client, ClientHandle};
+use hickory_client::proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_client::proto::runtime::TokioRuntimeProvider;
+use hickory_client::proto::udp::UdpClientStream;
+use serde_json::Value;
+use strait_tests::kube::{KubeCluster, NS};
+use strait_tests::{TestPki, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: Duration = Duration::from_secs(20);
+const SI: &str = "multicluster.x-k8s.io/v1beta1";
+
+/// A TCP server answering each connection with `name` and closing.
+async fn backend(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn read_from(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+async fn dns_addresses(server: SocketAddr, name: &str) -> BTreeSet<IpAddr> {
+    let stream = UdpClientStream::builder(server, TokioRuntimeProvider::default()).build();
+    let (mut client, bg) = Client::connect(stream).await.unwrap();
+    tokio::spawn(bg);
+    let r = client
+        .query(Name::from_str(name).unwrap(), DNSClass::IN, RecordType::A)
+        .await
+        .unwrap();
+    r.answers()
+        .iter()
+        .filter_map(|a| match a.data() {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two clusters: `east` (exporting) and `west` (importing through east's gossip).
+async fn pair(pki: &TestPki) -> (KubeCluster, KubeCluster) {
+    let east = KubeCluster::start(pki, "east", &[]).await;
+    let seed = east.gateway.discovery_addr().unwrap();
+    let west = KubeCluster::start(pki, "west", &[seed]).await;
+    (east, west)
+}
+
+fn target_port(service: &Value) -> u16 {
+    service["spec"]["ports"][0]["targetPort"].as_u64().unwrap() as u16
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_export_becomes_an_import_reachable_through_the_gateway_and_goes_with_it() {
+    let pki = TestPki::new();
+    let (east, west) = pair(&pki).await;
+    let web = backend("east web").await;
+    east.export(
+        "web",
+        false,
+        &[("http", 80, web.port())],
+        &[(web.ip(), None, true)],
+    );
+
+    // The exporting cluster's controller reports the export valid and exported.
+    eventually(LIMIT, "ServiceExport Valid and Ready", async || {
+        east.export_condition("web", "Valid") == Some(("True".into(), "Valid".into()))
+            && east.export_condition("web", "Ready") == Some(("True".into(), "Exported".into()))
+    })
+    .await;
+    assert!(
+        east.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("PATCH") && r.contains("/serviceexports/web/status")),
+        "status goes through the status subresource"
+    );
+
+    // The importing cluster gets a ServiceImport with the derived Service's cluster IP.
+    let import = west
+        .api
+        .wait_for(SI, "ServiceImport", Some(NS), "web", LIMIT, |o| {
+            o["spec"]["ips"].as_array().is_some_and(|a| !a.is_empty())
+                && o["status"]["clusters"][0]["cluster"] == "east"
+        })
+        .await
+        .expect("a ServiceImport with an IP and its cluster");
+    assert_eq!(import["spec"]["type"], "ClusterSetIP");
+    assert_eq!(import["spec"]["ports"][0]["port"], 80);
+    let services = west.derived("v1", "Service", "web");
+    assert_eq!(services.len(), 1, "one derived Service: {services:#?}");
+    let derived = &services[0];
+    assert_eq!(import["spec"]["ips"][0], derived["spec"]["clusterIP"]);
+    let owner = &derived["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["kind"].as_str(), owner["uid"].clone()),
+        (Some("ServiceImport"), import["metadata"]["uid"].clone())
+    );
+    let port = target_port(derived);
+    assert!(
+        (20_000..=20_099).contains(&port),
+        "gateway port from import_ports: {port}"
+    );
+
+    // Its EndpointSlice points at the gateway pod on that port, labelled as MCS says.
+    let slices = west.derived("discovery.k8s.io/v1", "EndpointSlice", "web");
+    assert_eq!(slices.len(), 1, "{slices:#?}");
+    let labels = &slices[0]["metadata"]["labels"];
+    assert_eq!(labels["multicluster.kubernetes.io/source-cluster"], "east");
+    assert_eq!(labels["endpointslice.kubernetes.io/managed-by"], "strait");
+    assert_eq!(
+        labels["kubernetes.io/service-name"],
+        derived["metadata"]["name"]
+    );
+    assert_eq!(
+        slices[0]["endpoints"][0]["addresses"][0],
+        west.pod_ip.to_string()
+    );
+    assert_eq!(slices[0]["ports"][0]["port"], port);
+
+    // What kube-proxy would do (clusterIP:80 → pod:port) reaches east's endpoint.
+    let through = SocketAddr::new(west.pod_ip, port);
+    eventually(
+        LIMIT,
+        "a connection through west's gateway reaches east's web",
+        async || read_from(through).await.is_ok_and(|s| s == "east web"),
+    )
+    .await;
+
+    // DNS answers the clusterset IP.
+    let ip: IpAddr = derived["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dns = west.gateway.dns_addr().unwrap();
+    eventually(
+        LIMIT,
+        "web.shop.svc.clusterset.local answers the ServiceImport IP",
+        async || dns_addresses(dns, "web.shop.svc.clusterset.local.").await == BTreeSet::from([ip]),
+    )
+    .await;
+
+    // Withdrawing the export removes everything strait wrote for it.
+    assert!(east.api.delete(SI, "ServiceExport", Some(NS), "web"));
+    assert!(
+        west.api
+            .wait_until(LIMIT, |api| {
+                api.get(SI, "ServiceImport", Some(NS), "web").is_none()
+                    && west.derived("v1", "Service", "web").is_empty()
+                    && west
+                        .derived("discovery.k8s.io/v1", "EndpointSlice", "web")
+                        .is_empty()
+            })
+            .await,
+        "import and derived objects deleted"
+    );
+    eventually(LIMIT, "the listener closes", async || {
+        read_from(through).await.is_err()
+    })
+    .await;
+}
