@@ -45,6 +45,31 @@ enum Command {
     /// Failover drills: inject faults into a running federation under load and report.
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// Print the Kubernetes manifests for one cluster (CRDs, RBAC, the gateway Deployment
+    /// and Services, its config); pipe them to `kubectl apply -f -`.
+    Install {
+        /// The cluster id (a DNS label, unique in the clusterset).
+        #[arg(long)]
+        cluster: String,
+        /// The region the cluster runs in (default: the cluster id).
+        #[arg(long)]
+        region: Option<String>,
+        /// The zone (default: the region followed by `a`).
+        #[arg(long)]
+        zone: Option<String>,
+        /// The clusterset's name (the `clusterset.k8s.io` ClusterProperty).
+        #[arg(long, default_value = strait_kubernetes::install::DEFAULT_CLUSTERSET)]
+        clusterset: String,
+        /// The federation's SPIFFE trust domain.
+        #[arg(long, default_value = strait_kubernetes::install::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Another cluster's gateway gossip address (`host:4434`); repeat for each.
+        #[arg(long = "seed")]
+        seeds: Vec<String>,
+        /// The gateway image.
+        #[arg(long)]
+        image: Option<String>,
+    },
     /// Show a running gateway's view: members, peers and imported services.
     Status {
         /// The gateway's admin address.
@@ -138,6 +163,27 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
         Command::Status { admin } => runtime()?.block_on(status::print(admin)),
+        Command::Install {
+            cluster,
+            region,
+            zone,
+            clusterset,
+            trust_domain,
+            seeds,
+            image,
+        } => {
+            let region = region.unwrap_or_else(|| cluster.clone());
+            let options = strait_kubernetes::install::Options {
+                zone,
+                clusterset,
+                trust_domain,
+                seeds,
+                image,
+                ..strait_kubernetes::install::Options::new(cluster, region)
+            };
+            print!("{}", strait_kubernetes::install::render(&options)?);
+            Ok(())
+        }
         Command::Drill(cmd) => drill_cmd(cmd),
     }
 }

@@ -173,3 +173,51 @@ fn drill_report_renders_a_saved_report_and_refuses_other_json() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a drill report"));
 }
+
+#[test]
+fn install_prints_the_manifests_of_one_cluster_and_refuses_a_bad_id() {
+    let out = strait(&[
+        "install",
+        "--cluster",
+        "eu-west",
+        "--region",
+        "eu-west-1",
+        "--seed",
+        "203.0.113.10:4434",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let mut options = strait_kubernetes::install::Options::new("eu-west", "eu-west-1");
+    options.seeds = vec!["203.0.113.10:4434".into()];
+    assert_eq!(
+        printed,
+        strait_kubernetes::install::render(&options).unwrap(),
+        "the CLI prints exactly what the tested renderer does"
+    );
+    // The gateway config inside is one `strait run` accepts.
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&printed)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .and_then(|d| d["data"]["strait.yaml"].as_str())
+        .expect("the config map");
+    let parsed = strait_common::Config::parse(std::path::Path::new("strait.yaml"), config)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed.cluster, "eu-west");
+    assert!(parsed.kubernetes.is_some());
+    assert_eq!(
+        parsed.discovery.unwrap().seeds,
+        ["203.0.113.10:4434".parse().unwrap()]
+    );
+
+    let bad = strait(&["install", "--cluster", "EU_west"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("DNS-1123") && err.contains("us-east"), "{err}");
+}

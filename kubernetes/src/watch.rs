@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::Resource;
+use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
@@ -132,6 +133,9 @@ impl Health {
     }
 }
 
+/// How often a failing watch's resource is probed.
+const PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A reflector of `api` (filtered by `config`): the store, and the future that keeps it
 /// current. Every change wakes `changed`; failures are logged and counted in `health`, and
 /// retried with kube-runtime's default backoff.
@@ -151,9 +155,25 @@ where
     let store = writer.as_reader();
     health.watching(what);
     let run = async move {
+        // A resumed watch says nothing until something changes, so while a watch is
+        // failing a one-item list of the same resource tells when the API answers again.
+        let probe = api.clone();
         let stream = reflector(writer, watcher(api, config).default_backoff());
         let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
+        let mut failing = false;
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                _ = tokio::time::sleep(PROBE), if failing => {
+                    if probe.list_metadata(&ListParams::default().limit(1)).await.is_ok() {
+                        failing = false;
+                        health.watch_ok(what, false);
+                    }
+                    continue;
+                }
+            };
+            let Some(event) = event else { return };
+            failing = event.is_err();
             match event {
                 // Objects of a re-list land in the store all at once, at InitDone.
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}

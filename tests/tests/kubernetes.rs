@@ -179,3 +179,216 @@ async fn a_service_export_becomes_an_import_reachable_through_the_gateway_and_go
     })
     .await;
 }
+
+/// A backend answering `name` on `ip:port`.
+async fn backend_on(ip: [u8; 4], port: u16, name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(SocketAddr::from((ip, port)))
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_headless_export_gets_one_address_per_endpoint_and_unready_endpoints_leave_dns() {
+    let pki = TestPki::new();
+    let (east, west) = pair(&pki).await;
+    let db0 = backend_on([127, 0, 0, 2], 0, "db-0").await;
+    let db1 = backend_on([127, 0, 0, 3], db0.port(), "db-1").await;
+    let ports = [("pg", 5432, db0.port())];
+    east.export(
+        "db",
+        true,
+        &ports,
+        &[
+            (db0.ip(), Some("db-0"), true),
+            (db1.ip(), Some("db-1"), true),
+        ],
+    );
+
+    let import = west
+        .api
+        .wait_for(SI, "ServiceImport", Some(NS), "db", LIMIT, |_| true)
+        .await
+        .expect("a ServiceImport");
+    assert_eq!(import["spec"]["type"], "Headless");
+    assert!(
+        import["spec"]["ips"].is_null(),
+        "a headless import has no IP"
+    );
+    assert!(
+        west.api
+            .wait_until(LIMIT, |_| {
+                west.derived("v1", "Service", "db")
+                    .iter()
+                    .filter(|s| s["spec"]["clusterIP"].is_string())
+                    .count()
+                    == 2
+            })
+            .await,
+        "one derived Service per remote endpoint"
+    );
+    let derived = west.derived("v1", "Service", "db");
+    let ip_of = |host: &str| -> (IpAddr, u16) {
+        let s = derived
+            .iter()
+            .find(|s| {
+                s["metadata"]["annotations"]["strait.dev/import-key"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!(
+                        "/{}",
+                        if host == "db-0" { db0.ip() } else { db1.ip() }
+                    ))
+            })
+            .unwrap();
+        (
+            s["spec"]["clusterIP"].as_str().unwrap().parse().unwrap(),
+            target_port(s),
+        )
+    };
+    let (ip0, port0) = ip_of("db-0");
+    let (ip1, port1) = ip_of("db-1");
+    assert_ne!(port0, port1, "each endpoint has a gateway port of its own");
+
+    // Each endpoint's own gateway port reaches exactly that endpoint.
+    for (port, name) in [(port0, "db-0"), (port1, "db-1")] {
+        let at = SocketAddr::new(west.pod_ip, port);
+        eventually(
+            LIMIT,
+            &format!("{name} through west's gateway"),
+            async || read_from(at).await.is_ok_and(|s| s == name),
+        )
+        .await;
+    }
+
+    // DNS names every ready endpoint, and each by hostname.
+    let dns = west.gateway.dns_addr().unwrap();
+    eventually(LIMIT, "db answers both endpoints", async || {
+        dns_addresses(dns, "db.shop.svc.clusterset.local.").await == BTreeSet::from([ip0, ip1])
+    })
+    .await;
+    assert_eq!(
+        dns_addresses(dns, "db-1.east.db.shop.svc.clusterset.local.").await,
+        BTreeSet::from([ip1])
+    );
+
+    // db-1 turns unready in east's EndpointSlice: it leaves west's answer.
+    east.set_endpoints(
+        "db",
+        &ports,
+        &[
+            (db0.ip(), Some("db-0"), true),
+            (db1.ip(), Some("db-1"), false),
+        ],
+    );
+    eventually(LIMIT, "the unready endpoint leaves DNS", async || {
+        dns_addresses(dns, "db.shop.svc.clusterset.local.").await == BTreeSet::from([ip0])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_api_servers_and_malformed_exports_never_stop_the_data_plane() {
+    let pki = TestPki::new();
+    let (east, west) = pair(&pki).await;
+    let web = backend("east web").await;
+    east.export(
+        "web",
+        false,
+        &[("http", 80, web.port())],
+        &[(web.ip(), None, true)],
+    );
+    let derived = west
+        .api
+        .wait_until(LIMIT, |_| {
+            west.derived("v1", "Service", "web")
+                .first()
+                .is_some_and(|s| s["spec"]["clusterIP"].is_string())
+        })
+        .await;
+    assert!(derived, "imported");
+    let port = target_port(&west.derived("v1", "Service", "web")[0]);
+    let through = SocketAddr::new(west.pod_ip, port);
+    eventually(LIMIT, "traffic flows", async || {
+        read_from(through).await.is_ok_and(|s| s == "east web")
+    })
+    .await;
+
+    // Both API servers vanish: traffic keeps flowing, and the error shows in /ready.
+    east.api.set_reachable(false);
+    west.api.set_reachable(false);
+    let admin = strait_tests::admin(&east.gateway);
+    eventually(LIMIT, "east's /ready reports the API error", async || {
+        let (code, ready) = admin.ready().await.unwrap();
+        let k = ready.kubernetes.expect("kubernetes detail");
+        code == 200 && ready.ready && k.synced && k.error.is_some()
+    })
+    .await;
+    let metrics = admin.metrics().await.unwrap();
+    assert!(
+        strait_tests::metric(&metrics, "strait_kubernetes_watch_errors_total").unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            read_from(through).await.unwrap(),
+            "east web",
+            "served from the last known state"
+        );
+    }
+
+    // They come back; a malformed ServiceExport is reported on itself and changes nothing else.
+    east.api.set_reachable(true);
+    west.api.set_reachable(true);
+    let other = backend("east other").await;
+    east.service(
+        "broken",
+        false,
+        &[("http", 80, other.port())],
+        &[(other.ip(), None, true)],
+    );
+    east.api.create(serde_json::json!({
+        "apiVersion": SI,
+        "kind": "ServiceExport",
+        "metadata": { "name": "broken", "namespace": NS },
+        "spec": { "exportedLabels": ["not", "a", "map"] },
+    }));
+    eventually(
+        LIMIT,
+        "the malformed export is marked invalid",
+        async || {
+            east.export_condition("broken", "Valid") == Some(("False".into(), "Malformed".into()))
+        },
+    )
+    .await;
+    eventually(LIMIT, "east's API error clears", async || {
+        admin
+            .ready()
+            .await
+            .unwrap()
+            .1
+            .kubernetes
+            .unwrap()
+            .error
+            .is_none()
+    })
+    .await;
+    assert!(
+        west.service_import("broken").is_none(),
+        "an invalid export is not imported"
+    );
+    assert_eq!(read_from(through).await.unwrap(), "east web");
+    assert_eq!(
+        east.export_condition("web", "Valid"),
+        Some(("True".into(), "Valid".into()))
+    );
+}
