@@ -436,6 +436,14 @@ pub struct Export {
     /// endpoint gets its own local address that forwards to exactly that endpoint.
     #[serde(default)]
     pub headless: bool,
+    /// Client-IP session affinity for this long (Kubernetes `sessionAffinity: ClientIP`);
+    /// none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<HumanDuration>,
+    /// When the export was created (Unix ms; 0 unknown), in Kubernetes the
+    /// ServiceExport's creation time: the oldest export wins conflicts between clusters.
+    #[serde(skip)]
+    pub exported_at_ms: i64,
 }
 
 fn default_weight() -> u32 {

@@ -126,6 +126,10 @@ pub fn to_catalog(exports: &[Export], zone: &str) -> BTreeMap<ServiceKey, Servic
                 export_to: e.export_to.clone(),
                 weight: e.weight,
                 headless: e.headless,
+                session_affinity: e
+                    .session_affinity
+                    .map(|d| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX)),
+                exported_at_ms: e.exported_at_ms,
             };
             (ServiceKey::new(&e.namespace, &e.name), service)
         })

@@ -149,6 +149,8 @@ fn service_to_pb(s: &Service) -> pb::Service {
         export_to: s.export_to.clone(),
         weight: s.weight,
         headless: s.headless,
+        session_affinity_seconds: s.session_affinity,
+        exported_at_ms: s.exported_at_ms,
     }
 }
 
@@ -282,6 +284,8 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
         export_to: s.export_to,
         weight: s.weight,
         headless: s.headless,
+        session_affinity: s.session_affinity_seconds,
+        exported_at_ms: s.exported_at_ms,
     })
 }
 
@@ -323,6 +327,8 @@ mod tests {
             export_to: vec!["*".into()],
             weight: 3,
             headless: false,
+            session_affinity: None,
+            exported_at_ms: 0,
         };
         c.set_local(
             [(ServiceKey::new("shop", "web"), svc)]
@@ -339,6 +345,8 @@ mod tests {
                     export_to: vec!["b".into()],
                     weight: 1,
                     headless: false,
+                    session_affinity: None,
+                    exported_at_ms: 0,
                 },
             )]
             .into_iter()
@@ -378,6 +386,8 @@ mod tests {
                         export_to: vec!["*".into()],
                         weight: 1,
                         headless: false,
+                        session_affinity_seconds: None,
+                        exported_at_ms: 0,
                     }),
                 }],
             };

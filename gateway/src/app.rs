@@ -168,7 +168,8 @@ impl Gateway {
                 .kubernetes
                 .as_ref()
                 .expect("a client only in Kubernetes mode");
-            kubernetes::start(client, k, desired.clone(), &metrics)
+            let view = node.as_ref().map(|n| n.subscribe());
+            kubernetes::start(client, &config.cluster, k, desired.clone(), view, &metrics)
         });
         let mut sources = Sources {
             exports: match (&kube, &file) {
@@ -206,6 +207,8 @@ impl Gateway {
                 peers: Arc::new(peers.clone()),
                 metrics: ListenerMetrics::new(&metrics, streams.clone()),
                 copy_buffer: config.tunnel.copy_buffer.0 as usize,
+                local: Exports::new(desired.clone()),
+                connect_timeout: config.tunnel.endpoint_connect_timeout.0,
             },
             life.child(),
         );

@@ -2,12 +2,13 @@
 //! identity against its `ClusterProperty`, and the two ends of the integration: the
 //! export source and the importer, which reads the desired state's imports.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use strait_common::config::Kubernetes;
+use strait_discovery::node::View;
+use strait_kubernetes::exports::Clusterset;
 use strait_kubernetes::imports::{Importer, Placement, Unit, Wanted};
 use strait_kubernetes::mcs::about::{CLUSTER_ID, ClusterProperty};
 use strait_kubernetes::source::KubeExports;
@@ -115,8 +116,10 @@ pub(crate) async fn advertise_address(
 /// from `desired`.
 pub(crate) fn start(
     client: kube::Client,
+    cluster: &str,
     k: &Kubernetes,
     desired: watch::Receiver<Arc<Desired>>,
+    view: Option<watch::Receiver<Arc<View>>>,
     metrics: &Registry,
 ) -> Kube {
     let health = Health::default();
@@ -134,7 +137,14 @@ pub(crate) fn start(
         leader_tx,
         health.clone(),
     );
-    let (exports, run_exports) = KubeExports::start(client.clone(), leader.clone(), health.clone());
+    let (clusterset_tx, clusterset) = watch::channel(Arc::new(Clusterset::new()));
+    let (exports, run_exports) = KubeExports::start(
+        client.clone(),
+        cluster.to_owned(),
+        clusterset,
+        leader.clone(),
+        health.clone(),
+    );
     let (wanted_tx, wanted) = watch::channel(Arc::new(Vec::new()));
     let (importer, run_importer) = Importer::start(
         client,
@@ -144,6 +154,7 @@ pub(crate) fn start(
         health.clone(),
     );
     let feed = feed(desired, wanted_tx);
+    let others = follow_clusterset(view, clusterset_tx);
     let report = KubeMetrics::new(metrics).follow(health.subscribe());
     Kube {
         exports,
@@ -154,6 +165,7 @@ pub(crate) fn start(
             Box::pin(run_exports),
             Box::pin(run_importer),
             Box::pin(feed),
+            Box::pin(others),
             Box::pin(report),
         ],
     }
@@ -176,51 +188,68 @@ async fn feed(mut desired: watch::Receiver<Arc<Desired>>, wanted: watch::Sender<
     }
 }
 
-/// The imports of `d` as the importer needs them: one entry per service, with one unit
-/// per derived Service (the service, or each endpoint of a headless one).
-pub(crate) fn wanted_of(d: &Desired) -> Vec<Wanted> {
-    let mut by_service: BTreeMap<(String, String), Wanted> = BTreeMap::new();
-    for imp in &d.imports {
-        let w = by_service
-            .entry((imp.namespace.clone(), imp.name.clone()))
-            .or_insert_with(|| Wanted {
-                namespace: imp.namespace.clone(),
-                name: imp.name.clone(),
-                headless: false,
-                ports: Vec::new(),
-                clusters: Vec::new(),
-                units: Vec::new(),
-            });
-        for p in &imp.ports {
-            if !w.ports.iter().any(|(_, port)| *port == p.port) {
-                w.ports.push((p.name.clone(), p.port));
-            }
+/// Keeps `clusterset` equal to what the discovery view says each cluster exports.
+async fn follow_clusterset(
+    view: Option<watch::Receiver<Arc<View>>>,
+    clusterset: watch::Sender<Arc<Clusterset>>,
+) {
+    let Some(mut view) = view else { return };
+    loop {
+        let mut now = Clusterset::new();
+        for e in &view.borrow_and_update().services {
+            now.entry(e.key.to_string())
+                .or_default()
+                .push((e.origin.cluster.clone(), e.service.clone()));
         }
-        for c in &imp.clusters {
-            if !w.clusters.contains(c) {
-                w.clusters.push(c.clone());
+        clusterset.send_if_modified(|cur| {
+            let changed = **cur != now;
+            if changed {
+                *cur = Arc::new(now);
             }
-        }
-        let service = imp.service();
-        let key = match (imp.endpoint, imp.clusters.first()) {
-            (Some(address), Some(cluster)) => {
-                w.headless = true;
-                endpoint_key(&service, cluster, address)
-            }
-            _ => service,
-        };
-        w.units.push(Unit {
-            key,
-            clusters: imp.clusters.clone(),
-            hostname: None,
-            ports: imp
-                .ports
-                .iter()
-                .map(|p| (p.name.clone(), p.port, p.listen))
-                .collect(),
+            changed
         });
+        if view.changed().await.is_err() {
+            return;
+        }
     }
-    by_service.into_values().collect()
+}
+
+/// The imports of `d` as the importer needs them: one entry per imported service (what
+/// its ServiceImport says), with one unit per derived Service: the service, or each
+/// remote endpoint of a headless one.
+pub(crate) fn wanted_of(d: &Desired) -> Vec<Wanted> {
+    d.clusterset
+        .iter()
+        .map(|s| {
+            let service = format!("{}/{}", s.namespace, s.name);
+            let units = d
+                .imports
+                .iter()
+                .filter(|imp| imp.namespace == s.namespace && imp.name == s.name)
+                .map(|imp| Unit {
+                    key: match (imp.endpoint, imp.clusters.first()) {
+                        (Some(address), Some(cluster)) => endpoint_key(&service, cluster, address),
+                        _ => service.clone(),
+                    },
+                    clusters: imp.clusters.clone(),
+                    ports: imp
+                        .ports
+                        .iter()
+                        .map(|p| (p.name.clone(), p.port, p.listen))
+                        .collect(),
+                })
+                .collect();
+            Wanted {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                headless: s.headless,
+                ports: s.ports.clone(),
+                clusters: s.clusters.clone(),
+                session_affinity: s.session_affinity,
+                units,
+            }
+        })
+        .collect()
 }
 
 fn hostname() -> String {

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::desired::{Desired, Import};
+use crate::desired::{Desired, Exports, Import};
 use crate::lifetime::Lifetime;
 use crate::metrics::{Desc, Registry};
 use crate::router::Outcome;
@@ -83,6 +83,11 @@ pub struct Forwarding {
     pub metrics: ListenerMetrics,
     /// Bytes read from the client per write to the stream (`tunnel.copy_buffer`).
     pub copy_buffer: usize,
+    /// This cluster's exports, for connections routed to this cluster itself (Kubernetes
+    /// mode imports a cluster's own services too, as the MCS API does).
+    pub local: Exports,
+    /// How long dialling a local endpoint may take.
+    pub connect_timeout: Duration,
 }
 
 /// One bound listener, as reported by the admin API.
@@ -304,6 +309,26 @@ async fn forward(
             break;
         }
         let held = routing.hold(service, cluster);
+        if cluster == routing.me() {
+            match dial_local(&fwd, &import, info.port, &early).await {
+                Ok(endpoint) => {
+                    routing.record(service, cluster, Outcome::Success);
+                    fwd.metrics.served(service, cluster, started.elapsed());
+                    let mut tcp = tcp;
+                    let mut endpoint = endpoint;
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut endpoint).await;
+                    drop(held);
+                    return;
+                }
+                Err(e) => {
+                    drop(held);
+                    routing.record(service, cluster, Outcome::Failure);
+                    tracing::info!(%service, error = %e, "no local endpoint answered");
+                    retry = Some(RetryReason::Failed);
+                    continue;
+                }
+            }
+        }
         let opened = open_on(&*fwd.peers, cluster, &req, with_request, plan.timeout).await;
         match opened {
             Ok((mut send, recv)) => {
@@ -353,6 +378,42 @@ async fn forward(
     fwd.metrics.unserved(service);
     // Nothing could serve the connection: reset it so the client fails fast, not on a timeout.
     splice::abort_on_close(&tcp);
+}
+
+/// Connects to a ready endpoint of this cluster's own export of `import` on service port
+/// `port` (a random one), and sends it the bytes the client already sent.
+async fn dial_local(
+    fwd: &Forwarding,
+    import: &Import,
+    port: u16,
+    early: &[u8],
+) -> std::io::Result<TcpStream> {
+    use rand::seq::IndexedRandom;
+    use tokio::io::AsyncWriteExt;
+    let exports = fwd.local.now();
+    let unavailable =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::NotFound, what.to_owned());
+    let export = exports
+        .iter()
+        .find(|e| e.namespace == import.namespace && e.name == import.name)
+        .ok_or_else(|| unavailable("not exported here"))?;
+    let target = export
+        .port(port)
+        .ok_or_else(|| unavailable("no such port"))?
+        .target();
+    let ready: Vec<_> = export.endpoints.iter().filter(|e| e.ready).collect();
+    let endpoint = ready
+        .choose(&mut rand::rng())
+        .ok_or_else(|| unavailable("no ready endpoint"))?;
+    let addr = SocketAddr::new(endpoint.address, target);
+    let mut s = tokio::time::timeout(fwd.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting {addr}"))
+        })??;
+    let _ = s.set_nodelay(true);
+    s.write_all(early).await?;
+    Ok(s)
 }
 
 /// Opens a stream on `cluster`'s tunnel; gives up early, as `Abandoned`, when the peer
@@ -426,6 +487,7 @@ mod tests {
             ..Default::default()
         }));
         let registry = Registry::new();
+        let local = Exports::new(rx.clone());
         let routing = Routing::new(
             Locality::default(),
             rx,
@@ -440,6 +502,8 @@ mod tests {
                 peers: peers.clone(),
                 metrics: ListenerMetrics::new(&registry, StreamMetrics::new(&registry)),
                 copy_buffer: 16 << 10,
+                local,
+                connect_timeout: Duration::from_millis(200),
             },
             life.clone(),
         );

@@ -151,6 +151,11 @@ pub enum RetryReason {
 pub use strait_common::api::{Route as RouteReport, RouteCluster as ClusterReport};
 
 impl Routing {
+    /// This gateway's cluster.
+    pub fn me(&self) -> &str {
+        &self.0.me.cluster
+    }
+
     /// Routing for a gateway at `me`: imported services, catalog facts and policies come
     /// from `desired`, gateway liveness from `peers`.
     pub fn new(
@@ -257,7 +262,7 @@ impl Routing {
     /// Whether new connections may be sent to `cluster`'s gateway now (see
     /// [`crate::tunnel::peers::PeerState::routable`]).
     pub fn peer_routable(&self, cluster: &str) -> bool {
-        self.0.peers.liveness(cluster).is_some_and(|l| l.routable)
+        cluster == self.0.me.cluster || self.0.peers.liveness(cluster).is_some_and(|l| l.routable)
     }
 
     /// Counts a connection to `cluster` until the guard is dropped.
@@ -435,7 +440,9 @@ impl Routing {
                         .copied()
                         .or(offer.map(|o| o.weight))
                         .unwrap_or(1),
-                    peer_up: peer.as_ref().is_some_and(|p| p.routable),
+                    // This cluster needs no tunnel: its own endpoints are dialled directly.
+                    peer_up: *cluster == self.0.me.cluster
+                        || peer.as_ref().is_some_and(|p| p.routable),
                     // A static import without a catalog entry: assume it serves.
                     ready_endpoints: offer.map_or(1, |o| o.ready_endpoints),
                     active: active
@@ -558,6 +565,7 @@ pub(crate) mod tests {
             }],
             clusters: clusters.iter().map(|c| c.to_string()).collect(),
             endpoint: None,
+            session_affinity: None,
         }
     }
 

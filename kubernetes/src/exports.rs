@@ -16,7 +16,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::DynamicObject;
+use std::time::Duration;
+
 use strait_common::config::{Endpoint, Export, Protocol, ServicePort};
+use strait_common::units::HumanDuration;
+
+use strait_discovery::model::{Service as CatalogService, resolve};
 
 use crate::mcs::{condition, v1beta1};
 
@@ -178,6 +183,45 @@ pub fn exports_from(
     (exports, verdicts)
 }
 
+/// What the other clusters export, by `namespace/name`: (cluster, service) for each.
+pub type Clusterset = BTreeMap<String, Vec<(String, CatalogService)>>;
+
+/// The `Conflict` condition of this cluster's (`me`) valid `export`, against the other
+/// clusters' exports of the same service in `clusterset`, by the MCS rule: the oldest
+/// export decides, and every export of a conflicting service says so.
+pub fn conflict(me: &str, export: &Export, clusterset: &Clusterset) -> Cond {
+    let mine = strait_discovery::source::to_catalog(std::slice::from_ref(export), "");
+    let Some(mine) = mine.values().next() else {
+        return Cond::new(condition::CONFLICT, false, "NoConflicts", "");
+    };
+    let key = format!("{}/{}", export.namespace, export.name);
+    let others = clusterset.get(&key).map(Vec::as_slice).unwrap_or_default();
+    let all = std::iter::once((me, mine)).chain(
+        others
+            .iter()
+            .filter(|(c, _)| c != me)
+            .map(|(c, s)| (c.as_str(), s)),
+    );
+    let resolved = resolve(all);
+    if resolved.conflicts.is_empty() {
+        return Cond::new(
+            condition::CONFLICT,
+            false,
+            "NoConflicts",
+            format!("{} cluster(s) export it alike", others.len() + 1),
+        );
+    }
+    Cond::new(
+        condition::CONFLICT,
+        true,
+        &resolved.conflicts.join(","),
+        format!(
+            "the clusters exporting {key} disagree; the oldest export (cluster {}) decides what the clusterset sees",
+            resolved.oldest
+        ),
+    )
+}
+
 /// One export, with a note on what of the Service is not carried; or the reason and
 /// message of `Valid=False`.
 fn export_of(
@@ -288,6 +332,17 @@ fn export_of(
         });
     }
     let endpoints = endpoints_of(&mine);
+    // The API server defaults the timeout to 3 hours.
+    let session_affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let seconds = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref()?.timeout_seconds)
+            .unwrap_or(10_800);
+        HumanDuration(Duration::from_secs(
+            u64::try_from(seconds).unwrap_or(10_800),
+        ))
+    });
     let note = if skipped.is_empty() {
         String::new()
     } else {
@@ -305,6 +360,8 @@ fn export_of(
             export_to,
             weight,
             headless,
+            session_affinity,
+            exported_at_ms: o.created.as_ref().map_or(0, |t| t.0.as_millisecond()),
         },
         note,
     ))

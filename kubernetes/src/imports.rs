@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -38,7 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
 use crate::mcs::{label, v1beta1};
-use crate::watch::{Health, reflect};
+use crate::watch::{Health, next_change, reflect};
 
 /// The label on everything strait writes.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -69,6 +70,8 @@ pub struct Wanted {
     pub ports: Vec<(String, u16)>,
     /// The exporting clusters.
     pub clusters: Vec<String>,
+    /// Client-IP session affinity timeout (seconds), as the clusterset resolved it.
+    pub session_affinity: Option<u32>,
     /// What gets a derived Service: the whole service, or (headless) each remote endpoint.
     pub units: Vec<Unit>,
 }
@@ -80,8 +83,6 @@ pub struct Unit {
     pub key: String,
     /// Source clusters (one EndpointSlice each).
     pub clusters: Vec<String>,
-    /// A headless endpoint's hostname (else its address) for DNS.
-    pub hostname: Option<String>,
     /// (port name, service port, gateway port).
     pub ports: Vec<(String, u16, u16)>,
 }
@@ -184,8 +185,19 @@ pub fn service_import(w: &Wanted, placement: &Placement) -> Object {
         } else {
             v1beta1::ImportType::ClusterSetIP
         },
-        session_affinity: None,
-        session_affinity_config: None,
+        session_affinity: Some(
+            if affinity(w).is_some() {
+                "ClientIP"
+            } else {
+                "None"
+            }
+            .into(),
+        ),
+        session_affinity_config: affinity(w).map(|timeout| SessionAffinityConfig {
+            client_ip: Some(ClientIPConfig {
+                timeout_seconds: Some(timeout),
+            }),
+        }),
     };
     object(
         &w.namespace,
@@ -197,6 +209,13 @@ pub fn service_import(w: &Wanted, placement: &Placement) -> Object {
             "spec": spec,
         }),
     )
+}
+
+/// The session affinity timeout of `w`, if it has affinity (a headless import has none).
+fn affinity(w: &Wanted) -> Option<i32> {
+    w.session_affinity
+        .filter(|_| !w.headless)
+        .map(|t| i32::try_from(t).unwrap_or(i32::MAX))
 }
 
 /// The derived Service and its EndpointSlices for one unit of `w`, owned by the
@@ -232,7 +251,7 @@ pub fn derived(
                 "annotations": { IMPORT_KEY: unit.key },
                 "ownerReferences": [owner],
             },
-            "spec": { "type": "ClusterIP", "ports": ports },
+            "spec": service_spec(w, ports),
         }),
     )];
     let family = |ip: &IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
@@ -266,6 +285,17 @@ pub fn derived(
         ));
     }
     out
+}
+
+/// A derived Service's spec: the import's ports on the gateway's, and its session
+/// affinity (so kube-proxy keeps a client on one gateway pod).
+fn service_spec(w: &Wanted, ports: Vec<Value>) -> Value {
+    let mut spec = json!({ "type": "ClusterIP", "ports": ports });
+    if let Some(timeout) = affinity(w) {
+        spec["sessionAffinity"] = json!("ClientIP");
+        spec["sessionAffinityConfig"] = json!({ "clientIP": { "timeoutSeconds": timeout } });
+    }
+    spec
 }
 
 /// Sets name, namespace and the digest annotation on `body`.
@@ -355,8 +385,8 @@ async fn run(
         loop {
             tokio::select! {
                 _ = changed.notified() => {}
-                _ = wanted.changed() => {}
-                _ = leader.changed() => {}
+                _ = next_change(&mut wanted) => {}
+                _ = next_change(&mut leader) => {}
                 _ = resync.tick() => {}
             }
             let now = Placement::from_services(&services.state());
@@ -435,17 +465,14 @@ async fn reconcile(
             .find(|o| o.namespace().as_deref() == Some(&w.namespace) && o.name_any() == w.name);
         let owner = match current.as_deref() {
             Some(cur) if digest_of(cur.annotations()) == digest_of_value(&si.body) => {
-                cur.controller_owner_ref(&()).map(|mut r| {
-                    r.controller = Some(false);
-                    r.block_owner_deletion = Some(true);
-                    r
-                })
+                cur.controller_owner_ref(&())
             }
-            _ => match apply(&api, &si, health).await {
-                Some(o) => o.controller_owner_ref(&()),
-                None => None,
-            },
+            _ => apply(&api, &si, health)
+                .await
+                .and_then(|o| o.controller_owner_ref(&())),
         };
+        // Without its ServiceImport nothing else of this import can be written.
+        let Some(owner) = owner else { continue };
         let status = json!({ "status": { "clusters": w.clusters.iter().map(|c| json!({"cluster": c})).collect::<Vec<_>>() } });
         let current_status = current.as_ref().and_then(|c| c.status.as_ref()).map(|s| {
             s.clusters
@@ -462,7 +489,6 @@ async fn reconcile(
                     .map_err(|e| format!("ServiceImport {}/{} status: {e}", w.namespace, w.name)),
             );
         }
-        let Some(owner) = owner else { continue };
         for unit in &w.units {
             for o in derived(w, unit, &owner, gateways) {
                 let kind = o.body["kind"].as_str().unwrap_or_default().to_owned();

@@ -18,9 +18,9 @@ use strait_common::config::Export;
 use strait_discovery::source::ExportSource;
 use tokio::sync::{Notify, watch};
 
-use crate::exports::{Cond, ExportObject, Verdict, exports_from};
+use crate::exports::{Clusterset, Cond, ExportObject, Verdict, conflict, exports_from};
 use crate::mcs::GROUP;
-use crate::watch::{Health, reflect};
+use crate::watch::{Health, next_change, reflect};
 
 /// How often everything is re-checked even without a change (a failed status write is
 /// retried then).
@@ -49,19 +49,47 @@ impl KubeExports {
     /// The source, and the future that runs it (its watches and the status writer). The
     /// exports start empty and are published once every watch has listed. Conditions are
     /// written only while `leader` is true.
+    ///
+    /// `me` is this cluster; `clusterset` what the other clusters export, from which the
+    /// `Conflict` condition is computed.
     pub fn start(
         client: Client,
+        me: String,
+        clusterset: watch::Receiver<Arc<Clusterset>>,
         leader: watch::Receiver<bool>,
         health: Health,
     ) -> (KubeExports, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
-        (KubeExports { rx }, run(client, leader, health, tx))
+        // Registered now, so `synced` waits for them even before the version is known.
+        for w in WATCHES {
+            health.watching(w);
+        }
+        let inputs = Inputs {
+            me,
+            clusterset,
+            leader,
+        };
+        (KubeExports { rx }, run(client, inputs, health, tx))
     }
+}
+
+/// The watches of the export source.
+const WATCHES: [&str; 3] = ["serviceexports", "services", "endpointslices"];
+
+/// What the export source reads besides the API.
+struct Inputs {
+    me: String,
+    clusterset: watch::Receiver<Arc<Clusterset>>,
+    leader: watch::Receiver<bool>,
 }
 
 async fn run(
     client: Client,
-    mut leader: watch::Receiver<bool>,
+    Inputs {
+        me,
+        mut clusterset,
+        mut leader,
+    }: Inputs,
     health: Health,
     tx: watch::Sender<Arc<Vec<Export>>>,
 ) {
@@ -73,7 +101,7 @@ async fn run(
         Api::<DynamicObject>::all_with(client.clone(), &resource),
         watcher::Config::default(),
         resource.clone(),
-        "serviceexports",
+        WATCHES[0],
         health.clone(),
         changed.clone(),
     );
@@ -81,7 +109,7 @@ async fn run(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         (),
-        "services",
+        WATCHES[1],
         health.clone(),
         changed.clone(),
     );
@@ -90,7 +118,7 @@ async fn run(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&format!("{}!=strait", crate::mcs::label::MANAGED_BY)),
         (),
-        "endpointslices",
+        WATCHES[2],
         health.clone(),
         changed.clone(),
     );
@@ -99,7 +127,8 @@ async fn run(
         loop {
             tokio::select! {
                 _ = changed.notified() => {}
-                _ = leader.changed() => {}
+                _ = next_change(&mut leader) => {}
+                _ = next_change(&mut clusterset) => {}
                 _ = resync.tick() => {}
             }
             if !health.now().synced {
@@ -111,7 +140,16 @@ async fn run(
                 .filter_map(|o| Some((ExportObject::from_dynamic(&o)?, o)))
                 .collect();
             let parsed: Vec<ExportObject> = objects.iter().map(|(e, _)| e.clone()).collect();
-            let (now, verdicts) = exports_from(&parsed, &services.state(), &slices.state());
+            let (now, mut verdicts) = exports_from(&parsed, &services.state(), &slices.state());
+            let others = clusterset.borrow().clone();
+            for v in verdicts.iter_mut().filter(|v| v.valid()) {
+                if let Some(e) = now
+                    .iter()
+                    .find(|e| e.namespace == v.namespace && e.name == v.name)
+                {
+                    v.conditions.push(conflict(&me, e, &others));
+                }
+            }
             tx.send_if_modified(|cur| {
                 let changed = **cur != now;
                 if changed {

@@ -194,3 +194,10 @@ where
     };
     (store, run)
 }
+
+/// Resolves when `rx` changes; never once its sender is gone (the value is then final).
+pub(crate) async fn next_change<T>(rx: &mut watch::Receiver<T>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

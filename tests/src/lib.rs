@@ -141,6 +141,8 @@ pub fn export(service: &str, port: u16, target: SocketAddr, export_to: &[&str]) 
         export_to: export_to.iter().map(|c| c.to_string()).collect(),
         weight: 1,
         headless: false,
+        session_affinity: None,
+        exported_at_ms: 0,
     }
 }
 

@@ -25,6 +25,8 @@ fn service() -> Service {
         export_to: vec!["*".into()],
         weight: 1,
         headless: false,
+        session_affinity: None,
+        exported_at_ms: 0,
     }
 }
 

@@ -146,6 +146,26 @@ async fn a_service_export_becomes_an_import_reachable_through_the_gateway_and_go
     )
     .await;
 
+    // The exporting cluster imports its own service too (as the MCS API has it); its
+    // gateway dials its own endpoint directly, no tunnel.
+    let own = east
+        .api
+        .wait_until(LIMIT, |_| {
+            east.derived("v1", "Service", "web")
+                .first()
+                .is_some_and(|s| s["spec"]["clusterIP"].is_string())
+        })
+        .await;
+    assert!(own, "east has a derived Service for its own export");
+    let own_port = target_port(&east.derived("v1", "Service", "web")[0]);
+    let local = SocketAddr::new(east.pod_ip, own_port);
+    eventually(
+        LIMIT,
+        "east's own import reaches its endpoint",
+        async || read_from(local).await.is_ok_and(|s| s == "east web"),
+    )
+    .await;
+
     // DNS answers the clusterset IP.
     let ip: IpAddr = derived["spec"]["clusterIP"]
         .as_str()

@@ -380,6 +380,8 @@ async fn streams_are_refused_with_the_right_status() {
             export_to: vec!["*".into()],
             weight: 1,
             headless: false,
+            session_affinity: None,
+            exported_at_ms: 0,
         });
     };
     let (_east, west, listener) = pair(&pki, echo.addr, exports).await;

@@ -32,6 +32,8 @@ fn svc(weight: u32) -> Service {
         export_to: vec!["*".into()],
         weight,
         headless: false,
+        session_affinity: None,
+        exported_at_ms: 0,
     }
 }
 

@@ -7,13 +7,13 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use strait_discovery::model::{MemberInfo, Service};
+use strait_discovery::model::{MemberInfo, Service, resolve};
 use strait_discovery::node::View;
 
 use strait_common::config::PortRange;
 use strait_kubernetes::imports::Placement;
 
-use super::{Import, ImportPort, KubeImports, Local, PeerTarget};
+use super::{ClustersetService, Import, ImportPort, KubeImports, Local, PeerTarget};
 
 /// The addresses given to discovered imports, by allocation key (`ns/name`, or for a
 /// headless endpoint `ns/name@cluster/address`); kept between computations so an import
@@ -141,39 +141,37 @@ pub(super) fn desired_imports(
     view: &View,
     placement: &Placement,
     alloc: &mut Allocation,
-) -> Vec<Import> {
+) -> (Vec<Import>, Vec<ClustersetService>) {
     let alive: BTreeMap<&str, bool> = view
         .members
         .iter()
         .map(|m| (m.info.cluster.as_str(), m.alive))
         .collect();
     let mut found: BTreeMap<(String, String), Offers> = BTreeMap::new();
+    // In Kubernetes mode a cluster imports its own services too (the MCS API gives every
+    // cluster of the clusterset the ServiceImport); its own endpoints are dialled directly.
+    let own = |cluster: &str| cluster == local.cluster;
     for e in &view.services {
-        if e.origin.cluster == local.cluster || !e.service.exported_to(&local.cluster) {
+        let wanted = if own(&e.origin.cluster) {
+            local.kubernetes.is_some()
+        } else {
+            e.service.exported_to(&local.cluster)
+        };
+        if !wanted {
             continue;
         }
-        let slot = found
+        found
             .entry((e.key.namespace.clone(), e.key.name.clone()))
-            .or_default();
-        for p in &e.service.ports {
-            slot.ports.entry(p.port).or_insert_with(|| p.name.clone());
-        }
-        slot.headless |= e.service.headless;
-        slot.origins.push((&e.origin, &e.service));
+            .or_default()
+            .origins
+            .push((&e.origin, &e.service));
     }
     // Configured imports keep their addresses; discovered ones never take them.
     let configured = &local.imports;
     let reserved: Vec<IpAddr> = configured.iter().map(|i| i.address).collect();
     let mut wanted: Vec<Wanted> = Vec::new();
-    for (
-        (namespace, name),
-        Offers {
-            ports,
-            mut origins,
-            headless,
-        },
-    ) in found
-    {
+    let mut clusterset = Vec::new();
+    for ((namespace, name), Offers { mut origins }) in found {
         if configured
             .iter()
             .any(|i| i.namespace == namespace && i.name == name)
@@ -182,22 +180,35 @@ pub(super) fn desired_imports(
         }
         origins.sort_by_key(|(m, _)| {
             (
-                !alive.get(m.cluster.as_str()).copied().unwrap_or(false),
+                !(own(&m.cluster) || alive.get(m.cluster.as_str()).copied().unwrap_or(false)),
                 m.region != local.region,
                 m.cluster.clone(),
             )
         });
-        let ports: Vec<ImportPort> = ports
+        // The clusterset's view of the service: the oldest export decides what differs.
+        let resolved = resolve(origins.iter().map(|(m, s)| (m.cluster.as_str(), *s)));
+        let ports: Vec<ImportPort> = resolved
+            .ports
             .into_iter()
-            .map(|(port, name)| ImportPort {
-                name,
-                port,
-                listen: port,
+            .map(|p| ImportPort {
+                name: p.name,
+                port: p.port,
+                listen: p.port,
             })
             .collect();
+        let (headless, session_affinity) = (resolved.headless, resolved.session_affinity);
+        clusterset.push(ClustersetService {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            headless,
+            ports: ports.iter().map(|p| (p.name.clone(), p.port)).collect(),
+            clusters: origins.iter().map(|(m, _)| m.cluster.clone()).collect(),
+            session_affinity,
+        });
         let base = format!("{namespace}/{name}");
         if headless {
-            for (origin, service) in &origins {
+            // Pods reach this cluster's own endpoints directly: no import for those.
+            for (origin, service) in origins.iter().filter(|(m, _)| !own(&m.cluster)) {
                 for ep in &service.endpoints {
                     wanted.push(Wanted {
                         key: endpoint_key(&base, &origin.cluster, ep.address),
@@ -206,6 +217,7 @@ pub(super) fn desired_imports(
                         ports: ports.clone(),
                         clusters: vec![origin.cluster.clone()],
                         endpoint: Some(ep.address),
+                        session_affinity: None,
                     });
                 }
             }
@@ -217,6 +229,7 @@ pub(super) fn desired_imports(
                 ports,
                 clusters: origins.iter().map(|(m, _)| m.cluster.clone()).collect(),
                 endpoint: None,
+                session_affinity,
             });
         }
     }
@@ -248,9 +261,10 @@ pub(super) fn desired_imports(
             ports: w.ports,
             clusters: w.clusters,
             endpoint: w.endpoint,
+            session_affinity: w.session_affinity,
         });
     }
-    out
+    (out, clusterset)
 }
 
 /// An import in Kubernetes mode: every port on `kube.listen` with a port of its own, and
@@ -282,6 +296,7 @@ fn kube_import(
         ports,
         clusters: w.clusters,
         endpoint: w.endpoint,
+        session_affinity: w.session_affinity,
     })
 }
 
@@ -290,12 +305,10 @@ pub(crate) fn endpoint_key(service: &str, cluster: &str, address: IpAddr) -> Str
     format!("{service}@{cluster}/{address}")
 }
 
-/// What the federation offers of one service: the union of its ports, and its origins.
+/// What the federation offers of one service: its origins.
 #[derive(Default)]
 struct Offers<'a> {
-    ports: BTreeMap<u16, String>,
     origins: Vec<(&'a MemberInfo, &'a Service)>,
-    headless: bool,
 }
 
 /// One import to allocate an address for.
@@ -306,6 +319,7 @@ struct Wanted {
     ports: Vec<ImportPort>,
     clusters: Vec<String>,
     endpoint: Option<IpAddr>,
+    session_affinity: Option<u32>,
 }
 
 #[cfg(test)]
@@ -349,6 +363,8 @@ mod tests {
                 export_to: export_to.iter().map(|s| s.to_string()).collect(),
                 weight: 1,
                 headless: false,
+                session_affinity: None,
+                exported_at_ms: 0,
             },
             version: 1,
             lease_age: Duration::ZERO,
@@ -387,7 +403,7 @@ mod tests {
         let local = local(&me, "127.0.10.0/29");
         let range = local.import_range.unwrap();
         let mut alloc = Allocation::default();
-        let imports = desired_imports(&local, &view, &Placement::default(), &mut alloc);
+        let (imports, _) = desired_imports(&local, &view, &Placement::default(), &mut alloc);
         assert_eq!(
             imports.len(),
             1,
@@ -400,13 +416,17 @@ mod tests {
             "alive first, same region first"
         );
         assert!(range.contains(&web.address));
-        let again = desired_imports(&local, &view, &Placement::default(), &mut alloc);
+        let (again, _) = desired_imports(&local, &view, &Placement::default(), &mut alloc);
         assert_eq!(again[0].address, web.address, "address is stable");
         let gone = View {
             members: view.members.clone(),
             services: vec![],
         };
-        assert!(desired_imports(&local, &gone, &Placement::default(), &mut alloc).is_empty());
+        assert!(
+            desired_imports(&local, &gone, &Placement::default(), &mut alloc)
+                .0
+                .is_empty()
+        );
         assert!(alloc.0.is_empty(), "a withdrawn service frees its address");
     }
 

@@ -63,6 +63,8 @@ pub struct Import {
     pub clusters: Vec<String>,
     /// For one endpoint of a headless service: its address in its cluster.
     pub endpoint: Option<IpAddr>,
+    /// Client-IP session affinity timeout (seconds), as the clusterset resolved it.
+    pub session_affinity: Option<u32>,
 }
 
 impl Import {
@@ -112,8 +114,27 @@ impl From<&strait_common::config::Import> for Import {
                 .collect(),
             clusters: i.clusters.clone(),
             endpoint: None,
+            session_affinity: None,
         }
     }
+}
+
+/// One service this cluster imports, as the clusterset resolved it (the MCS rule: the
+/// oldest export decides what differs): what its `ServiceImport` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClustersetService {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// No clusterset IP: each endpoint is addressed.
+    pub headless: bool,
+    /// The union of the exports' ports: (name, port).
+    pub ports: Vec<(String, u16)>,
+    /// The exporting clusters, in the import's order.
+    pub clusters: Vec<String>,
+    /// Client-IP session affinity timeout (seconds).
+    pub session_affinity: Option<u32>,
 }
 
 /// What the catalog says about one cluster for one service.
@@ -256,6 +277,8 @@ pub struct Desired {
     pub peers: Vec<PeerTarget>,
     /// Services to listen for.
     pub imports: Vec<Import>,
+    /// Every service imported from the federation, resolved (with discovery).
+    pub clusterset: Vec<ClustersetService>,
     /// This cluster's exports: what inbound streams may reach.
     pub exports: Arc<Vec<Export>>,
     /// What the discovery member advertises for this cluster.
@@ -327,11 +350,12 @@ pub fn compute(inputs: &Inputs<'_>, alloc: &mut Allocation) -> Desired {
     let local = inputs.local;
     let no_placement = Placement::default();
     let placement = inputs.placement.unwrap_or(&no_placement);
-    let imports = imports::desired_imports(local, view, placement, alloc);
+    let (imports, clusterset) = imports::desired_imports(local, view, placement, alloc);
     Desired {
         peers: imports::desired_peers(&local.peers, view, &local.cluster),
         dns: dns::entries(&imports, view, &local.cluster, &local.region),
         imports,
+        clusterset,
         exports: inputs.exports.clone(),
         published: published(inputs.exports, &local.zone, inputs.faults),
         catalog: CatalogView::from_view(view),

@@ -68,6 +68,8 @@ fn export(name: &str, headless: bool) -> Export {
         export_to: vec!["*".into()],
         weight: 1,
         headless,
+        session_affinity: None,
+        exported_at_ms: 0,
     }
 }
 
@@ -168,6 +170,7 @@ impl Federation {
                         .collect(),
                     clusters: self.order(origins),
                     endpoint: None,
+                    session_affinity: None,
                 })
                 .collect(),
             import_range: None,
@@ -207,6 +210,8 @@ impl Federation {
                         export_to: vec![ME.into()],
                         weight: 1,
                         headless: false,
+                        session_affinity: None,
+                        exported_at_ms: 0,
                     },
                     version: 1,
                     lease_age: Duration::ZERO,
@@ -339,6 +344,8 @@ fn headless_endpoints_are_imports_of_their_own_and_routing_sees_every_cluster() 
             export_to: vec!["*".into()],
             weight: 1,
             headless: true,
+            session_affinity: None,
+            exported_at_ms: 0,
         },
         version: 1,
         lease_age: Duration::ZERO,

@@ -174,6 +174,8 @@ fn drained_and_unready_services_are_published_without_ready_endpoints() {
         export_to: vec!["*".into()],
         weight: 1,
         headless: false,
+        session_affinity: None,
+        exported_at_ms: 0,
     };
     let mut catalog: std::collections::BTreeMap<ServiceKey, Service> = [
         (ServiceKey::new("demo", "hello"), svc()),

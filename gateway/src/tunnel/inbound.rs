@@ -359,6 +359,8 @@ mod tests {
             export_to: export_to.iter().map(|c| c.to_string()).collect(),
             weight: 1,
             headless: false,
+            session_affinity: None,
+            exported_at_ms: 0,
         }
     }
 
