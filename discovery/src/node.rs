@@ -172,6 +172,12 @@ impl Node {
         }
     }
 
+    /// Passive while another replica of this cluster speaks for it (see
+    /// [`crate::state::Catalog::set_passive`]).
+    pub fn set_passive(&self, passive: bool) {
+        self.shared.lock().set_passive(passive);
+    }
+
     /// Watches the view.
     pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
         self.shared.view.subscribe()

@@ -244,6 +244,9 @@ pub struct Catalog {
     config: CatalogConfig,
     local: Origin,
     remotes: BTreeMap<String, Remote>,
+    /// Another replica of this cluster speaks for it: this one relays the others'
+    /// origins but never sends or outranks its own.
+    passive: bool,
 }
 
 impl Catalog {
@@ -254,7 +257,15 @@ impl Catalog {
             config,
             local: Origin::new(me, generation),
             remotes: BTreeMap::new(),
+            passive: false,
         }
+    }
+
+    /// Makes this member passive (another replica of its cluster publishes the cluster's
+    /// origin) or active again. An active member outranks any other incarnation of its
+    /// cluster it hears of, so a replica that takes over is heard within a round.
+    pub fn set_passive(&mut self, passive: bool) {
+        self.passive = passive;
     }
 
     /// This member.
@@ -335,7 +346,8 @@ impl Catalog {
             .values()
             .filter(|r| !r.expired)
             .map(|r| &r.origin);
-        for origin in std::iter::once(&self.local).chain(live_remotes) {
+        let own = std::iter::once(&self.local).filter(|_| !self.passive);
+        for origin in own.chain(live_remotes) {
             if let Some(d) = origin.delta_for(theirs.get(&origin.info.cluster), &mut budget) {
                 origins.push(d);
             }
@@ -352,7 +364,7 @@ impl Catalog {
                 // generation of it (a clock stepped back across a restart, or a forged one),
                 // outrank it so this incarnation is not ignored everywhere.
                 // (Equal is the normal relay of our own state.)
-                if od.generation > self.local.generation {
+                if od.generation > self.local.generation && !self.passive {
                     self.local.generation = od.generation.saturating_add(1);
                     stats.changed = true;
                 }

@@ -168,8 +168,14 @@ impl Gateway {
                 .kubernetes
                 .as_ref()
                 .expect("a client only in Kubernetes mode");
-            let view = node.as_ref().map(|n| n.subscribe());
-            kubernetes::start(client, &config.cluster, k, desired.clone(), view, &metrics)
+            kubernetes::start(
+                client,
+                &config.cluster,
+                k,
+                desired.clone(),
+                node.clone(),
+                &metrics,
+            )
         });
         let mut sources = Sources {
             exports: match (&kube, &file) {

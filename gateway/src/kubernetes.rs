@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use strait_common::config::Kubernetes;
-use strait_discovery::node::View;
+use strait_discovery::node::{Node, View};
 use strait_kubernetes::exports::Clusterset;
 use strait_kubernetes::imports::{Importer, Placement, Unit, Wanted};
+use strait_kubernetes::lease::Holder;
 use strait_kubernetes::mcs::about::{CLUSTER_ID, ClusterProperty};
 use strait_kubernetes::source::KubeExports;
 use strait_kubernetes::watch::{Health, HealthReport};
@@ -119,10 +120,12 @@ pub(crate) fn start(
     cluster: &str,
     k: &Kubernetes,
     desired: watch::Receiver<Arc<Desired>>,
-    view: Option<watch::Receiver<Arc<View>>>,
+    node: Option<Arc<Node>>,
     metrics: &Registry,
 ) -> Kube {
+    let view = node.as_ref().map(|n| n.subscribe());
     let health = Health::default();
+    let (holder_tx, holder) = watch::channel(Holder::Unknown);
     let (leader_tx, leader) = watch::channel(false);
     let me = k
         .replica
@@ -134,9 +137,10 @@ pub(crate) fn start(
         k.namespace.clone(),
         me,
         k.lease.0,
-        leader_tx,
+        holder_tx,
         health.clone(),
     );
+    let speak = follow_holder(holder, leader_tx, node);
     let (clusterset_tx, clusterset) = watch::channel(Arc::new(Clusterset::new()));
     let (exports, run_exports) = KubeExports::start(
         client.clone(),
@@ -162,6 +166,7 @@ pub(crate) fn start(
         health,
         tasks: vec![
             Box::pin(lease),
+            Box::pin(speak),
             Box::pin(run_exports),
             Box::pin(run_importer),
             Box::pin(feed),
@@ -183,6 +188,27 @@ async fn feed(mut desired: watch::Receiver<Arc<Desired>>, wanted: watch::Sender<
             changed
         });
         if desired.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Follows the writer Lease: this replica writes while it holds it, and its discovery
+/// member stays passive while another replica holds it, so the cluster speaks with one
+/// voice in the federation. When nobody knows (the API server is away) every replica
+/// speaks: the cluster stays in the federation.
+async fn follow_holder(
+    mut holder: watch::Receiver<Holder>,
+    leader: watch::Sender<bool>,
+    node: Option<Arc<Node>>,
+) {
+    loop {
+        let h = *holder.borrow_and_update();
+        leader.send_if_modified(|cur| std::mem::replace(cur, h == Holder::Me) != (h == Holder::Me));
+        if let Some(n) = &node {
+            n.set_passive(h == Holder::Other);
+        }
+        if holder.changed().await.is_err() {
             return;
         }
     }

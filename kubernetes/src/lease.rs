@@ -17,14 +17,25 @@ use crate::watch::Health;
 /// The Lease's name in the gateway's namespace.
 pub const LEASE_NAME: &str = "strait-gateway-writer";
 
-/// Holds or watches for the Lease for as long as it runs, publishing on `leader` whether
-/// this replica (`me`) holds it.
+/// Who holds the writer Lease, as this replica knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// This replica: it writes.
+    Me,
+    /// Another replica, alive.
+    Other,
+    /// Not known (the API server cannot be reached, or nobody holds it yet).
+    Unknown,
+}
+
+/// Holds or watches for the Lease for as long as it runs, publishing on `holder` who
+/// holds it.
 pub async fn run(
     client: Client,
     namespace: String,
     me: String,
     duration: Duration,
-    leader: watch::Sender<bool>,
+    holder: watch::Sender<Holder>,
     health: Health,
 ) {
     let api = Api::<Lease>::namespaced(client, &namespace);
@@ -33,28 +44,33 @@ pub async fn run(
     let mut renewed: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        let held = match try_hold(&api, &me, duration).await {
-            Ok(held) => {
+        let now = match try_hold(&api, &me, duration).await {
+            Ok(true) => {
                 health.wrote(Ok(()));
-                if held {
-                    renewed = Some(tokio::time::Instant::now());
-                }
-                held
+                renewed = Some(tokio::time::Instant::now());
+                Holder::Me
+            }
+            Ok(false) => {
+                health.wrote(Ok(()));
+                renewed = None;
+                Holder::Other
             }
             Err(e) => {
                 tracing::warn!(error = %e, "renewing the writer Lease failed");
                 health.wrote(Err(format!("the writer Lease: {e}")));
                 // Still the holder until the Lease could have expired for the others.
-                renewed.is_some_and(|at| at.elapsed() < duration)
+                if renewed.is_some_and(|at| at.elapsed() < duration) {
+                    Holder::Me
+                } else {
+                    renewed = None;
+                    Holder::Unknown
+                }
             }
         };
-        if !held {
-            renewed = None;
+        if holder.send_if_modified(|cur| std::mem::replace(cur, now) != now) {
+            tracing::info!(replica = %me, holder = ?now, "writer Lease changed hands");
         }
-        if leader.send_if_modified(|cur| std::mem::replace(cur, held) != held) {
-            tracing::info!(replica = %me, leader = held, "writer Lease changed hands");
-        }
-        health.set_leader(held);
+        health.set_leader(now == Holder::Me);
     }
 }
 

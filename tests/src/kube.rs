@@ -33,24 +33,12 @@ impl KubeCluster {
     /// federation through `seeds`.
     pub async fn start(pki: &TestPki, name: &str, seeds: &[SocketAddr]) -> KubeCluster {
         let api = FakeApi::start().await;
-        let pod_ip = random_loopback();
-        prepare(&api, pod_ip);
-        let (socket, _) = udp();
-        let gateway = pki
-            .gateway(name, socket, |c| {
-                c.discovery = Some(discovery(seeds, Duration::from_secs(5)));
-                let mut k = Kubernetes::new(Some(api.url()));
-                k.listen = pod_ip;
-                k.import_ports = PortRange {
-                    first: 20_000,
-                    last: 20_099,
-                };
-                k.replica = Some(format!("{name}-gateway-0"));
-                k.lease = strait_common::units::HumanDuration(Duration::from_secs(3));
-                c.kubernetes = Some(k);
-                c.listen.dns = Some(SocketAddr::new(pod_ip, 0));
-            })
-            .await;
+        for ns in [NS, "strait-system"] {
+            api.create(
+                json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
+            );
+        }
+        let (gateway, pod_ip) = replica(pki, &api, name, 0, seeds).await;
         KubeCluster {
             name: name.into(),
             api,
@@ -59,6 +47,49 @@ impl KubeCluster {
         }
     }
 
+    /// Starts replica number `n` (> 0) of this cluster's gateway, on the same API server,
+    /// with a pod address of its own; the gateway and that address.
+    pub async fn replica(
+        &self,
+        pki: &TestPki,
+        n: usize,
+        seeds: &[SocketAddr],
+    ) -> (Gateway, IpAddr) {
+        replica(pki, &self.api, &self.name, n, seeds).await
+    }
+}
+
+/// Starts replica `n` of cluster `name`'s gateway against `api`, adding its "pod" to the
+/// gateway Service's EndpointSlice.
+async fn replica(
+    pki: &TestPki,
+    api: &FakeApi,
+    name: &str,
+    n: usize,
+    seeds: &[SocketAddr],
+) -> (Gateway, IpAddr) {
+    let pod_ip = random_loopback();
+    add_pod(api, pod_ip);
+    let (socket, _) = udp();
+    let gateway = pki
+        .gateway(name, socket, |c| {
+            c.discovery = Some(discovery(seeds, Duration::from_secs(5)));
+            let mut k = Kubernetes::new(Some(api.url()));
+            k.listen = pod_ip;
+            k.import_ports = PortRange {
+                first: 20_000,
+                last: 20_099,
+            };
+            k.replica = Some(format!("{name}-gateway-{n}"));
+            k.lease = strait_common::units::HumanDuration(Duration::from_secs(3));
+            c.kubernetes = Some(k);
+            c.listen.dns = Some(SocketAddr::new(pod_ip, 0));
+        })
+        .await;
+    (gateway, pod_ip)
+}
+
+impl KubeCluster {
     /// Creates Service `name` (ports: (name, port, target port)), one EndpointSlice with
     /// `endpoints` (address, hostname, ready), and its `ServiceExport`.
     pub fn export(
@@ -168,23 +199,35 @@ impl KubeCluster {
     }
 }
 
-/// Namespaces and the gateway Service's EndpointSlice (the "pod" at `pod_ip`, ready).
-fn prepare(api: &FakeApi, pod_ip: IpAddr) {
-    for ns in [NS, "strait-system"] {
-        api.create(json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }));
-    }
-    api.create(json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": "strait-gateway-abc",
-            "namespace": "strait-system",
-            "labels": { "kubernetes.io/service-name": "strait-gateway" },
-        },
-        "addressType": "IPv4",
-        "endpoints": [{ "addresses": [pod_ip.to_string()], "conditions": { "ready": true } }],
-        "ports": [{ "name": "tunnel", "port": 4433, "protocol": "UDP" }],
-    }));
+/// Adds a ready gateway "pod" at `pod_ip` to the gateway Service's EndpointSlice.
+fn add_pod(api: &FakeApi, pod_ip: IpAddr) {
+    let name = "strait-gateway-abc";
+    let mut slice = api
+        .get(
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            Some("strait-system"),
+            name,
+        )
+        .unwrap_or_else(|| {
+            json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": name,
+                    "namespace": "strait-system",
+                    "labels": { "kubernetes.io/service-name": "strait-gateway" },
+                },
+                "addressType": "IPv4",
+                "endpoints": [],
+                "ports": [{ "name": "tunnel", "port": 4433, "protocol": "UDP" }],
+            })
+        });
+    slice["endpoints"]
+        .as_array_mut()
+        .expect("endpoints")
+        .push(json!({ "addresses": [pod_ip.to_string()], "conditions": { "ready": true } }));
+    api.apply(slice);
 }
 
 /// A random 127.x.y.z, so parallel tests' gateway "pods" never share ports.

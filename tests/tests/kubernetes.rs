@@ -412,3 +412,108 @@ async fn vanished_api_servers_and_malformed_exports_never_stop_the_data_plane() 
         Some(("True".into(), "Valid".into()))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_bind_the_same_ports_one_writes_and_another_takes_over_when_it_stops() {
+    let pki = TestPki::new();
+    let (east, west) = pair(&pki).await;
+    let seed = east.gateway.discovery_addr().unwrap();
+    let (second, second_ip) = west.replica(&pki, 1, &[seed]).await;
+    let web = backend("east web").await;
+    east.export(
+        "web",
+        false,
+        &[("http", 80, web.port())],
+        &[(web.ip(), None, true)],
+    );
+
+    // One derived Service; its slice lists both replicas' pods.
+    assert!(
+        west.api
+            .wait_until(LIMIT, |_| {
+                west.derived("discovery.k8s.io/v1", "EndpointSlice", "web")
+                    .first()
+                    .and_then(|s| s["endpoints"].as_array().map(Vec::len))
+                    == Some(2)
+            })
+            .await,
+        "the derived slice points at both replicas"
+    );
+    let port = target_port(&west.derived("v1", "Service", "web")[0]);
+    for pod in [west.pod_ip, second_ip] {
+        let at = SocketAddr::new(pod, port);
+        eventually(
+            LIMIT,
+            &format!("replica {pod} serves the recorded port"),
+            async || read_from(at).await.is_ok_and(|s| s == "east web"),
+        )
+        .await;
+    }
+
+    // Exactly one replica writes.
+    let leaders = async || {
+        let mut n = Vec::new();
+        for g in [&west.gateway, &second] {
+            if strait_tests::admin(g)
+                .ready()
+                .await
+                .unwrap()
+                .1
+                .kubernetes
+                .unwrap()
+                .leader
+            {
+                n.push(g.admin_addr());
+            }
+        }
+        n
+    };
+    eventually(LIMIT, "one writer", async || leaders().await.len() == 1).await;
+    assert_eq!(
+        lease_holder(&west.api),
+        "west-gateway-0",
+        "the first replica took it"
+    );
+
+    // The writer stops; the other takes the Lease over and keeps the imports current.
+    let KubeCluster { api, gateway, .. } = west;
+    gateway.shutdown().await;
+    eventually(LIMIT, "the second replica writes", async || {
+        strait_tests::admin(&second)
+            .ready()
+            .await
+            .unwrap()
+            .1
+            .kubernetes
+            .unwrap()
+            .leader
+    })
+    .await;
+    assert_eq!(lease_holder(&api), "west-gateway-1");
+    let other = backend("east other").await;
+    east.export(
+        "other",
+        false,
+        &[("http", 80, other.port())],
+        &[(other.ip(), None, true)],
+    );
+    assert!(
+        api.wait_for(SI, "ServiceImport", Some(NS), "other", LIMIT, |_| true)
+            .await
+            .is_some(),
+        "the new writer creates imports"
+    );
+}
+
+fn lease_holder(api: &strait_fake_kube::FakeApi) -> String {
+    api.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        Some("strait-system"),
+        "strait-gateway-writer",
+    )
+    .unwrap()["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}

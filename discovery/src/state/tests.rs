@@ -451,3 +451,43 @@ fn a_generation_change_must_come_whole() {
         "the old generation stays until a whole new one arrives"
     );
 }
+
+#[test]
+fn a_passive_replica_relays_but_never_outranks_the_replica_that_speaks_for_its_cluster() {
+    let t0 = Instant::now();
+    // Two replicas of cluster `a` (generations 5 and 7) and a peer `b`.
+    let mut speaker = node("a", 5);
+    speaker.set_local(exports(&[("web", 1)]));
+    let mut passive = node("a", 7);
+    passive.set_local(exports(&[("web", 1)]));
+    passive.set_passive(true);
+    let mut b = node("b", 1);
+    let generation = |c: &Catalog| c.digest().get("a").map(|d| d.generation);
+
+    for _ in 0..3 {
+        exchange(&mut speaker, &mut passive, t0);
+        exchange(&mut passive, &mut b, t0);
+        exchange(&mut speaker, &mut b, t0);
+    }
+    assert_eq!(
+        generation(&speaker),
+        Some(5),
+        "the passive replica never made it bump"
+    );
+    assert_eq!(
+        generation(&b),
+        Some(5),
+        "the peer hears only the speaker's incarnation"
+    );
+    assert_eq!(visible(&b, t0), vec![("a".into(), "default/web".into(), 1)]);
+
+    // The passive replica takes over: it outranks the old speaker and the peer follows.
+    passive.set_passive(false);
+    speaker.set_passive(true);
+    for _ in 0..2 {
+        exchange(&mut speaker, &mut passive, t0);
+        exchange(&mut passive, &mut b, t0);
+    }
+    assert_eq!(generation(&b), Some(7));
+    assert_eq!(visible(&b, t0), vec![("a".into(), "default/web".into(), 1)]);
+}
