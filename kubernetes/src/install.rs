@@ -353,25 +353,12 @@ fn scalar(s: &str) -> String {
 
 /// A seed is `host:port` (IPv6 hosts in brackets).
 fn check_seed(seed: &str) -> Result<()> {
-    let hint = "give seeds as host:port, for example 203.0.113.7:4434 or gw.eu-west.example:4434";
-    let (host, port) = seed
-        .rsplit_once(':')
-        .with_context(|| format!("seed {seed:?} has no port: {hint}"))?;
+    // `discovery.seeds` are socket addresses: a load balancer known only by host name
+    // needs its address looked up first.
     ensure!(
-        port.parse::<u16>().is_ok_and(|p| p > 0),
-        "seed {seed:?} has no valid port: {hint}"
+        seed.parse::<std::net::SocketAddr>().is_ok(),
+        "seed {seed:?} is not an ip:port: give each seed as an IP address and port, for example 203.0.113.7:4434 (look a host name up first)"
     );
-    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-    let host_ok = match bare {
-        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
-        None => {
-            !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
-        }
-    };
-    ensure!(host_ok, "seed {seed:?} has no valid host: {hint}");
     Ok(())
 }
 
@@ -463,7 +450,8 @@ mod tests {
             render(&options).unwrap_err().to_string()
         };
         assert!(bad(|o| o.region.clear()).contains("us-east-1"));
-        assert!(bad(|o| o.seeds = vec!["10.0.0.1".into()]).contains("host:port"));
+        assert!(bad(|o| o.seeds = vec!["10.0.0.1".into()]).contains("ip:port"));
+        assert!(bad(|o| o.seeds = vec!["gw.example:4434".into()]).contains("look a host name up"));
         assert!(bad(|o| o.trust_domain = "Strait.Example".into()).contains("lowercase"));
         assert!(bad(|o| o.clusterset = "demo set".into()).contains("subdomain"));
     }

@@ -414,7 +414,7 @@ fn base_and_custom_render_validate() {
     options.zone = Some("rack-7".into());
     options.clusterset = "lab.example".into();
     options.trust_domain = "lab.example".into();
-    options.seeds = vec!["203.0.113.7:4434".into(), "gw.eu-west.example:4434".into()];
+    options.seeds = vec!["203.0.113.7:4434".into(), "[2001:db8::7]:4434".into()];
     options.image = Some("registry.example/strait:dev".into());
     let rendered = install::render(&options).unwrap();
     let custom_file = write_temp(&rendered);
