@@ -217,6 +217,7 @@ fn parse_target(shared: &Shared, segs: &[&str]) -> Result<Target, ApiError> {
     let store = shared.store();
     let res = store
         .resource_by_path(group, version, plural)
+        .filter(|r| !store.unserved.contains(r))
         .ok_or_else(not_found_path)?;
     let r = &store.resources[res];
     // A namespaced object needs a namespace; a cluster-scoped one must not have one.

@@ -152,6 +152,14 @@ impl FakeApi {
         self.shared().addr
     }
 
+    /// Stops serving `api_version`/`kind` over HTTP (404, as a server whose CRD lacks that
+    /// version); the direct store API still reaches it. Discovery lists still name it.
+    pub fn stop_serving(&self, api_version: &str, kind: &str) {
+        let mut store = self.shared().store();
+        let id = self.resolve(&store, api_version, kind);
+        store.unserved.insert(id);
+    }
+
     /// A real [`kube::Client`] for [`FakeApi::url`], default namespace `default`.
     /// Must be called inside a tokio runtime.
     pub fn client(&self) -> kube::Client {

@@ -288,6 +288,8 @@ pub(crate) struct Store {
     node_ports: BTreeSet<u16>,
     /// Bumped (to the current rv) on every write, for `wait_until`.
     changed: watch::Sender<u64>,
+    /// Resources whose HTTP paths answer 404, as on a server whose CRD lacks that version.
+    pub unserved: BTreeSet<ResId>,
 }
 
 impl Store {
@@ -297,6 +299,7 @@ impl Store {
         let (changed, _) = watch::channel(0);
         let mut store = Store {
             resources: default_resources(),
+            unserved: BTreeSet::new(),
             objects: BTreeMap::new(),
             rv: 0,
             history: VecDeque::new(),

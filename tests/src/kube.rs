@@ -32,7 +32,19 @@ impl KubeCluster {
     /// Service's EndpointSlice naming the pod address), then the gateway, joining the
     /// federation through `seeds`.
     pub async fn start(pki: &TestPki, name: &str, seeds: &[SocketAddr]) -> KubeCluster {
+        Self::start_with(pki, name, seeds, |_| {}).await
+    }
+
+    /// Like [`KubeCluster::start`], with `prepare` run on the API server before the
+    /// gateway starts (to change what it serves).
+    pub async fn start_with(
+        pki: &TestPki,
+        name: &str,
+        seeds: &[SocketAddr],
+        prepare: impl FnOnce(&FakeApi),
+    ) -> KubeCluster {
         let api = FakeApi::start().await;
+        prepare(&api);
         for ns in [NS, "strait-system"] {
             api.create(
                 json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),

@@ -517,3 +517,44 @@ fn lease_holder(api: &strait_fake_kube::FakeApi) -> String {
         .unwrap()
         .to_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_serving_only_v1alpha1_service_exports_is_read_and_gets_its_status() {
+    const ALPHA: &str = "multicluster.x-k8s.io/v1alpha1";
+    let pki = TestPki::new();
+    let east = KubeCluster::start_with(&pki, "east", &[], |api| {
+        api.stop_serving(SI, "ServiceExport");
+    })
+    .await;
+    let seed = east.gateway.discovery_addr().unwrap();
+    let west = KubeCluster::start(&pki, "west", &[seed]).await;
+    let web = backend("east web").await;
+    east.service(
+        "web",
+        false,
+        &[("http", 80, web.port())],
+        &[(web.ip(), None, true)],
+    );
+    east.api.create(serde_json::json!({
+        "apiVersion": ALPHA,
+        "kind": "ServiceExport",
+        "metadata": { "name": "web", "namespace": NS },
+    }));
+    assert!(
+        west.api
+            .wait_for(SI, "ServiceImport", Some(NS), "web", LIMIT, |_| true)
+            .await
+            .is_some(),
+        "a v1alpha1 export is imported"
+    );
+    let status = east
+        .api
+        .wait_for(ALPHA, "ServiceExport", Some(NS), "web", LIMIT, |o| {
+            o["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Valid" && c["status"] == "True")
+            })
+        })
+        .await;
+    assert!(status.is_some(), "its status is written in v1alpha1");
+}
