@@ -444,6 +444,9 @@ pub struct Export {
     /// ServiceExport's creation time: the oldest export wins conflicts between clusters.
     #[serde(skip)]
     pub exported_at_ms: i64,
+    /// KEP-5939 cluster selection (Kubernetes mode only).
+    #[serde(skip)]
+    pub selection: Selection,
 }
 
 fn default_weight() -> u32 {
@@ -491,6 +494,45 @@ impl ServicePort {
     /// The port on the endpoints.
     pub fn target(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// KEP-5939 cluster selection carried with an export: the `ServiceExport`'s ordered
+/// `clusterSelectors` (each a set of `ClusterProperty` name → value that must all match;
+/// the value [`SAME_AS_IMPORTER`] matches the importing cluster's own value), and the
+/// exporting cluster's `ClusterProperty` values they are matched against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// The selectors, in order of preference.
+    pub selectors: Vec<std::collections::BTreeMap<String, String>>,
+    /// The exporting cluster's properties.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// The selector value that matches the importing cluster's own property value.
+pub const SAME_AS_IMPORTER: &str = "@SameAsImporter@";
+
+impl Selection {
+    /// The index of the first of `selectors` that a cluster with `properties` matches, as
+    /// seen from an importer with `mine`.
+    pub fn first_match(
+        selectors: &[std::collections::BTreeMap<String, String>],
+        properties: &std::collections::BTreeMap<String, String>,
+        mine: &std::collections::BTreeMap<String, String>,
+    ) -> Option<u32> {
+        selectors
+            .iter()
+            .position(|sel| {
+                sel.iter().all(|(name, want)| {
+                    let want = if want == SAME_AS_IMPORTER {
+                        mine.get(name)
+                    } else {
+                        Some(want)
+                    };
+                    want.is_some() && properties.get(name) == want
+                })
+            })
+            .map(|i| i as u32)
     }
 }
 

@@ -34,6 +34,7 @@ fn service() -> Service {
         headless: false,
         session_affinity: None,
         exported_at_ms: 0,
+        selection: Default::default(),
     }
 }
 

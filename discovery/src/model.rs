@@ -4,6 +4,8 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+pub use strait_common::config::Selection;
+
 /// A service's identity in the federation.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
@@ -71,6 +73,8 @@ pub struct Service {
     /// When the origin started exporting it (Unix ms; 0 unknown): the oldest export wins
     /// conflicts between clusters.
     pub exported_at_ms: i64,
+    /// KEP-5939 cluster selection: the export's selectors and the origin's properties.
+    pub selection: Selection,
 }
 
 impl Service {
@@ -112,6 +116,8 @@ pub struct Resolved {
     pub headless: bool,
     /// Session affinity, as the oldest export says.
     pub session_affinity: Option<u32>,
+    /// KEP-5939 cluster selectors, as the oldest export says.
+    pub selectors: Vec<std::collections::BTreeMap<String, String>>,
     /// The cluster whose export is the oldest.
     pub oldest: String,
     /// MCS `Conflict` reasons (`PortConflict`, `TypeConflict`, `SessionAffinityConflict`,
@@ -131,6 +137,7 @@ pub fn resolve<'a>(exports: impl IntoIterator<Item = (&'a str, &'a Service)>) ->
         ports: Vec::new(),
         headless: first.headless,
         session_affinity: first.session_affinity,
+        selectors: first.selection.selectors.clone(),
         oldest: oldest.to_owned(),
         conflicts: Vec::new(),
     };
@@ -208,6 +215,7 @@ mod tests {
             headless,
             session_affinity: affinity,
             exported_at_ms: at_ms,
+            selection: Selection::default(),
         }
     }
 

@@ -130,6 +130,7 @@ pub fn to_catalog(exports: &[Export], zone: &str) -> BTreeMap<ServiceKey, Servic
                     .session_affinity
                     .map(|d| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX)),
                 exported_at_ms: e.exported_at_ms,
+                selection: e.selection.clone(),
             };
             (ServiceKey::new(&e.namespace, &e.name), service)
         })

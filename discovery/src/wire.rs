@@ -2,11 +2,12 @@
 //! catalog model. Everything from the network is validated here, so the state machine
 //! only ever sees well-formed names, addresses and ports.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use strait_common::identity::is_dns_label;
 
-use crate::model::{Endpoint, MemberInfo, Port, Service, ServiceKey};
+use crate::model::{Endpoint, MemberInfo, Port, Selection, Service, ServiceKey};
 use crate::state::{Delta, Digest, Entry, OriginDelta, OriginDigest};
 
 /// Generated protobuf and gRPC code.
@@ -19,6 +20,8 @@ pub mod pb {
 pub const MAX_ORIGINS: usize = 4096;
 /// Most entries, ports or endpoints in one collection of a message.
 pub const MAX_ITEMS: usize = 65_536;
+/// Most KEP-5939 selectors per export, and properties per selector or cluster.
+pub const MAX_SELECTION: usize = 32;
 
 /// Why a gossip message was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,6 +154,15 @@ fn service_to_pb(s: &Service) -> pb::Service {
         headless: s.headless,
         session_affinity_seconds: s.session_affinity,
         exported_at_ms: s.exported_at_ms,
+        cluster_selectors: s
+            .selection
+            .selectors
+            .iter()
+            .map(|m| pb::Selector {
+                match_properties: m.clone().into_iter().collect(),
+            })
+            .collect(),
+        cluster_properties: s.selection.properties.clone().into_iter().collect(),
     }
 }
 
@@ -278,6 +290,38 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
             label(&format!("{at}.export_to"), c)?;
         }
     }
+    limit(
+        &format!("{at}.cluster_selectors"),
+        &s.cluster_selectors,
+        MAX_SELECTION,
+    )?;
+    let properties = |field: String, m: std::collections::HashMap<String, String>| {
+        if m.len() > MAX_SELECTION {
+            return Err(bad(
+                &field,
+                format!("has {} entries (at most {MAX_SELECTION})", m.len()),
+            ));
+        }
+        if let Some((k, v)) = m.iter().find(|(k, v)| k.len() > 253 || v.len() > 253) {
+            return Err(bad(
+                &field,
+                format!(
+                    "entry `{}` is longer than 253 bytes",
+                    if k.len() > 253 { k } else { v }.escape_debug()
+                ),
+            ));
+        }
+        Ok(m.into_iter().collect::<BTreeMap<_, _>>())
+    };
+    let selectors = s
+        .cluster_selectors
+        .into_iter()
+        .map(|sel| properties(format!("{at}.cluster_selectors"), sel.match_properties))
+        .collect::<Result<Vec<_>, WireError>>()?;
+    let selection = Selection {
+        selectors,
+        properties: properties(format!("{at}.cluster_properties"), s.cluster_properties)?,
+    };
     Ok(Service {
         ports,
         endpoints,
@@ -286,6 +330,7 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
         headless: s.headless,
         session_affinity: s.session_affinity_seconds,
         exported_at_ms: s.exported_at_ms,
+        selection,
     })
 }
 
@@ -329,6 +374,7 @@ mod tests {
             headless: false,
             session_affinity: None,
             exported_at_ms: 0,
+            selection: Default::default(),
         };
         c.set_local(
             [(ServiceKey::new("shop", "web"), svc)]
@@ -347,6 +393,7 @@ mod tests {
                     headless: false,
                     session_affinity: None,
                     exported_at_ms: 0,
+                    selection: Default::default(),
                 },
             )]
             .into_iter()
@@ -388,6 +435,7 @@ mod tests {
                         headless: false,
                         session_affinity_seconds: None,
                         exported_at_ms: 0,
+                        ..Default::default()
                     }),
                 }],
             };

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::DynamicObject;
 use std::time::Duration;
 
-use strait_common::config::{Endpoint, Export, Protocol, ServicePort};
+use strait_common::config::{Endpoint, Export, Protocol, Selection, ServicePort};
 use strait_common::units::HumanDuration;
 
 use strait_discovery::model::{Service as CatalogService, resolve};
@@ -229,12 +229,21 @@ fn export_of(
     service: Option<&Service>,
     slices: &[Arc<EndpointSlice>],
 ) -> Result<(Export, String), (&'static str, String)> {
-    if let Err(e) = &o.spec {
-        return Err((
-            "Malformed",
-            format!("the ServiceExport cannot be read ({e}); fix the field or recreate the object"),
-        ));
-    }
+    let selectors: Vec<BTreeMap<String, String>> = match &o.spec {
+        Err(e) => {
+            return Err((
+                "Malformed",
+                format!(
+                    "the ServiceExport cannot be read ({e}); fix the field or recreate the object"
+                ),
+            ));
+        }
+        Ok(spec) => spec
+            .cluster_selectors
+            .iter()
+            .map(|s| s.match_properties.clone())
+            .collect(),
+    };
     let export_to = match o.annotations.get(EXPORT_TO) {
         None => vec!["*".to_owned()],
         Some(v) => {
@@ -362,6 +371,11 @@ fn export_of(
             headless,
             session_affinity,
             exported_at_ms: o.created.as_ref().map_or(0, |t| t.0.as_millisecond()),
+            // This cluster's properties are added by the source, which watches them.
+            selection: Selection {
+                selectors: selectors.clone(),
+                properties: BTreeMap::new(),
+            },
         },
         note,
     ))

@@ -143,6 +143,7 @@ pub fn export(service: &str, port: u16, target: SocketAddr, export_to: &[&str]) 
         headless: false,
         session_affinity: None,
         exported_at_ms: 0,
+        selection: Default::default(),
     }
 }
 

@@ -382,6 +382,7 @@ async fn streams_are_refused_with_the_right_status() {
             headless: false,
             session_affinity: None,
             exported_at_ms: 0,
+            selection: Default::default(),
         });
     };
     let (_east, west, listener) = pair(&pki, echo.addr, exports).await;

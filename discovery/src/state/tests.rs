@@ -34,6 +34,7 @@ fn svc(weight: u32) -> Service {
         headless: false,
         session_affinity: None,
         exported_at_ms: 0,
+        selection: Default::default(),
     }
 }
 

@@ -365,6 +365,7 @@ mod tests {
                 headless: false,
                 session_affinity: None,
                 exported_at_ms: 0,
+                selection: Default::default(),
             },
             version: 1,
             lease_age: Duration::ZERO,

@@ -70,6 +70,7 @@ fn export(name: &str, headless: bool) -> Export {
         headless,
         session_affinity: None,
         exported_at_ms: 0,
+        selection: Default::default(),
     }
 }
 
@@ -212,6 +213,7 @@ impl Federation {
                         headless: false,
                         session_affinity: None,
                         exported_at_ms: 0,
+                        selection: Default::default(),
                     },
                     version: 1,
                     lease_age: Duration::ZERO,
@@ -346,6 +348,7 @@ fn headless_endpoints_are_imports_of_their_own_and_routing_sees_every_cluster() 
             headless: true,
             session_affinity: None,
             exported_at_ms: 0,
+            selection: Default::default(),
         },
         version: 1,
         lease_age: Duration::ZERO,

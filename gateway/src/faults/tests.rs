@@ -176,6 +176,7 @@ fn drained_and_unready_services_are_published_without_ready_endpoints() {
         headless: false,
         session_affinity: None,
         exported_at_ms: 0,
+        selection: Default::default(),
     };
     let mut catalog: std::collections::BTreeMap<ServiceKey, Service> = [
         (ServiceKey::new("demo", "hello"), svc()),

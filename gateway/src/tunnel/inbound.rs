@@ -361,6 +361,7 @@ mod tests {
             headless: false,
             session_affinity: None,
             exported_at_ms: 0,
+            selection: Default::default(),
         }
     }
 
