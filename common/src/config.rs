@@ -163,6 +163,12 @@ pub struct Kubernetes {
     /// How long a writer's Lease holds without renewal.
     #[serde(default = "default_kube_lease")]
     pub lease: HumanDuration,
+    /// Export endpoints at loopback, link-local, multicast or unspecified addresses.
+    /// Off: anyone who can write an EndpointSlice could otherwise point the clusterset
+    /// at the gateway's own admin port or a cloud metadata address. For single-host
+    /// trials and tests.
+    #[serde(default)]
+    pub allow_local_endpoints: bool,
 }
 
 impl Kubernetes {
@@ -176,6 +182,7 @@ impl Kubernetes {
             api_server,
             replica: None,
             lease: default_kube_lease(),
+            allow_local_endpoints: false,
         }
     }
 }

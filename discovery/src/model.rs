@@ -159,9 +159,11 @@ pub fn resolve<'a>(exports: impl IntoIterator<Item = (&'a str, &'a Service)>) ->
             }
             _ => {}
         }
+        // Compared with older exports' ports only: an export's own list is its own.
+        let older = out.ports.len();
         for p in &s.ports {
-            let same_name = out.ports.iter().find(|q| q.name == p.name);
-            let same_number = out.ports.iter().find(|q| q.port == p.port);
+            let same_name = out.ports[..older].iter().find(|q| q.name == p.name);
+            let same_number = out.ports[..older].iter().find(|q| q.port == p.port);
             match (same_name, same_number) {
                 (None, None) => out.ports.push(p.clone()),
                 (Some(q), _) | (None, Some(q)) if q != p => {

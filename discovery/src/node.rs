@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::model::{MemberInfo, Service, ServiceKey};
-use crate::state::{Catalog, CatalogConfig, CatalogEntry, MemberView};
+use crate::state::{Catalog, CatalogConfig, CatalogEntry, MemberView, Voice};
 use crate::wire::{self, pb};
 
 /// Settings of a discovery member.
@@ -172,10 +172,9 @@ impl Node {
         }
     }
 
-    /// Passive while another replica of this cluster speaks for it (see
-    /// [`crate::state::Catalog::set_passive`]).
-    pub fn set_passive(&self, passive: bool) {
-        self.shared.lock().set_passive(passive);
+    /// Whether this replica speaks for its cluster in gossip (see [`Voice`]).
+    pub fn set_voice(&self, voice: Voice) {
+        self.shared.lock().set_voice(voice, Instant::now());
     }
 
     /// Watches the view.

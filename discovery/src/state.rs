@@ -244,9 +244,30 @@ pub struct Catalog {
     config: CatalogConfig,
     local: Origin,
     remotes: BTreeMap<String, Remote>,
-    /// Another replica of this cluster speaks for it: this one relays the others'
-    /// origins but never sends or outranks its own.
-    passive: bool,
+    /// Whether this replica speaks for its cluster (see [`Voice`]).
+    voice: Voice,
+    /// Quiet now: neither sends its own origin nor outranks its cluster's.
+    quiet: bool,
+    /// The newest sibling incarnation heard (a replica of this cluster with another
+    /// generation): its generation and heartbeat, and when that heartbeat last grew.
+    sibling: Option<(u64, u64, Instant)>,
+}
+
+/// Whether a replica speaks for its cluster in gossip. Several replicas of one cluster
+/// must not all publish its origin: each would outrank the others' generation every
+/// round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Voice {
+    /// Speaks (the only replica, or the holder of the cluster's writer Lease): publishes
+    /// the cluster's origin and outranks any other incarnation it hears of.
+    #[default]
+    Speak,
+    /// Another replica speaks (it holds the Lease): relays, never publishes its own.
+    Quiet,
+    /// Nobody knows who speaks (the Lease cannot be read): stays quiet while a newer
+    /// sibling incarnation is heard alive, speaks otherwise. Exactly one replica, the
+    /// newest, ends up speaking.
+    Auto,
 }
 
 impl Catalog {
@@ -257,15 +278,36 @@ impl Catalog {
             config,
             local: Origin::new(me, generation),
             remotes: BTreeMap::new(),
-            passive: false,
+            voice: Voice::Speak,
+            quiet: false,
+            sibling: None,
         }
     }
 
-    /// Makes this member passive (another replica of its cluster publishes the cluster's
-    /// origin) or active again. An active member outranks any other incarnation of its
-    /// cluster it hears of, so a replica that takes over is heard within a round.
-    pub fn set_passive(&mut self, passive: bool) {
-        self.passive = passive;
+    /// Sets whether this replica speaks for its cluster; takes effect at once for
+    /// `Speak` and `Quiet`, at the next tick for `Auto`.
+    pub fn set_voice(&mut self, voice: Voice, now: Instant) {
+        self.voice = voice;
+        self.update_quiet(now);
+    }
+
+    /// Whether this replica publishes its cluster's origin now.
+    pub fn speaks(&self) -> bool {
+        !self.quiet
+    }
+
+    fn update_quiet(&mut self, now: Instant) {
+        // A sibling is alive while its heartbeat keeps growing (relays of an old one do
+        // not count); a sixth of the lease is several gossip rounds.
+        let alive_newer = self.sibling.is_some_and(|(generation, _, at)| {
+            generation > self.local.generation
+                && now.saturating_duration_since(at) < self.config.lease / 6
+        });
+        self.quiet = match self.voice {
+            Voice::Speak => false,
+            Voice::Quiet => true,
+            Voice::Auto => alive_newer,
+        };
     }
 
     /// This member.
@@ -315,6 +357,7 @@ impl Catalog {
     /// the visible catalog changed (an origin's lease ran out).
     pub fn tick(&mut self, now: Instant) -> bool {
         self.local.heartbeat += 1;
+        self.update_quiet(now);
         let mut changed = false;
         for r in self.remotes.values_mut() {
             if !r.expired && now.saturating_duration_since(r.last_heard) > self.config.lease {
@@ -332,7 +375,10 @@ impl Catalog {
             .iter()
             .map(|(c, r)| (c.clone(), r.origin.digest()))
             .collect();
-        d.insert(self.local.info.cluster.clone(), self.local.digest());
+        // A quiet replica claims nothing of its cluster, so peers relay the speaker's.
+        if !self.quiet {
+            d.insert(self.local.info.cluster.clone(), self.local.digest());
+        }
         d
     }
 
@@ -346,7 +392,7 @@ impl Catalog {
             .values()
             .filter(|r| !r.expired)
             .map(|r| &r.origin);
-        let own = std::iter::once(&self.local).filter(|_| !self.passive);
+        let own = std::iter::once(&self.local).filter(|_| !self.quiet);
         for origin in own.chain(live_remotes) {
             if let Some(d) = origin.delta_for(theirs.get(&origin.info.cluster), &mut budget) {
                 origins.push(d);
@@ -364,7 +410,17 @@ impl Catalog {
                 // generation of it (a clock stepped back across a restart, or a forged one),
                 // outrank it so this incarnation is not ignored everywhere.
                 // (Equal is the normal relay of our own state.)
-                if od.generation > self.local.generation && !self.passive {
+                if od.generation != self.local.generation {
+                    let grew = match self.sibling {
+                        Some((g, hb, _)) if g == od.generation => od.heartbeat > hb,
+                        Some((g, _, _)) => od.generation > g,
+                        None => true,
+                    };
+                    if grew {
+                        self.sibling = Some((od.generation, od.heartbeat, now));
+                    }
+                }
+                if od.generation > self.local.generation && self.voice == Voice::Speak {
                     self.local.generation = od.generation.saturating_add(1);
                     stats.changed = true;
                 }

@@ -168,10 +168,16 @@ impl Gateway {
                 .kubernetes
                 .as_ref()
                 .expect("a client only in Kubernetes mode");
+            // A new writer waits this long before deleting: the federation's view fills.
+            let settle = config
+                .discovery
+                .as_ref()
+                .map_or(Duration::ZERO, |d| d.lease.0);
             kubernetes::start(
                 client,
                 &config.cluster,
                 k,
+                settle,
                 desired.clone(),
                 node.clone(),
                 &metrics,

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use strait_common::config::Kubernetes;
 use strait_discovery::node::{Node, View};
+use strait_discovery::state::Voice;
 use strait_kubernetes::exports::Clusterset;
-use strait_kubernetes::imports::{Importer, Placement, Unit, Wanted};
+use strait_kubernetes::imports::{Importer, ImporterConfig, Placement, Unit, Wanted};
 use strait_kubernetes::lease::Holder;
 use strait_kubernetes::mcs::about::{CLUSTER_ID, ClusterProperty};
 use strait_kubernetes::source::KubeExports;
@@ -37,7 +38,7 @@ pub(crate) struct Kube {
 
 /// A kube-rs client for `k`: its `api_server`, else in-cluster or `KUBECONFIG`.
 pub(crate) async fn client(k: &Kubernetes) -> anyhow::Result<kube::Client> {
-    let config = match &k.api_server {
+    let mut config = match &k.api_server {
         Some(url) => kube::Config::new(
             url.parse()
                 .with_context(|| format!("kubernetes.api_server `{url}` is not a URL"))?,
@@ -46,6 +47,9 @@ pub(crate) async fn client(k: &Kubernetes) -> anyhow::Result<kube::Client> {
             .await
             .context("finding the Kubernetes API server (no service account, no KUBECONFIG); set kubernetes.api_server")?,
     };
+    // A stalled connection fails instead of hanging a writer forever; longer than the
+    // server's watch timeout (290 s), so idle watches are not cut.
+    config.read_timeout = Some(Duration::from_secs(300));
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
@@ -119,6 +123,7 @@ pub(crate) fn start(
     client: kube::Client,
     cluster: &str,
     k: &Kubernetes,
+    settle: Duration,
     desired: watch::Receiver<Arc<Desired>>,
     node: Option<Arc<Node>>,
     metrics: &Registry,
@@ -147,12 +152,17 @@ pub(crate) fn start(
         cluster.to_owned(),
         clusterset,
         leader.clone(),
+        k.allow_local_endpoints,
         health.clone(),
     );
     let (wanted_tx, wanted) = watch::channel(Arc::new(Vec::new()));
     let (importer, run_importer) = Importer::start(
         client,
-        (k.namespace.clone(), k.gateway_service.clone()),
+        ImporterConfig {
+            namespace: k.namespace.clone(),
+            gateway_service: k.gateway_service.clone(),
+            settle,
+        },
         wanted,
         leader,
         health.clone(),
@@ -194,9 +204,9 @@ async fn feed(mut desired: watch::Receiver<Arc<Desired>>, wanted: watch::Sender<
 }
 
 /// Follows the writer Lease: this replica writes while it holds it, and its discovery
-/// member stays passive while another replica holds it, so the cluster speaks with one
-/// voice in the federation. When nobody knows (the API server is away) every replica
-/// speaks: the cluster stays in the federation.
+/// member speaks for the cluster only then, so the cluster has one voice in the
+/// federation. When nobody knows the holder (the API server is away) the replicas settle
+/// on one voice by themselves (`Voice::Auto`), so the cluster stays in the federation.
 async fn follow_holder(
     mut holder: watch::Receiver<Holder>,
     leader: watch::Sender<bool>,
@@ -206,7 +216,11 @@ async fn follow_holder(
         let h = *holder.borrow_and_update();
         leader.send_if_modified(|cur| std::mem::replace(cur, h == Holder::Me) != (h == Holder::Me));
         if let Some(n) = &node {
-            n.set_passive(h == Holder::Other);
+            n.set_voice(match h {
+                Holder::Me => Voice::Speak,
+                Holder::Other => Voice::Quiet,
+                Holder::Unknown => Voice::Auto,
+            });
         }
         if holder.changed().await.is_err() {
             return;

@@ -121,10 +121,15 @@ impl Verdict {
 
 /// The exports for `objects`, looking their Services and EndpointSlices up in `services`
 /// and `slices`, and one verdict per object. Invalid exports are left out.
+///
+/// Endpoints at loopback, link-local, multicast or unspecified addresses are left out
+/// unless `allow_local`: an EndpointSlice can name any address, and those would make the
+/// gateway dial itself or the node's metadata service for the whole clusterset.
 pub fn exports_from(
     objects: &[ExportObject],
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
+    allow_local: bool,
 ) -> (Vec<Export>, Vec<Verdict>) {
     let by_name: BTreeMap<(&str, &str), &Service> = services
         .iter()
@@ -144,7 +149,7 @@ pub fn exports_from(
         let service = by_name
             .get(&(o.namespace.as_str(), o.name.as_str()))
             .copied();
-        let conditions = match export_of(o, service, slices) {
+        let conditions = match export_of(o, service, slices, allow_local) {
             Ok((export, note)) => {
                 exports.push(export);
                 vec![
@@ -228,6 +233,7 @@ fn export_of(
     o: &ExportObject,
     service: Option<&Service>,
     slices: &[Arc<EndpointSlice>],
+    allow_local: bool,
 ) -> Result<(Export, String), (&'static str, String)> {
     let selectors: Vec<BTreeMap<String, String>> = match &o.spec {
         Err(e) => {
@@ -318,7 +324,7 @@ fn export_of(
             continue;
         };
         if protocol != "TCP" {
-            skipped.push(format!("{protocol} port {port}"));
+            skipped.push(format!("{protocol} port {port} (strait carries TCP only)"));
             continue;
         }
         let name = p.name.clone().unwrap_or_default();
@@ -340,7 +346,15 @@ fn export_of(
             protocol: Protocol::Tcp,
         });
     }
-    let endpoints = endpoints_of(&mine);
+    let mut endpoints = endpoints_of(&mine);
+    let before = endpoints.len();
+    endpoints.retain(|e| allow_local || !is_local(e.address));
+    if endpoints.len() < before {
+        skipped.push(format!(
+            "{} endpoint(s) at loopback, link-local, multicast or unspecified addresses",
+            before - endpoints.len()
+        ));
+    }
     // The API server defaults the timeout to 3 hours.
     let session_affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         let seconds = spec
@@ -355,10 +369,7 @@ fn export_of(
     let note = if skipped.is_empty() {
         String::new()
     } else {
-        format!(
-            "; not carried (strait carries TCP only): {}",
-            skipped.join(", ")
-        )
+        format!("; not carried: {}", skipped.join(", "))
     };
     Ok((
         Export {
@@ -379,6 +390,29 @@ fn export_of(
         },
         note,
     ))
+}
+
+/// Addresses no exported endpoint may have (unless allowed): this host, link-local
+/// (cloud metadata), multicast, unspecified.
+fn is_local(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unspecified()
+                || v6.is_unicast_link_local()
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| is_local(IpAddr::V4(v4)))
+        }
+    }
 }
 
 /// The endpoints of `slices`, one per address. An endpoint is ready when its slice says so
@@ -487,9 +521,11 @@ mod tests {
                 { "addresses": ["10.1.0.2"], "conditions": { "ready": false } },
                 { "addresses": ["10.1.0.3"], "conditions": { "ready": false, "serving": true, "terminating": true } },
                 { "addresses": ["10.1.0.4"] },
+                { "addresses": ["127.0.0.1"] },
+                { "addresses": ["169.254.169.254"] },
             ]),
         )];
-        let (out, verdicts) = exports_from(&exports, &services, &slices);
+        let (out, verdicts) = exports_from(&exports, &services, &slices, false);
         assert_eq!(out.len(), 1);
         let e = &out[0];
         assert_eq!((e.namespace.as_str(), e.name.as_str()), ("shop", "web"));
@@ -542,7 +578,7 @@ mod tests {
             json!([]),
             json!([{ "addresses": ["10.1.0.7"], "hostname": "db-0" }]),
         )];
-        let (out, _) = exports_from(&exports, &services, &slices);
+        let (out, _) = exports_from(&exports, &services, &slices, false);
         assert!(out[0].headless);
         assert_eq!(out[0].ports[0].target_port, Some(15432));
         assert_eq!(out[0].endpoints[0].hostname.as_deref(), Some("db-0"));
@@ -572,7 +608,7 @@ mod tests {
             service("heavy", json!({ "ports": [{ "port": 80 }] })),
             service("ok", json!({ "ports": [{ "port": 80 }] })),
         ];
-        let (out, verdicts) = exports_from(&exports, &services, &[]);
+        let (out, verdicts) = exports_from(&exports, &services, &[], false);
         let names: Vec<&str> = out.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["ok"], "only the valid export is published");
         assert_eq!(out[0].export_to, ["eu-west", "ap-south"]);

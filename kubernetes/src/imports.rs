@@ -89,8 +89,17 @@ pub struct Unit {
 
 /// Where each import is served, as recorded in the derived Services: the gateway port of
 /// each service port, and the derived Service's cluster IP once assigned.
+///
+/// Only the writer gives out ports the record does not have yet (`allocate`): the other
+/// replicas bind recorded ports only, so a pod never receives one import's traffic on a
+/// port another replica gave to another import.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Placement(pub BTreeMap<String, Placed>);
+pub struct Placement {
+    /// Allocation key → its record.
+    pub records: BTreeMap<String, Placed>,
+    /// This replica writes, and may give out ports not recorded yet.
+    pub allocate: bool,
+}
 
 /// The record of one derived Service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -102,13 +111,20 @@ pub struct Placed {
 }
 
 impl Placement {
-    /// The record in `services` (derived Services carry [`IMPORT_KEY`]).
-    pub fn from_services(services: &[Arc<Service>]) -> Placement {
+    /// The record in `services`. Only what strait wrote counts: a Service in the key's
+    /// namespace, under the name derived from the key, owned by a ServiceImport (anyone
+    /// can label and annotate a Service; this keeps a forged record from steering an
+    /// import's traffic).
+    pub fn from_services(services: &[Arc<Service>], allocate: bool) -> Placement {
         let mut out = BTreeMap::new();
         for s in services {
             let Some(key) = s.annotations().get(IMPORT_KEY) else {
                 continue;
             };
+            if !written_by_strait(s, key) {
+                tracing::warn!(service = %format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()), %key, "ignoring a Service that claims an import it was not derived for");
+                continue;
+            }
             let spec = s.spec.clone().unwrap_or_default();
             let ports = spec
                 .ports
@@ -125,8 +141,25 @@ impl Placement {
             let cluster_ip = spec.cluster_ip.and_then(|ip| ip.parse().ok());
             out.insert(key.clone(), Placed { ports, cluster_ip });
         }
-        Placement(out)
+        Placement {
+            records: out,
+            allocate,
+        }
     }
+}
+
+/// Whether `s` is the derived Service strait writes for allocation key `key`.
+fn written_by_strait(s: &Service, key: &str) -> bool {
+    // `ns/name` or `ns/name@cluster/address`.
+    let Some((namespace, rest)) = key.split_once('/') else {
+        return false;
+    };
+    let name = rest.split('@').next().unwrap_or_default();
+    s.namespace().as_deref() == Some(namespace)
+        && s.name_any() == derived_name(name, key)
+        && s.owner_references()
+            .iter()
+            .any(|o| o.kind == "ServiceImport" && o.name == name && o.controller == Some(true))
 }
 
 /// The name of the derived Service for allocation key `key` of service `name`: readable,
@@ -134,6 +167,11 @@ impl Placement {
 pub fn derived_name(name: &str, key: &str) -> String {
     let readable: String = name.chars().take(40).collect();
     format!("{}-{}", readable.trim_end_matches('-'), digest(key, 10))
+}
+
+/// The name of the derived EndpointSlice of derived Service `service` for `cluster`.
+fn slice_name(service: &str, cluster: &str) -> String {
+    format!("{service}-{}", digest(cluster, 5))
 }
 
 fn digest(s: &str, len: usize) -> String {
@@ -164,7 +202,7 @@ pub fn service_import(w: &Wanted, placement: &Placement) -> Object {
     } else {
         w.units
             .iter()
-            .filter_map(|u| placement.0.get(&u.key)?.cluster_ip)
+            .filter_map(|u| placement.records.get(&u.key)?.cluster_ip)
             .map(|ip| ip.to_string())
             .collect()
     };
@@ -212,10 +250,11 @@ pub fn service_import(w: &Wanted, placement: &Placement) -> Object {
 }
 
 /// The session affinity timeout of `w`, if it has affinity (a headless import has none).
+/// Kubernetes accepts 1 second to 1 day.
 fn affinity(w: &Wanted) -> Option<i32> {
     w.session_affinity
         .filter(|_| !w.headless)
-        .map(|t| i32::try_from(t).unwrap_or(i32::MAX))
+        .map(|t| t.clamp(1, 86_400) as i32)
 }
 
 /// The derived Service and its EndpointSlices for one unit of `w`, owned by the
@@ -273,7 +312,7 @@ pub fn derived(
         labels.insert(label::SOURCE_CLUSTER.into(), cluster.clone());
         out.push(object(
             &w.namespace,
-            &format!("{name}-{}", digest(cluster, 5)),
+            &slice_name(&name, cluster),
             json!({
                 "apiVersion": "discovery.k8s.io/v1",
                 "kind": "EndpointSlice",
@@ -317,18 +356,31 @@ pub struct Importer {
     placement: watch::Receiver<Arc<Placement>>,
 }
 
+/// Where the importer finds the gateway pods, and how long a new writer waits before it
+/// deletes anything.
+#[derive(Debug, Clone)]
+pub struct ImporterConfig {
+    /// The gateway's namespace.
+    pub namespace: String,
+    /// The Service selecting the gateway pods.
+    pub gateway_service: String,
+    /// A new writer deletes withdrawn imports only after this long (the discovery lease):
+    /// until then its view of the federation may still be filling, and what is missing
+    /// from it is not withdrawn.
+    pub settle: Duration,
+}
+
 impl Importer {
-    /// The importer, and the future that runs it. `gateway` names the namespace and
-    /// Service of the gateway pods, whose ready addresses the derived slices list.
+    /// The importer, and the future that runs it.
     pub fn start(
         client: Client,
-        gateway: (String, String),
+        config: ImporterConfig,
         wanted: watch::Receiver<Arc<Vec<Wanted>>>,
         leader: watch::Receiver<bool>,
         health: Health,
     ) -> (Importer, impl Future<Output = ()> + Send + 'static) {
         let (tx, placement) = watch::channel(Arc::new(Placement::default()));
-        let run = run(client, gateway, wanted, leader, health, tx);
+        let run = run(client, config, wanted, leader, health, tx);
         (Importer { placement }, run)
     }
 
@@ -340,7 +392,7 @@ impl Importer {
 
 async fn run(
     client: Client,
-    (gw_namespace, gw_service): (String, String),
+    config: ImporterConfig,
     mut wanted: watch::Receiver<Arc<Vec<Wanted>>>,
     mut leader: watch::Receiver<bool>,
     health: Health,
@@ -373,8 +425,11 @@ async fn run(
         changed.clone(),
     );
     let (gateways, watch_gateways) = reflect(
-        Api::<EndpointSlice>::namespaced(client.clone(), &gw_namespace),
-        watcher::Config::default().labels(&format!("kubernetes.io/service-name={gw_service}")),
+        Api::<EndpointSlice>::namespaced(client.clone(), &config.namespace),
+        watcher::Config::default().labels(&format!(
+            "kubernetes.io/service-name={}",
+            config.gateway_service
+        )),
         (),
         "gateway endpointslices",
         health.clone(),
@@ -382,32 +437,50 @@ async fn run(
     );
     let write = async move {
         let mut resync = tokio::time::interval(RESYNC);
+        // When this replica became the writer, and whether it has waited out `settle`.
+        let mut settles_at: Option<tokio::time::Instant> = None;
+        let mut settled = false;
         loop {
             tokio::select! {
                 _ = changed.notified() => {}
                 _ = next_change(&mut wanted) => {}
                 _ = next_change(&mut leader) => {}
                 _ = resync.tick() => {}
+                _ = async {
+                    match settles_at {
+                        Some(at) if !settled => tokio::time::sleep_until(at).await,
+                        _ => std::future::pending().await,
+                    }
+                } => settled = true,
             }
-            let now = Placement::from_services(&services.state());
-            placement.send_if_modified(|cur| {
-                let changed = **cur != now;
-                if changed {
-                    *cur = Arc::new(now.clone());
-                }
-                changed
-            });
-            if !*leader.borrow() || !health.now().synced {
+            let writer = *leader.borrow();
+            match (writer, settles_at) {
+                (true, None) => settles_at = Some(tokio::time::Instant::now() + config.settle),
+                (false, _) => (settles_at, settled) = (None, false),
+                _ => {}
+            }
+            publish(
+                &placement,
+                Placement::from_services(&services.state(), writer),
+            );
+            if !writer || !health.now().synced {
                 continue;
             }
-            let want = wanted.borrow().clone();
-            let stores = Stores {
-                imports: &imports,
-                services: &services,
-                slices: &slices,
+            let pass = Pass {
+                client: &client,
+                stores: Stores {
+                    imports: &imports,
+                    services: &services,
+                    slices: &slices,
+                },
+                leader: &leader,
+                errors: Vec::new(),
             };
+            let want = wanted.borrow().clone();
+            let now = placement.borrow().clone();
             let gw = ready_addresses(&gateways.state());
-            reconcile(&client, &want, &now, &gw, &stores, &health).await;
+            let errors = pass.run(&want, &now, &gw, settled).await;
+            health.report("imports", errors);
         }
     };
     tokio::join!(
@@ -419,10 +492,15 @@ async fn run(
     );
 }
 
-struct Stores<'a> {
-    imports: &'a Store<v1beta1::ServiceImport>,
-    services: &'a Store<Service>,
-    slices: &'a Store<EndpointSlice>,
+/// Publishes `now` on `tx` if it differs.
+fn publish<T: PartialEq>(tx: &watch::Sender<Arc<T>>, now: T) {
+    tx.send_if_modified(|cur| {
+        let changed = **cur != now;
+        if changed {
+            *cur = Arc::new(now);
+        }
+        changed
+    });
 }
 
 /// The ready addresses in the gateway Service's EndpointSlices.
@@ -439,117 +517,201 @@ fn ready_addresses(slices: &[Arc<EndpointSlice>]) -> Vec<IpAddr> {
     out.into_iter().collect()
 }
 
-/// Writes what differs between `want` and the stores, and deletes what strait wrote
-/// that is no longer wanted.
-async fn reconcile(
-    client: &Client,
-    want: &[Wanted],
-    placement: &Placement,
-    gateways: &[IpAddr],
-    stores: &Stores<'_>,
-    health: &Health,
-) {
-    let mut keep: BTreeSet<(String, String, String)> = BTreeSet::new();
-    for w in want {
+/// The kinds of object the importer writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    ServiceImport,
+    Service,
+    EndpointSlice,
+}
+
+/// One object: kind, namespace, name.
+type Id = (Kind, String, String);
+
+/// What strait has written, as its reflectors see it.
+struct Stores<'a> {
+    imports: &'a Store<v1beta1::ServiceImport>,
+    services: &'a Store<Service>,
+    slices: &'a Store<EndpointSlice>,
+}
+
+/// One reconcile pass of the writer.
+struct Pass<'a> {
+    client: &'a Client,
+    stores: Stores<'a>,
+    leader: &'a watch::Receiver<bool>,
+    /// What failed in this pass.
+    errors: Vec<String>,
+}
+
+impl Pass<'_> {
+    /// Writes what differs between `want` and the stores; when `delete` (the writer has
+    /// settled), deletes what strait wrote that is no longer wanted. Returns the errors.
+    async fn run(
+        mut self,
+        want: &[Wanted],
+        placement: &Placement,
+        gateways: &[IpAddr],
+        delete: bool,
+    ) -> Vec<String> {
+        let mut keep: BTreeSet<Id> = BTreeSet::new();
+        for w in want {
+            // Every name this import owns is kept, whether or not its writes go through:
+            // a failed write must never delete what already serves.
+            keep.insert((Kind::ServiceImport, w.namespace.clone(), w.name.clone()));
+            for unit in &w.units {
+                let service = derived_name(&w.name, &unit.key);
+                for cluster in &unit.clusters {
+                    keep.insert((
+                        Kind::EndpointSlice,
+                        w.namespace.clone(),
+                        slice_name(&service, cluster),
+                    ));
+                }
+                keep.insert((Kind::Service, w.namespace.clone(), service));
+            }
+            self.import(w, placement, gateways).await;
+        }
+        if delete {
+            self.withdraw(&keep).await;
+        }
+        self.errors
+    }
+
+    /// Writes one import: its ServiceImport, status, derived Services and slices.
+    async fn import(&mut self, w: &Wanted, placement: &Placement, gateways: &[IpAddr]) {
         let si = service_import(w, placement);
-        keep.insert((
-            "ServiceImport".into(),
-            si.namespace.clone(),
-            si.name.clone(),
-        ));
-        let api = Api::<v1beta1::ServiceImport>::namespaced(client.clone(), &w.namespace);
-        let current = stores
-            .imports
-            .state()
-            .into_iter()
-            .find(|o| o.namespace().as_deref() == Some(&w.namespace) && o.name_any() == w.name);
+        let api = Api::<v1beta1::ServiceImport>::namespaced(self.client.clone(), &w.namespace);
+        let current = find(self.stores.imports, &si);
         let owner = match current.as_deref() {
             Some(cur) if digest_of(cur.annotations()) == digest_of_value(&si.body) => {
                 cur.controller_owner_ref(&())
             }
-            _ => apply(&api, &si, health)
+            _ => self
+                .apply(&api, &si, current.is_some())
                 .await
                 .and_then(|o| o.controller_owner_ref(&())),
         };
         // Without its ServiceImport nothing else of this import can be written.
-        let Some(owner) = owner else { continue };
-        let status = json!({ "status": { "clusters": w.clusters.iter().map(|c| json!({"cluster": c})).collect::<Vec<_>>() } });
-        let current_status = current.as_ref().and_then(|c| c.status.as_ref()).map(|s| {
+        let Some(owner) = owner else { return };
+        let clusters = current.as_ref().and_then(|c| c.status.as_ref()).map(|s| {
             s.clusters
                 .iter()
                 .map(|c| c.cluster.clone())
                 .collect::<Vec<_>>()
         });
-        if current_status.as_ref() != Some(&w.clusters) {
-            let r = api
+        if clusters.as_ref() != Some(&w.clusters) && self.still_writer() {
+            let status = json!({ "status": { "clusters": w.clusters.iter().map(|c| json!({"cluster": c})).collect::<Vec<_>>() } });
+            if let Err(e) = api
                 .patch_status(&w.name, &PatchParams::default(), &Patch::Merge(&status))
-                .await;
-            health.wrote(
-                r.map(|_| ())
-                    .map_err(|e| format!("ServiceImport {}/{} status: {e}", w.namespace, w.name)),
-            );
+                .await
+            {
+                self.errors.push(format!(
+                    "ServiceImport {}/{} status: {e}",
+                    w.namespace, w.name
+                ));
+            }
         }
         for unit in &w.units {
+            // The Service (the record) first, then the slices that send traffic to it.
             for o in derived(w, unit, &owner, gateways) {
-                let kind = o.body["kind"].as_str().unwrap_or_default().to_owned();
-                keep.insert((kind.clone(), o.namespace.clone(), o.name.clone()));
-                let same = match kind.as_str() {
-                    "Service" => find(stores.services, &o)
-                        .is_some_and(|c| digest_of(c.annotations()) == digest_of_value(&o.body)),
-                    _ => find(stores.slices, &o)
-                        .is_some_and(|c| digest_of(c.annotations()) == digest_of_value(&o.body)),
-                };
-                if same {
-                    continue;
-                }
-                if kind == "Service" {
-                    apply(
-                        &Api::<Service>::namespaced(client.clone(), &o.namespace),
-                        &o,
-                        health,
-                    )
-                    .await;
+                let ns = o.namespace.clone();
+                if o.body["kind"] == "Service" {
+                    let cur = find(self.stores.services, &o);
+                    if !same(cur.as_deref().map(|c| c.annotations()), &o) {
+                        let api = Api::<Service>::namespaced(self.client.clone(), &ns);
+                        self.apply(&api, &o, cur.is_some()).await;
+                    }
                 } else {
-                    apply(
-                        &Api::<EndpointSlice>::namespaced(client.clone(), &o.namespace),
-                        &o,
-                        health,
-                    )
-                    .await;
+                    let cur = find(self.stores.slices, &o);
+                    if !same(cur.as_deref().map(|c| c.annotations()), &o) {
+                        let api = Api::<EndpointSlice>::namespaced(self.client.clone(), &ns);
+                        self.apply(&api, &o, cur.is_some()).await;
+                    }
                 }
             }
         }
     }
-    // Withdrawn: everything labelled as strait's that is not wanted.
-    for o in stores.imports.state() {
-        delete_unless(
-            &keep,
-            "ServiceImport",
-            o.as_ref(),
-            Api::namespaced(client.clone(), &o.namespace().unwrap_or_default()),
-            health,
-        )
-        .await;
+
+    /// Deletes everything labelled as strait's that `keep` does not name.
+    async fn withdraw(&mut self, keep: &BTreeSet<Id>) {
+        for o in self.stores.imports.state() {
+            self.delete_unless(keep, Kind::ServiceImport, o.as_ref())
+                .await;
+        }
+        for o in self.stores.services.state() {
+            self.delete_unless(keep, Kind::Service, o.as_ref()).await;
+        }
+        for o in self.stores.slices.state() {
+            self.delete_unless(keep, Kind::EndpointSlice, o.as_ref())
+                .await;
+        }
     }
-    for o in stores.services.state() {
-        delete_unless(
-            &keep,
-            "Service",
-            o.as_ref(),
-            Api::namespaced(client.clone(), &o.namespace().unwrap_or_default()),
-            health,
-        )
-        .await;
+
+    /// Whether this replica still holds the Lease (it may move on during a pass).
+    fn still_writer(&self) -> bool {
+        *self.leader.borrow()
     }
-    for o in stores.slices.state() {
-        delete_unless(
-            &keep,
-            "EndpointSlice",
-            o.as_ref(),
-            Api::namespaced(client.clone(), &o.namespace().unwrap_or_default()),
-            health,
-        )
-        .await;
+
+    /// Server-side applies `o`; the object as written, or `None` (reported) on failure.
+    /// An object of that name that strait did not write (`ours` false and found without
+    /// the label) is left alone and reported.
+    async fn apply<K>(&mut self, api: &Api<K>, o: &Object, ours: bool) -> Option<K>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        if !self.still_writer() {
+            return None;
+        }
+        let kind = o.body["kind"].as_str().unwrap_or("object");
+        let at = format!("{kind} {}/{}", o.namespace, o.name);
+        if !ours {
+            match api.get_opt(&o.name).await {
+                Ok(Some(foreign))
+                    if foreign.labels().get(MANAGED_BY).map(String::as_str) != Some("strait") =>
+                {
+                    self.errors.push(format!("{at} exists and was not written by strait; strait leaves it alone (delete or rename it to import here)"));
+                    return None;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.errors.push(format!("reading {at}: {e}"));
+                    return None;
+                }
+            }
+        }
+        let params = PatchParams::apply(MANAGER).force();
+        match api.patch(&o.name, &params, &Patch::Apply(&o.body)).await {
+            Ok(obj) => Some(obj),
+            Err(e) => {
+                tracing::warn!(object = %at, error = %e, "writing an imported object failed; retrying later");
+                self.errors.push(format!("writing {at}: {e}"));
+                None
+            }
+        }
+    }
+
+    async fn delete_unless<K>(&mut self, keep: &BTreeSet<Id>, kind: Kind, o: &K)
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let ns = o.meta().namespace.clone().unwrap_or_default();
+        let name = o.meta().name.clone().unwrap_or_default();
+        if keep.contains(&(kind, ns.clone(), name.clone())) || !self.still_writer() {
+            return;
+        }
+        tracing::info!(?kind, object = %format!("{ns}/{name}"), "import withdrawn; deleting");
+        let api = Api::<K>::namespaced(self.client.clone(), &ns);
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => self
+                .errors
+                .push(format!("deleting {kind:?} {ns}/{name}: {e}")),
+        }
     }
 }
 
@@ -560,6 +722,11 @@ fn find<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, o: &Object) -> 
     })
 }
 
+/// Whether the object with `annotations` already is what `o` would write.
+fn same(annotations: Option<&BTreeMap<String, String>>, o: &Object) -> bool {
+    annotations.is_some_and(|a| digest_of(a) == digest_of_value(&o.body))
+}
+
 fn digest_of(annotations: &BTreeMap<String, String>) -> Option<&str> {
     annotations.get(DIGEST).map(String::as_str)
 }
@@ -568,47 +735,91 @@ fn digest_of_value(body: &Value) -> Option<&str> {
     body["metadata"]["annotations"][DIGEST].as_str()
 }
 
-/// Server-side applies `o`; the object as written, or `None` (reported) on failure.
-async fn apply<K>(api: &Api<K>, o: &Object, health: &Health) -> Option<K>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let params = PatchParams::apply(MANAGER).force();
-    match api.patch(&o.name, &params, &Patch::Apply(&o.body)).await {
-        Ok(obj) => {
-            health.wrote(Ok(()));
-            Some(obj)
-        }
-        Err(e) => {
-            let kind = o.body["kind"].as_str().unwrap_or("object");
-            tracing::warn!(%kind, object = %format!("{}/{}", o.namespace, o.name), error = %e, "writing an imported object failed; retrying later");
-            health.wrote(Err(format!(
-                "writing {kind} {}/{}: {e}",
-                o.namespace, o.name
-            )));
-            None
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn delete_unless<K>(
-    keep: &BTreeSet<(String, String, String)>,
-    kind: &str,
-    o: &K,
-    api: Api<K>,
-    health: &Health,
-) where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let ns = o.meta().namespace.clone().unwrap_or_default();
-    let name = o.meta().name.clone().unwrap_or_default();
-    if keep.contains(&(kind.to_owned(), ns.clone(), name.clone())) {
-        return;
+    fn service(
+        namespace: &str,
+        name: &str,
+        key: &str,
+        owner: Option<&str>,
+        target: u16,
+    ) -> Arc<Service> {
+        let mut o = json!({
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": owned_labels(),
+                "annotations": { IMPORT_KEY: key },
+            },
+            "spec": { "clusterIP": "10.96.0.9", "ports": [{ "port": 80, "targetPort": target }] },
+        });
+        if let Some(owner) = owner {
+            o["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+                "name": owner, "uid": "u1", "controller": true,
+            }]);
+        }
+        Arc::new(serde_json::from_value(o).unwrap())
     }
-    tracing::info!(%kind, object = %format!("{ns}/{name}"), "import withdrawn; deleting");
-    match api.delete(&name, &DeleteParams::background()).await {
-        Ok(_) => health.wrote(Ok(())),
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => health.wrote(Err(format!("deleting {kind} {ns}/{name}: {e}"))),
+
+    #[test]
+    fn only_services_strait_derived_count_as_the_port_record() {
+        let real = service(
+            "prod",
+            &derived_name("payments", "prod/payments"),
+            "prod/payments",
+            Some("payments"),
+            20_001,
+        );
+        // A tenant's Service claiming the same import: another namespace, another name,
+        // or no ServiceImport owner.
+        let forged = [
+            service(
+                "tenant",
+                &derived_name("payments", "prod/payments"),
+                "prod/payments",
+                Some("payments"),
+                20_666,
+            ),
+            service(
+                "prod",
+                "payments-lookalike",
+                "prod/payments",
+                Some("payments"),
+                20_666,
+            ),
+            service(
+                "prod",
+                &derived_name("payments", "prod/payments"),
+                "prod/payments",
+                None,
+                20_666,
+            ),
+        ];
+        for f in &forged {
+            let p = Placement::from_services(std::slice::from_ref(f), false);
+            assert!(p.records.is_empty(), "forged record accepted: {f:?}");
+        }
+        let p = Placement::from_services(&[real], true);
+        let placed = &p.records["prod/payments"];
+        assert_eq!(placed.ports.get(&80), Some(&20_001));
+        assert_eq!(placed.cluster_ip, Some("10.96.0.9".parse().unwrap()));
+        assert!(p.allocate);
+    }
+
+    #[test]
+    fn derived_names_are_dns_labels_and_differ_per_key() {
+        let long = "a".repeat(63);
+        let a = derived_name(&long, "ns/x");
+        let b = derived_name(&long, "ns/x@c/10.0.0.1");
+        assert_ne!(a, b);
+        for n in [&a, &b, &slice_name(&a, "us-east")] {
+            assert!(
+                n.len() <= 63 && strait_common::identity::is_dns_label(n),
+                "{n}"
+            );
+        }
     }
 }

@@ -44,22 +44,28 @@ pub async fn run(
     let mut renewed: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        let now = match try_hold(&api, &me, duration).await {
+        // Counted from when the request went out: the Lease's renewTime is no later.
+        let sent = tokio::time::Instant::now();
+        let attempt = tokio::time::timeout(duration / 3, try_hold(&api, &me, duration)).await;
+        let attempt =
+            attempt.unwrap_or_else(|_| Err(kube::Error::Service("no answer in time".into())));
+        let now = match attempt {
             Ok(true) => {
-                health.wrote(Ok(()));
-                renewed = Some(tokio::time::Instant::now());
+                health.report("lease", Vec::new());
+                renewed = Some(sent);
                 Holder::Me
             }
             Ok(false) => {
-                health.wrote(Ok(()));
+                health.report("lease", Vec::new());
                 renewed = None;
                 Holder::Other
             }
             Err(e) => {
                 tracing::warn!(error = %e, "renewing the writer Lease failed");
-                health.wrote(Err(format!("the writer Lease: {e}")));
-                // Still the holder until the Lease could have expired for the others.
-                if renewed.is_some_and(|at| at.elapsed() < duration) {
+                health.report("lease", vec![format!("the writer Lease: {e}")]);
+                // Still the holder until the Lease could expire for the others (with a
+                // third of it to spare for clocks and a pass in flight).
+                if renewed.is_some_and(|at| at.elapsed() < duration * 2 / 3) {
                     Holder::Me
                 } else {
                     renewed = None;

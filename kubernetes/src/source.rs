@@ -57,6 +57,7 @@ impl KubeExports {
         me: String,
         clusterset: watch::Receiver<Arc<Clusterset>>,
         leader: watch::Receiver<bool>,
+        allow_local: bool,
         health: Health,
     ) -> (KubeExports, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
@@ -68,6 +69,7 @@ impl KubeExports {
             me,
             clusterset,
             leader,
+            allow_local,
         };
         (KubeExports { rx }, run(client, inputs, health, tx))
     }
@@ -81,6 +83,7 @@ struct Inputs {
     me: String,
     clusterset: watch::Receiver<Arc<Clusterset>>,
     leader: watch::Receiver<bool>,
+    allow_local: bool,
 }
 
 async fn run(
@@ -89,6 +92,7 @@ async fn run(
         me,
         mut clusterset,
         mut leader,
+        allow_local,
     }: Inputs,
     health: Health,
     tx: watch::Sender<Arc<Vec<Export>>>,
@@ -140,7 +144,8 @@ async fn run(
                 .filter_map(|o| Some((ExportObject::from_dynamic(&o)?, o)))
                 .collect();
             let parsed: Vec<ExportObject> = objects.iter().map(|(e, _)| e.clone()).collect();
-            let (now, mut verdicts) = exports_from(&parsed, &services.state(), &slices.state());
+            let (now, mut verdicts) =
+                exports_from(&parsed, &services.state(), &slices.state(), allow_local);
             let others = clusterset.borrow().clone();
             for v in verdicts.iter_mut().filter(|v| v.valid()) {
                 if let Some(e) = now
@@ -159,7 +164,7 @@ async fn run(
                 changed
             });
             if *leader.borrow() {
-                write_statuses(&client, &resource, &exports, &verdicts, &health).await;
+                write_statuses(&client, &resource, &exports, &verdicts, &leader, &health).await;
             }
         }
     };
@@ -177,13 +182,13 @@ async fn served_version(client: &Client, health: &Health) -> &'static str {
             Err(kube::Error::Api(e)) if e.code == 404 => "v1alpha1",
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the Kubernetes API server; retrying");
-                health.wrote(Err(format!("reaching the API server: {e}")));
+                health.report("api", vec![format!("reaching the API server: {e}")]);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
-        health.wrote(Ok(()));
+        health.report("api", Vec::new());
         return version;
     }
 }
@@ -195,9 +200,15 @@ async fn write_statuses(
     resource: &ApiResource,
     store: &Store<DynamicObject>,
     verdicts: &[Verdict],
+    leader: &watch::Receiver<bool>,
     health: &Health,
 ) {
+    let mut errors = Vec::new();
     for v in verdicts {
+        // The Lease may have moved on during the pass.
+        if !*leader.borrow() {
+            break;
+        }
         let Some(current) = store.state().into_iter().find(|o| {
             o.metadata.namespace.as_deref() == Some(&v.namespace)
                 && o.metadata.name.as_deref() == Some(&v.name)
@@ -218,17 +229,15 @@ async fn write_statuses(
         let result = api
             .patch_status(&v.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await;
-        match result {
-            Ok(_) => health.wrote(Ok(())),
-            Err(e) => {
-                tracing::warn!(export = %format!("{}/{}", v.namespace, v.name), error = %e, "writing ServiceExport status failed; retrying later");
-                health.wrote(Err(format!(
-                    "writing the status of ServiceExport {}/{}: {e}",
-                    v.namespace, v.name
-                )));
-            }
+        if let Err(e) = result {
+            tracing::warn!(export = %format!("{}/{}", v.namespace, v.name), error = %e, "writing ServiceExport status failed; retrying later");
+            errors.push(format!(
+                "writing the status of ServiceExport {}/{}: {e}",
+                v.namespace, v.name
+            ));
         }
     }
+    health.report("status", errors);
 }
 
 /// The conditions to write: `wanted`, with the transition times of `before` kept where

@@ -35,7 +35,8 @@ pub struct HealthReport {
 struct State {
     /// Watch name → (synced once, current error).
     watches: BTreeMap<&'static str, (bool, Option<String>)>,
-    write_error: Option<String>,
+    /// Area (lease, status, imports, api) → its unresolved errors.
+    write_errors_by_area: BTreeMap<&'static str, Vec<String>>,
     leader: bool,
     watch_errors: u64,
     write_errors: u64,
@@ -50,7 +51,11 @@ impl State {
         HealthReport {
             synced: self.watches.values().all(|(s, _)| *s),
             leader: self.leader,
-            error: watch_error.or_else(|| self.write_error.clone()),
+            error: watch_error.or_else(|| {
+                self.write_errors_by_area
+                    .values()
+                    .find_map(|e| e.first().cloned())
+            }),
             watch_errors: self.watch_errors,
             write_errors: self.write_errors,
         }
@@ -118,13 +123,12 @@ impl Health {
         });
     }
 
-    pub(crate) fn wrote(&self, result: Result<(), String>) {
-        self.update(|s| match result {
-            Ok(()) => s.write_error = None,
-            Err(e) => {
-                s.write_errors += 1;
-                s.write_error = Some(e);
-            }
+    /// The outcome of one pass of the writes of `area`: its unresolved errors (none:
+    /// all went through). Each error counts as a failed write.
+    pub(crate) fn report(&self, area: &'static str, errors: Vec<String>) {
+        self.update(|s| {
+            s.write_errors += errors.len() as u64;
+            s.write_errors_by_area.insert(area, errors);
         });
     }
 

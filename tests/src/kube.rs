@@ -44,12 +44,12 @@ impl KubeCluster {
         prepare: impl FnOnce(&FakeApi),
     ) -> KubeCluster {
         let api = FakeApi::start().await;
-        prepare(&api);
         for ns in [NS, "strait-system"] {
             api.create(
                 json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
             );
         }
+        prepare(&api);
         let (gateway, pod_ip) = replica(pki, &api, name, 0, seeds).await;
         KubeCluster {
             name: name.into(),
@@ -94,6 +94,8 @@ async fn replica(
             };
             k.replica = Some(format!("{name}-gateway-{n}"));
             k.lease = strait_common::units::HumanDuration(Duration::from_secs(3));
+            // The test backends listen on loopback.
+            k.allow_local_endpoints = true;
             c.kubernetes = Some(k);
             c.listen.dns = Some(SocketAddr::new(pod_ip, 0));
         })

@@ -402,6 +402,19 @@ async fn vanished_api_servers_and_malformed_exports_never_stop_the_data_plane() 
             .is_none()
     })
     .await;
+    // A valid export made after it: once west imports that, it has seen both.
+    east.export(
+        "after",
+        false,
+        &[("http", 80, other.port())],
+        &[(other.ip(), None, true)],
+    );
+    assert!(
+        west.api
+            .wait_for(SI, "ServiceImport", Some(NS), "after", LIMIT, |_| true)
+            .await
+            .is_some()
+    );
     assert!(
         west.service_import("broken").is_none(),
         "an invalid export is not imported"
@@ -557,4 +570,90 @@ async fn a_cluster_serving_only_v1alpha1_service_exports_is_read_and_gets_its_st
         })
         .await;
     assert!(status.is_some(), "its status is written in v1alpha1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_strait_did_not_write_are_left_alone_and_a_new_writer_deletes_nothing_before_it_settles()
+ {
+    let pki = TestPki::new();
+    let east = KubeCluster::start(&pki, "east", &[]).await;
+    // West's API holds a ServiceImport someone else wrote, and one strait wrote before a
+    // restart for a service nobody exports any more.
+    let foreign = serde_json::json!({
+        "apiVersion": SI, "kind": "ServiceImport",
+        "metadata": { "name": "web", "namespace": NS, "labels": { "owner": "another-mcs" } },
+        "spec": { "type": "ClusterSetIP", "ports": [{ "port": 80 }] },
+    });
+    let leftover = serde_json::json!({
+        "apiVersion": SI, "kind": "ServiceImport",
+        "metadata": { "name": "gone", "namespace": NS, "labels": { "app.kubernetes.io/managed-by": "strait" } },
+        "spec": { "type": "ClusterSetIP", "ports": [{ "port": 80 }] },
+    });
+    let seed = east.gateway.discovery_addr().unwrap();
+    let west = KubeCluster::start_with(&pki, "west", &[seed], |api| {
+        api.create(foreign.clone());
+        api.create(leftover.clone());
+    })
+    .await;
+    let web = backend("east web").await;
+    east.export(
+        "web",
+        false,
+        &[("http", 80, web.port())],
+        &[(web.ip(), None, true)],
+    );
+    east.export(
+        "shop-front",
+        false,
+        &[("http", 80, web.port())],
+        &[(web.ip(), None, true)],
+    );
+
+    // West writes the other import; the foreign one is reported, not taken over.
+    assert!(
+        west.api
+            .wait_for(SI, "ServiceImport", Some(NS), "shop-front", LIMIT, |_| true)
+            .await
+            .is_some()
+    );
+    let admin = strait_tests::admin(&west.gateway);
+    eventually(
+        LIMIT,
+        "west reports the foreign ServiceImport",
+        async || {
+            admin
+                .ready()
+                .await
+                .unwrap()
+                .1
+                .kubernetes
+                .unwrap()
+                .error
+                .is_some_and(|e| e.contains("not written by strait"))
+        },
+    )
+    .await;
+    let web_import = west.service_import("web").unwrap();
+    assert_eq!(web_import["metadata"]["labels"]["owner"], "another-mcs");
+    assert!(web_import["metadata"]["labels"]["app.kubernetes.io/managed-by"].is_null());
+    assert!(
+        west.derived("v1", "Service", "web").is_empty(),
+        "nothing derived from a foreign import"
+    );
+    // The leftover survives the first passes (the writer has not settled: its view of
+    // the federation may still be filling) ...
+    assert!(west.service_import("gone").is_some());
+    // ... and goes once the writer has settled (the discovery lease, 5 s here).
+    assert!(
+        west.api
+            .wait_until(LIMIT, |api| api
+                .get(SI, "ServiceImport", Some(NS), "gone")
+                .is_none())
+            .await,
+        "the settled writer deletes the withdrawn import"
+    );
+    assert!(
+        west.service_import("web").is_some(),
+        "never the foreign one"
+    );
 }

@@ -258,14 +258,18 @@ async fn an_external_name_service_is_not_valid_and_an_unexported_service_is_not_
         &[("http", 80, addr.port())],
         &[(addr.ip(), None, true)],
     );
-    // A third, exported service: once it is imported, the others would have been too.
+    // A third, exported service: once both clusters import it, they have seen the others.
     a.export("public", false, &[("http", 80, 8080)], &[endpoint()]);
-    assert!(
-        b.api
-            .wait_for(MCS, "ServiceImport", Some(NS), "public", LIMIT, |_| true)
-            .await
-            .is_some()
-    );
+    for c in [&a, &b] {
+        assert!(
+            c.api
+                .wait_for(MCS, "ServiceImport", Some(NS), "public", LIMIT, |_| true)
+                .await
+                .is_some(),
+            "{}: imports the exported service",
+            c.name
+        );
+    }
     for c in [&a, &b] {
         assert!(
             c.service_import(HELLO).is_none(),

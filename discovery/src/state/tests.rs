@@ -454,26 +454,26 @@ fn a_generation_change_must_come_whole() {
 }
 
 #[test]
-fn a_passive_replica_relays_but_never_outranks_the_replica_that_speaks_for_its_cluster() {
+fn a_quiet_replica_relays_but_never_outranks_the_replica_that_speaks_for_its_cluster() {
     let t0 = Instant::now();
     // Two replicas of cluster `a` (generations 5 and 7) and a peer `b`.
     let mut speaker = node("a", 5);
     speaker.set_local(exports(&[("web", 1)]));
-    let mut passive = node("a", 7);
-    passive.set_local(exports(&[("web", 1)]));
-    passive.set_passive(true);
+    let mut quiet = node("a", 7);
+    quiet.set_local(exports(&[("web", 1)]));
+    quiet.set_voice(Voice::Quiet, t0);
     let mut b = node("b", 1);
     let generation = |c: &Catalog| c.digest().get("a").map(|d| d.generation);
 
     for _ in 0..3 {
-        exchange(&mut speaker, &mut passive, t0);
-        exchange(&mut passive, &mut b, t0);
+        exchange(&mut speaker, &mut quiet, t0);
+        exchange(&mut quiet, &mut b, t0);
         exchange(&mut speaker, &mut b, t0);
     }
     assert_eq!(
         generation(&speaker),
         Some(5),
-        "the passive replica never made it bump"
+        "the quiet replica never made it bump"
     );
     assert_eq!(
         generation(&b),
@@ -482,13 +482,53 @@ fn a_passive_replica_relays_but_never_outranks_the_replica_that_speaks_for_its_c
     );
     assert_eq!(visible(&b, t0), vec![("a".into(), "default/web".into(), 1)]);
 
-    // The passive replica takes over: it outranks the old speaker and the peer follows.
-    passive.set_passive(false);
-    speaker.set_passive(true);
+    // The quiet replica takes over: it outranks the old speaker and the peer follows.
+    quiet.set_voice(Voice::Speak, t0);
+    speaker.set_voice(Voice::Quiet, t0);
     for _ in 0..2 {
-        exchange(&mut speaker, &mut passive, t0);
-        exchange(&mut passive, &mut b, t0);
+        exchange(&mut speaker, &mut quiet, t0);
+        exchange(&mut quiet, &mut b, t0);
     }
     assert_eq!(generation(&b), Some(7));
     assert_eq!(visible(&b, t0), vec![("a".into(), "default/web".into(), 1)]);
+}
+
+#[test]
+fn replicas_that_do_not_know_who_speaks_settle_on_the_newest_and_it_takes_over_when_gone() {
+    let mut now = Instant::now();
+    let mut older = node("a", 5);
+    let mut newer = node("a", 7);
+    let mut b = node("b", 1);
+    for r in [&mut older, &mut newer] {
+        r.set_local(exports(&[("web", 1)]));
+        r.set_voice(Voice::Auto, now);
+    }
+    let generation = |c: &Catalog| c.digest().get("a").map(|d| d.generation);
+    for _ in 0..10 {
+        now += Duration::from_millis(100);
+        for r in [&mut older, &mut newer, &mut b] {
+            r.tick(now);
+        }
+        exchange(&mut older, &mut b, now);
+        exchange(&mut newer, &mut b, now);
+    }
+    assert!(
+        !older.speaks() && newer.speaks(),
+        "the newest incarnation speaks"
+    );
+    let settled = generation(&b);
+    assert_eq!(
+        settled,
+        Some(7),
+        "no generation race: nobody outranked anybody"
+    );
+
+    // The newer replica dies: once its heartbeat stops growing, the older one speaks.
+    for _ in 0..30 {
+        now += Duration::from_millis(100);
+        older.tick(now);
+        b.tick(now);
+        exchange(&mut older, &mut b, now);
+    }
+    assert!(older.speaks(), "a silent sibling gives the voice back");
 }

@@ -38,9 +38,8 @@ impl Allocation {
     }
 
     /// A stable gateway port for service port `port` of `key` in `range`: the one the
-    /// derived Services record, else the one given before, else the first free port from a
-    /// hash of the key (the same on every replica, so they tend to agree before the record
-    /// exists). A recorded port wins over a local choice.
+    /// derived Services record, else (on the writer only) the one given before, else the
+    /// first free port from a hash of the key. A recorded port wins over a local choice.
     fn allocate_port(
         &mut self,
         range: PortRange,
@@ -49,10 +48,12 @@ impl Allocation {
         placement: &Placement,
     ) -> Option<u16> {
         let id = (key.to_owned(), port);
+        // Only ports inside the range count as a record.
         let recorded: BTreeMap<(&str, u16), u16> = placement
-            .0
+            .records
             .iter()
             .flat_map(|(k, p)| p.ports.iter().map(move |(sp, gp)| ((k.as_str(), *sp), *gp)))
+            .filter(|(_, gp)| range.contains(*gp))
             .collect();
         if let Some(p) = recorded.get(&(key, port)) {
             self.1.insert(id, *p);
@@ -63,6 +64,10 @@ impl Allocation {
                 .iter()
                 .any(|((k, sp), gp)| *gp == p && (*k, *sp) != (me.0.as_str(), me.1))
         };
+        // Only the writer gives out ports the record does not have yet.
+        if !placement.allocate {
+            return None;
+        }
         if let Some(p) = self.1.get(&id).copied()
             && !taken_by_other(p, &id)
         {
@@ -277,14 +282,18 @@ fn kube_import(
 ) -> Option<Import> {
     let mut ports = Vec::with_capacity(w.ports.len());
     for p in w.ports {
-        let Some(listen) = alloc.allocate_port(kube.ports, &w.key, p.port, placement) else {
-            tracing::warn!(service = %w.key, range = %String::from(kube.ports), "no free gateway port for an import; widen kubernetes.import_ports");
-            return None;
-        };
-        ports.push(ImportPort { listen, ..p });
+        match alloc.allocate_port(kube.ports, &w.key, p.port, placement) {
+            Some(listen) => ports.push(ImportPort { listen, ..p }),
+            // Another replica writes: it records the port, then this one binds it.
+            None if !placement.allocate => {}
+            None => {
+                tracing::warn!(service = %w.key, range = %String::from(kube.ports), "no free gateway port for an import; widen kubernetes.import_ports");
+                return None;
+            }
+        }
     }
     let address = placement
-        .0
+        .records
         .get(&w.key)
         .and_then(|p| p.cluster_ip)
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
