@@ -196,6 +196,7 @@ impl Gateway {
             view: node.as_ref().map(|n| n.subscribe()),
             faults: faults.catalog(),
             placement: kube.as_ref().map(|k| k.placement.clone()),
+            properties: kube.as_ref().map(|k| k.exports.properties()),
         };
         let local = Local::from(&config);
         let mut alloc = Allocation::default();

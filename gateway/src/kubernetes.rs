@@ -286,6 +286,7 @@ pub(crate) fn wanted_of(d: &Desired) -> Vec<Wanted> {
                 ports: s.ports.clone(),
                 clusters: s.clusters.clone(),
                 session_affinity: s.session_affinity,
+                selector_results: s.selector_results.clone(),
                 units,
             }
         })

@@ -448,6 +448,10 @@ impl Routing {
                     active: active
                         .get(&(service.to_owned(), cluster.clone()))
                         .map_or(0, |a| a.load(Ordering::Relaxed)),
+                    selector: desired
+                        .selection
+                        .get(service)
+                        .and_then(|m| m.get(cluster).copied()),
                 }
             })
             .collect()

@@ -72,6 +72,8 @@ pub struct Wanted {
     pub clusters: Vec<String>,
     /// Client-IP session affinity timeout (seconds), as the clusterset resolved it.
     pub session_affinity: Option<u32>,
+    /// KEP-5939: for each cluster selector (by index), the clusters it selects.
+    pub selector_results: Vec<(u32, Vec<String>)>,
     /// What gets a derived Service: the whole service, or (headless) each remote endpoint.
     pub units: Vec<Unit>,
 }
@@ -250,6 +252,26 @@ pub fn service_import(w: &Wanted, placement: &Placement) -> Object {
 }
 
 /// The session affinity timeout of `w`, if it has affinity (a headless import has none).
+/// The status of `w`'s ServiceImport: its clusters, and the KEP-5939 selector results.
+fn import_status(w: &Wanted) -> v1beta1::ServiceImportStatus {
+    v1beta1::ServiceImportStatus {
+        clusters: w
+            .clusters
+            .iter()
+            .map(|c| v1beta1::ClusterStatus { cluster: c.clone() })
+            .collect(),
+        cluster_selector_results: w
+            .selector_results
+            .iter()
+            .map(|(i, clusters)| v1beta1::ClusterSelectorResult {
+                selector: *i,
+                clusters: clusters.clone(),
+            })
+            .collect(),
+        conditions: Vec::new(),
+    }
+}
+
 /// Kubernetes accepts 1 second to 1 day.
 fn affinity(w: &Wanted) -> Option<i32> {
     w.session_affinity
@@ -594,16 +616,17 @@ impl Pass<'_> {
         };
         // Without its ServiceImport nothing else of this import can be written.
         let Some(owner) = owner else { return };
-        let clusters = current.as_ref().and_then(|c| c.status.as_ref()).map(|s| {
-            s.clusters
-                .iter()
-                .map(|c| c.cluster.clone())
-                .collect::<Vec<_>>()
-        });
-        if clusters.as_ref() != Some(&w.clusters) && self.still_writer() {
-            let status = json!({ "status": { "clusters": w.clusters.iter().map(|c| json!({"cluster": c})).collect::<Vec<_>>() } });
+        let status = import_status(w);
+        let written = current.as_ref().and_then(|c| c.status.as_ref());
+        if written != Some(&status) && self.still_writer() {
+            // A merge patch leaves out what it does not name: say "none" explicitly.
+            let mut body = serde_json::to_value(&status).unwrap_or_default();
+            if status.cluster_selector_results.is_empty() {
+                body["clusterSelectorResults"] = Value::Null;
+            }
+            let patch = json!({ "status": body });
             if let Err(e) = api
-                .patch_status(&w.name, &PatchParams::default(), &Patch::Merge(&status))
+                .patch_status(&w.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 self.errors.push(format!(

@@ -3,6 +3,7 @@
 //! them changes, and the `ServiceExport` conditions written back by the replica that holds
 //! the Lease.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,22 +14,24 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use strait_common::config::Export;
 use strait_discovery::source::ExportSource;
 use tokio::sync::{Notify, watch};
 
 use crate::exports::{Clusterset, Cond, ExportObject, Verdict, conflict, exports_from};
 use crate::mcs::GROUP;
+use crate::mcs::about::ClusterProperty;
 use crate::watch::{Health, next_change, reflect};
 
 /// How often everything is re-checked even without a change (a failed status write is
 /// retried then).
 const RESYNC: Duration = Duration::from_secs(30);
 
-/// This cluster's exports from its `ServiceExport`s.
+/// This cluster's exports from its `ServiceExport`s, and its `ClusterProperty` values.
 pub struct KubeExports {
     rx: watch::Receiver<Arc<Vec<Export>>>,
+    properties: watch::Receiver<Arc<BTreeMap<String, String>>>,
 }
 
 impl ExportSource for KubeExports {
@@ -61,6 +64,7 @@ impl KubeExports {
         health: Health,
     ) -> (KubeExports, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        let (properties_tx, properties) = watch::channel(Arc::new(BTreeMap::new()));
         // Registered now, so `synced` waits for them even before the version is known.
         for w in WATCHES {
             health.watching(w);
@@ -71,12 +75,25 @@ impl KubeExports {
             leader,
             allow_local,
         };
-        (KubeExports { rx }, run(client, inputs, health, tx))
+        let run = run(client, inputs, health, (tx, properties_tx));
+        (KubeExports { rx, properties }, run)
+    }
+
+    /// This cluster's `ClusterProperty` values (KEP-5939 matches selectors against
+    /// them); the receiver sees every change.
+    pub fn properties(&self) -> watch::Receiver<Arc<BTreeMap<String, String>>> {
+        self.properties.clone()
     }
 }
 
 /// The watches of the export source.
 const WATCHES: [&str; 3] = ["serviceexports", "services", "endpointslices"];
+
+/// Where the export source publishes: the exports, and this cluster's properties.
+type Outputs = (
+    watch::Sender<Arc<Vec<Export>>>,
+    watch::Sender<Arc<BTreeMap<String, String>>>,
+);
 
 /// What the export source reads besides the API.
 struct Inputs {
@@ -95,7 +112,7 @@ async fn run(
         allow_local,
     }: Inputs,
     health: Health,
-    tx: watch::Sender<Arc<Vec<Export>>>,
+    (tx, properties_tx): Outputs,
 ) {
     let version = served_version(&client, &health).await;
     tracing::info!(version, "reading ServiceExports");
@@ -126,6 +143,16 @@ async fn run(
         health.clone(),
         changed.clone(),
     );
+    // ClusterProperties are optional (the About API may not be installed): their watch
+    // is not part of `synced`, and without them selectors match nothing.
+    let (properties, watch_properties) = reflect(
+        Api::<ClusterProperty>::all(client.clone()),
+        watcher::Config::default(),
+        (),
+        "clusterproperties",
+        Health::default(),
+        changed.clone(),
+    );
     let write = async move {
         let mut resync = tokio::time::interval(RESYNC);
         loop {
@@ -144,8 +171,23 @@ async fn run(
                 .filter_map(|o| Some((ExportObject::from_dynamic(&o)?, o)))
                 .collect();
             let parsed: Vec<ExportObject> = objects.iter().map(|(e, _)| e.clone()).collect();
-            let (now, mut verdicts) =
+            let mine: BTreeMap<String, String> = properties
+                .state()
+                .iter()
+                .map(|p| (p.name_any(), p.spec.value.clone()))
+                .collect();
+            let (mut now, mut verdicts) =
                 exports_from(&parsed, &services.state(), &slices.state(), allow_local);
+            for e in &mut now {
+                e.selection.properties = mine.clone();
+            }
+            properties_tx.send_if_modified(|cur| {
+                let changed = **cur != mine;
+                if changed {
+                    *cur = Arc::new(mine);
+                }
+                changed
+            });
             let others = clusterset.borrow().clone();
             for v in verdicts.iter_mut().filter(|v| v.valid()) {
                 if let Some(e) = now
@@ -168,7 +210,13 @@ async fn run(
             }
         }
     };
-    tokio::join!(watch_exports, watch_services, watch_slices, write);
+    tokio::join!(
+        watch_exports,
+        watch_services,
+        watch_slices,
+        watch_properties,
+        write
+    );
 }
 
 /// The newest `ServiceExport` version the API server serves: v1beta1, else v1alpha1.

@@ -290,3 +290,97 @@ async fn an_external_name_service_is_not_valid_and_an_unexported_service_is_not_
         "nothing listens for an unexported service"
     );
 }
+
+/// KEP-5939: `clusterSelectors` on the exports order the clusters each importer prefers,
+/// matched against the exporting clusters' `ClusterProperty` values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_the_import() {
+    const REGION: &str = "region.strait.dev";
+    let property = |api: &strait_fake_kube::FakeApi, value: &str| {
+        api.create(json!({
+            "apiVersion": "about.k8s.io/v1alpha1", "kind": "ClusterProperty",
+            "metadata": { "name": REGION }, "spec": { "value": value },
+        }));
+    };
+    let pki = TestPki::new();
+    let us = KubeCluster::start_with(&pki, "us-1", &[], |api| property(api, "us")).await;
+    let seed = us.gateway.discovery_addr().unwrap();
+    let eu = KubeCluster::start_with(&pki, "eu-1", &[seed], |api| property(api, "eu")).await;
+    let importer = KubeCluster::start_with(&pki, "eu-2", &[seed], |api| property(api, "eu")).await;
+    let mut backends = Vec::new();
+    for (cluster, name) in [(&us, "from us"), (&eu, "from eu")] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, name.as_bytes()).await;
+            }
+        });
+        backends.push(addr);
+        cluster.service(
+            HELLO,
+            false,
+            &[("http", 80, addr.port())],
+            &[(addr.ip(), None, true)],
+        );
+        cluster.api.create(json!({
+            "apiVersion": MCS, "kind": "ServiceExport",
+            "metadata": { "name": HELLO, "namespace": NS },
+            "spec": { "clusterSelectors": [{ "matchProperties": { REGION: "@SameAsImporter@" } }] },
+        }));
+    }
+    let import = await_import(&importer, "selector results", |o| {
+        o["status"]["clusters"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2)
+            && o["status"]["clusterSelectorResults"].is_array()
+    })
+    .await;
+    assert_eq!(
+        import["status"]["clusterSelectorResults"],
+        json!([{ "selector": 0, "clusters": ["eu-1"] }]),
+        "the importer is in eu: its first selector picks eu-1"
+    );
+    // us-1's own import: the same selector picks itself.
+    let own = await_import(&us, "selector results in us-1", |o| {
+        o["status"]["clusterSelectorResults"].is_array()
+    })
+    .await;
+    assert_eq!(
+        own["status"]["clusterSelectorResults"],
+        json!([{ "selector": 0, "clusters": ["us-1"] }])
+    );
+
+    // The importer routes to eu-1 first.
+    let route = strait_tests::admin(&importer.gateway)
+        .route(&format!("{NS}/{HELLO}"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(route.clusters[0].cluster, "eu-1", "{route:#?}");
+    assert!(
+        importer
+            .api
+            .wait_until(LIMIT, |_| !importer
+                .derived("v1", "Service", HELLO)
+                .is_empty())
+            .await
+    );
+    let port = importer.derived("v1", "Service", HELLO)[0]["spec"]["ports"][0]["targetPort"]
+        .as_u64()
+        .unwrap() as u16;
+    let through = SocketAddr::new(importer.pod_ip, port);
+    let mut answers = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let mut s = tokio::net::TcpStream::connect(through).await.unwrap();
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
+            .await
+            .unwrap();
+        answers.insert(out);
+    }
+    assert_eq!(
+        answers,
+        std::collections::BTreeSet::from(["from eu".to_owned()])
+    );
+}

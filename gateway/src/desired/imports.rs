@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use strait_discovery::model::{MemberInfo, Service, resolve};
 use strait_discovery::node::View;
 
-use strait_common::config::PortRange;
+use strait_common::config::{PortRange, Selection};
 use strait_kubernetes::imports::Placement;
 
 use super::{ClustersetService, Import, ImportPort, KubeImports, Local, PeerTarget};
@@ -145,6 +145,7 @@ pub(super) fn desired_imports(
     local: &Local,
     view: &View,
     placement: &Placement,
+    properties: &BTreeMap<String, String>,
     alloc: &mut Allocation,
 ) -> (Vec<Import>, Vec<ClustersetService>) {
     let alive: BTreeMap<&str, bool> = view
@@ -209,6 +210,7 @@ pub(super) fn desired_imports(
             ports: ports.iter().map(|p| (p.name.clone(), p.port)).collect(),
             clusters: origins.iter().map(|(m, _)| m.cluster.clone()).collect(),
             session_affinity,
+            selector_results: selector_results(&resolved.selectors, &origins, properties),
         });
         let base = format!("{namespace}/{name}");
         if headless {
@@ -270,6 +272,42 @@ pub(super) fn desired_imports(
         });
     }
     (out, clusterset)
+}
+
+/// KEP-5939: for each selector (by index), the origin clusters it selects; a cluster
+/// counts for the first selector it matches only.
+fn selector_results(
+    selectors: &[BTreeMap<String, String>],
+    origins: &[(&MemberInfo, &Service)],
+    mine: &BTreeMap<String, String>,
+) -> Vec<(u32, Vec<String>)> {
+    let mut out: Vec<(u32, Vec<String>)> = (0..selectors.len() as u32)
+        .map(|i| (i, Vec::new()))
+        .collect();
+    for (m, s) in origins {
+        if let Some(i) = Selection::first_match(selectors, &s.selection.properties, mine) {
+            out[i as usize].1.push(m.cluster.clone());
+        }
+    }
+    out
+}
+
+/// Routing's view of the selector results: service → cluster → selector index.
+pub(super) fn selection(
+    clusterset: &[ClustersetService],
+) -> BTreeMap<String, BTreeMap<String, u32>> {
+    clusterset
+        .iter()
+        .filter(|s| !s.selector_results.is_empty())
+        .map(|s| {
+            let by_cluster = s
+                .selector_results
+                .iter()
+                .flat_map(|(i, clusters)| clusters.iter().map(move |c| (c.clone(), *i)))
+                .collect();
+            (format!("{}/{}", s.namespace, s.name), by_cluster)
+        })
+        .collect()
 }
 
 /// An import in Kubernetes mode: every port on `kube.listen` with a port of its own, and
@@ -413,7 +451,13 @@ mod tests {
         let local = local(&me, "127.0.10.0/29");
         let range = local.import_range.unwrap();
         let mut alloc = Allocation::default();
-        let (imports, _) = desired_imports(&local, &view, &Placement::default(), &mut alloc);
+        let (imports, _) = desired_imports(
+            &local,
+            &view,
+            &Placement::default(),
+            &BTreeMap::new(),
+            &mut alloc,
+        );
         assert_eq!(
             imports.len(),
             1,
@@ -426,16 +470,28 @@ mod tests {
             "alive first, same region first"
         );
         assert!(range.contains(&web.address));
-        let (again, _) = desired_imports(&local, &view, &Placement::default(), &mut alloc);
+        let (again, _) = desired_imports(
+            &local,
+            &view,
+            &Placement::default(),
+            &BTreeMap::new(),
+            &mut alloc,
+        );
         assert_eq!(again[0].address, web.address, "address is stable");
         let gone = View {
             members: view.members.clone(),
             services: vec![],
         };
         assert!(
-            desired_imports(&local, &gone, &Placement::default(), &mut alloc)
-                .0
-                .is_empty()
+            desired_imports(
+                &local,
+                &gone,
+                &Placement::default(),
+                &BTreeMap::new(),
+                &mut alloc
+            )
+            .0
+            .is_empty()
         );
         assert!(alloc.0.is_empty(), "a withdrawn service frees its address");
     }

@@ -135,6 +135,9 @@ pub struct ClustersetService {
     pub clusters: Vec<String>,
     /// Client-IP session affinity timeout (seconds).
     pub session_affinity: Option<u32>,
+    /// KEP-5939: for each of the service's cluster selectors (by index), the exporting
+    /// clusters it selects; empty without selectors.
+    pub selector_results: Vec<(u32, Vec<String>)>,
 }
 
 /// What the catalog says about one cluster for one service.
@@ -279,6 +282,10 @@ pub struct Desired {
     pub imports: Vec<Import>,
     /// Every service imported from the federation, resolved (with discovery).
     pub clusterset: Vec<ClustersetService>,
+    /// KEP-5939: `namespace/name` → cluster → the index of the first cluster selector it
+    /// matches, for services whose exports carry selectors (clusters matching none are
+    /// absent). Routing prefers lower indexes, then locality.
+    pub selection: BTreeMap<String, BTreeMap<String, u32>>,
     /// This cluster's exports: what inbound streams may reach.
     pub exports: Arc<Vec<Export>>,
     /// What the discovery member advertises for this cluster.
@@ -340,6 +347,8 @@ pub struct Inputs<'a> {
     pub faults: &'a CatalogFaults,
     /// Kubernetes mode: the ports and cluster IPs recorded in the derived Services.
     pub placement: Option<&'a Placement>,
+    /// Kubernetes mode: this cluster's `ClusterProperty` values (for `@SameAsImporter@`).
+    pub properties: Option<&'a BTreeMap<String, String>>,
 }
 
 /// The desired state for `inputs`. `alloc` keeps discovered imports on stable addresses:
@@ -350,12 +359,16 @@ pub fn compute(inputs: &Inputs<'_>, alloc: &mut Allocation) -> Desired {
     let local = inputs.local;
     let no_placement = Placement::default();
     let placement = inputs.placement.unwrap_or(&no_placement);
-    let (imports, clusterset) = imports::desired_imports(local, view, placement, alloc);
+    let no_properties = BTreeMap::new();
+    let properties = inputs.properties.unwrap_or(&no_properties);
+    let (imports, clusterset) = imports::desired_imports(local, view, placement, properties, alloc);
+    let selection = imports::selection(&clusterset);
     Desired {
         peers: imports::desired_peers(&local.peers, view, &local.cluster),
         dns: dns::entries(&imports, view, &local.cluster, &local.region),
         imports,
         clusterset,
+        selection,
         exports: inputs.exports.clone(),
         published: published(inputs.exports, &local.zone, inputs.faults),
         catalog: CatalogView::from_view(view),
@@ -375,6 +388,8 @@ pub struct Sources {
     pub faults: watch::Receiver<CatalogFaults>,
     /// Kubernetes mode: the placement recorded in the derived Services.
     pub placement: Option<watch::Receiver<Arc<Placement>>>,
+    /// Kubernetes mode: this cluster's `ClusterProperty` values.
+    pub properties: Option<watch::Receiver<Arc<BTreeMap<String, String>>>>,
 }
 
 impl Sources {
@@ -388,6 +403,10 @@ impl Sources {
             .placement
             .as_mut()
             .map(|p| p.borrow_and_update().clone());
+        let properties = self
+            .properties
+            .as_mut()
+            .map(|p| p.borrow_and_update().clone());
         compute(
             &Inputs {
                 local,
@@ -396,6 +415,7 @@ impl Sources {
                 view: view.as_deref(),
                 faults: &faults,
                 placement: placement.as_deref(),
+                properties: properties.as_deref(),
             },
             alloc,
         )
@@ -417,6 +437,7 @@ pub async fn run(
             _ = changed(&mut sources.faults) => {}
             _ = changed_opt(&mut sources.view) => {}
             _ = changed_opt(&mut sources.placement) => {}
+            _ = changed_opt(&mut sources.properties) => {}
             _ = changed(&mut sources.config) => {
                 note_reload(&started, &sources.config.borrow());
             }

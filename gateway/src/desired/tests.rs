@@ -250,6 +250,7 @@ fn inputs<'a>(
         view,
         faults,
         placement: None,
+        properties: None,
     }
 }
 

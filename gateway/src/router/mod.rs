@@ -44,6 +44,8 @@ pub struct Candidate {
     pub ready_endpoints: usize,
     /// Proxied connections to it now (for spill protection).
     pub active: usize,
+    /// KEP-5939: the index of the first of the service's cluster selectors it matches.
+    pub selector: Option<u32>,
 }
 
 pub use strait_common::config::routing::{Mode, RoutePolicy as Policy};
@@ -362,7 +364,25 @@ impl ServiceRouter {
 pub const RTT_BUCKET_MS: u128 = 10;
 
 /// Locality tier of each candidate under `mode`.
+/// Tiers a KEP-5939 selector index adds: the first selector's clusters before the
+/// second's, and so on, then the clusters no selector matches; locality orders within.
+const SELECTOR_TIER: u32 = 10_000;
+
 fn tiers(mode: Mode, me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
+    let selecting = candidates.iter().any(|c| c.selector.is_some());
+    let base = locality_tiers(mode, me, candidates);
+    candidates
+        .iter()
+        .zip(base)
+        .map(|(c, tier)| match (selecting, c.selector) {
+            (false, _) => tier,
+            (true, Some(i)) => tier + SELECTOR_TIER * i.min(100),
+            (true, None) => tier + SELECTOR_TIER * 101,
+        })
+        .collect()
+}
+
+fn locality_tiers(mode: Mode, me: &Locality, candidates: &[Candidate]) -> Vec<u32> {
     let tier_of = |c: &Candidate| match mode {
         Mode::Locality => locality_tier(me, c),
         Mode::Weighted => Some(0),

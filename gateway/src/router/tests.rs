@@ -19,6 +19,7 @@ fn cand(cluster: &str, region: &str, zone: &str) -> Candidate {
         peer_up: true,
         ready_endpoints: 2,
         active: 0,
+        selector: None,
     }
 }
 
@@ -59,6 +60,35 @@ fn first_choice_share(
         })
         .count();
     hits as f64 / n as f64
+}
+
+#[test]
+fn cluster_selectors_order_before_locality_and_unmatched_clusters_come_last() {
+    // KEP-5939: selector 0 picks eu-west, selector 1 the same-region cluster; the
+    // nearest cluster matches no selector.
+    let mut picked_first = cand("euw1", "eu-west", "");
+    picked_first.selector = Some(0);
+    let mut picked_second = cand("use1-b", "us-east", "use1-az2");
+    picked_second.selector = Some(1);
+    let nearest = cand("use1-c", "us-east", "use1-az1");
+    let mut r = router(Policy {
+        attempts: 10,
+        ..Default::default()
+    });
+    let d = r.decide(
+        &me(),
+        &[nearest, picked_second, picked_first],
+        Instant::now(),
+    );
+    assert_eq!(d.attempts, vec!["euw1", "use1-b", "use1-c"]);
+
+    // Without any match the selectors change nothing: locality as usual.
+    let plain = [
+        cand("use1-c", "us-east", "use1-az1"),
+        cand("euw1", "eu-west", ""),
+    ];
+    let d = r.decide(&me(), &plain, Instant::now());
+    assert_eq!(d.attempts, vec!["use1-c", "euw1"]);
 }
 
 #[test]
