@@ -10,11 +10,11 @@ use strait_common::config::Kubernetes;
 use strait_discovery::node::{Node, View};
 use strait_discovery::state::Voice;
 use strait_kubernetes::exports::Clusterset;
-use strait_kubernetes::imports::{Importer, ImporterConfig, Placement, Unit, Wanted};
+use strait_kubernetes::imports::{ImportedService, Importer, ImporterConfig, Placement, Unit};
 use strait_kubernetes::lease::Holder;
 use strait_kubernetes::mcs::about::{CLUSTER_ID, ClusterProperty};
 use strait_kubernetes::source::KubeExports;
-use strait_kubernetes::watch::{Health, HealthReport};
+use strait_kubernetes::watch::{Health, HealthReport, publish};
 use tokio::sync::watch;
 
 use crate::desired::{Desired, endpoint_key};
@@ -187,16 +187,12 @@ pub(crate) fn start(
 }
 
 /// Keeps the importer's input equal to the desired state's imports.
-async fn feed(mut desired: watch::Receiver<Arc<Desired>>, wanted: watch::Sender<Arc<Vec<Wanted>>>) {
+async fn feed(
+    mut desired: watch::Receiver<Arc<Desired>>,
+    wanted: watch::Sender<Arc<Vec<ImportedService>>>,
+) {
     loop {
-        let now = wanted_of(&desired.borrow_and_update());
-        wanted.send_if_modified(|cur| {
-            let changed = **cur != now;
-            if changed {
-                *cur = Arc::new(now);
-            }
-            changed
-        });
+        publish(&wanted, wanted_of(&desired.borrow_and_update()));
         if desired.changed().await.is_err() {
             return;
         }
@@ -241,13 +237,7 @@ async fn follow_clusterset(
                 .or_default()
                 .push((e.origin.cluster.clone(), e.service.clone()));
         }
-        clusterset.send_if_modified(|cur| {
-            let changed = **cur != now;
-            if changed {
-                *cur = Arc::new(now);
-            }
-            changed
-        });
+        publish(&clusterset, now);
         if view.changed().await.is_err() {
             return;
         }
@@ -257,7 +247,7 @@ async fn follow_clusterset(
 /// The imports of `d` as the importer needs them: one entry per imported service (what
 /// its ServiceImport says), with one unit per derived Service: the service, or each
 /// remote endpoint of a headless one.
-pub(crate) fn wanted_of(d: &Desired) -> Vec<Wanted> {
+pub(crate) fn wanted_of(d: &Desired) -> Vec<ImportedService> {
     d.clusterset
         .iter()
         .map(|s| {
@@ -279,7 +269,7 @@ pub(crate) fn wanted_of(d: &Desired) -> Vec<Wanted> {
                         .collect(),
                 })
                 .collect();
-            Wanted {
+            ImportedService {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
                 headless: s.headless,

@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
 use crate::mcs::{label, v1beta1};
-use crate::watch::{Health, next_change, reflect};
+use crate::watch::{Health, next_change, publish, reflect};
 
 /// The label on everything strait writes.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -59,7 +59,7 @@ pub fn owned_labels() -> BTreeMap<String, String> {
 
 /// One imported service as this cluster should see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Wanted {
+pub struct ImportedService {
     /// Namespace.
     pub namespace: String,
     /// Name.
@@ -198,7 +198,7 @@ pub struct Object {
 }
 
 /// The ServiceImport for `w` (spec only; the status is written separately).
-pub fn service_import(w: &Wanted, placement: &Placement) -> Object {
+pub fn service_import(w: &ImportedService, placement: &Placement) -> Object {
     let ips: Vec<String> = if w.headless {
         Vec::new()
     } else {
@@ -253,7 +253,7 @@ pub fn service_import(w: &Wanted, placement: &Placement) -> Object {
 
 /// The session affinity timeout of `w`, if it has affinity (a headless import has none).
 /// The status of `w`'s ServiceImport: its clusters, and the KEP-5939 selector results.
-fn import_status(w: &Wanted) -> v1beta1::ServiceImportStatus {
+fn import_status(w: &ImportedService) -> v1beta1::ServiceImportStatus {
     v1beta1::ServiceImportStatus {
         clusters: w
             .clusters
@@ -273,7 +273,7 @@ fn import_status(w: &Wanted) -> v1beta1::ServiceImportStatus {
 }
 
 /// Kubernetes accepts 1 second to 1 day.
-fn affinity(w: &Wanted) -> Option<i32> {
+fn affinity(w: &ImportedService) -> Option<i32> {
     w.session_affinity
         .filter(|_| !w.headless)
         .map(|t| t.clamp(1, 86_400) as i32)
@@ -282,7 +282,7 @@ fn affinity(w: &Wanted) -> Option<i32> {
 /// The derived Service and its EndpointSlices for one unit of `w`, owned by the
 /// ServiceImport `owner`, pointing at `gateways`.
 pub fn derived(
-    w: &Wanted,
+    w: &ImportedService,
     unit: &Unit,
     owner: &OwnerReference,
     gateways: &[IpAddr],
@@ -350,7 +350,7 @@ pub fn derived(
 
 /// A derived Service's spec: the import's ports on the gateway's, and its session
 /// affinity (so kube-proxy keeps a client on one gateway pod).
-fn service_spec(w: &Wanted, ports: Vec<Value>) -> Value {
+fn service_spec(w: &ImportedService, ports: Vec<Value>) -> Value {
     let mut spec = json!({ "type": "ClusterIP", "ports": ports });
     if let Some(timeout) = affinity(w) {
         spec["sessionAffinity"] = json!("ClientIP");
@@ -397,7 +397,7 @@ impl Importer {
     pub fn start(
         client: Client,
         config: ImporterConfig,
-        wanted: watch::Receiver<Arc<Vec<Wanted>>>,
+        wanted: watch::Receiver<Arc<Vec<ImportedService>>>,
         leader: watch::Receiver<bool>,
         health: Health,
     ) -> (Importer, impl Future<Output = ()> + Send + 'static) {
@@ -415,7 +415,7 @@ impl Importer {
 async fn run(
     client: Client,
     config: ImporterConfig,
-    mut wanted: watch::Receiver<Arc<Vec<Wanted>>>,
+    mut wanted: watch::Receiver<Arc<Vec<ImportedService>>>,
     mut leader: watch::Receiver<bool>,
     health: Health,
     placement: watch::Sender<Arc<Placement>>,
@@ -514,17 +514,6 @@ async fn run(
     );
 }
 
-/// Publishes `now` on `tx` if it differs.
-fn publish<T: PartialEq>(tx: &watch::Sender<Arc<T>>, now: T) {
-    tx.send_if_modified(|cur| {
-        let changed = **cur != now;
-        if changed {
-            *cur = Arc::new(now);
-        }
-        changed
-    });
-}
-
 /// The ready addresses in the gateway Service's EndpointSlices.
 fn ready_addresses(slices: &[Arc<EndpointSlice>]) -> Vec<IpAddr> {
     let mut out: BTreeSet<IpAddr> = BTreeSet::new();
@@ -571,7 +560,7 @@ impl Pass<'_> {
     /// settled), deletes what strait wrote that is no longer wanted. Returns the errors.
     async fn run(
         mut self,
-        want: &[Wanted],
+        want: &[ImportedService],
         placement: &Placement,
         gateways: &[IpAddr],
         delete: bool,
@@ -601,7 +590,7 @@ impl Pass<'_> {
     }
 
     /// Writes one import: its ServiceImport, status, derived Services and slices.
-    async fn import(&mut self, w: &Wanted, placement: &Placement, gateways: &[IpAddr]) {
+    async fn import(&mut self, w: &ImportedService, placement: &Placement, gateways: &[IpAddr]) {
         let si = service_import(w, placement);
         let api = Api::<v1beta1::ServiceImport>::namespaced(self.client.clone(), &w.namespace);
         let current = find(self.stores.imports, &si);

@@ -22,7 +22,7 @@ use tokio::sync::{Notify, watch};
 use crate::exports::{Clusterset, Cond, ExportObject, Verdict, conflict, exports_from};
 use crate::mcs::GROUP;
 use crate::mcs::about::ClusterProperty;
-use crate::watch::{Health, next_change, reflect};
+use crate::watch::{Health, next_change, publish, reflect};
 
 /// How often everything is re-checked even without a change (a failed status write is
 /// retried then).
@@ -181,13 +181,7 @@ async fn run(
             for e in &mut now {
                 e.selection.properties = mine.clone();
             }
-            properties_tx.send_if_modified(|cur| {
-                let changed = **cur != mine;
-                if changed {
-                    *cur = Arc::new(mine);
-                }
-                changed
-            });
+            publish(&properties_tx, mine);
             let others = clusterset.borrow().clone();
             for v in verdicts.iter_mut().filter(|v| v.valid()) {
                 if let Some(e) = now
@@ -197,14 +191,10 @@ async fn run(
                     v.conditions.push(conflict(&me, e, &others));
                 }
             }
-            tx.send_if_modified(|cur| {
-                let changed = **cur != now;
-                if changed {
-                    tracing::info!(exports = now.len(), "exports read from ServiceExports");
-                    *cur = Arc::new(now);
-                }
-                changed
-            });
+            let count = now.len();
+            if publish(&tx, now) {
+                tracing::info!(exports = count, "exports read from ServiceExports");
+            }
             if *leader.borrow() {
                 write_statuses(&client, &resource, &exports, &verdicts, &leader, &health).await;
             }

@@ -205,3 +205,14 @@ pub(crate) async fn next_change<T>(rx: &mut watch::Receiver<T>) {
         std::future::pending::<()>().await;
     }
 }
+
+/// Publishes `now` on `tx` only if it differs from what is there; whether it did.
+pub fn publish<T: PartialEq>(tx: &watch::Sender<Arc<T>>, now: T) -> bool {
+    tx.send_if_modified(|cur| {
+        let changed = **cur != now;
+        if changed {
+            *cur = Arc::new(now);
+        }
+        changed
+    })
+}

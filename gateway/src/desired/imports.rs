@@ -21,20 +21,25 @@ use super::{ClustersetService, Import, ImportPort, KubeImports, Local, PeerTarge
 /// In Kubernetes mode it also holds the gateway port of each (key, service port), for
 /// the ports the API has not recorded yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Allocation(BTreeMap<String, IpAddr>, BTreeMap<(String, u16), u16>);
+pub struct Allocation {
+    /// Allocation key → local address.
+    addresses: BTreeMap<String, IpAddr>,
+    /// (allocation key, service port) → gateway port (Kubernetes mode).
+    ports: BTreeMap<(String, u16), u16>,
+}
 
 impl Allocation {
     /// An allocation that already gave `key` the address `address`.
     #[cfg(test)]
     pub fn with(mut self, key: &str, address: IpAddr) -> Self {
-        self.0.insert(key.to_owned(), address);
+        self.addresses.insert(key.to_owned(), address);
         self
     }
 
     /// Addresses given out now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.addresses.len()
     }
 
     /// A stable gateway port for service port `port` of `key` in `range`: the one the
@@ -56,7 +61,7 @@ impl Allocation {
             .filter(|(_, gp)| range.contains(*gp))
             .collect();
         if let Some(p) = recorded.get(&(key, port)) {
-            self.1.insert(id, *p);
+            self.ports.insert(id, *p);
             return Some(*p);
         }
         let taken_by_other = |p: u16, me: &(String, u16)| {
@@ -68,7 +73,7 @@ impl Allocation {
         if !placement.allocate {
             return None;
         }
-        if let Some(p) = self.1.get(&id).copied()
+        if let Some(p) = self.ports.get(&id).copied()
             && !taken_by_other(p, &id)
         {
             return Some(p);
@@ -79,16 +84,17 @@ impl Allocation {
         let free = (0..range.len())
             .map(|i| range.first + ((start + i) % range.len()) as u16)
             .find(|p| {
-                !taken_by_other(*p, &id) && !self.1.iter().any(|(other, q)| q == p && *other != id)
+                !taken_by_other(*p, &id)
+                    && !self.ports.iter().any(|(other, q)| q == p && *other != id)
             })?;
-        self.1.insert(id, free);
+        self.ports.insert(id, free);
         Some(free)
     }
 
     /// A stable address for `key` in `range`: its previous one, else the first free host
     /// starting from a hash of the name (so restarts tend to give the same address).
     fn allocate(&mut self, range: IpNet, key: &str, reserved: &[IpAddr]) -> Option<IpAddr> {
-        if let Some(a) = self.0.get(key) {
+        if let Some(a) = self.addresses.get(key) {
             return Some(*a);
         }
         let hosts: Vec<IpAddr> = range.hosts().take(65_536).collect();
@@ -99,7 +105,7 @@ impl Allocation {
         key.hash(&mut h);
         let start = (h.finish() % hosts.len() as u64) as usize;
         let taken: Vec<IpAddr> = self
-            .0
+            .addresses
             .values()
             .copied()
             .chain(reserved.iter().copied())
@@ -107,7 +113,7 @@ impl Allocation {
         let free = (0..hosts.len())
             .map(|i| hosts[(start + i) % hosts.len()])
             .find(|a| !taken.contains(a))?;
-        self.0.insert(key.to_owned(), free);
+        self.addresses.insert(key.to_owned(), free);
         Some(free)
     }
 }
@@ -240,9 +246,11 @@ pub(super) fn desired_imports(
             });
         }
     }
-    alloc.0.retain(|k, _| wanted.iter().any(|w| w.key == *k));
     alloc
-        .1
+        .addresses
+        .retain(|k, _| wanted.iter().any(|w| w.key == *k));
+    alloc
+        .ports
         .retain(|(k, _), _| wanted.iter().any(|w| w.key == *k));
     let mut out: Vec<Import> = configured.to_vec();
     for w in wanted {
@@ -493,7 +501,10 @@ mod tests {
             .0
             .is_empty()
         );
-        assert!(alloc.0.is_empty(), "a withdrawn service frees its address");
+        assert!(
+            alloc.addresses.is_empty(),
+            "a withdrawn service frees its address"
+        );
     }
 
     #[test]
