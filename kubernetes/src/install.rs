@@ -15,6 +15,7 @@
 //! `kubectl kustomize`, is the same set of objects as [`render`] for its cluster.
 
 use std::collections::BTreeMap;
+use strait_common::identity::is_dns_label;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -360,16 +361,6 @@ fn check_seed(seed: &str) -> Result<()> {
         "seed {seed:?} is not an ip:port: give each seed as an IP address and port, for example 203.0.113.7:4434 (look a host name up first)"
     );
     Ok(())
-}
-
-/// RFC 1123 label: 1-63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// RFC 1123 subdomain: dot-separated labels, at most 253 bytes.

@@ -171,6 +171,26 @@ impl KubeCluster {
         }));
     }
 
+    /// Waits (bounded) for the derived Service of imported service `name` to have its
+    /// cluster IP; that IP and the gateway port of its first port.
+    pub async fn derived_service(&self, name: &str) -> (IpAddr, u16) {
+        let ready = self
+            .api
+            .wait_until(Duration::from_secs(20), |_| {
+                self.derived("v1", "Service", name)
+                    .first()
+                    .is_some_and(|s| s["spec"]["clusterIP"].is_string())
+            })
+            .await;
+        assert!(ready, "{}: a derived Service for {name}", self.name);
+        let s = &self.derived("v1", "Service", name)[0];
+        let ip = s["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok());
+        let port = s["spec"]["ports"][0]["targetPort"].as_u64();
+        (ip.expect("an IP"), port.expect("a port") as u16)
+    }
+
     /// The `ServiceImport` `name`, if there is one.
     pub fn service_import(&self, name: &str) -> Option<Value> {
         self.api.get(

@@ -148,16 +148,7 @@ async fn a_service_export_becomes_an_import_reachable_through_the_gateway_and_go
 
     // The exporting cluster imports its own service too (as the MCS API has it); its
     // gateway dials its own endpoint directly, no tunnel.
-    let own = east
-        .api
-        .wait_until(LIMIT, |_| {
-            east.derived("v1", "Service", "web")
-                .first()
-                .is_some_and(|s| s["spec"]["clusterIP"].is_string())
-        })
-        .await;
-    assert!(own, "east has a derived Service for its own export");
-    let own_port = target_port(&east.derived("v1", "Service", "web")[0]);
+    let (_, own_port) = east.derived_service("web").await;
     let local = SocketAddr::new(east.pod_ip, own_port);
     eventually(
         LIMIT,
@@ -326,16 +317,7 @@ async fn vanished_api_servers_and_malformed_exports_never_stop_the_data_plane() 
         &[("http", 80, web.port())],
         &[(web.ip(), None, true)],
     );
-    let derived = west
-        .api
-        .wait_until(LIMIT, |_| {
-            west.derived("v1", "Service", "web")
-                .first()
-                .is_some_and(|s| s["spec"]["clusterIP"].is_string())
-        })
-        .await;
-    assert!(derived, "imported");
-    let port = target_port(&west.derived("v1", "Service", "web")[0]);
+    let (_, port) = west.derived_service("web").await;
     let through = SocketAddr::new(west.pod_ip, port);
     eventually(LIMIT, "traffic flows", async || {
         read_from(through).await.is_ok_and(|s| s == "east web")
