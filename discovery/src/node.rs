@@ -328,7 +328,8 @@ impl pb::gossip_server::Gossip for GossipService {
         let theirs =
             wire::digest_from_pb(msg.digest.unwrap_or_default()).map_err(|e| s.reject(e))?;
         let (delta, mine) = {
-            let c = s.lock();
+            let mut c = s.lock();
+            c.note_digest(&theirs, Instant::now());
             (c.delta_for(&theirs), c.digest())
         };
         let resp = pb::SyncResponse {
@@ -502,6 +503,7 @@ async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Re
     let now = Instant::now();
     let back = {
         let mut c = shared.lock();
+        c.note_digest(&theirs, now);
         if c.apply(delta, now).changed {
             drop(c);
             shared.publish(now);

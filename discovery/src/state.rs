@@ -32,6 +32,8 @@ pub struct CatalogConfig {
     pub min_heartbeat_interval: Duration,
     /// Byte budget of one delta message.
     pub max_delta_bytes: usize,
+    /// Whether this member starts out speaking for its cluster (see [`Voice`]).
+    pub voice: Voice,
 }
 
 impl Default for CatalogConfig {
@@ -43,6 +45,7 @@ impl Default for CatalogConfig {
             phi_threshold: 5.0,
             min_heartbeat_interval: Duration::from_millis(100),
             max_delta_bytes: 256 << 10,
+            voice: Voice::Speak,
         }
     }
 }
@@ -249,8 +252,10 @@ pub struct Catalog {
     /// Quiet now: neither sends its own origin nor outranks its cluster's.
     quiet: bool,
     /// The newest sibling incarnation heard (a replica of this cluster with another
-    /// generation): its generation and heartbeat, and when that heartbeat last grew.
-    sibling: Option<(u64, u64, Instant)>,
+    /// generation), and when its heartbeat last grew.
+    sibling: Option<(OriginDigest, Instant)>,
+    /// Since when the voice is `Auto` (it listens a while before it speaks).
+    auto_since: Option<Instant>,
 }
 
 /// Whether a replica speaks for its cluster in gossip. Several replicas of one cluster
@@ -264,9 +269,9 @@ pub enum Voice {
     Speak,
     /// Another replica speaks (it holds the Lease): relays, never publishes its own.
     Quiet,
-    /// Nobody knows who speaks (the Lease cannot be read): stays quiet while a newer
-    /// sibling incarnation is heard alive, speaks otherwise. Exactly one replica, the
-    /// newest, ends up speaking.
+    /// Nobody knows who speaks (the Lease cannot be read): listens for a sixth of the
+    /// lease first, then stays quiet while a newer sibling incarnation is heard alive and
+    /// speaks otherwise. Exactly one replica, the newest, ends up speaking.
     Auto,
 }
 
@@ -275,18 +280,22 @@ impl Catalog {
     /// value that grows across restarts, e.g. the start time in milliseconds).
     pub fn new(me: MemberInfo, generation: u64, config: CatalogConfig) -> Self {
         Self {
-            config,
             local: Origin::new(me, generation),
             remotes: BTreeMap::new(),
-            voice: Voice::Speak,
-            quiet: false,
+            voice: config.voice,
+            quiet: config.voice != Voice::Speak,
             sibling: None,
+            auto_since: None,
+            config,
         }
     }
 
     /// Sets whether this replica speaks for its cluster; takes effect at once for
     /// `Speak` and `Quiet`, at the next tick for `Auto`.
     pub fn set_voice(&mut self, voice: Voice, now: Instant) {
+        if voice != self.voice {
+            self.auto_since = None;
+        }
         self.voice = voice;
         self.update_quiet(now);
     }
@@ -296,18 +305,49 @@ impl Catalog {
         !self.quiet
     }
 
-    fn update_quiet(&mut self, now: Instant) {
-        // A sibling is alive while its heartbeat keeps growing (relays of an old one do
-        // not count); a sixth of the lease is several gossip rounds.
-        let alive_newer = self.sibling.is_some_and(|(generation, _, at)| {
-            generation > self.local.generation
+    /// A sibling is alive while its heartbeat keeps growing (relays of an old one do not
+    /// count); a sixth of the lease is several gossip rounds.
+    fn newer_sibling_alive(&self, now: Instant) -> bool {
+        self.sibling.is_some_and(|(d, at)| {
+            d.generation > self.local.generation
                 && now.saturating_duration_since(at) < self.config.lease / 6
-        });
+        })
+    }
+
+    fn update_quiet(&mut self, now: Instant) {
+        if self.voice == Voice::Auto && self.auto_since.is_none() {
+            self.auto_since = Some(now);
+        }
+        let listening = self
+            .auto_since
+            .is_some_and(|at| now.saturating_duration_since(at) < self.config.lease / 6);
         self.quiet = match self.voice {
             Voice::Speak => false,
             Voice::Quiet => true,
-            Voice::Auto => alive_newer,
+            Voice::Auto => listening || self.newer_sibling_alive(now),
         };
+    }
+
+    /// Whether this member must outrank a newer incarnation of its cluster it learns of:
+    /// it speaks, and no newer sibling is alive (when the Lease names it, always).
+    fn outranks(&self, now: Instant) -> bool {
+        match self.voice {
+            Voice::Speak => true,
+            Voice::Quiet => false,
+            Voice::Auto => !self.quiet && !self.newer_sibling_alive(now),
+        }
+    }
+
+    /// Learns from a peer's digest which generation of this cluster the federation holds
+    /// (even an expired one, which is no longer relayed): a speaking member outranks it,
+    /// or peers would keep ignoring its origin.
+    pub fn note_digest(&mut self, theirs: &Digest, now: Instant) {
+        if let Some(d) = theirs.get(&self.local.info.cluster)
+            && d.generation > self.local.generation
+            && self.outranks(now)
+        {
+            self.local.generation = d.generation.saturating_add(1);
+        }
     }
 
     /// This member.
@@ -375,9 +415,15 @@ impl Catalog {
             .iter()
             .map(|(c, r)| (c.clone(), r.origin.digest()))
             .collect();
-        // A quiet replica claims nothing of its cluster, so peers relay the speaker's.
-        if !self.quiet {
-            d.insert(self.local.info.cluster.clone(), self.local.digest());
+        // A quiet replica claims what it has heard of the speaker, so peers send it only
+        // what is new (it keeps none of it: only the speaker writes the cluster's origin).
+        let own = if self.quiet {
+            self.sibling.map(|(d, _)| d)
+        } else {
+            Some(self.local.digest())
+        };
+        if let Some(own) = own {
+            d.insert(self.local.info.cluster.clone(), own);
         }
         d
     }
@@ -411,16 +457,25 @@ impl Catalog {
                 // outrank it so this incarnation is not ignored everywhere.
                 // (Equal is the normal relay of our own state.)
                 if od.generation != self.local.generation {
-                    let grew = match self.sibling {
-                        Some((g, hb, _)) if g == od.generation => od.heartbeat > hb,
-                        Some((g, _, _)) => od.generation > g,
-                        None => true,
+                    let version = od.entries.iter().map(|(_, e)| e.version).max().unwrap_or(0);
+                    let heard = OriginDigest {
+                        generation: od.generation,
+                        version,
+                        heartbeat: od.heartbeat,
                     };
-                    if grew {
-                        self.sibling = Some((od.generation, od.heartbeat, now));
+                    match &mut self.sibling {
+                        Some((d, at)) if d.generation == od.generation => {
+                            d.version = d.version.max(version);
+                            if od.heartbeat > d.heartbeat {
+                                d.heartbeat = od.heartbeat;
+                                *at = now;
+                            }
+                        }
+                        Some((d, _)) if d.generation > od.generation => {}
+                        _ => self.sibling = Some((heard, now)),
                     }
                 }
-                if od.generation > self.local.generation && self.voice == Voice::Speak {
+                if od.generation > self.local.generation && self.outranks(now) {
                     self.local.generation = od.generation.saturating_add(1);
                     stats.changed = true;
                 }

@@ -2,7 +2,6 @@
 //! catalog model. Everything from the network is validated here, so the state machine
 //! only ever sees well-formed names, addresses and ports.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use strait_common::identity::is_dns_label;
@@ -290,38 +289,7 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
             label(&format!("{at}.export_to"), c)?;
         }
     }
-    limit(
-        &format!("{at}.cluster_selectors"),
-        &s.cluster_selectors,
-        MAX_SELECTION,
-    )?;
-    let properties = |field: String, m: std::collections::HashMap<String, String>| {
-        if m.len() > MAX_SELECTION {
-            return Err(bad(
-                &field,
-                format!("has {} entries (at most {MAX_SELECTION})", m.len()),
-            ));
-        }
-        if let Some((k, v)) = m.iter().find(|(k, v)| k.len() > 253 || v.len() > 253) {
-            return Err(bad(
-                &field,
-                format!(
-                    "entry `{}` is longer than 253 bytes",
-                    if k.len() > 253 { k } else { v }.escape_debug()
-                ),
-            ));
-        }
-        Ok(m.into_iter().collect::<BTreeMap<_, _>>())
-    };
-    let selectors = s
-        .cluster_selectors
-        .into_iter()
-        .map(|sel| properties(format!("{at}.cluster_selectors"), sel.match_properties))
-        .collect::<Result<Vec<_>, WireError>>()?;
-    let selection = Selection {
-        selectors,
-        properties: properties(format!("{at}.cluster_properties"), s.cluster_properties)?,
-    };
+    let selection = selection_from_pb(s.cluster_selectors, s.cluster_properties);
     Ok(Service {
         ports,
         endpoints,
@@ -332,6 +300,31 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
         exported_at_ms: s.exported_at_ms,
         selection,
     })
+}
+
+/// KEP-5939 selection from the wire. Over the limits it is dropped (selectors then match
+/// nothing for that export) rather than refusing the whole delta: one oversized export
+/// must not silence its cluster.
+fn selection_from_pb(
+    selectors: Vec<pb::Selector>,
+    properties: std::collections::HashMap<String, String>,
+) -> Selection {
+    let fits = |m: &std::collections::HashMap<String, String>| {
+        m.len() <= MAX_SELECTION && m.iter().all(|(k, v)| k.len() <= 253 && v.len() <= 253)
+    };
+    if selectors.len() > MAX_SELECTION
+        || !selectors.iter().all(|s| fits(&s.match_properties))
+        || !fits(&properties)
+    {
+        return Selection::default();
+    }
+    Selection {
+        selectors: selectors
+            .into_iter()
+            .map(|s| s.match_properties.into_iter().collect())
+            .collect(),
+        properties: properties.into_iter().collect(),
+    }
 }
 
 fn addr(field: &str, v: &str) -> Result<SocketAddr, WireError> {

@@ -14,7 +14,7 @@ use strait_common::config::Discovery;
 use strait_common::pki::Identity;
 use strait_discovery::model::{MemberInfo, Service, ServiceKey};
 use strait_discovery::node::{Node, NodeConfig};
-use strait_discovery::state::CatalogConfig;
+use strait_discovery::state::{CatalogConfig, Voice};
 use tokio::sync::watch;
 
 use crate::desired::Desired;
@@ -119,6 +119,13 @@ impl Federation {
                 lease: d.lease.0,
                 phi_threshold: d.phi_threshold,
                 min_heartbeat_interval: d.interval.0,
+                // In Kubernetes mode a replica speaks for its cluster only once it knows
+                // it should (the writer Lease) and has read the exports.
+                voice: if config.kubernetes.is_some() {
+                    Voice::Quiet
+                } else {
+                    Voice::Speak
+                },
                 ..Default::default()
             },
             ..Default::default()

@@ -13,7 +13,7 @@ use strait_kubernetes::exports::Clusterset;
 use strait_kubernetes::imports::{ImportedService, Importer, ImporterConfig, Placement, Unit};
 use strait_kubernetes::lease::Holder;
 use strait_kubernetes::mcs::about::{CLUSTER_ID, ClusterProperty};
-use strait_kubernetes::source::KubeExports;
+use strait_kubernetes::source::{EndpointFilter, KubeExports};
 use strait_kubernetes::watch::{Health, HealthReport, publish};
 use tokio::sync::watch;
 
@@ -145,14 +145,17 @@ pub(crate) fn start(
         holder_tx,
         health.clone(),
     );
-    let speak = follow_holder(holder, leader_tx, node);
+    let speak = follow_holder(holder, health.subscribe(), leader_tx, node);
     let (clusterset_tx, clusterset) = watch::channel(Arc::new(Clusterset::new()));
     let (exports, run_exports) = KubeExports::start(
         client.clone(),
         cluster.to_owned(),
         clusterset,
         leader.clone(),
-        k.allow_local_endpoints,
+        EndpointFilter {
+            allow_local: k.allow_local_endpoints,
+            gateway: (k.namespace.clone(), k.gateway_service.clone()),
+        },
         health.clone(),
     );
     let (wanted_tx, wanted) = watch::channel(Arc::new(Vec::new()));
@@ -200,28 +203,36 @@ async fn feed(
 }
 
 /// Follows the writer Lease: this replica writes while it holds it, and its discovery
-/// member speaks for the cluster only then, so the cluster has one voice in the
-/// federation. When nobody knows the holder (the API server is away) the replicas settle
-/// on one voice by themselves (`Voice::Auto`), so the cluster stays in the federation.
+/// member speaks for the cluster only then, and only once the exports have been read (a
+/// replica that has read nothing would publish an empty catalog). When nobody knows the
+/// holder (the API server is away) the replicas settle on one voice by themselves
+/// (`Voice::Auto`), so the cluster stays in the federation.
 async fn follow_holder(
     mut holder: watch::Receiver<Holder>,
+    mut health: watch::Receiver<HealthReport>,
     leader: watch::Sender<bool>,
     node: Option<Arc<Node>>,
 ) {
     loop {
         let h = *holder.borrow_and_update();
-        leader.send_if_modified(|cur| std::mem::replace(cur, h == Holder::Me) != (h == Holder::Me));
+        let synced = health.borrow_and_update().synced;
+        publish_bool(&leader, h == Holder::Me);
         if let Some(n) = &node {
-            n.set_voice(match h {
-                Holder::Me => Voice::Speak,
-                Holder::Other => Voice::Quiet,
-                Holder::Unknown => Voice::Auto,
+            n.set_voice(match (h, synced) {
+                (_, false) | (Holder::Other, _) => Voice::Quiet,
+                (Holder::Me, true) => Voice::Speak,
+                (Holder::Unknown, true) => Voice::Auto,
             });
         }
-        if holder.changed().await.is_err() {
-            return;
+        tokio::select! {
+            r = holder.changed() => if r.is_err() { return },
+            r = health.changed() => if r.is_err() { return },
         }
     }
+}
+
+fn publish_bool(tx: &watch::Sender<bool>, now: bool) {
+    tx.send_if_modified(|cur| std::mem::replace(cur, now) != now);
 }
 
 /// Keeps `clusterset` equal to what the discovery view says each cluster exports.

@@ -7,7 +7,7 @@
 //! parsed one by one, so one malformed object is reported on itself and never stops the
 //! others (a typed watch would fail the whole list).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -22,6 +22,7 @@ use strait_common::config::{Endpoint, Export, Protocol, Selection, ServicePort};
 use strait_common::units::HumanDuration;
 
 use strait_discovery::model::{Service as CatalogService, resolve};
+use strait_discovery::wire::MAX_SELECTION;
 
 use crate::mcs::{condition, v1beta1};
 
@@ -130,6 +131,7 @@ pub fn exports_from(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     allow_local: bool,
+    gateways: &BTreeSet<IpAddr>,
 ) -> (Vec<Export>, Vec<Verdict>) {
     let by_name: BTreeMap<(&str, &str), &Service> = services
         .iter()
@@ -149,7 +151,7 @@ pub fn exports_from(
         let service = by_name
             .get(&(o.namespace.as_str(), o.name.as_str()))
             .copied();
-        let conditions = match export_of(o, service, slices, allow_local) {
+        let conditions = match export_of(o, service, slices, allow_local, gateways) {
             Ok((export, note)) => {
                 exports.push(export);
                 vec![
@@ -234,6 +236,7 @@ fn export_of(
     service: Option<&Service>,
     slices: &[Arc<EndpointSlice>],
     allow_local: bool,
+    gateways: &BTreeSet<IpAddr>,
 ) -> Result<(Export, String), (&'static str, String)> {
     let selectors: Vec<BTreeMap<String, String>> = match &o.spec {
         Err(e) => {
@@ -250,6 +253,18 @@ fn export_of(
             .map(|s| s.match_properties.clone())
             .collect(),
     };
+    // What the catalog can carry (peers refuse more).
+    let too_long = |m: &BTreeMap<String, String>| {
+        m.len() > MAX_SELECTION || m.iter().any(|(k, v)| k.len() > 253 || v.len() > 253)
+    };
+    if selectors.len() > MAX_SELECTION || selectors.iter().any(too_long) {
+        return Err((
+            "InvalidClusterSelectors",
+            format!(
+                "spec.clusterSelectors has more than {MAX_SELECTION} selectors or properties, or a name or value longer than 253 bytes; shorten it"
+            ),
+        ));
+    }
     let export_to = match o.annotations.get(EXPORT_TO) {
         None => vec!["*".to_owned()],
         Some(v) => {
@@ -348,10 +363,10 @@ fn export_of(
     }
     let mut endpoints = endpoints_of(&mine);
     let before = endpoints.len();
-    endpoints.retain(|e| allow_local || !is_local(e.address));
+    endpoints.retain(|e| (allow_local || !is_local(e.address)) && !gateways.contains(&e.address));
     if endpoints.len() < before {
         skipped.push(format!(
-            "{} endpoint(s) at loopback, link-local, multicast or unspecified addresses",
+            "{} endpoint(s) at loopback, link-local, metadata, multicast, unspecified or gateway addresses",
             before - endpoints.len()
         ));
     }
@@ -408,6 +423,8 @@ fn is_local(a: IpAddr) -> bool {
                 || v6.is_multicast()
                 || v6.is_unspecified()
                 || v6.is_unicast_link_local()
+                // The AWS metadata service's IPv6 address (unique-local, not link-local).
+                || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
                 || v6
                     .to_ipv4_mapped()
                     .is_some_and(|v4| is_local(IpAddr::V4(v4)))
@@ -525,7 +542,7 @@ mod tests {
                 { "addresses": ["169.254.169.254"] },
             ]),
         )];
-        let (out, verdicts) = exports_from(&exports, &services, &slices, false);
+        let (out, verdicts) = exports_from(&exports, &services, &slices, false, &BTreeSet::new());
         assert_eq!(out.len(), 1);
         let e = &out[0];
         assert_eq!((e.namespace.as_str(), e.name.as_str()), ("shop", "web"));
@@ -563,7 +580,17 @@ mod tests {
             ready.status && ready.message.contains("UDP port 53"),
             "{ready:?}"
         );
+        assert!(
+            ready.message.contains("2 endpoint(s) at loopback"),
+            "{ready:?}"
+        );
         assert_eq!(verdicts[0].generation, Some(3));
+        let (allowed, _) = exports_from(&exports, &services, &slices, true, &BTreeSet::new());
+        assert_eq!(allowed[0].endpoints.len(), 6, "unless allowed");
+        // The gateway pods themselves are never endpoints.
+        let gateways = BTreeSet::from(["10.1.0.4".parse().unwrap()]);
+        let (out, _) = exports_from(&exports, &services, &slices, true, &gateways);
+        assert_eq!(out[0].endpoints.len(), 5);
     }
 
     #[test]
@@ -578,7 +605,7 @@ mod tests {
             json!([]),
             json!([{ "addresses": ["10.1.0.7"], "hostname": "db-0" }]),
         )];
-        let (out, _) = exports_from(&exports, &services, &slices, false);
+        let (out, _) = exports_from(&exports, &services, &slices, false, &BTreeSet::new());
         assert!(out[0].headless);
         assert_eq!(out[0].ports[0].target_port, Some(15432));
         assert_eq!(out[0].endpoints[0].hostname.as_deref(), Some("db-0"));
@@ -608,7 +635,7 @@ mod tests {
             service("heavy", json!({ "ports": [{ "port": 80 }] })),
             service("ok", json!({ "ports": [{ "port": 80 }] })),
         ];
-        let (out, verdicts) = exports_from(&exports, &services, &[], false);
+        let (out, verdicts) = exports_from(&exports, &services, &[], false, &BTreeSet::new());
         let names: Vec<&str> = out.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["ok"], "only the valid export is published");
         assert_eq!(out[0].export_to, ["eu-west", "ap-south"]);

@@ -481,9 +481,12 @@ async fn run(
                 (false, _) => (settles_at, settled) = (None, false),
                 _ => {}
             }
+            // The writer gives out new ports only once it has read the record: with an
+            // empty store it would hand out ports other imports already have.
+            let allocate = writer && health.now().synced;
             publish(
                 &placement,
-                Placement::from_services(&services.state(), writer),
+                Placement::from_services(&services.state(), allocate),
             );
             if !writer || !health.now().synced {
                 continue;
@@ -625,18 +628,37 @@ impl Pass<'_> {
             }
         }
         for unit in &w.units {
+            // A unit without ports yet (computed before the writer could allocate) waits
+            // for the next pass; one whose ports another import records is refused.
+            if unit.ports.is_empty() {
+                continue;
+            }
+            if let Some(clash) = clashing(unit, placement) {
+                self.errors.push(format!(
+                    "{}/{}: gateway port {clash} is recorded for another import; waiting for a new one",
+                    w.namespace, w.name
+                ));
+                continue;
+            }
             // The Service (the record) first, then the slices that send traffic to it.
             for o in derived(w, unit, &owner, gateways) {
                 let ns = o.namespace.clone();
+                // Unchanged: the same digest, and no hand edit of what carries traffic.
                 if o.body["kind"] == "Service" {
                     let cur = find(self.stores.services, &o);
-                    if !same(cur.as_deref().map(|c| c.annotations()), &o) {
+                    let unchanged = cur.as_deref().is_some_and(|c| {
+                        same(Some(c.annotations()), &o) && ports_of(c) == ports_in(&o.body)
+                    });
+                    if !unchanged {
                         let api = Api::<Service>::namespaced(self.client.clone(), &ns);
                         self.apply(&api, &o, cur.is_some()).await;
                     }
                 } else {
                     let cur = find(self.stores.slices, &o);
-                    if !same(cur.as_deref().map(|c| c.annotations()), &o) {
+                    let unchanged = cur.as_deref().is_some_and(|c| {
+                        same(Some(c.annotations()), &o) && slice_of(c) == slice_in(&o.body)
+                    });
+                    if !unchanged {
                         let api = Api::<EndpointSlice>::namespaced(self.client.clone(), &ns);
                         self.apply(&api, &o, cur.is_some()).await;
                     }
@@ -725,6 +747,84 @@ impl Pass<'_> {
                 .push(format!("deleting {kind:?} {ns}/{name}: {e}")),
         }
     }
+}
+
+/// A gateway port of `unit` that the record gives to another import.
+fn clashing(unit: &Unit, placement: &Placement) -> Option<u16> {
+    unit.ports.iter().map(|(_, _, gp)| *gp).find(|gp| {
+        placement
+            .records
+            .iter()
+            .any(|(key, p)| *key != unit.key && p.ports.values().any(|q| q == gp))
+    })
+}
+
+/// (port, target port) of a Service as it is: edits that the digest does not see (a
+/// `targetPort` changed by hand) are rewritten.
+fn ports_of(s: &Service) -> BTreeSet<(i64, String)> {
+    let ports = s
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    ports
+        .into_iter()
+        .map(|p| {
+            let target = match p.target_port {
+                Some(IntOrString::Int(t)) => t.to_string(),
+                Some(IntOrString::String(t)) => t,
+                None => String::new(),
+            };
+            (i64::from(p.port), target)
+        })
+        .collect()
+}
+
+/// (port, target port) of the Service strait would write.
+fn ports_in(body: &Value) -> BTreeSet<(i64, String)> {
+    body["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let port = p["port"].as_i64().unwrap_or_default();
+            (port, p["targetPort"].to_string())
+        })
+        .collect()
+}
+
+/// The addresses and ports of an EndpointSlice as it is.
+fn slice_of(s: &EndpointSlice) -> (BTreeSet<String>, BTreeSet<i64>) {
+    let addresses = s
+        .endpoints
+        .iter()
+        .flat_map(|e| e.addresses.clone())
+        .collect();
+    let ports = s
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.port.map(i64::from))
+        .collect();
+    (addresses, ports)
+}
+
+/// The addresses and ports of the EndpointSlice strait would write.
+fn slice_in(body: &Value) -> (BTreeSet<String>, BTreeSet<i64>) {
+    let addresses = body["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let ports = body["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    (addresses, ports)
 }
 
 fn find<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, o: &Object) -> Option<Arc<K>> {

@@ -3,7 +3,8 @@
 //! them changes, and the `ServiceExport` conditions written back by the replica that holds
 //! the Lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::exports::{Clusterset, Cond, ExportObject, Verdict, conflict, exports_
 use crate::mcs::GROUP;
 use crate::mcs::about::ClusterProperty;
 use crate::watch::{Health, next_change, publish, reflect};
+use strait_discovery::wire::MAX_SELECTION;
 
 /// How often everything is re-checked even without a change (a failed status write is
 /// retried then).
@@ -60,7 +62,7 @@ impl KubeExports {
         me: String,
         clusterset: watch::Receiver<Arc<Clusterset>>,
         leader: watch::Receiver<bool>,
-        allow_local: bool,
+        filter: EndpointFilter,
         health: Health,
     ) -> (KubeExports, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
@@ -73,7 +75,7 @@ impl KubeExports {
             me,
             clusterset,
             leader,
-            allow_local,
+            filter,
         };
         let run = run(client, inputs, health, (tx, properties_tx));
         (KubeExports { rx, properties }, run)
@@ -100,7 +102,17 @@ struct Inputs {
     me: String,
     clusterset: watch::Receiver<Arc<Clusterset>>,
     leader: watch::Receiver<bool>,
-    allow_local: bool,
+    filter: EndpointFilter,
+}
+
+/// Which endpoint addresses are never exported.
+#[derive(Debug, Clone)]
+pub struct EndpointFilter {
+    /// Let loopback, link-local, multicast and unspecified addresses through.
+    pub allow_local: bool,
+    /// The gateway's namespace and Service: its pods are never endpoints (an
+    /// EndpointSlice naming them would loop traffic or reach the admin port).
+    pub gateway: (String, String),
 }
 
 async fn run(
@@ -109,7 +121,7 @@ async fn run(
         me,
         mut clusterset,
         mut leader,
-        allow_local,
+        filter,
     }: Inputs,
     health: Health,
     (tx, properties_tx): Outputs,
@@ -153,6 +165,15 @@ async fn run(
         Health::default(),
         changed.clone(),
     );
+    let (gateways, watch_gateways) = reflect(
+        Api::<EndpointSlice>::namespaced(client.clone(), &filter.gateway.0),
+        watcher::Config::default()
+            .labels(&format!("kubernetes.io/service-name={}", filter.gateway.1)),
+        (),
+        "gateway pods",
+        Health::default(),
+        changed.clone(),
+    );
     let write = async move {
         let mut resync = tokio::time::interval(RESYNC);
         loop {
@@ -171,13 +192,14 @@ async fn run(
                 .filter_map(|o| Some((ExportObject::from_dynamic(&o)?, o)))
                 .collect();
             let parsed: Vec<ExportObject> = objects.iter().map(|(e, _)| e.clone()).collect();
-            let mine: BTreeMap<String, String> = properties
-                .state()
-                .iter()
-                .map(|p| (p.name_any(), p.spec.value.clone()))
-                .collect();
-            let (mut now, mut verdicts) =
-                exports_from(&parsed, &services.state(), &slices.state(), allow_local);
+            let mine = published_properties(&properties.state());
+            let (mut now, mut verdicts) = exports_from(
+                &parsed,
+                &services.state(),
+                &slices.state(),
+                filter.allow_local,
+                &gateways_now(&gateways.state()),
+            );
             for e in &mut now {
                 e.selection.properties = mine.clone();
             }
@@ -205,8 +227,35 @@ async fn run(
         watch_services,
         watch_slices,
         watch_properties,
+        watch_gateways,
         write
     );
+}
+
+/// The gateway pods' addresses (every one listed, ready or not) and this pod's own.
+fn gateways_now(slices: &[Arc<EndpointSlice>]) -> BTreeSet<IpAddr> {
+    let listed = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flat_map(|e| e.addresses.iter()))
+        .filter_map(|a| a.parse().ok());
+    let own = std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok());
+    listed.chain(own).collect()
+}
+
+/// This cluster's properties as the catalog carries them: at most
+/// [`MAX_SELECTION`], each name and value at most 253 bytes (peers refuse more; the rest
+/// is left out, with a warning).
+fn published_properties(all: &[Arc<ClusterProperty>]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for p in all {
+        let (name, value) = (p.name_any(), p.spec.value.clone());
+        if name.len() > 253 || value.len() > 253 || out.len() == MAX_SELECTION {
+            tracing::warn!(property = %name, "ClusterProperty not published for cluster selectors (at most {MAX_SELECTION}, names and values at most 253 bytes)");
+            continue;
+        }
+        out.insert(name, value);
+    }
+    out
 }
 
 /// The newest `ServiceExport` version the API server serves: v1beta1, else v1alpha1.

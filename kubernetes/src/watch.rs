@@ -165,17 +165,24 @@ where
         let stream = reflector(writer, watcher(api, config).default_backoff());
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
+        // Backs off to 30 s: a resource that is not served at all is probed rarely.
+        let mut every = PROBE;
         loop {
             let event = tokio::select! {
                 event = stream.next() => event,
-                _ = tokio::time::sleep(PROBE), if failing => {
+                _ = tokio::time::sleep(every), if failing => {
                     if probe.list_metadata(&ListParams::default().limit(1)).await.is_ok() {
                         failing = false;
                         health.watch_ok(what, false);
+                    } else {
+                        every = (every * 2).min(std::time::Duration::from_secs(30));
                     }
                     continue;
                 }
             };
+            if !failing {
+                every = PROBE;
+            }
             let Some(event) = event else { return };
             failing = event.is_err();
             match event {

@@ -35,6 +35,10 @@ impl KubeCluster {
         Self::start_with(pki, name, seeds, |_| {}).await
     }
 
+    /// The discovery lease of test clusters: also how long a new writer waits before it
+    /// deletes withdrawn imports.
+    pub const LEASE: Duration = Duration::from_secs(5);
+
     /// Like [`KubeCluster::start`], with `prepare` run on the API server before the
     /// gateway starts (to change what it serves).
     pub async fn start_with(
@@ -43,6 +47,17 @@ impl KubeCluster {
         seeds: &[SocketAddr],
         prepare: impl FnOnce(&FakeApi),
     ) -> KubeCluster {
+        Self::start_leased(pki, name, seeds, prepare, Self::LEASE).await
+    }
+
+    /// Like [`KubeCluster::start_with`], with the discovery lease `lease`.
+    pub async fn start_leased(
+        pki: &TestPki,
+        name: &str,
+        seeds: &[SocketAddr],
+        prepare: impl FnOnce(&FakeApi),
+        lease: Duration,
+    ) -> KubeCluster {
         let api = FakeApi::start().await;
         for ns in [NS, "strait-system"] {
             api.create(
@@ -50,7 +65,7 @@ impl KubeCluster {
             );
         }
         prepare(&api);
-        let (gateway, pod_ip) = replica(pki, &api, name, 0, seeds).await;
+        let (gateway, pod_ip) = replica(pki, &api, name, 0, seeds, lease).await;
         KubeCluster {
             name: name.into(),
             api,
@@ -67,7 +82,7 @@ impl KubeCluster {
         n: usize,
         seeds: &[SocketAddr],
     ) -> (Gateway, IpAddr) {
-        replica(pki, &self.api, &self.name, n, seeds).await
+        replica(pki, &self.api, &self.name, n, seeds, Self::LEASE).await
     }
 }
 
@@ -79,13 +94,14 @@ async fn replica(
     name: &str,
     n: usize,
     seeds: &[SocketAddr],
+    lease: Duration,
 ) -> (Gateway, IpAddr) {
     let pod_ip = random_loopback();
     add_pod(api, pod_ip);
     let (socket, _) = udp();
     let gateway = pki
         .gateway(name, socket, |c| {
-            c.discovery = Some(discovery(seeds, Duration::from_secs(5)));
+            c.discovery = Some(discovery(seeds, lease));
             let mut k = Kubernetes::new(Some(api.url()));
             k.listen = pod_ip;
             k.import_ports = PortRange {

@@ -572,10 +572,17 @@ async fn objects_strait_did_not_write_are_left_alone_and_a_new_writer_deletes_no
         "spec": { "type": "ClusterSetIP", "ports": [{ "port": 80 }] },
     });
     let seed = east.gateway.discovery_addr().unwrap();
-    let west = KubeCluster::start_with(&pki, "west", &[seed], |api| {
-        api.create(foreign.clone());
-        api.create(leftover.clone());
-    })
+    // A long lease: the leftover must outlive the first passes by far.
+    let west = KubeCluster::start_leased(
+        &pki,
+        "west",
+        &[seed],
+        |api| {
+            api.create(foreign.clone());
+            api.create(leftover.clone());
+        },
+        Duration::from_secs(15),
+    )
     .await;
     let web = backend("east web").await;
     east.export(
@@ -625,10 +632,10 @@ async fn objects_strait_did_not_write_are_left_alone_and_a_new_writer_deletes_no
     // The leftover survives the first passes (the writer has not settled: its view of
     // the federation may still be filling) ...
     assert!(west.service_import("gone").is_some());
-    // ... and goes once the writer has settled (the discovery lease, 5 s here).
+    // ... and goes once the writer has settled (the discovery lease, 15 s here).
     assert!(
         west.api
-            .wait_until(LIMIT, |api| api
+            .wait_until(Duration::from_secs(40), |api| api
                 .get(SI, "ServiceImport", Some(NS), "gone")
                 .is_none())
             .await,

@@ -303,11 +303,12 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
         }));
     };
     let pki = TestPki::new();
-    let us = KubeCluster::start_with(&pki, "us-1", &[], |api| property(api, "us")).await;
-    let seed = us.gateway.discovery_addr().unwrap();
-    let eu = KubeCluster::start_with(&pki, "eu-1", &[seed], |api| property(api, "eu")).await;
-    let importer = KubeCluster::start_with(&pki, "eu-2", &[seed], |api| property(api, "eu")).await;
-    let mut backends = Vec::new();
+    // The importer is in "us": its selector must pick us-1, which sorts after eu-1 (the
+    // pick without selectors, by RTT bucket then cluster id).
+    let eu = KubeCluster::start_with(&pki, "eu-1", &[], |api| property(api, "eu")).await;
+    let seed = eu.gateway.discovery_addr().unwrap();
+    let us = KubeCluster::start_with(&pki, "us-1", &[seed], |api| property(api, "us")).await;
+    let importer = KubeCluster::start_with(&pki, "us-2", &[seed], |api| property(api, "us")).await;
     for (cluster, name) in [(&us, "from us"), (&eu, "from eu")] {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -316,7 +317,6 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
                 let _ = tokio::io::AsyncWriteExt::write_all(&mut s, name.as_bytes()).await;
             }
         });
-        backends.push(addr);
         cluster.service(
             HELLO,
             false,
@@ -329,58 +329,43 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
             "spec": { "clusterSelectors": [{ "matchProperties": { REGION: "@SameAsImporter@" } }] },
         }));
     }
-    let import = await_import(&importer, "selector results", |o| {
-        o["status"]["clusters"]
-            .as_array()
-            .is_some_and(|l| l.len() == 2)
-            && o["status"]["clusterSelectorResults"].is_array()
+    let expected = json!([{ "selector": 0, "clusters": ["us-1"] }]);
+    await_import(
+        &importer,
+        "the importer is in us: its first selector picks us-1",
+        |o| o["status"]["clusterSelectorResults"] == expected,
+    )
+    .await;
+    // eu-1's own import: the same selector picks itself there.
+    await_import(&eu, "eu-1's selector picks eu-1", |o| {
+        o["status"]["clusterSelectorResults"] == json!([{ "selector": 0, "clusters": ["eu-1"] }])
     })
     .await;
-    assert_eq!(
-        import["status"]["clusterSelectorResults"],
-        json!([{ "selector": 0, "clusters": ["eu-1"] }]),
-        "the importer is in eu: its first selector picks eu-1"
-    );
-    // us-1's own import: the same selector picks itself.
-    let own = await_import(&us, "selector results in us-1", |o| {
-        o["status"]["clusterSelectorResults"].is_array()
-    })
-    .await;
-    assert_eq!(
-        own["status"]["clusterSelectorResults"],
-        json!([{ "selector": 0, "clusters": ["us-1"] }])
-    );
 
-    // The importer routes to eu-1 first.
+    // The importer routes to us-1 first, and every connection lands there.
     let route = strait_tests::admin(&importer.gateway)
         .route(&format!("{NS}/{HELLO}"))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(route.clusters[0].cluster, "eu-1", "{route:#?}");
-    assert!(
-        importer
-            .api
-            .wait_until(LIMIT, |_| !importer
-                .derived("v1", "Service", HELLO)
-                .is_empty())
-            .await
-    );
-    let port = importer.derived("v1", "Service", HELLO)[0]["spec"]["ports"][0]["targetPort"]
-        .as_u64()
-        .unwrap() as u16;
+    assert_eq!(route.clusters[0].cluster, "us-1", "{route:#?}");
+    let (_, port) = importer.derived_service(HELLO).await;
     let through = SocketAddr::new(importer.pod_ip, port);
-    let mut answers = std::collections::BTreeSet::new();
-    for _ in 0..10 {
-        let mut s = tokio::net::TcpStream::connect(through).await.unwrap();
+    let read = async || {
+        let mut s = tokio::net::TcpStream::connect(through).await.ok()?;
         let mut out = String::new();
         tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
             .await
-            .unwrap();
-        answers.insert(out);
+            .ok()?;
+        Some(out)
+    };
+    strait_tests::eventually(LIMIT, "the import answers", async || read().await.is_some()).await;
+    let mut answers = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        answers.insert(read().await.unwrap_or_default());
     }
     assert_eq!(
         answers,
-        std::collections::BTreeSet::from(["from eu".to_owned()])
+        std::collections::BTreeSet::from(["from us".to_owned()])
     );
 }

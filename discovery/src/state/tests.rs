@@ -502,9 +502,10 @@ fn replicas_that_do_not_know_who_speaks_settle_on_the_newest_and_it_takes_over_w
     for r in [&mut older, &mut newer] {
         r.set_local(exports(&[("web", 1)]));
         r.set_voice(Voice::Auto, now);
+        assert!(!r.speaks(), "a replica listens before it speaks");
     }
     let generation = |c: &Catalog| c.digest().get("a").map(|d| d.generation);
-    for _ in 0..10 {
+    for _ in 0..30 {
         now += Duration::from_millis(100);
         for r in [&mut older, &mut newer, &mut b] {
             r.tick(now);
@@ -531,4 +532,13 @@ fn replicas_that_do_not_know_who_speaks_settle_on_the_newest_and_it_takes_over_w
         exchange(&mut older, &mut b, now);
     }
     assert!(older.speaks(), "a silent sibling gives the voice back");
+    assert!(
+        generation(&b) > Some(7),
+        "it outranks the dead incarnation, so the peer hears it: {:?}",
+        generation(&b)
+    );
+    assert_eq!(
+        visible(&b, now),
+        vec![("a".into(), "default/web".into(), 1)]
+    );
 }

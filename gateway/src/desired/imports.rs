@@ -53,13 +53,7 @@ impl Allocation {
         placement: &Placement,
     ) -> Option<u16> {
         let id = (key.to_owned(), port);
-        // Only ports inside the range count as a record.
-        let recorded: BTreeMap<(&str, u16), u16> = placement
-            .records
-            .iter()
-            .flat_map(|(k, p)| p.ports.iter().map(move |(sp, gp)| ((k.as_str(), *sp), *gp)))
-            .filter(|(_, gp)| range.contains(*gp))
-            .collect();
+        let recorded = recorded_ports(placement, range);
         if let Some(p) = recorded.get(&(key, port)) {
             self.ports.insert(id, *p);
             return Some(*p);
@@ -318,6 +312,22 @@ pub(super) fn selection(
         .collect()
 }
 
+/// The recorded gateway port of each (key, service port): only ports inside `range`, and
+/// a port recorded for several keys (an edited derived Service) counts for the first key
+/// only; the others get new ports.
+fn recorded_ports(placement: &Placement, range: PortRange) -> BTreeMap<(&str, u16), u16> {
+    let mut taken = std::collections::BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for (key, placed) in &placement.records {
+        for (service_port, gateway_port) in &placed.ports {
+            if range.contains(*gateway_port) && taken.insert(*gateway_port) {
+                out.insert((key.as_str(), *service_port), *gateway_port);
+            }
+        }
+    }
+    out
+}
+
 /// An import in Kubernetes mode: every port on `kube.listen` with a port of its own, and
 /// addressed by the cluster IP the derived Service records (unspecified until then).
 fn kube_import(
@@ -332,9 +342,9 @@ fn kube_import(
             Some(listen) => ports.push(ImportPort { listen, ..p }),
             // Another replica writes: it records the port, then this one binds it.
             None if !placement.allocate => {}
+            // The other ports keep serving.
             None => {
-                tracing::warn!(service = %w.key, range = %String::from(kube.ports), "no free gateway port for an import; widen kubernetes.import_ports");
-                return None;
+                tracing::warn!(service = %w.key, port = p.port, range = %String::from(kube.ports), "no free gateway port for an import port; widen kubernetes.import_ports")
             }
         }
     }
@@ -552,6 +562,51 @@ mod tests {
             names,
             vec!["eu-west", "static"],
             "suspected members stay, expired ones and self do not"
+        );
+    }
+
+    #[test]
+    fn a_port_recorded_for_two_imports_counts_for_one_and_unrecorded_ports_wait_for_the_writer() {
+        use strait_kubernetes::imports::Placed;
+        let placed = |port: u16| Placed {
+            ports: BTreeMap::from([(80, port)]),
+            cluster_ip: None,
+        };
+        let range = PortRange {
+            first: 20_000,
+            last: 20_099,
+        };
+        let mut placement = Placement {
+            // `shop/b` was edited by hand onto `shop/a`'s port; `shop/c` lies outside the range.
+            records: BTreeMap::from([
+                ("shop/a".to_owned(), placed(20_001)),
+                ("shop/b".to_owned(), placed(20_001)),
+                ("shop/c".to_owned(), placed(30_000)),
+            ]),
+            allocate: false,
+        };
+        let recorded = recorded_ports(&placement, range);
+        assert_eq!(recorded.get(&("shop/a", 80)), Some(&20_001));
+        assert_eq!(recorded.get(&("shop/b", 80)), None);
+        assert_eq!(recorded.get(&("shop/c", 80)), None);
+
+        let mut alloc = Allocation::default();
+        assert_eq!(
+            alloc.allocate_port(range, "shop/a", 80, &placement),
+            Some(20_001)
+        );
+        assert_eq!(
+            alloc.allocate_port(range, "shop/b", 80, &placement),
+            None,
+            "a replica that does not write waits for the record"
+        );
+        placement.allocate = true;
+        let b = alloc
+            .allocate_port(range, "shop/b", 80, &placement)
+            .unwrap();
+        assert!(
+            range.contains(b) && b != 20_001,
+            "the writer gives b a port of its own: {b}"
         );
     }
 }
