@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 
 use crate::mcs::{label, v1beta1};
-use crate::watch::{Health, next_change, publish, reflect};
+use crate::watch::{Health, bounded, next_change, publish, reflect};
 
 /// The label on everything strait writes.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -617,9 +617,9 @@ impl Pass<'_> {
                 body["clusterSelectorResults"] = Value::Null;
             }
             let patch = json!({ "status": body });
-            if let Err(e) = api
-                .patch_status(&w.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
+            if let Err(e) =
+                bounded(api.patch_status(&w.name, &PatchParams::default(), &Patch::Merge(&patch)))
+                    .await
             {
                 self.errors.push(format!(
                     "ServiceImport {}/{} status: {e}",
@@ -700,7 +700,7 @@ impl Pass<'_> {
         let kind = o.body["kind"].as_str().unwrap_or("object");
         let at = format!("{kind} {}/{}", o.namespace, o.name);
         if !ours {
-            match api.get_opt(&o.name).await {
+            match bounded(api.get_opt(&o.name)).await {
                 Ok(Some(foreign))
                     if foreign.labels().get(MANAGED_BY).map(String::as_str) != Some("strait") =>
                 {
@@ -715,7 +715,7 @@ impl Pass<'_> {
             }
         }
         let params = PatchParams::apply(MANAGER).force();
-        match api.patch(&o.name, &params, &Patch::Apply(&o.body)).await {
+        match bounded(api.patch(&o.name, &params, &Patch::Apply(&o.body))).await {
             Ok(obj) => Some(obj),
             Err(e) => {
                 tracing::warn!(object = %at, error = %e, "writing an imported object failed; retrying later");
@@ -739,7 +739,7 @@ impl Pass<'_> {
         }
         tracing::info!(?kind, object = %format!("{ns}/{name}"), "import withdrawn; deleting");
         let api = Api::<K>::namespaced(self.client.clone(), &ns);
-        match api.delete(&name, &DeleteParams::background()).await {
+        match bounded(api.delete(&name, &DeleteParams::background())).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => self

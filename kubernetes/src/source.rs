@@ -23,7 +23,7 @@ use tokio::sync::{Notify, watch};
 use crate::exports::{Clusterset, Cond, ExportObject, Verdict, conflict, exports_from};
 use crate::mcs::GROUP;
 use crate::mcs::about::ClusterProperty;
-use crate::watch::{Health, next_change, publish, reflect};
+use crate::watch::{Health, bounded, next_change, publish, reflect};
 use strait_discovery::wire::MAX_SELECTION;
 
 /// How often everything is re-checked even without a change (a failed status write is
@@ -313,9 +313,9 @@ async fn write_statuses(
         }
         let api = Api::<DynamicObject>::namespaced_with(client.clone(), &v.namespace, resource);
         let patch = serde_json::json!({ "status": { "conditions": after } });
-        let result = api
-            .patch_status(&v.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await;
+        let result =
+            bounded(api.patch_status(&v.name, &PatchParams::default(), &Patch::Merge(&patch)))
+                .await;
         if let Err(e) = result {
             tracing::warn!(export = %format!("{}/{}", v.namespace, v.name), error = %e, "writing ServiceExport status failed; retrying later");
             errors.push(format!(

@@ -223,3 +223,14 @@ pub fn publish<T: PartialEq>(tx: &watch::Sender<Arc<T>>, now: T) -> bool {
         changed
     })
 }
+
+/// How long one write may take: a writer whose API server stalls stops writing well
+/// within its Lease, instead of finishing a write long after another replica took over.
+pub(crate) const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `write`, failing if it takes longer than [`WRITE_TIMEOUT`].
+pub(crate) async fn bounded<T>(write: impl Future<Output = kube::Result<T>>) -> kube::Result<T> {
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(kube::Error::Service("no answer within 5 s".into())))
+}
