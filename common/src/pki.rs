@@ -426,6 +426,7 @@ impl Identity {
         let verifier = SpiffeClientVerifier {
             inner,
             trust_domain: self.id.trust_domain.clone(),
+            own_cluster: self.id.cluster.clone(),
         };
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -454,6 +455,7 @@ impl Identity {
             roots: self.roots.clone(),
             trust_domain: self.id.trust_domain.clone(),
             cluster: peer_cluster.map(str::to_owned),
+            own_cluster: self.id.cluster.clone(),
             algs: provider.signature_verification_algorithms,
         };
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -548,6 +550,14 @@ fn identity_error(problem: String) -> rustls::Error {
     ))))
 }
 
+/// A peer presenting this gateway's own cluster identity: only a copy of this gateway's
+/// key (or a misconfigured seed pointing at itself) can do that, and no peer needs it.
+fn own_identity(got: &GatewayId) -> rustls::Error {
+    identity_error(format!(
+        "the peer presented this gateway's own identity {got}; a peer must be another cluster (a seed pointing at this gateway itself, or a copied key)"
+    ))
+}
+
 #[derive(Debug)]
 struct SpiffeError(String);
 
@@ -568,6 +578,8 @@ struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     trust_domain: String,
     cluster: Option<String>,
+    /// This gateway's own cluster: a peer never presents it.
+    own_cluster: String,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -598,6 +610,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             return Err(identity_error(format!(
                 "expected {expected}, peer presented {got}"
             )));
+        }
+        if got.cluster == self.own_cluster {
+            return Err(own_identity(&got));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -631,6 +646,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    /// This gateway's own cluster: a peer never presents it.
+    own_cluster: String,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -652,6 +669,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 "trust domain {} is not {}",
                 got.trust_domain, self.trust_domain
             )));
+        }
+        if got.cluster == self.own_cluster {
+            return Err(own_identity(&got));
         }
         Ok(ClientCertVerified::assertion())
     }

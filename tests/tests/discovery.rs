@@ -192,6 +192,30 @@ async fn a_member_from_another_ca_is_not_admitted() {
 }
 
 #[tokio::test]
+async fn a_member_presenting_our_own_identity_is_not_admitted_either_way() {
+    let pki = TestPki::new();
+    let honest = start(identity(&pki, "m0"), vec![]).await;
+    honest.set_local(exports(&["svc0".into()]));
+    // A second member with m0's identity (a copied key) dials it, and is dialled back.
+    let twin = start(identity(&pki, "m0"), vec![honest.addr()]).await;
+    twin.set_local(exports(&["evil".into()]));
+    let mut rx = honest.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while honest.stats().rejected_handshakes.load(Ordering::Relaxed) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the twin's handshakes were not refused"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
+    assert!(!honest.view().services.iter().any(|e| e.key.name == "evil"));
+    assert!(
+        !twin.view().services.iter().any(|e| e.key.name == "svc0"),
+        "nor does the twin learn anything"
+    );
+}
+
+#[tokio::test]
 async fn malformed_and_oversized_messages_are_rejected_without_harm() {
     let pki = TestPki::new();
     let nodes = federation(&pki, 2).await;
