@@ -51,6 +51,9 @@ pub struct Config {
     /// How imported services choose a cluster per connection and fail over.
     #[serde(default)]
     pub routing: routing::Routing,
+    /// Limits on what each calling cluster may open here (re-read with the file).
+    #[serde(default)]
+    pub limits: CallerLimits,
     /// Fault injection for failover drills through the admin API; off when absent.
     #[serde(default)]
     pub faults: Option<FaultInjection>,
@@ -254,6 +257,129 @@ impl TryFrom<String> for PortRange {
 impl From<PortRange> for String {
     fn from(r: PortRange) -> String {
         format!("{}-{}", r.first, r.last)
+    }
+}
+
+/// Per calling cluster limits on inbound streams, keyed on the caller's verified
+/// identity: a caller over its limit gets the retryable `overloaded` answer, so its
+/// gateway tries another cluster. The most specific entry applies: the caller and the
+/// service, then the caller, then `default`. Each (caller, service) has its own budget.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CallerLimits {
+    /// For every caller and service without an entry of its own.
+    #[serde(default)]
+    pub default: Limit,
+    /// Entries for one calling cluster, for all its services or one.
+    #[serde(default)]
+    pub callers: Vec<CallerLimit>,
+}
+
+/// One `limits.callers` entry.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CallerLimit {
+    /// The calling cluster.
+    pub cluster: String,
+    /// Only this service (`namespace/name`); all when absent.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// New streams per second (see [`Limit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams_per_second: Option<f64>,
+    /// Bucket size (see [`Limit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Streams open at the same time (see [`Limit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_streams: Option<u32>,
+}
+
+impl CallerLimit {
+    /// Its limits.
+    pub fn limit(&self) -> Limit {
+        Limit {
+            streams_per_second: self.streams_per_second,
+            burst: self.burst,
+            concurrent_streams: self.concurrent_streams,
+        }
+    }
+}
+
+/// Stream limits; absent values do not limit.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// New streams per second (a token bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams_per_second: Option<f64>,
+    /// Streams that may start at once after a quiet period (bucket size; default: one
+    /// second's worth, at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Streams open at the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_streams: Option<u32>,
+}
+
+impl CallerLimits {
+    /// The limit for `caller` opening streams to `service`.
+    pub fn for_caller(&self, caller: &str, service: &str) -> Limit {
+        let of = |svc: Option<&str>| {
+            self.callers
+                .iter()
+                .find(|c| c.cluster == caller && c.service.as_deref() == svc)
+        };
+        of(Some(service))
+            .or_else(|| of(None))
+            .map_or(self.default, CallerLimit::limit)
+    }
+
+    fn validate(&self, v: &mut Validator) {
+        let mut seen = HashSet::new();
+        let limits = std::iter::once(("limits.default".to_owned(), self.default)).chain(
+            self.callers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("limits.callers[{i}]"), c.limit())),
+        );
+        for (at, l) in limits {
+            if l.streams_per_second.is_some_and(|r| !(r > 0.0 && r <= 1e6)) {
+                v.push(
+                    &format!("{at}.streams_per_second"),
+                    "must be above 0 and at most 1000000",
+                    "leave it out for no rate limit",
+                );
+            }
+            if l.burst == Some(0) || l.concurrent_streams == Some(0) {
+                v.push(
+                    &at,
+                    "has a burst or concurrent_streams of 0, which refuses everything",
+                    "leave it out for no limit, or use at least 1",
+                );
+            }
+        }
+        for (i, c) in self.callers.iter().enumerate() {
+            v.label(&format!("limits.callers[{i}].cluster"), &c.cluster);
+            if let Some(s) = &c.service
+                && !s
+                    .split_once('/')
+                    .is_some_and(|(ns, n)| is_dns_label(ns) && is_dns_label(n))
+            {
+                v.push(
+                    &format!("limits.callers[{i}].service"),
+                    format!("`{s}` is not namespace/name"),
+                    "write it as e.g. `shop/checkout`",
+                );
+            }
+            if !seen.insert((c.cluster.as_str(), c.service.as_deref())) {
+                v.push(
+                    &format!("limits.callers[{i}]"),
+                    "repeats an earlier entry's cluster and service",
+                    "merge the two entries",
+                );
+            }
+        }
     }
 }
 
@@ -692,6 +818,7 @@ impl Config {
             imports: Vec::new(),
             discovery: None,
             routing: routing::Routing::default(),
+            limits: CallerLimits::default(),
             faults: None,
             dns: Dns::default(),
             kubernetes: None,
@@ -758,6 +885,7 @@ impl Config {
         self.validate_imports(&mut v);
         self.validate_discovery(&mut v);
         self.routing.validate(&mut v);
+        self.limits.validate(&mut v);
         if let Some(f) = &self.faults
             && (f.max_duration.0.is_zero() || f.max_duration.0 > Duration::from_secs(86_400))
         {

@@ -835,3 +835,75 @@ async fn peer_vanishing_mid_stream_resets_the_client_instead_of_hanging() {
     let st = west.peer("east").unwrap().borrow().clone();
     assert_ne!(st.status, PeerStatus::Up);
 }
+
+#[tokio::test]
+async fn a_calling_cluster_over_its_limits_is_told_overloaded_and_a_reloaded_limit_applies() {
+    use strait_common::config::CallerLimit;
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let limit = |concurrent: u32| CallerLimit {
+        cluster: "west".into(),
+        service: Some("default/echo".into()),
+        streams_per_second: None,
+        burst: None,
+        concurrent_streams: Some(concurrent),
+    };
+    let (east, west, addr) = pair(&pki, echo.addr, |c| {
+        // Another caller's entry does not apply to west; west's own does.
+        c.limits.callers.push(CallerLimit {
+            cluster: "north".into(),
+            ..limit(100)
+        });
+        c.limits.callers.push(limit(1));
+        c.limits.default.concurrent_streams = Some(1000);
+    })
+    .await;
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    within(Duration::from_secs(5), held.read_exact(&mut b))
+        .await
+        .unwrap();
+    let conn = west
+        .peer("east")
+        .unwrap()
+        .borrow()
+        .connection
+        .clone()
+        .unwrap();
+    let req = echo_request();
+    match open_stream(&conn, &req, &[], Duration::from_secs(5)).await {
+        Err(OpenError::Refused { status, detail }) => {
+            assert_eq!(status, Status::Overloaded);
+            assert!(
+                detail.contains("west is over its concurrency limit"),
+                "{detail}"
+            );
+        }
+        other => panic!("expected overloaded, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        metric(
+            &east.render_metrics(),
+            "strait_inbound_limited_total{caller=\"west\",service=\"default/echo\",limit=\"concurrency\"}"
+        ),
+        Some(1.0)
+    );
+
+    // The operator raises the limit in the file: it applies without a restart.
+    let path = pki.dir.path().join("east.yaml");
+    let mut config = strait_common::Config::load(&path).unwrap();
+    config.limits.callers = vec![limit(2)];
+    pki.write_config(&config);
+    eventually(
+        Duration::from_secs(10),
+        "the raised limit admits a second stream",
+        async || {
+            open_stream(&conn, &req, &[], Duration::from_secs(5))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    drop(held);
+}

@@ -328,3 +328,34 @@ fn routing_checks_apply_to_the_policy_as_inherited() {
     let e = only_error("routing:\n  default:\n    weights: {a: 0}\n");
     assert_eq!(e.field, "routing.default.weights.a");
 }
+
+#[test]
+fn caller_limits_parse_pick_the_most_specific_entry_and_bad_ones_name_the_field() {
+    let c = parse(
+        "limits:\n  default: {concurrent_streams: 100}\n  callers:\n    - {cluster: eu-west, streams_per_second: 5}\n    - {cluster: eu-west, service: shop/web, burst: 3, streams_per_second: 1}\n",
+    )
+    .unwrap();
+    assert_eq!(c.limits.for_caller("eu-west", "shop/web").burst, Some(3));
+    assert_eq!(
+        c.limits
+            .for_caller("eu-west", "shop/cart")
+            .streams_per_second,
+        Some(5.0)
+    );
+    assert_eq!(
+        c.limits
+            .for_caller("ap-south", "shop/web")
+            .concurrent_streams,
+        Some(100)
+    );
+
+    let e = only_error(
+        "limits:\n  callers:\n    - {cluster: eu-west, service: shop/web, concurrent_streams: 0}\n",
+    );
+    assert_eq!(e.field, "limits.callers[0]");
+    let e = only_error("limits:\n  callers:\n    - {cluster: eu-west, service: web}\n");
+    assert_eq!(e.field, "limits.callers[0].service");
+    assert!(e.fix.contains("shop/checkout"), "{e}");
+    let e = only_error("limits:\n  default: {streams_per_second: -1}\n");
+    assert_eq!(e.field, "limits.default.streams_per_second");
+}

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use strait_common::Config;
 use strait_common::config::routing::Routing as RoutingConfig;
-use strait_common::config::{Export, PortRange};
+use strait_common::config::{CallerLimits, Export, PortRange};
 use strait_discovery::model::{Service, ServiceKey};
 use strait_discovery::node::View;
 use strait_discovery::source::to_catalog;
@@ -296,6 +296,8 @@ pub struct Desired {
     pub dns: Vec<ServiceEntry>,
     /// Routing policies.
     pub routing: Arc<RoutingConfig>,
+    /// Limits on what each calling cluster may open here.
+    pub limits: Arc<CallerLimits>,
 }
 
 impl Desired {
@@ -330,6 +332,11 @@ impl Exports {
     pub fn now(&self) -> Arc<Vec<Export>> {
         self.0.borrow().exports.clone()
     }
+
+    /// The callers' limits now (re-read with the config file).
+    pub fn limits(&self) -> Arc<CallerLimits> {
+        self.0.borrow().limits.clone()
+    }
 }
 
 /// Everything the desired state is computed from.
@@ -341,6 +348,8 @@ pub struct Inputs<'a> {
     pub exports: &'a Arc<Vec<Export>>,
     /// Routing policies now.
     pub routing: &'a Arc<RoutingConfig>,
+    /// Callers' limits now.
+    pub limits: &'a Arc<CallerLimits>,
     /// The federated catalog, with discovery.
     pub view: Option<&'a View>,
     /// Catalog faults in force.
@@ -373,6 +382,7 @@ pub fn compute(inputs: &Inputs<'_>, alloc: &mut Allocation) -> Desired {
         published: published(inputs.exports, &local.zone, inputs.faults),
         catalog: CatalogView::from_view(view),
         routing: inputs.routing.clone(),
+        limits: inputs.limits.clone(),
     }
 }
 
@@ -396,7 +406,10 @@ impl Sources {
     /// The desired state for the inputs as they are now.
     pub fn compute(&mut self, local: &Local, alloc: &mut Allocation) -> Desired {
         let exports = self.exports.borrow_and_update().clone();
-        let routing = Arc::new(self.config.borrow_and_update().routing.clone());
+        let (routing, limits) = {
+            let c = self.config.borrow_and_update();
+            (Arc::new(c.routing.clone()), Arc::new(c.limits.clone()))
+        };
         let view = self.view.as_mut().map(|v| v.borrow_and_update().clone());
         let faults = self.faults.borrow_and_update().clone();
         let placement = self
@@ -412,6 +425,7 @@ impl Sources {
                 local,
                 exports: &exports,
                 routing: &routing,
+                limits: &limits,
                 view: view.as_deref(),
                 faults: &faults,
                 placement: placement.as_deref(),
@@ -474,12 +488,13 @@ fn note_reload(started: &Config, now: &Config) {
         let mut c = c.clone();
         c.exports.clear();
         c.routing = Default::default();
+        c.limits = Default::default();
         c
     };
     if rest(now) != rest(started) {
         tracing::warn!(
-            "the config file changed beyond `exports` and `routing`; those changes apply at the next restart"
+            "the config file changed beyond `exports`, `routing` and `limits`; those changes apply at the next restart"
         );
     }
-    tracing::info!("configuration reloaded (exports, routing)");
+    tracing::info!("configuration reloaded (exports, routing, limits)");
 }

@@ -243,10 +243,13 @@ fn inputs<'a>(
     view: Option<&'a View>,
     faults: &'a CatalogFaults,
 ) -> Inputs<'a> {
+    static NO_LIMITS: std::sync::LazyLock<Arc<strait_common::config::CallerLimits>> =
+        std::sync::LazyLock::new(Arc::default);
     Inputs {
         local,
         exports,
         routing,
+        limits: &NO_LIMITS,
         view,
         faults,
         placement: None,

@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use super::header::{Status, StreamRequest, StreamResponse};
+use super::limits::{Admitted, CallerLimiter, Limited};
 use super::outbound::{read_frame, respond};
 use super::{StreamMetrics, codes, splice};
 use crate::desired::Exports;
@@ -30,8 +31,13 @@ const HEADERS_REJECTED: Desc = Desc::counter(
     &["peer"],
     "Inbound streams whose header was malformed or late, by peer cluster.",
 );
+const LIMITED: Desc = Desc::counter(
+    "strait_inbound_limited_total",
+    &["caller", "service", "limit"],
+    "Inbound streams refused as overloaded because the calling cluster was over its configured limit (limit: rate or concurrency), by caller cluster and service.",
+);
 /// The inbound side's metrics (besides the stream metrics it shares with the listeners).
-pub(crate) const METRICS: &[Desc] = &[HANDSHAKES_REJECTED, HEADERS_REJECTED];
+pub(crate) const METRICS: &[Desc] = &[HANDSHAKES_REJECTED, HEADERS_REJECTED, LIMITED];
 
 /// What the inbound side counts.
 #[derive(Clone)]
@@ -50,6 +56,12 @@ impl InboundMetrics {
             handshakes_rejected: registry.counter(&HANDSHAKES_REJECTED, &[]),
             streams,
         }
+    }
+
+    fn limited(&self, caller: &str, service: &str, limit: Limited) {
+        self.registry
+            .counter(&LIMITED, &[caller, service, limit.label()])
+            .increment(1);
     }
 
     fn header_rejected(&self, peer: &str) {
@@ -82,6 +94,8 @@ pub struct Inbound {
     metrics: InboundMetrics,
     /// Whether a drill has killed the tunnel (connections are dropped at once).
     killed: watch::Receiver<bool>,
+    /// Per calling cluster budgets (`limits:`).
+    callers: CallerLimiter,
 }
 
 impl Inbound {
@@ -100,6 +114,7 @@ impl Inbound {
             limits,
             metrics,
             killed,
+            callers: CallerLimiter::default(),
         }
     }
 
@@ -187,7 +202,7 @@ impl Inbound {
             Err(_) => return self.reject_header(&peer, "no header in time", send, recv),
         };
         let service = format!("{}/{}", req.namespace, req.service);
-        let (tcp, _permit) = match self.connect_endpoint(&peer, &req).await {
+        let (tcp, _permit, _admitted) = match self.connect_endpoint(&peer, &req).await {
             Ok(ok) => ok,
             Err(resp) => {
                 tracing::info!(%service, status = resp.status().label(), detail = %resp.detail, "stream refused");
@@ -228,10 +243,22 @@ impl Inbound {
         &self,
         peer: &str,
         req: &StreamRequest,
-    ) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit), StreamResponse> {
+    ) -> Result<(TcpStream, tokio::sync::OwnedSemaphorePermit, Admitted), StreamResponse> {
         // The exports as they are now (they change with the config file or the cluster).
         let exports = self.exports.now();
         let (export, target) = authorize(&exports, peer, req)?;
+        let service = format!("{}/{}", req.namespace, req.service);
+        let limit = self.exports.limits().for_caller(peer, &service);
+        let admitted = self
+            .callers
+            .admit(peer, &service, limit, std::time::Instant::now())
+            .map_err(|l| {
+                self.metrics.limited(peer, &service, l);
+                StreamResponse::new(
+                    Status::Overloaded,
+                    format!("{peer} is over its {} limit for {service}", l.label()),
+                )
+            })?;
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             StreamResponse::new(Status::Overloaded, "gateway at its inbound stream limit")
         })?;
@@ -249,7 +276,7 @@ impl Inbound {
             match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
-                    return Ok((tcp, permit));
+                    return Ok((tcp, permit, admitted));
                 }
                 Ok(Err(e)) => last = format!("{addr}: {e}"),
                 Err(_) => last = format!("{addr}: timed out after {timeout:?}"),
@@ -467,7 +494,7 @@ mod tests {
         let backends = [a, b];
         let mut seen = Vec::new();
         for _ in 0..2 {
-            let (tcp, _permit) = inbound
+            let (tcp, _permit, _admitted) = inbound
                 .connect_endpoint("west", &request("web", 80, None))
                 .await
                 .unwrap();
@@ -478,7 +505,7 @@ mod tests {
 
         // A headless request names its endpoint, by hostname or address, and gets only it.
         for name in ["pod-b", "127.0.0.3"] {
-            let (tcp, _permit) = inbound
+            let (tcp, _permit, _admitted) = inbound
                 .connect_endpoint("west", &request("web", 80, Some(name)))
                 .await
                 .unwrap();
@@ -497,7 +524,7 @@ mod tests {
         let [a, b] = backends;
         drop(a);
         for _ in 0..2 {
-            let (tcp, _permit) = inbound
+            let (tcp, _permit, _admitted) = inbound
                 .connect_endpoint("west", &request("web", 80, None))
                 .await
                 .unwrap();

@@ -3,6 +3,7 @@
 
 pub mod header;
 pub(crate) mod inbound;
+pub(crate) mod limits;
 pub mod outbound;
 pub mod peers;
 pub(crate) mod socket;
