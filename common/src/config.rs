@@ -521,6 +521,13 @@ pub struct TunnelTuning {
     pub udp_buffer: ByteSize,
     /// Copy buffer per direction of a proxied connection.
     pub copy_buffer: ByteSize,
+    /// Handshakes in progress above which a new one must first prove its address (a QUIC
+    /// retry: one extra round trip, no state kept for spoofed sources).
+    #[serde(default = "default_retry_above")]
+    pub retry_above: u32,
+    /// Handshakes in progress at most; beyond it new ones are refused.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: u32,
     /// Largest UDP payload path MTU discovery may probe for (1200..=65527).
     pub max_udp_payload: u16,
 }
@@ -540,6 +547,8 @@ impl Default for TunnelTuning {
             connection_window: ByteSize(64 << 20),
             udp_buffer: ByteSize(8 << 20),
             copy_buffer: ByteSize(64 << 10),
+            retry_above: default_retry_above(),
+            max_handshakes: default_max_handshakes(),
             max_udp_payload: 1452,
         }
     }
@@ -628,6 +637,14 @@ impl ServicePort {
     pub fn target(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
     }
+}
+
+fn default_retry_above() -> u32 {
+    64
+}
+
+fn default_max_handshakes() -> u32 {
+    1024
 }
 
 /// KEP-5939 cluster selection carried with an export: the `ServiceExport`'s ordered
@@ -1259,6 +1276,16 @@ impl TunnelTuning {
                     self.unresponsive_after, self.keep_alive, self.idle_timeout
                 ),
                 "use e.g. keep_alive: 100ms, unresponsive_after: 500ms, idle_timeout: 1500ms",
+            );
+        }
+        if self.max_handshakes == 0 || self.retry_above > self.max_handshakes {
+            v.push(
+                "tunnel.max_handshakes",
+                format!(
+                    "is {} with tunnel.retry_above {}: it must be at least 1 and at least retry_above",
+                    self.max_handshakes, self.retry_above
+                ),
+                "use e.g. retry_above: 64, max_handshakes: 1024",
             );
         }
         if self.max_concurrent_streams == 0 || self.max_inbound_streams == 0 {

@@ -245,6 +245,8 @@ impl Gateway {
                 handshake_timeout: config.tunnel.connect_timeout.0,
                 endpoint_connect_timeout: config.tunnel.endpoint_connect_timeout.0,
                 copy_buffer: config.tunnel.copy_buffer.0 as usize,
+                retry_above: config.tunnel.retry_above as usize,
+                max_handshakes: config.tunnel.max_handshakes as usize,
             },
             InboundMetrics::new(&metrics, streams),
             faults.killed(),

@@ -230,12 +230,21 @@ async fn raw_connect(
     cert: Option<&strait_common::pki::IssuedCert>,
     server: SocketAddr,
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
+    raw_connect_with(cert, server, Arc::new(AcceptAnyServer)).await
+}
+
+/// Like [`raw_connect`], checking the server with `verifier`.
+async fn raw_connect_with(
+    cert: Option<&strait_common::pki::IssuedCert>,
+    server: SocketAddr,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     use rustls::pki_types::pem::PemObject;
     let builder = rustls::ClientConfig::builder_with_provider(strait_common::pki::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
+        .with_custom_certificate_verifier(verifier);
     let mut tls = match cert {
         Some(c) => {
             let chain = rustls::pki_types::CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
@@ -906,4 +915,97 @@ async fn a_calling_cluster_over_its_limits_is_told_overloaded_and_a_reloaded_lim
     )
     .await;
     drop(held);
+}
+
+/// A client verifier that says when the server's certificate has arrived (the server is
+/// then mid-handshake) and holds the handshake there until released.
+#[derive(Debug)]
+struct Gate {
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Gate {
+    fn verify_server_cert(
+        &self,
+        e: &rustls::pki_types::CertificateDer<'_>,
+        i: &[rustls::pki_types::CertificateDer<'_>],
+        n: &rustls::pki_types::ServerName<'_>,
+        o: &[u8],
+        t: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let _ = self.entered.lock().unwrap().send(());
+        let _ = self.release.lock().unwrap().recv();
+        AcceptAnyServer.verify_server_cert(e, i, n, o, t)
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        AcceptAnyServer.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        AcceptAnyServer.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        AcceptAnyServer.supported_verify_schemes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handshakes_beyond_the_bound_are_refused_and_above_the_threshold_must_prove_their_address()
+{
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (ue, ae) = udp();
+    let east = pki
+        .gateway("east", ue, |c| {
+            c.exports.push(export("echo", 7000, echo.addr, &["*"]));
+            c.tunnel.retry_above = 0;
+            c.tunnel.max_handshakes = 1;
+        })
+        .await;
+    let west = pki.issue("west");
+    // Above retry_above (0 here) every new source proves its address first; quinn's client
+    // answers the retry, so the connection still succeeds.
+    let first = raw_connect(Some(&west), ae).await;
+    assert!(!refused(first).await, "a retried handshake is served");
+    let shed = |action: &str| {
+        metric(
+            &east.render_metrics(),
+            &format!("strait_handshakes_shed_total{{action=\"{action}\"}}"),
+        )
+    };
+    assert!(shed("retry") >= Some(1.0));
+
+    // One handshake held in progress (its client sits on the server's certificate) ...
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let gate = Arc::new(Gate {
+        entered: std::sync::Mutex::new(entered_tx),
+        release: std::sync::Mutex::new(release_rx),
+    });
+    let held_cert = west.clone();
+    let held = tokio::spawn(async move { raw_connect_with(Some(&held_cert), ae, gate).await });
+    tokio::task::spawn_blocking(move || entered.recv().unwrap())
+        .await
+        .unwrap();
+    // ... so the next one is beyond max_handshakes (1): refused.
+    assert!(
+        raw_connect(Some(&west), ae).await.is_err(),
+        "a handshake beyond the bound is refused"
+    );
+    assert_eq!(shed("refuse"), Some(1.0));
+    release.send(()).unwrap();
+    assert!(
+        !refused(held.await.unwrap()).await,
+        "the held handshake completes"
+    );
 }

@@ -31,13 +31,18 @@ const HEADERS_REJECTED: Desc = Desc::counter(
     &["peer"],
     "Inbound streams whose header was malformed or late, by peer cluster.",
 );
+const SHED: Desc = Desc::counter(
+    "strait_handshakes_shed_total",
+    &["action"],
+    "Inbound handshakes met under load: retry (asked to prove their address first, above tunnel.retry_above handshakes in progress) or refuse (beyond tunnel.max_handshakes).",
+);
 const LIMITED: Desc = Desc::counter(
     "strait_inbound_limited_total",
     &["caller", "service", "limit"],
     "Inbound streams refused as overloaded because the calling cluster was over its configured limit (limit: rate or concurrency), by caller cluster and service.",
 );
 /// The inbound side's metrics (besides the stream metrics it shares with the listeners).
-pub(crate) const METRICS: &[Desc] = &[HANDSHAKES_REJECTED, HEADERS_REJECTED, LIMITED];
+pub(crate) const METRICS: &[Desc] = &[HANDSHAKES_REJECTED, HEADERS_REJECTED, SHED, LIMITED];
 
 /// What the inbound side counts.
 #[derive(Clone)]
@@ -56,6 +61,10 @@ impl InboundMetrics {
             handshakes_rejected: registry.counter(&HANDSHAKES_REJECTED, &[]),
             streams,
         }
+    }
+
+    fn shed(&self, action: &str) {
+        self.registry.counter(&SHED, &[action]).increment(1);
     }
 
     fn limited(&self, caller: &str, service: &str, limit: Limited) {
@@ -80,6 +89,10 @@ pub struct Limits {
     pub endpoint_connect_timeout: Duration,
     /// Bytes per write towards the endpoint (`tunnel.copy_buffer`).
     pub copy_buffer: usize,
+    /// Handshakes in progress above which new ones must prove their address first.
+    pub retry_above: usize,
+    /// Handshakes in progress at most.
+    pub max_handshakes: usize,
 }
 
 /// The serving side of the tunnel: authorizes each peer stream against this cluster's
@@ -96,6 +109,8 @@ pub struct Inbound {
     killed: watch::Receiver<bool>,
     /// Per calling cluster budgets (`limits:`).
     callers: CallerLimiter,
+    /// Handshakes in progress.
+    handshaking: Arc<AtomicUsize>,
 }
 
 impl Inbound {
@@ -115,24 +130,51 @@ impl Inbound {
             metrics,
             killed,
             callers: CallerLimiter::default(),
+            handshaking: Arc::default(),
         }
     }
 
     /// Accepts tunnel connections until the endpoint closes or `life` ends.
     pub async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint, life: Lifetime) {
         while let Some(incoming) = endpoint.accept().await {
+            let Some(incoming) = self.admit_handshake(incoming) else {
+                continue;
+            };
             let me = self.clone();
-            life.spawn(async move { me.serve_connection(incoming).await });
+            let counted = Handshaking::new(&self.handshaking);
+            life.spawn(async move { me.serve_connection(incoming, counted).await });
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, incoming: Incoming) {
+    /// Under a handshake flood: above `retry_above` handshakes in progress a new one must
+    /// first prove its source address (a stateless QUIC retry), beyond `max_handshakes` it
+    /// is refused. The handshake to serve, if any.
+    fn admit_handshake(&self, incoming: Incoming) -> Option<Incoming> {
+        let now = self.handshaking.load(Ordering::Relaxed);
+        if now >= self.limits.max_handshakes {
+            self.metrics.shed("refuse");
+            incoming.refuse();
+            return None;
+        }
+        if now >= self.limits.retry_above && !incoming.remote_address_validated() {
+            self.metrics.shed("retry");
+            // A client that cannot be asked again (it already answered a retry) is served.
+            if incoming.may_retry() {
+                let _ = incoming.retry();
+                return None;
+            }
+        }
+        Some(incoming)
+    }
+
+    async fn serve_connection(self: Arc<Self>, incoming: Incoming, counted: Handshaking) {
         let remote = incoming.remote_address();
         let conn = match tokio::time::timeout(self.limits.handshake_timeout, incoming).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return self.reject_handshake(remote, &e.to_string()),
             Err(_) => return self.reject_handshake(remote, "handshake timed out"),
         };
+        drop(counted);
         let Some(peer) = peer_cluster(&conn) else {
             conn.close(codes::BAD_IDENTITY, b"no gateway identity");
             return self
@@ -320,6 +362,22 @@ fn authorize<'a>(
     Ok((export, port.target()))
 }
 
+/// One handshake in progress, counted until dropped.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Handshaking(count.clone())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Most bytes a probe may carry; larger datagrams are not echoed (no amplification, and
 /// nothing else uses datagrams).
 pub const PROBE_MAX: usize = 16;
@@ -458,6 +516,8 @@ mod tests {
                 handshake_timeout: Duration::from_secs(1),
                 endpoint_connect_timeout: Duration::from_secs(1),
                 copy_buffer: 16 << 10,
+                retry_above: 64,
+                max_handshakes: 1024,
             },
             InboundMetrics::new(&registry, StreamMetrics::new(&registry)),
             watch::channel(false).1,
