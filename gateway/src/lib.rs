@@ -24,3 +24,10 @@ pub(crate) mod router;
 pub(crate) mod routing;
 
 pub use app::{Gateway, raise_fd_limit};
+
+/// Entry points for the fuzz targets in `gateway/fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::desired::dns::{EndpointEntry, Kind, PortEntry, ServiceEntry};
+    pub use crate::dns::zone::{Spec, Transport, Zone};
+}
