@@ -1009,3 +1009,44 @@ async fn handshakes_beyond_the_bound_are_refused_and_above_the_threshold_must_pr
         "the held handshake completes"
     );
 }
+
+#[tokio::test]
+async fn a_calling_cluster_over_its_stream_rate_is_told_overloaded() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (east, west, _) = pair(&pki, echo.addr, |c| {
+        // Two streams at once, then one every 10 s.
+        c.limits.default.streams_per_second = Some(0.1);
+        c.limits.default.burst = Some(2);
+    })
+    .await;
+    let conn = west
+        .peer("east")
+        .unwrap()
+        .borrow()
+        .connection
+        .clone()
+        .unwrap();
+    let req = echo_request();
+    for _ in 0..2 {
+        assert!(
+            open_stream(&conn, &req, &[], Duration::from_secs(5))
+                .await
+                .is_ok()
+        );
+    }
+    match open_stream(&conn, &req, &[], Duration::from_secs(5)).await {
+        Err(OpenError::Refused { status, detail }) => {
+            assert_eq!(status, Status::Overloaded);
+            assert!(detail.contains("west is over its rate limit"), "{detail}");
+        }
+        other => panic!("expected overloaded, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        metric(
+            &east.render_metrics(),
+            "strait_inbound_limited_total{caller=\"west\",service=\"default/echo\",limit=\"rate\"}"
+        ),
+        Some(1.0)
+    );
+}
