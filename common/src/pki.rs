@@ -473,6 +473,44 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A trust bundle of several federation roots (PEM), for a root rotation: every CA
+/// certificate of `roots` (each a `ca.pem`, with the path for errors), once each, in
+/// order. Each must be a CA certificate.
+pub fn bundle(roots: &[(PathBuf, String)]) -> Result<String, PkiError> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = String::new();
+    let mut seen = std::collections::HashSet::new();
+    for (path, pem) in roots {
+        let not_ca = |problem: String| {
+            bad_file(
+                path,
+                problem,
+                "give the CA's ca.pem (made by `strait pki init`), not a gateway certificate",
+            )
+        };
+        let mut found = 0;
+        for block in pem.split_inclusive(END).filter(|b| b.contains(END)) {
+            let block = block[block.find("-----BEGIN").unwrap_or(0)..].trim();
+            let der = CertificateDer::from_pem_slice(block.as_bytes())
+                .map_err(|e| not_ca(format!("is not PEM: {e}")))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| not_ca(format!("holds an unreadable certificate: {e}")))?;
+            if !cert.is_ca() {
+                return Err(not_ca("holds a certificate that is not a CA".into()));
+            }
+            found += 1;
+            if seen.insert(der.to_vec()) {
+                out.push_str(block);
+                out.push('\n');
+            }
+        }
+        if found == 0 {
+            return Err(not_ca("contains no CA certificate".into()));
+        }
+    }
+    Ok(out)
+}
+
 fn roots_from_pem(path: &Path, pem: &[u8]) -> Result<RootCertStore, PkiError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {

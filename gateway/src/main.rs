@@ -130,6 +130,17 @@ enum PkiCmd {
         #[arg(long, default_value_t = 3650)]
         days: u64,
     },
+    /// Write a trust bundle of several CAs' roots (for a root rotation: trust the new root
+    /// everywhere, re-issue every gateway under it, then trust only the new one;
+    /// docs/SECURITY.md walks through it).
+    Bundle {
+        /// A CA directory made by `pki init`; repeat for each root to trust.
+        #[arg(long = "ca", required = true)]
+        cas: Vec<PathBuf>,
+        /// The bundle file to write (what `tls.ca` points at).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Issue a gateway certificate with the SPIFFE ID spiffe://<td>/cluster/<id>/gateway.
     Issue {
         /// The CA directory made by `pki init`.
@@ -326,6 +337,40 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
             println!(
                 "created CA for trust domain {trust_domain} in {}",
                 dir.display()
+            );
+            Ok(())
+        }
+        PkiCmd::Bundle { cas, out } => {
+            let mut roots = Vec::new();
+            let mut domains = std::collections::BTreeSet::new();
+            for ca in &cas {
+                let td_path = ca.join(TRUST_DOMAIN_FILE);
+                let td = std::fs::read_to_string(&td_path).with_context(|| {
+                    format!(
+                        "reading {} (is {} a CA made by `strait pki init`?)",
+                        td_path.display(),
+                        ca.display()
+                    )
+                })?;
+                domains.insert(td.trim().to_owned());
+                let path = ca.join(CA_CERT_FILE);
+                let pem = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                roots.push((path, pem));
+            }
+            if domains.len() > 1 {
+                bail!(
+                    "the CAs are for different trust domains ({}): a bundle serves one federation; give CAs of one trust domain",
+                    domains.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let bundle = strait_common::pki::bundle(&roots)?;
+            write_atomic(&out, bundle.as_bytes(), false)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote a bundle of {} root(s) to {}",
+                roots.len(),
+                out.display()
             );
             Ok(())
         }

@@ -221,3 +221,89 @@ fn install_prints_the_manifests_of_one_cluster_and_refuses_a_bad_id() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("DNS-1123") && err.contains("us-east"), "{err}");
 }
+
+#[test]
+fn pki_bundle_joins_roots_of_one_trust_domain_and_refuses_anything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let path = |p: &str| d.join(p).to_str().unwrap().to_owned();
+    for (ca, td) in [
+        ("old", "strait.example"),
+        ("new", "strait.example"),
+        ("other", "other.example"),
+    ] {
+        let out = strait(&["pki", "init", "--dir", &path(ca), "--trust-domain", td]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = strait(&[
+        "pki",
+        "bundle",
+        "--ca",
+        &path("old"),
+        "--ca",
+        &path("new"),
+        "--out",
+        &path("trust.pem"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bundle = std::fs::read_to_string(d.join("trust.pem")).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    for ca in ["old", "new"] {
+        let root = std::fs::read_to_string(d.join(ca).join("ca.pem")).unwrap();
+        assert!(
+            bundle.contains(root.trim()),
+            "the {ca} root is in the bundle"
+        );
+    }
+
+    let mixed = strait(&[
+        "pki",
+        "bundle",
+        "--ca",
+        &path("old"),
+        "--ca",
+        &path("other"),
+        "--out",
+        &path("x.pem"),
+    ]);
+    assert!(!mixed.status.success());
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("different trust domains"));
+
+    // A gateway certificate is not a root.
+    let issued = strait(&[
+        "pki",
+        "issue",
+        "--ca",
+        &path("old"),
+        "--cluster",
+        "east",
+        "--out",
+        &path("certs"),
+    ]);
+    assert!(issued.status.success());
+    std::fs::create_dir_all(d.join("fake")).unwrap();
+    std::fs::copy(d.join("certs/east.pem"), d.join("fake/ca.pem")).unwrap();
+    std::fs::copy(d.join("old/trust-domain"), d.join("fake/trust-domain")).unwrap();
+    let leaf = strait(&[
+        "pki",
+        "bundle",
+        "--ca",
+        &path("fake"),
+        "--out",
+        &path("y.pem"),
+    ]);
+    assert!(!leaf.status.success());
+    assert!(
+        String::from_utf8_lossy(&leaf.stderr).contains("not a CA"),
+        "{}",
+        String::from_utf8_lossy(&leaf.stderr)
+    );
+}

@@ -1050,3 +1050,162 @@ async fn a_calling_cluster_over_its_stream_rate_is_told_overloaded() {
         Some(1.0)
     );
 }
+
+/// The federation's root rotates under load, in the three documented steps (trust both
+/// roots; re-issue every gateway under the new one; trust only the new one): no new
+/// connection fails, an established one keeps working, and afterwards a certificate of
+/// the old root is refused while one of the new root is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_rotates_under_load_without_a_failed_or_broken_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use strait_common::pki::write_atomic;
+
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (ue, ae) = udp();
+    let (uw, _) = udp();
+    let (un, _) = udp();
+    let east = pki
+        .gateway("east", ue, |c| {
+            c.exports.push(export("echo", 7000, echo.addr, &["*"]))
+        })
+        .await;
+    let west = pki
+        .gateway("west", uw, |c| {
+            import_from(c, "echo", 7000, &[("east", ae)])
+        })
+        .await;
+    let north = pki
+        .gateway("north", un, |c| {
+            import_from(c, "echo", 7000, &[("east", ae)])
+        })
+        .await;
+    for g in [&west, &north] {
+        wait_peer(g, "east", PeerStatus::Up).await;
+    }
+    let targets = [
+        west.listener("default/echo", 7000).unwrap(),
+        north.listener("default/echo", 7000).unwrap(),
+    ];
+    let roundtrip = async |s: &mut TcpStream| -> std::io::Result<()> {
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .map_err(|_| std::io::Error::other("no echo in 5 s"))??;
+        Ok(())
+    };
+    let mut long_lived = TcpStream::connect(targets[0]).await.unwrap();
+    roundtrip(&mut long_lived).await.unwrap();
+
+    // Load: new connections through both importers, paced, bounded in count, until told.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (total, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, total, failed) = (stop.clone(), total.clone(), failed.clone());
+        tokio::spawn(async move {
+            for i in 0..20_000usize {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let ok = async {
+                    let mut s = TcpStream::connect(targets[i % 2]).await?;
+                    s.write_all(b"y").await?;
+                    let mut b = [0u8; 1];
+                    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+                        .await
+                        .map_err(|_| std::io::Error::other("no echo"))??;
+                    std::io::Result::Ok(())
+                }
+                .await;
+                total.fetch_add(1, Ordering::Relaxed);
+                if ok.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let gateways = [("east", &east), ("west", &west), ("north", &north)];
+    let reloads = |g: &Gateway| {
+        metric(
+            &g.render_metrics(),
+            "strait_cert_reloads_total{result=\"ok\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let counts = || -> Vec<f64> { gateways.iter().map(|(_, g)| reloads(g)).collect() };
+    // Waits until every gateway has reloaded since `before` (counted before the change).
+    let all_reloaded = async |before: Vec<f64>, what: &str| {
+        eventually(Duration::from_secs(10), what, async || {
+            gateways
+                .iter()
+                .zip(&before)
+                .all(|((_, g), b)| reloads(g) > *b)
+        })
+        .await;
+    };
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let new_ca = CertificateAuthority::generate(TD, day).unwrap();
+    let ca_file = pki.ca_path();
+
+    // 1. Every gateway trusts both roots.
+    let both = strait_common::pki::bundle(&[
+        (ca_file.clone(), pki.ca.cert_pem.clone()),
+        ("new/ca.pem".into(), new_ca.cert_pem.clone()),
+    ])
+    .unwrap();
+    let before = counts();
+    write_atomic(&ca_file, both.as_bytes(), false).unwrap();
+    all_reloaded(before, "every gateway trusts both roots").await;
+    // 2. Every gateway presents a certificate of the new root.
+    let before = counts();
+    for (cluster, _) in gateways {
+        pki.write(
+            cluster,
+            &issue_with(&new_ca, TD, cluster, now - day, now + day),
+        );
+    }
+    all_reloaded(before, "every gateway presents the new root's certificate").await;
+    // 3. Only the new root is trusted.
+    let before = counts();
+    write_atomic(&ca_file, new_ca.cert_pem.as_bytes(), false).unwrap();
+    all_reloaded(before, "every gateway trusts only the new root").await;
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let (total, failed) = (
+        total.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    assert!(
+        total >= 20,
+        "the load ran through the rotation: {total} connections"
+    );
+    assert_eq!(
+        failed, 0,
+        "{failed} of {total} new connections failed during the rotation"
+    );
+    roundtrip(&mut long_lived)
+        .await
+        .expect("the established connection survives the rotation");
+
+    // New handshakes: a certificate of the retired root is refused, one of the new served.
+    assert!(
+        refused(raw_connect(Some(&pki.issue("west")), ae).await).await,
+        "a certificate of the retired root is refused"
+    );
+    assert!(
+        !refused(
+            raw_connect(
+                Some(&issue_with(&new_ca, TD, "west", now - day, now + day)),
+                ae
+            )
+            .await
+        )
+        .await,
+        "a certificate of the new root is served"
+    );
+}
