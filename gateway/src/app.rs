@@ -309,7 +309,12 @@ impl Gateway {
         if let (Some((udp, tcp)), Some(address)) = (dns_sockets, dns_addr) {
             tracing::info!(parent: &span, %address, zone = %config.dns.zone, "dns server listening");
             spawn(Box::pin(dns::serve_udp(dns.clone(), udp)));
-            spawn(Box::pin(dns::serve_tcp(dns.clone(), tcp, life.child())));
+            spawn(Box::pin(dns::serve_tcp(
+                dns.clone(),
+                tcp,
+                dns::TcpLimits::default(),
+                life.child(),
+            )));
         }
         tracing::info!(parent: &span, tunnel = %tunnel_addr, admin = %admin_addr, discovery = federation.is_some(), "gateway started");
         Ok(Gateway {

@@ -27,10 +27,28 @@ use crate::lifetime::Lifetime;
 use crate::metrics::{Desc, Registry};
 use zone::{ServiceEntry, Spec, Transport, Zone};
 
-/// Most TCP connections served at once; further ones wait in the accept queue.
-const MAX_TCP_CONNECTIONS: usize = 512;
-/// A TCP connection with no complete query for this long is closed.
-const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How the DNS server shares its TCP side.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    /// Most connections served at once; further ones wait, first come first served.
+    pub connections: usize,
+    /// A connection with no complete query for this long is closed.
+    pub idle: Duration,
+    /// A connection is closed after this long whatever it does, so clients that keep
+    /// their connections busy cannot hold every slot from the others (a slow-client
+    /// attack); resolvers reconnect.
+    pub lifetime: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits {
+            connections: 512,
+            idle: Duration::from_secs(10),
+            lifetime: Duration::from_secs(30),
+        }
+    }
+}
 
 const QUERIES: Desc = Desc::counter(
     "strait_dns_queries_total",
@@ -187,8 +205,9 @@ pub async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
 
 /// Answers TCP queries (two-byte length framing, several per connection); connections are
 /// served within `life`.
-pub async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, life: Lifetime) {
-    let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+pub async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, limits: TcpLimits, life: Lifetime) {
+    // Tokio's semaphore is fair: waiting clients get slots in the order they came.
+    let limit = Arc::new(Semaphore::new(limits.connections));
     let queries = dns.metrics.queries("tcp");
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
@@ -206,7 +225,8 @@ pub async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, life: Lifetime) {
         let queries = queries.clone();
         life.spawn(async move {
             let _permit = permit;
-            let _ = tcp_connection(&dns, stream, &queries).await;
+            let served = tcp_connection(&dns, stream, &queries, limits.idle);
+            let _ = tokio::time::timeout(limits.lifetime, served).await;
         });
     }
 }
@@ -215,17 +235,18 @@ async fn tcp_connection(
     dns: &Dns,
     mut stream: TcpStream,
     queries: &metrics::Counter,
+    idle: Duration,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
         let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+        match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
             Ok(Ok(_)) => {}
             // Closed, broken or idle: nothing more to answer.
             _ => return Ok(()),
         }
         buf.resize(usize::from(u16::from_be_bytes(len)), 0);
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf)).await {
+        match tokio::time::timeout(idle, stream.read_exact(&mut buf)).await {
             Ok(Ok(_)) => {}
             _ => return Ok(()),
         }

@@ -467,3 +467,73 @@ proptest! {
         }
     }
 }
+
+/// A query framed for DNS over TCP.
+fn tcp_query(id: u16, name: &str) -> Vec<u8> {
+    let mut msg = Message::new();
+    msg.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let bytes = msg.to_vec().unwrap();
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    framed
+}
+
+/// Sends one query on `s` and reads its framed answer.
+async fn ask_tcp(s: &mut tokio::net::TcpStream, id: u16) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(&tcp_query(id, "dns-version.clusterset.local."))
+        .await?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await?;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut answer).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_its_tcp_connection_busy_cannot_hold_the_last_slot() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let registry = crate::metrics::Registry::new();
+    let dns = Arc::new(super::Dns::new(
+        strait_common::config::Dns::default(),
+        super::DnsMetrics::new(&registry),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = super::TcpLimits {
+        connections: 1,
+        idle: Duration::from_secs(10),
+        lifetime: Duration::from_millis(300),
+    };
+    let life = crate::lifetime::Lifetime::new();
+    tokio::spawn(super::serve_tcp(dns, listener, limits, life.clone()));
+
+    // The hog takes the only slot and keeps it busy, never idle.
+    let mut hog = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ask_tcp(&mut hog, 1).await.unwrap();
+    let busy = tokio::spawn(async move {
+        let mut id = 2;
+        while ask_tcp(&mut hog, id).await.is_ok() && id < 1000 {
+            id += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        id
+    });
+    // Another client is served once the hog's lifetime is up.
+    let mut other = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), ask_tcp(&mut other, 7))
+        .await
+        .expect("the waiting client is served within the hog's lifetime")
+        .unwrap();
+    let sent = busy.await.unwrap();
+    assert!(
+        sent < 1000,
+        "the hog's connection was closed after its lifetime ({sent} queries)"
+    );
+    life.stop();
+}
