@@ -169,6 +169,32 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fails, naming the port, when any port of `regions` regions from `base` is taken
+/// (most likely by another demo on the same `--base-port`, whose directory must then be
+/// left alone).
+fn ports_free(base: u16, regions: usize) -> anyhow::Result<()> {
+    for i in 0..regions {
+        for k in 0..4u16 {
+            let port = base + 10 * i as u16 + k;
+            let at = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            // Tunnel: UDP; admin and gossip: TCP; DNS: both.
+            let mut tries = Vec::new();
+            if matches!(k, 0 | 3) {
+                tries.push(std::net::UdpSocket::bind(at).map(drop));
+            }
+            if k != 0 {
+                tries.push(std::net::TcpListener::bind(at).map(drop));
+            }
+            if let Some(Err(e)) = tries.into_iter().find(Result::is_err) {
+                anyhow::bail!(
+                    "port {port} is in use ({e}): is another `strait demo` running with --base-port {base}? Stop it or pick another --base-port (nothing was changed)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Starts every region: PKI, backends, configs, gateways.
 pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
     let n = args.regions as usize;
@@ -180,6 +206,8 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
             (Some(Scratch::Temp(t)), p)
         }
         None => {
+            // Another demo on these ports owns this directory: refuse before touching it.
+            ports_free(args.base_port, n)?;
             let p = std::env::temp_dir().join(format!("strait-demo-{}", args.base_port));
             // A previous demo on these ports that did not clean up (killed) left this.
             let _ = std::fs::remove_dir_all(&p);

@@ -112,3 +112,35 @@ async fn demo_tour_moves_traffic_and_brings_it_back() {
     );
     assert!(d.regions.iter().all(|r| r.is_up()));
 }
+
+#[tokio::test]
+async fn a_second_demo_on_the_same_ports_refuses_and_leaves_the_running_one_alone() {
+    use rand::Rng;
+    strait_gateway::raise_fd_limit();
+    // Fixed ports (the shared demo directory is per base port); a random range so that
+    // parallel test runs do not meet.
+    let base = 21_000 + 100 * rand::rng().random_range(0..100u16);
+    let args = DemoArgs {
+        base_port: base,
+        ..DemoArgs::ephemeral(2)
+    };
+    let running = demo::start(args.clone())
+        .await
+        .expect("the first demo starts");
+    let token = std::fs::read_to_string(running.dir.join(demo::TOKEN_FILE)).unwrap();
+
+    let second = demo::start(args).await;
+    let err = format!("{:#}", second.err().expect("the second demo refuses"));
+    assert!(
+        err.contains("is in use") && err.contains("nothing was changed"),
+        "{err}"
+    );
+
+    // The running demo keeps its directory: CA, configs and the drill token.
+    assert_eq!(
+        std::fs::read_to_string(running.dir.join(demo::TOKEN_FILE)).unwrap(),
+        token
+    );
+    assert!(running.dir.join("ca.pem").exists());
+    assert!(running.regions[0].config_path.exists());
+}
