@@ -19,11 +19,21 @@ use strait_ops::{drill, status};
     about = "Multi-cluster federation gateway: mTLS over QUIC between clusters"
 )]
 struct Cli {
-    /// Log as JSON lines instead of text.
-    #[arg(long, global = true)]
+    /// Log format: `text` (colours only on a terminal) or `json` (one object per line,
+    /// for log pipelines).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
+    /// The same as `--log-format json`.
+    #[arg(long, global = true, hide = true)]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -160,7 +170,7 @@ enum PkiCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init(if cli.log_json {
+    telemetry::init(if cli.log_json || cli.log_format == LogFormatArg::Json {
         LogFormat::Json
     } else {
         LogFormat::Text

@@ -307,3 +307,50 @@ fn pki_bundle_joins_roots_of_one_trust_domain_and_refuses_anything_else() {
         String::from_utf8_lossy(&leaf.stderr)
     );
 }
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_json_logs_are_one_object_a_line() {
+    for format in ["text", "json"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args([
+                "--log-format",
+                format,
+                "demo",
+                "--regions",
+                "2",
+                "--base-port",
+                "0",
+                "--duration",
+                "1",
+            ])
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run strait demo");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let logs: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.contains("gateway started"))
+            .collect();
+        assert_eq!(
+            logs.len(),
+            2,
+            "one start line per region ({format}):\n{stdout}"
+        );
+        assert!(
+            !stdout.contains('\u{1b}'),
+            "no ANSI escape codes in piped output ({format})"
+        );
+        if format == "json" {
+            for line in logs {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                assert_eq!(v["level"], "INFO");
+            }
+        }
+    }
+}
