@@ -1431,3 +1431,57 @@ fn fix_for_parse_error(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// What to do about a socket that cannot be bound.
+pub fn bind_fix(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "another process (another gateway?) holds it: stop that process, or choose another port"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "the address is not on this host: use an address of one of its interfaces or a loopback address (all of 127.0.0.0/8 is local on Linux), or add it, e.g. `ip addr add <address>/32 dev lo`"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE: use a higher port, or grant the capability"
+        }
+        _ => "check the address and port",
+    }
+}
+
+/// Problems the host would have binding what `config` asks for, found by trying (each
+/// address on an ephemeral port, so nothing in use is disturbed): (field, problem, fix).
+/// `config check` shows them as warnings; a gateway would fail to start, or to listen for
+/// an import, on them.
+pub fn bind_warnings(config: &Config) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut check = |field: String, ip: IpAddr| {
+        if ip.is_unspecified() {
+            return;
+        }
+        if let Err(e) = std::net::TcpListener::bind(SocketAddr::new(ip, 0)) {
+            out.push((
+                field,
+                format!("{ip} cannot be bound on this host ({e})"),
+                bind_fix(&e).to_owned(),
+            ));
+        }
+    };
+    check("listen.tunnel".into(), config.listen.tunnel.ip());
+    check("listen.admin".into(), config.listen.admin.ip());
+    if let Some(a) = config.listen.discovery {
+        check("listen.discovery".into(), a.ip());
+    }
+    if let Some(a) = config.listen.dns {
+        check("listen.dns".into(), a.ip());
+    }
+    for (i, imp) in config.imports.iter().enumerate() {
+        check(format!("imports[{i}].address"), imp.address);
+    }
+    if let Some(d) = &config.discovery
+        && config.kubernetes.is_none()
+        && let Some(first) = d.import_addresses.hosts().next()
+    {
+        check("discovery.import_addresses".into(), first);
+    }
+    out
+}

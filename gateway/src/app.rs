@@ -63,7 +63,7 @@ impl Gateway {
     /// Loads the identity, binds every socket, and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let udp = tunnel::bind_udp(config.listen.tunnel, &config.tunnel)
-            .with_context(|| format!("binding the tunnel UDP socket {}", config.listen.tunnel))?;
+            .map_err(|e| bind_error("the tunnel UDP socket", config.listen.tunnel, e))?;
         Self::start_on(config, udp).await
     }
 
@@ -84,16 +84,20 @@ impl Gateway {
             .context("starting the QUIC endpoint")?;
         let admin_listener = tokio::net::TcpListener::bind(config.listen.admin)
             .await
-            .with_context(|| format!("binding the admin API {}", config.listen.admin))?;
+            .map_err(|e| bind_error("the admin API", config.listen.admin, e))?;
         let admin_addr = admin_listener.local_addr()?;
-        let dns_sockets = match config.listen.dns {
-            Some(addr) => Some(
-                dns::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the DNS server {addr} (UDP and TCP)"))?,
-            ),
-            None => None,
-        };
+        let dns_sockets =
+            match config.listen.dns {
+                Some(addr) => {
+                    Some(dns::bind(addr).await.map_err(
+                        |e| match e.downcast::<std::io::Error>() {
+                            Ok(io) => bind_error("the DNS server (UDP and TCP)", addr, io),
+                            Err(e) => e.context(format!("binding the DNS server {addr}")),
+                        },
+                    )?)
+                }
+                None => None,
+            };
         let dns_addr = match &dns_sockets {
             Some((udp, _)) => Some(udp.local_addr()?),
             None => None,
@@ -482,6 +486,14 @@ pub fn metrics_reference() -> Vec<&'static Desc> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// A socket that cannot be bound, with what to do about it.
+fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "binding {what} {addr}: {e}\n  fix: {}",
+        strait_common::config::bind_fix(&e)
+    )
 }
 
 /// The admin token from `faults.token_file` (fault injection is off without one), and the

@@ -200,7 +200,8 @@ impl Listeners {
                 Ok(l) => l,
                 Err(e) => {
                     errors.push(anyhow::anyhow!(
-                        "binding listener {addr} for imported service {service}: {e}"
+                        "binding listener {addr} for imported service {service}: {e}; fix: {}",
+                        strait_common::config::bind_fix(&e)
                     ));
                     continue;
                 }

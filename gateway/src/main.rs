@@ -309,6 +309,12 @@ pub async fn shutdown_signal() {
 fn config_check(file: &std::path::Path) -> anyhow::Result<()> {
     match Config::load(file) {
         Ok(c) => {
+            for (field, problem, fix) in strait_common::config::bind_warnings(&c) {
+                println!(
+                    "{}: warning: field `{field}`: {problem}\n  fix: {fix}",
+                    file.display()
+                );
+            }
             println!(
                 "{}: ok (cluster {}, {} exports, {} peers, {} imports)",
                 file.display(),

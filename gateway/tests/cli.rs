@@ -354,3 +354,61 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_json_logs_are_one_object_a_line
         }
     }
 }
+
+#[test]
+fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    let ca_s = ca.to_str().unwrap();
+    let init = strait(&[
+        "pki",
+        "init",
+        "--dir",
+        ca_s,
+        "--trust-domain",
+        "strait.example",
+    ]);
+    assert!(init.status.success());
+    let issue = strait(&[
+        "pki",
+        "issue",
+        "--ca",
+        ca_s,
+        "--cluster",
+        "us-east",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(issue.status.success());
+    // A port another process holds, and import addresses that are not on this host.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = format!(
+        "cluster: us-east\nregion: r\ntrust_domain: strait.example\n\
+         listen: {{tunnel: 127.0.0.1:{port}, admin: 127.0.0.1:0, discovery: 127.0.0.1:0}}\n\
+         tls: {{ca: {}, cert: us-east.pem, key: us-east.key}}\n\
+         discovery: {{import_addresses: 198.51.100.0/24}}\n",
+        ca.join("ca.pem").display()
+    );
+    let file = d.join("gw.yaml");
+    std::fs::write(&file, cfg).unwrap();
+
+    let check = strait(&["config", "check", file.to_str().unwrap()]);
+    assert!(check.status.success(), "warnings do not fail the check");
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("warning: field `discovery.import_addresses`") && out.contains("ip addr add"),
+        "{out}"
+    );
+
+    let run = strait(&["run", "--config", file.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains(&format!("binding the tunnel UDP socket 127.0.0.1:{port}"))
+            && err.contains("fix: another process"),
+        "{err}"
+    );
+    drop(taken);
+}
