@@ -80,6 +80,23 @@ enum Command {
         #[arg(long)]
         image: Option<String>,
     },
+    /// Preflight of one gateway: config, certificate, the running gateway, its peers,
+    /// imports, DNS answers and drill faults; ✓/✗ per line with the fix. Exits 1 when a
+    /// check fails.
+    Check {
+        /// The gateway's YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The admin API to ask (default: listen.admin of the config).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// The DNS server to ask (default: listen.dns of the config).
+        #[arg(long)]
+        dns: Option<std::net::SocketAddr>,
+        /// `text` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+        output: LogFormatArg,
+    },
     /// Show a running gateway's view: members, peers and imported services.
     Status {
         /// The gateway's admin address.
@@ -184,6 +201,23 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
         Command::Status { admin } => runtime()?.block_on(status::print(admin)),
+        Command::Check {
+            config,
+            admin,
+            dns,
+            output,
+        } => {
+            let targets = strait_ops::check::Targets { admin, dns };
+            let checks = runtime()?.block_on(strait_ops::check::run(&config, targets));
+            match output {
+                LogFormatArg::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
+                LogFormatArg::Text => print!("{}", strait_ops::check::render(&checks)),
+            }
+            if checks.iter().any(|c| !c.ok) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Install {
             cluster,
             region,
