@@ -368,6 +368,19 @@ fn config_check(file: &std::path::Path) -> anyhow::Result<()> {
 
 const TRUST_DOMAIN_FILE: &str = "trust-domain";
 
+/// The trust domain of the CA in `ca` (a directory made by `pki init`).
+fn trust_domain_of(ca: &std::path::Path) -> anyhow::Result<String> {
+    let path = ca.join(TRUST_DOMAIN_FILE);
+    let td = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is {} a CA made by `strait pki init`?)",
+            path.display(),
+            ca.display()
+        )
+    })?;
+    Ok(td.trim().to_owned())
+}
+
 fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
     match cmd {
         PkiCmd::Init {
@@ -394,15 +407,7 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
             let mut roots = Vec::new();
             let mut domains = std::collections::BTreeSet::new();
             for ca in &cas {
-                let td_path = ca.join(TRUST_DOMAIN_FILE);
-                let td = std::fs::read_to_string(&td_path).with_context(|| {
-                    format!(
-                        "reading {} (is {} a CA made by `strait pki init`?)",
-                        td_path.display(),
-                        ca.display()
-                    )
-                })?;
-                domains.insert(td.trim().to_owned());
+                domains.insert(trust_domain_of(ca)?);
                 let path = ca.join(CA_CERT_FILE);
                 let pem = std::fs::read_to_string(&path)
                     .with_context(|| format!("reading {}", path.display()))?;
@@ -435,14 +440,7 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
                     "`{cluster}` is not a valid cluster id: use a DNS label (lowercase letters, digits, `-`)"
                 );
             }
-            let td_path = ca.join(TRUST_DOMAIN_FILE);
-            let td = std::fs::read_to_string(&td_path).with_context(|| {
-                format!(
-                    "reading {} (is {} a CA made by `strait pki init`?)",
-                    td_path.display(),
-                    ca.display()
-                )
-            })?;
+            let td = trust_domain_of(&ca)?;
             let authority = CertificateAuthority::load(&ca)?;
             let id = GatewayId::new(td.trim(), &cluster);
             let cert = authority.issue_gateway_for(&id, Duration::from_secs(days * 86_400))?;

@@ -264,6 +264,27 @@ async fn raw_connect_with(
     ep.connect_with(cfg, server, "east").unwrap().await
 }
 
+/// A proxied connection through `addr`, echoed once: it holds a stream open on the tunnel.
+async fn held_connection(addr: SocketAddr) -> TcpStream {
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    within(Duration::from_secs(5), held.read_exact(&mut b))
+        .await
+        .unwrap();
+    held
+}
+
+/// West's tunnel connection to east.
+fn tunnel_to_east(west: &Gateway) -> quinn::Connection {
+    west.peer("east")
+        .unwrap()
+        .borrow()
+        .connection
+        .clone()
+        .unwrap()
+}
+
 /// Whether the server refused: the handshake fails, or the connection carries no stream.
 async fn refused(res: Result<quinn::Connection, quinn::ConnectionError>) -> bool {
     match res {
@@ -770,19 +791,8 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
     let (east, west, addr) = pair(&pki, echo.addr, |c| c.tunnel.max_inbound_streams = 1).await;
-    let mut held = TcpStream::connect(addr).await.unwrap();
-    held.write_all(b"x").await.unwrap();
-    let mut b = [0u8; 1];
-    within(Duration::from_secs(5), held.read_exact(&mut b))
-        .await
-        .unwrap();
-    let conn = west
-        .peer("east")
-        .unwrap()
-        .borrow()
-        .connection
-        .clone()
-        .unwrap();
+    let held = held_connection(addr).await;
+    let conn = tunnel_to_east(&west);
     let req = echo_request();
     match open_stream(&conn, &req, &[], Duration::from_secs(5)).await {
         Err(OpenError::Refused { status, .. }) => assert_eq!(status, Status::Overloaded),
@@ -867,19 +877,8 @@ async fn a_calling_cluster_over_its_limits_is_told_overloaded_and_a_reloaded_lim
         c.limits.default.concurrent_streams = Some(1000);
     })
     .await;
-    let mut held = TcpStream::connect(addr).await.unwrap();
-    held.write_all(b"x").await.unwrap();
-    let mut b = [0u8; 1];
-    within(Duration::from_secs(5), held.read_exact(&mut b))
-        .await
-        .unwrap();
-    let conn = west
-        .peer("east")
-        .unwrap()
-        .borrow()
-        .connection
-        .clone()
-        .unwrap();
+    let held = held_connection(addr).await;
+    let conn = tunnel_to_east(&west);
     let req = echo_request();
     match open_stream(&conn, &req, &[], Duration::from_secs(5)).await {
         Err(OpenError::Refused { status, detail }) => {
