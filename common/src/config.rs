@@ -275,7 +275,8 @@ pub struct CallerLimits {
     pub callers: Vec<CallerLimit>,
 }
 
-/// One `limits.callers` entry.
+/// One `limits.callers` entry. It repeats [`Limit`]'s fields rather than flattening it:
+/// serde cannot combine `flatten` with `deny_unknown_fields`, and a typo must be an error.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CallerLimit {

@@ -647,7 +647,7 @@ impl Pass<'_> {
                 if o.body["kind"] == "Service" {
                     let cur = find(self.stores.services, &o);
                     let unchanged = cur.as_deref().is_some_and(|c| {
-                        same(Some(c.annotations()), &o) && ports_of(c) == ports_in(&o.body)
+                        same(c.annotations(), &o) && ports_of(c) == ports_in(&o.body)
                     });
                     if !unchanged {
                         let api = Api::<Service>::namespaced(self.client.clone(), &ns);
@@ -656,7 +656,7 @@ impl Pass<'_> {
                 } else {
                     let cur = find(self.stores.slices, &o);
                     let unchanged = cur.as_deref().is_some_and(|c| {
-                        same(Some(c.annotations()), &o) && slice_of(c) == slice_in(&o.body)
+                        same(c.annotations(), &o) && slice_of(c) == slice_in(&o.body)
                     });
                     if !unchanged {
                         let api = Api::<EndpointSlice>::namespaced(self.client.clone(), &ns);
@@ -835,8 +835,8 @@ fn find<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, o: &Object) -> 
 }
 
 /// Whether the object with `annotations` already is what `o` would write.
-fn same(annotations: Option<&BTreeMap<String, String>>, o: &Object) -> bool {
-    annotations.is_some_and(|a| digest_of(a) == digest_of_value(&o.body))
+fn same(annotations: &BTreeMap<String, String>, o: &Object) -> bool {
+    digest_of(annotations) == digest_of_value(&o.body)
 }
 
 fn digest_of(annotations: &BTreeMap<String, String>) -> Option<&str> {

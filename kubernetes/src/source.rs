@@ -186,12 +186,11 @@ async fn run(
             if !health.now().synced {
                 continue;
             }
-            let objects: Vec<(ExportObject, Arc<DynamicObject>)> = exports
+            let parsed: Vec<ExportObject> = exports
                 .state()
-                .into_iter()
-                .filter_map(|o| Some((ExportObject::from_dynamic(&o)?, o)))
+                .iter()
+                .filter_map(|o| ExportObject::from_dynamic(o))
                 .collect();
-            let parsed: Vec<ExportObject> = objects.iter().map(|(e, _)| e.clone()).collect();
             let mine = published_properties(&properties.state());
             let (mut now, mut verdicts) = exports_from(
                 &parsed,

@@ -291,3 +291,21 @@ fn random_loopback() -> IpAddr {
         rng.random_range(2..250u8),
     ])
 }
+
+/// A TCP server on `ip:port` (port 0: any) that answers each connection with `name` and
+/// closes it, so a test sees which cluster's endpoint it reached.
+pub async fn answering(ip: [u8; 4], port: u16, name: &'static str) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind(SocketAddr::from((ip, port)))
+        .await
+        .expect("bind a backend");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}

@@ -12,25 +12,16 @@ use hickory_client::proto::rr::{DNSClass, Name, RData, RecordType};
 use hickory_client::proto::runtime::TokioRuntimeProvider;
 use hickory_client::proto::udp::UdpClientStream;
 use serde_json::Value;
-use strait_tests::kube::{KubeCluster, NS};
+use strait_tests::kube::{KubeCluster, NS, answering};
 use strait_tests::{TestPki, eventually};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 const LIMIT: Duration = Duration::from_secs(20);
 const SI: &str = "multicluster.x-k8s.io/v1beta1";
 
-/// A TCP server answering each connection with `name` and closing.
+/// A backend on loopback answering `name`.
 async fn backend(name: &'static str) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(name.as_bytes()).await;
-            });
-        }
-    });
-    addr
+    answering([127, 0, 0, 1], 0, name).await
 }
 
 async fn read_from(addr: SocketAddr) -> std::io::Result<String> {
@@ -191,28 +182,12 @@ async fn a_service_export_becomes_an_import_reachable_through_the_gateway_and_go
     .await;
 }
 
-/// A backend answering `name` on `ip:port`.
-async fn backend_on(ip: [u8; 4], port: u16, name: &'static str) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind(SocketAddr::from((ip, port)))
-        .await
-        .unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(name.as_bytes()).await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_headless_export_gets_one_address_per_endpoint_and_unready_endpoints_leave_dns() {
     let pki = TestPki::new();
     let (east, west) = pair(&pki).await;
-    let db0 = backend_on([127, 0, 0, 2], 0, "db-0").await;
-    let db1 = backend_on([127, 0, 0, 3], db0.port(), "db-1").await;
+    let db0 = answering([127, 0, 0, 2], 0, "db-0").await;
+    let db1 = answering([127, 0, 0, 3], db0.port(), "db-1").await;
     let ports = [("pg", 5432, db0.port())];
     east.export(
         "db",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use strait_tests::TestPki;
-use strait_tests::kube::{KubeCluster, NS};
+use strait_tests::kube::{KubeCluster, NS, answering};
 
 const LIMIT: Duration = Duration::from_secs(20);
 const MCS: &str = "multicluster.x-k8s.io/v1beta1";
@@ -310,13 +310,7 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
     let us = KubeCluster::start_with(&pki, "us-1", &[seed], |api| property(api, "us")).await;
     let importer = KubeCluster::start_with(&pki, "us-2", &[seed], |api| property(api, "us")).await;
     for (cluster, name) in [(&us, "from us"), (&eu, "from eu")] {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, name.as_bytes()).await;
-            }
-        });
+        let addr = answering([127, 0, 0, 1], 0, name).await;
         cluster.service(
             HELLO,
             false,

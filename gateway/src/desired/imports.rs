@@ -249,9 +249,7 @@ pub(super) fn desired_imports(
     let mut out: Vec<Import> = configured.to_vec();
     for w in wanted {
         if let Some(kube) = local.kubernetes {
-            if let Some(import) = kube_import(w, kube, placement, alloc) {
-                out.push(import);
-            }
+            out.push(kube_import(w, kube, placement, alloc));
             continue;
         }
         let Some(range) = local.import_range else {
@@ -335,7 +333,7 @@ fn kube_import(
     kube: KubeImports,
     placement: &Placement,
     alloc: &mut Allocation,
-) -> Option<Import> {
+) -> Import {
     let mut ports = Vec::with_capacity(w.ports.len());
     for p in w.ports {
         match alloc.allocate_port(kube.ports, &w.key, p.port, placement) {
@@ -353,7 +351,7 @@ fn kube_import(
         .get(&w.key)
         .and_then(|p| p.cluster_ip)
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    Some(Import {
+    Import {
         name: w.name,
         namespace: w.namespace,
         address,
@@ -362,7 +360,7 @@ fn kube_import(
         clusters: w.clusters,
         endpoint: w.endpoint,
         session_affinity: w.session_affinity,
-    })
+    }
 }
 
 /// The allocation key of one headless endpoint: `ns/name@cluster/address`.
