@@ -212,7 +212,7 @@ async fn thousand_concurrent_connections_share_one_quic_connection() {
     assert_eq!(
         metric(
             &m,
-            "strait_active_connections{service=\"default/echo\",direction=\"inbound\"}"
+            "strait_active_connections{service=\"default/echo\",peer=\"west\",direction=\"inbound\"}"
         ),
         Some(1000.0)
     );
@@ -351,6 +351,60 @@ async fn bad_peer_certificates_are_refused() {
         async || metric(&east.render_metrics(), "strait_handshakes_rejected_total") >= Some(5.0),
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_restarted_peer_is_reached_by_the_next_fresh_handshake() {
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (ue, ae) = udp();
+    let east = exporter(&pki, ue, echo.addr).await;
+    let (uw, _) = udp();
+    let west = pki
+        .gateway("west", uw, |c| {
+            import_from(c, "echo", 7000, &[("east", ae)])
+        })
+        .await;
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    let mut rx = west.peer("east").unwrap();
+    east.shutdown_and_release().await;
+    // East comes back just after a handshake to the dead address began: that first
+    // Initial is lost, and quinn retransmits it only after three times its 333 ms initial
+    // RTT estimate. A fresh handshake must reach the new east long before that.
+    within(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.status == PeerStatus::Down),
+    )
+    .await
+    .unwrap();
+    within(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.status == PeerStatus::Connecting),
+    )
+    .await
+    .unwrap();
+    let socket = tunnel::bind_udp(ae, &Default::default()).expect("east's port is free again");
+    let _east = exporter(&pki, socket, echo.addr).await;
+    let back = std::time::Instant::now();
+    within(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.status == PeerStatus::Up),
+    )
+    .await
+    .unwrap();
+    let reconnected = back.elapsed();
+    assert!(
+        reconnected < Duration::from_millis(700),
+        "west reached the restarted east only after {reconnected:?}"
+    );
+    let listener = west.listener("default/echo", 7000).expect("listener bound");
+    let mut c = TcpStream::connect(listener).await.unwrap();
+    c.write_all(b"back").await.unwrap();
+    let mut b = [0u8; 4];
+    within(Duration::from_secs(5), c.read_exact(&mut b))
+        .await
+        .unwrap();
+    assert_eq!(&b, b"back");
 }
 
 #[tokio::test]
@@ -803,7 +857,7 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
     eventually(Duration::from_secs(5), "capacity is back", async || {
         metric(
             &east.render_metrics(),
-            "strait_active_connections{service=\"default/echo\",direction=\"inbound\"}",
+            "strait_active_connections{service=\"default/echo\",peer=\"west\",direction=\"inbound\"}",
         ) == Some(0.0)
     })
     .await;

@@ -387,9 +387,10 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
         gauges: gauges.clone(),
     };
     let mut backoff = INITIAL_BACKOFF;
+    let mut rtt = None;
     loop {
         peer.set(PeerStatus::Connecting, None, None);
-        match connect(&dialer, &peer.target).await {
+        match dial(&dialer, &peer.target, rtt).await {
             Ok(conn) => {
                 tracing::info!(peer = %cluster, address = %peer.target.address, "tunnel up");
                 metrics.connect(&cluster, true);
@@ -397,12 +398,20 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
                 gauges.up.set(1.0);
                 peer.set(PeerStatus::Up, Some(conn.clone()), None);
                 let reason = watch_connection(&dialer.tuning, &peer, &conn, &gauges).await;
+                rtt = Some(conn.rtt());
                 gauges.up.set(0.0);
                 gauges.responsive.set(0.0);
                 tracing::warn!(peer = %cluster, %reason, "tunnel down");
                 peer.set(PeerStatus::Down, None, Some(reason));
             }
-            Err(e) => {
+            Err(Dial::Unanswered(e)) => {
+                // The round itself waited `connect_timeout`, sending a fresh handshake
+                // every few hundred milliseconds: dial again at once.
+                metrics.connect(&cluster, false);
+                tracing::warn!(peer = %cluster, address = %peer.target.address, error = %e, "tunnel connect failed");
+                peer.set(PeerStatus::Down, None, Some(e));
+            }
+            Err(Dial::Refused(e)) => {
                 metrics.connect(&cluster, false);
                 tracing::warn!(peer = %cluster, address = %peer.target.address, error = %e, retry_in = ?backoff, "tunnel connect failed");
                 peer.set(PeerStatus::Down, None, Some(e));
@@ -433,19 +442,59 @@ impl Drop for Ended {
     }
 }
 
-async fn connect(dialer: &Dialer, peer: &PeerTarget) -> Result<Connection, String> {
+/// Why a dial round ended without a connection.
+enum Dial {
+    /// Nothing answered within `connect_timeout` (the peer is dead, restarting or cut
+    /// off): worth dialling again at once.
+    Unanswered(String),
+    /// The peer (or this gateway) refused: a certificate, a closed endpoint. Dialled again
+    /// after a backoff.
+    Refused(String),
+}
+
+/// Least time between two handshakes of one dial round.
+const REDIAL_EVERY: Duration = Duration::from_millis(250);
+
+/// One dial round of at most `connect_timeout`: a fresh handshake every
+/// max(250 ms, 3 RTT) until one completes. A peer that comes back mid-round is reached
+/// by the next fresh Initial, instead of by a retransmission of the first one that
+/// quinn's exponential backoff may put past the deadline. `rtt` is the last connection's
+/// (a slow path gets fewer duplicate handshakes); the handshakes that lose are dropped,
+/// which closes them.
+async fn dial(
+    dialer: &Dialer,
+    peer: &PeerTarget,
+    rtt: Option<Duration>,
+) -> Result<Connection, Dial> {
     let identity = dialer.identity.load();
     let cfg = super::client_config(&identity, &peer.cluster, &dialer.tuning)
-        .map_err(|e| e.to_string())?;
-    let connecting = dialer
-        .endpoint
-        .connect_with(cfg, peer.address, &peer.cluster)
-        .map_err(|e| e.to_string())?;
-    let timeout = dialer.tuning.connect_timeout.0;
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("handshake timed out after {timeout:?}")),
+        .map_err(|e| Dial::Refused(e.to_string()))?;
+    let window = dialer.tuning.connect_timeout.0;
+    let deadline = tokio::time::sleep(window);
+    tokio::pin!(deadline);
+    let mut fresh = tokio::time::interval(REDIAL_EVERY.max(rtt.unwrap_or_default() * 3));
+    fresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut attempts = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = &mut deadline => {
+                return Err(Dial::Unanswered(format!("handshake timed out after {window:?}")));
+            }
+            _ = fresh.tick() => {
+                let connecting = dialer
+                    .endpoint
+                    .connect_with(cfg.clone(), peer.address, &peer.cluster)
+                    .map_err(|e| Dial::Refused(e.to_string()))?;
+                attempts.spawn(connecting);
+            }
+            Some(done) = attempts.join_next() => match done {
+                Ok(Ok(conn)) => return Ok(conn),
+                // Unanswered for the transport's idle timeout: the later ones may still be.
+                Ok(Err(quinn::ConnectionError::TimedOut)) => {}
+                Ok(Err(e)) => return Err(Dial::Refused(e.to_string())),
+                Err(e) => return Err(Dial::Refused(e.to_string())),
+            },
+        }
     }
 }
 
