@@ -2,7 +2,7 @@
 //! on mutually authenticated TLS, and a loop that does push-pull rounds with a few random
 //! members (or the seeds, to join).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -89,11 +89,78 @@ struct Inner {
     acceptor: ArcSwap<tokio_rustls::TlsAcceptor>,
     view: watch::Sender<Arc<View>>,
     stats: NodeStats,
-    channels: Mutex<HashMap<(SocketAddr, Option<String>), Channel>>,
+    channels: Mutex<HashMap<PeerKey, Channel>>,
+    /// Peers with an exchange under way. At most one each: a request to a member that stopped
+    /// answering is cancelled (RST_STREAM) on its timeout, and without this limit every
+    /// round would add another, all delivered to the member at once when the network heals
+    /// (h2 answers more than 20 reset-before-accepted streams with GOAWAY ENHANCE_YOUR_CALM).
+    in_flight: Mutex<HashSet<PeerKey>>,
     /// Set when the member stops; the gRPC server drains and closes its connections.
     stopped: watch::Sender<bool>,
     /// Gossip cut (a drill fault): no exchanges out, every request in refused.
     cut: AtomicBool,
+}
+
+/// A gossip target: its address and the cluster it must prove (`None`: a seed).
+type PeerKey = (SocketAddr, Option<String>);
+
+/// Marks an exchange with a peer as under way until dropped.
+struct InFlight {
+    shared: Arc<Inner>,
+    key: PeerKey,
+}
+
+impl InFlight {
+    fn claim(shared: &Arc<Inner>, key: PeerKey) -> Option<InFlight> {
+        let mut busy = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        busy.insert(key.clone()).then(|| InFlight {
+            shared: shared.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    /// Failed on our side of the wire (deadline, connect, reset, GOAWAY) rather than with a
+    /// status the member sent: the cached connection may be dead.
+    transport: bool,
+}
+
+impl From<Status> for Failure {
+    fn from(e: Status) -> Self {
+        Failure {
+            // tonic attaches the underlying error as the source of statuses it makes up
+            // locally (TimeoutExpired, ConnectError, hyper/h2 errors); decoded ones have none.
+            transport: std::error::Error::source(&e).is_some()
+                || matches!(
+                    e.code(),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                ),
+            message: e.message().to_owned(),
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure {
+            message: message.to_owned(),
+            transport: false,
+        }
+    }
 }
 
 /// A certificate checked by [`Node::prepare_identity`], ready to present.
@@ -144,6 +211,7 @@ impl Node {
             identity: ArcSwap::new(identity),
             stats: NodeStats::default(),
             channels: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
             stopped: watch::channel(false).0,
             cut: AtomicBool::new(false),
         });
@@ -480,7 +548,7 @@ pub fn connect(
 }
 
 /// One push-pull exchange with a member.
-async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Result<(), String> {
+async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Result<(), Failure> {
     let ch = channel(shared, addr, cluster).ok_or("no TLS configuration")?;
     let limit = shared.config.max_message_bytes;
     let mut client = pb::gossip_client::GossipClient::new(ch)
@@ -490,16 +558,12 @@ async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Re
         digest: Some(wire::digest_to_pb(&shared.lock().digest())),
     };
     shared.count_out(prost::Message::encoded_len(&req));
-    let resp = client
-        .sync(req)
-        .await
-        .map_err(|e| e.message().to_owned())?
-        .into_inner();
+    let resp = client.sync(req).await?.into_inner();
     shared.count_in(prost::Message::encoded_len(&resp));
-    let delta = wire::delta_from_pb(resp.delta.unwrap_or_default())
-        .map_err(|e| shared.reject(e).message().to_owned())?;
-    let theirs = wire::digest_from_pb(resp.digest.unwrap_or_default())
-        .map_err(|e| shared.reject(e).message().to_owned())?;
+    let delta =
+        wire::delta_from_pb(resp.delta.unwrap_or_default()).map_err(|e| shared.reject(e))?;
+    let theirs =
+        wire::digest_from_pb(resp.digest.unwrap_or_default()).map_err(|e| shared.reject(e))?;
     let now = Instant::now();
     let back = {
         let mut c = shared.lock();
@@ -516,7 +580,7 @@ async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Re
             delta: Some(wire::delta_to_pb(&back)),
         };
         shared.count_out(prost::Message::encoded_len(&req));
-        client.push(req).await.map_err(|e| e.message().to_owned())?;
+        client.push(req).await?;
     }
     Ok(())
 }
@@ -550,15 +614,20 @@ async fn gossip_loop(shared: Arc<Inner>) {
                 Some(c) => targets.iter().any(|(a, t)| a == addr && t == c),
                 None => shared.config.seeds.contains(addr),
             });
-        let mut picks: Vec<(SocketAddr, Option<String>)> = {
-            let mut rng = rand::rng();
-            targets
-                .choose_multiple(&mut rng, shared.config.fanout)
+        // Members still busy with an earlier exchange are not picked (nor take a slot).
+        let mut picks: Vec<PeerKey> = {
+            let busy = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let free: Vec<PeerKey> = targets
+                .iter()
                 .map(|(a, c)| (*a, Some(c.clone())))
+                .filter(|k| !busy.contains(k))
+                .collect();
+            free.choose_multiple(&mut rand::rng(), shared.config.fanout)
+                .cloned()
                 .collect()
         };
         // Seeds: to join, and now and then to heal a partitioned view.
-        if (picks.is_empty() || round.is_multiple_of(50)) && !shared.config.seeds.is_empty() {
+        if (targets.is_empty() || round.is_multiple_of(50)) && !shared.config.seeds.is_empty() {
             let seed = *shared
                 .config
                 .seeds
@@ -571,21 +640,48 @@ async fn gossip_loop(shared: Arc<Inner>) {
         }
         // Exchanges run detached, each with its own deadline: waiting for a dead member
         // would delay our own heartbeat and make us look suspect.
-        for (addr, cluster) in picks {
+        for key in picks {
+            // A seed may be busy (it is not filtered above).
+            let Some(guard) = InFlight::claim(&shared, key.clone()) else {
+                continue;
+            };
             let shared = shared.clone();
             tokio::spawn(async move {
+                let _busy = guard;
+                let (addr, cluster) = &key;
+                let addr = *addr;
                 let res = tokio::time::timeout(
                     shared.config.rpc_timeout * 2,
                     exchange(&shared, addr, cluster.as_deref()),
                 )
                 .await;
-                if !matches!(res, Ok(Ok(()))) {
+                // A dead connection is not reused: the next exchange dials afresh (and
+                // fails at connect while the member is unreachable), so the old one carries
+                // at most this exchange's cancelled stream(s) when the network heals.
+                if matches!(
+                    &res,
+                    Err(_)
+                        | Ok(Err(Failure {
+                            transport: true,
+                            ..
+                        }))
+                ) {
                     shared
-                        .stats
-                        .failed_exchanges
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%addr, ?res, "gossip exchange failed");
+                        .channels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
                 }
+                let error = match res {
+                    Ok(Ok(())) => return,
+                    Ok(Err(f)) => f.message,
+                    Err(_) => "timed out".to_owned(),
+                };
+                shared
+                    .stats
+                    .failed_exchanges
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%addr, %error, "gossip exchange failed");
             });
         }
         // Suspicion and leases change with time alone, so the view is refreshed every round.

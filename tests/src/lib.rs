@@ -226,6 +226,81 @@ pub fn issue_with(
         .expect("issue")
 }
 
+/// A TCP relay in front of `target` that can hold every byte both ways (a partition: the
+/// senders' writes succeed and queue in the socket buffers, nothing is closed or reset) and
+/// release them all at once (the heal), as a real blackhole followed by TCP retransmission.
+pub struct TcpRelay {
+    /// Where peers should dial (stands in for the target).
+    pub addr: std::net::SocketAddr,
+    held: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TcpRelay {
+    pub async fn new(target: std::net::SocketAddr) -> TcpRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::sync::watch::Sender::new(false);
+        let h = held.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (to_target, from_target) = (h.subscribe(), h.subscribe());
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    tokio::join!(pump(ri, wo, to_target), pump(ro, wi, from_target));
+                });
+            }
+        });
+        TcpRelay { addr, held, task }
+    }
+
+    /// From now on nothing is forwarded (new connections are accepted but stall too).
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Forwards again, everything held first.
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        // Not reading while held leaves the bytes in the kernel buffers, as a partition does.
+        if held.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Bytes read just as the hold began wait for the release too.
+        if held.wait_for(|h| !*h).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
 /// A UDP relay between a gateway and its peer that can silently drop everything, or one
 /// direction only, to make a peer vanish without a close (no netem here: impairment lives
 /// in user space).

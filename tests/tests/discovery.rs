@@ -317,3 +317,86 @@ async fn members_with_an_unknown_origin_identity_are_still_verified_by_chain() {
         .any(|e| e.origin.cluster == "m0");
     assert!(!told, "and told it nothing");
 }
+
+/// Counts h2's "remotely-reset pending-accept streams reached limit" warnings (after which
+/// the member closes the connection with GOAWAY ENHANCE_YOUR_CALM). Set as the thread's
+/// subscriber: with the current-thread test runtime, every member under test logs here.
+struct ResetLimitWarnings(Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ResetLimitWarnings {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let m = e.metadata();
+        if m.target() == "h2::proto::streams::recv" && *m.level() == tracing::Level::WARN {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn start_behind(id: Arc<Identity>, seeds: Vec<SocketAddr>) -> (Node, strait_tests::TcpRelay) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = strait_tests::TcpRelay::new(listener.local_addr().unwrap()).await;
+    let me = MemberInfo {
+        cluster: id.id.cluster.clone(),
+        region: "r".into(),
+        zone: String::new(),
+        tunnel_addr: relay.addr,
+        gossip_addr: relay.addr, // everyone dials this member through its relay
+    };
+    let mut cfg = config(seeds);
+    cfg.catalog.lease = Duration::from_secs(10); // still targeted through the whole partition
+    (Node::start(me, 1, id, listener, cfg).unwrap(), relay)
+}
+
+#[tokio::test]
+async fn a_healed_partition_does_not_flood_the_members_with_stale_gossip() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(ResetLimitWarnings(resets.clone())),
+    );
+    let pki = TestPki::new();
+    let (a, ra) = start_behind(identity(&pki, "m0"), vec![]).await;
+    let (b, rb) = start_behind(identity(&pki, "m1"), vec![ra.addr]).await;
+    let alive =
+        |c: &'static str| move |v: &View| v.members.iter().any(|m| m.info.cluster == c && m.alive);
+    until(&a, "m1 alive", alive("m1")).await;
+    until(&b, "m0 alive", alive("m0")).await;
+
+    ra.hold();
+    rb.hold();
+    let held = std::time::Instant::now();
+    until(&a, "m1 down", |v| !alive("m1")(v)).await;
+    until(&b, "m0 down", |v| !alive("m0")(v)).await;
+    // The partition's length (a fault duration, not a synchronisation): 80 gossip rounds.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    // Every exchange started towards an unreachable member waits on the path (a stream
+    // on the old connection, or a new connection's handshake) and is delivered at once
+    // when it heals. One exchange per member at a time, each given up after twice the RPC
+    // timeout, keeps that to a few per second of partition, not one per round (before:
+    // about 12 per second each way).
+    let failed = a.stats().failed_exchanges.load(Ordering::Relaxed)
+        + b.stats().failed_exchanges.load(Ordering::Relaxed);
+    let bound = (held.elapsed().as_secs_f64() * 2.0 * 2.0) as u64 + 4;
+    assert!(
+        (2..=bound).contains(&failed),
+        "{failed} gossip exchanges were started and abandoned during the partition (at most {bound})"
+    );
+
+    ra.release();
+    rb.release();
+    until(&a, "m1 alive after the heal", alive("m1")).await;
+    until(&b, "m0 alive after the heal", alive("m0")).await;
+    // More rounds over the healed links: everything held has been delivered by now.
+    let sent = a.stats().messages_sent.load(Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(5),
+        "more rounds after the heal",
+        async || a.stats().messages_sent.load(Ordering::Relaxed) > sent + 20,
+    )
+    .await;
+    assert_eq!(
+        resets.load(Ordering::Relaxed),
+        0,
+        "a member answered the healed link with GOAWAY(ENHANCE_YOUR_CALM, too_many_resets)"
+    );
+}
