@@ -103,6 +103,7 @@ impl Gateway {
             None => None,
         };
         let metrics = Registry::new();
+        metrics.identify(&config.cluster, &config.region);
         let tunnel_addr = endpoint.local_addr()?;
         let kube_client = match &config.kubernetes {
             Some(k) => {
@@ -472,6 +473,7 @@ fn stop(life: &Lifetime, endpoint: &quinn::Endpoint, node: Option<&strait_discov
 /// exactly these).
 pub fn metrics_reference() -> Vec<&'static Desc> {
     [
+        crate::metrics::METRICS,
         crate::tunnel::STREAM_METRICS,
         crate::tunnel::peers::METRICS,
         crate::tunnel::inbound::METRICS,

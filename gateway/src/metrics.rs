@@ -100,6 +100,14 @@ impl Desc {
     }
 }
 
+const INFO: Desc = Desc::gauge(
+    "strait_gateway_info",
+    &["local_cluster", "region", "version"],
+    "Always 1: the cluster, region and strait version of the gateway serving these metrics (join on instance to tell which cluster reports a series).",
+);
+/// What every gateway says about itself.
+pub(crate) const METRICS: &[Desc] = &[INFO];
+
 /// A gateway's metrics registry; cheap to clone (every clone records into the same one).
 #[derive(Clone)]
 pub struct Registry {
@@ -125,6 +133,13 @@ impl Registry {
             recorder: Arc::new(recorder),
             handle,
         }
+    }
+
+    /// Names the gateway: `strait_gateway_info`.
+    pub(crate) fn identify(&self, cluster: &str, region: &str) {
+        self.describe(METRICS);
+        self.gauge(&INFO, &[cluster, region, env!("CARGO_PKG_VERSION")])
+            .set(1.0);
     }
 
     /// Describes a component's metrics (its `# HELP` lines).

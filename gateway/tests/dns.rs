@@ -18,7 +18,7 @@ use hickory_client::proto::xfer::DnsResponse;
 use strait_common::Config;
 use strait_common::pki::write_atomic;
 use strait_gateway::demo::{self, Demo, DemoArgs};
-use strait_tests::{eventually, within};
+use strait_tests::{eventually, metric, within};
 
 async fn federation() -> Demo {
     strait_gateway::raise_fd_limit();
@@ -165,6 +165,19 @@ async fn every_record_form_over_udp_and_tcp() {
         assert_eq!(r.name_servers()[0].record_type(), RecordType::SOA);
         let r = ask(&mut c, "example.com.", RecordType::A).await;
         assert_eq!(r.response_code(), ResponseCode::Refused);
+    }
+    // Each answer above is counted by transport and response code.
+    let m = g.render_metrics();
+    for transport in ["udp", "tcp"] {
+        for (rcode, n) in [("NXDOMAIN", 1.0), ("REFUSED", 1.0), ("SERVFAIL", 0.0)] {
+            let series = format!(
+                "strait_dns_responses_total{{transport=\"{transport}\",rcode=\"{rcode}\"}}"
+            );
+            assert_eq!(metric(&m, &series), Some(n), "{series}\n{m}");
+        }
+        let ok =
+            format!("strait_dns_responses_total{{transport=\"{transport}\",rcode=\"NOERROR\"}}");
+        assert!(metric(&m, &ok).is_some_and(|n| n >= 3.0), "{ok}\n{m}");
     }
 
     // Each remote pod's own address reaches exactly that pod, through the tunnel.

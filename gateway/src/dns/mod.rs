@@ -60,8 +60,32 @@ const DROPPED: Desc = Desc::counter(
     &["transport"],
     "DNS datagrams not answered (not a request, or no room to answer), by transport.",
 );
+const RESPONSES: Desc = Desc::counter(
+    "strait_dns_responses_total",
+    &["transport", "rcode"],
+    "DNS responses sent, by transport and response code (NOERROR, NXDOMAIN, REFUSED, FORMERR, NOTIMP, SERVFAIL; an EDNS BADVERS counts as NOERROR, its header code).",
+);
 /// The DNS server's metrics.
-pub(crate) const METRICS: &[Desc] = &[QUERIES, DROPPED];
+pub(crate) const METRICS: &[Desc] = &[QUERIES, DROPPED, RESPONSES];
+
+/// Header response codes 0..=5 by name; the others are not sent by this server.
+const RCODES: [&str; 6] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
+];
+
+/// The responses counter of each response code, for one transport.
+struct Responses([metrics::Counter; 6]);
+
+impl Responses {
+    /// Counts `reply` by the response code in its header.
+    fn count(&self, reply: &[u8]) {
+        if let Some(flags) = reply.get(3)
+            && let Some(c) = self.0.get(usize::from(flags & 0x0f))
+        {
+            c.increment(1);
+        }
+    }
+}
 
 /// What the DNS server counts (its series appear once it serves).
 #[derive(Clone)]
@@ -80,6 +104,10 @@ impl DnsMetrics {
 
     fn dropped(&self, transport: &str) -> metrics::Counter {
         self.0.counter(&DROPPED, &[transport])
+    }
+
+    fn responses(&self, transport: &str) -> Responses {
+        Responses(RCODES.map(|rcode| self.0.counter(&RESPONSES, &[transport, rcode])))
     }
 }
 
@@ -180,6 +208,7 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 pub async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
     let queries = dns.metrics.queries("udp");
     let dropped = dns.metrics.dropped("udp");
+    let responses = dns.metrics.responses("udp");
     let mut batch = batch::Batch::new();
     loop {
         if socket.readable().await.is_err() {
@@ -197,7 +226,13 @@ pub async fn serve_udp(dns: Arc<Dns>, socket: UdpSocket) {
         };
         queries.increment(n as u64);
         let zone = dns.zone.load();
-        let answered = batch.answer(n, |request| zone.respond(request, Transport::Udp));
+        let answered = batch.answer(n, |request| {
+            let reply = zone.respond(request, Transport::Udp);
+            if let Some(r) = &reply {
+                responses.count(r);
+            }
+            reply
+        });
         dropped.increment((n - answered) as u64);
         batch.send(&socket).await;
     }
@@ -209,6 +244,7 @@ pub async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, limits: TcpLimits, 
     // Tokio's semaphore is fair: waiting clients get slots in the order they came.
     let limit = Arc::new(Semaphore::new(limits.connections));
     let queries = dns.metrics.queries("tcp");
+    let responses = Arc::new(dns.metrics.responses("tcp"));
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
@@ -222,10 +258,10 @@ pub async fn serve_tcp(dns: Arc<Dns>, listener: TcpListener, limits: TcpLimits, 
             }
         };
         let dns = dns.clone();
-        let queries = queries.clone();
+        let (queries, responses) = (queries.clone(), responses.clone());
         life.spawn(async move {
             let _permit = permit;
-            let served = tcp_connection(&dns, stream, &queries, limits.idle);
+            let served = tcp_connection(&dns, stream, &queries, &responses, limits.idle);
             let _ = tokio::time::timeout(limits.lifetime, served).await;
         });
     }
@@ -235,6 +271,7 @@ async fn tcp_connection(
     dns: &Dns,
     mut stream: TcpStream,
     queries: &metrics::Counter,
+    responses: &Responses,
     idle: Duration,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
@@ -255,6 +292,7 @@ async fn tcp_connection(
             // Not a request: the stream cannot be trusted to be in step any more.
             return Ok(());
         };
+        responses.count(&reply);
         let mut framed = Vec::with_capacity(reply.len() + 2);
         framed.extend_from_slice(&(reply.len() as u16).to_be_bytes());
         framed.extend_from_slice(&reply);

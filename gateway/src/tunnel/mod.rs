@@ -59,8 +59,8 @@ const BYTES: Desc = Desc::counter(
 );
 const ACTIVE: Desc = Desc::gauge(
     "strait_active_connections",
-    &["service", "direction"],
-    "Proxied connections open now, by service and direction (outbound or inbound).",
+    &["service", "peer", "direction"],
+    "Proxied connections open now, by service, peer cluster and direction (outbound or inbound).",
 );
 /// Metrics of proxied streams, both sides of the tunnel.
 pub(crate) const STREAM_METRICS: &[Desc] = &[OPENED, FAILED, BYTES, ACTIVE];
@@ -89,8 +89,8 @@ impl StreamMetrics {
             .increment(1);
     }
 
-    fn active(&self, service: &str, side: Side) -> metrics::Gauge {
-        self.0.gauge(&ACTIVE, &[service, side.label()])
+    fn active(&self, service: &str, peer: &str, side: Side) -> metrics::Gauge {
+        self.0.gauge(&ACTIVE, &[service, peer, side.label()])
     }
 
     fn bytes(&self, service: &str, peer: &str, sent: u64, received: u64) {

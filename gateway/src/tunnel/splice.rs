@@ -62,7 +62,7 @@ pub(crate) async fn splice_counted(
     early: u64,
 ) {
     metrics.opened(service, peer, side);
-    let active = metrics.active(service, side);
+    let active = metrics.active(service, peer, side);
     active.increment(1.0);
     let (tcp, send, recv) = conn;
     let moved = splice(tcp, send, recv, buf_size).await;
