@@ -2,6 +2,7 @@
 //! bounded waits on conditions (never sleeps as synchronisation).
 
 pub mod kube;
+pub mod prometheus;
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
