@@ -124,6 +124,10 @@ enum DrillCmd {
         /// Where to write the JSON report (an HTML page is written beside it).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// No live progress on stderr (by default one line redrawn in place on a terminal,
+        /// plain lines on change and every 5 s when piped).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Check a scenario file without running it.
     Check {
@@ -263,7 +267,7 @@ fn drill_cmd(cmd: DrillCmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        DrillCmd::Run { file, out } => {
+        DrillCmd::Run { file, out, quiet } => {
             let s = load(&file);
             let out = out.unwrap_or_else(|| PathBuf::from(format!("drill-{}.json", s.name)));
             println!(
@@ -273,9 +277,23 @@ fn drill_cmd(cmd: DrillCmd) -> anyhow::Result<()> {
                 s.steps.len(),
                 s.duration
             );
-            let report = runtime()?.block_on(drill::run(s, async {
+            // Progress goes to stderr so stdout keeps only the header and the summary.
+            let stderr = std::io::stderr();
+            let terminal = std::io::IsTerminal::is_terminal(&stderr)
+                && std::env::var_os("TERM").is_none_or(|t| t != "dumb");
+            let mut progress = (!quiet).then(|| drill::progress::Reporter::new(stderr, terminal));
+            let ctrl_c = async {
                 let _ = tokio::signal::ctrl_c().await;
-            }))?;
+            };
+            let report = runtime()?.block_on(drill::run_with_progress(s, ctrl_c, |p| {
+                if let Some(r) = &mut progress {
+                    r.update(p);
+                }
+            }));
+            if let Some(r) = progress {
+                r.finish();
+            }
+            let report = report?;
             print!("{}", drill::render::summary(&report));
             let (json, html) = drill::write_report(&report, &out)?;
             println!("  report: {} and {}", json.display(), html.display());

@@ -71,9 +71,31 @@ async fn a_gateway_kill_with_a_healthy_alternative_meets_its_objectives() {
              objectives:\n  max_failed_connections: 0\n  max_reroute: 1500ms\n  max_p99_connect: 2s\n"
         ),
     );
-    let report = drill::run(s, std::future::pending()).await.unwrap();
+    // Progress as `strait drill run` shows it when piped: plain lines as it goes.
+    let mut progress = drill::progress::Reporter::new(Vec::new(), false);
+    let report = drill::run_with_progress(s, std::future::pending(), |p| progress.update(p))
+        .await
+        .unwrap();
+    let shown = String::from_utf8(progress.finish()).unwrap();
     let text = drill::render::summary(&report);
     assert_eq!(report.verdict, Verdict::Passed, "{text}");
+    let lines: Vec<&str> = shown.lines().collect();
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\r'),
+        "piped progress has no terminal codes: {shown:?}"
+    );
+    assert!(lines.len() >= 3, "{shown}");
+    assert!(lines[0].starts_with("[0s/5s]"), "{shown}");
+    let faulted = lines
+        .iter()
+        .find(|l| l.contains("faults: kill-tunnel"))
+        .unwrap_or_else(|| panic!("no line shows the fault: {shown}"));
+    assert!(faulted.contains("served by"), "{shown}");
+    let last = lines.last().unwrap();
+    assert!(
+        last.starts_with("[5s/5s]") && last.ends_with("faults: none") && last.contains(" 0 failed"),
+        "{shown}"
+    );
     let f = &report.faults[0];
     assert!(
         f.victim_served,

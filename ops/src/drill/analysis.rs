@@ -241,7 +241,11 @@ fn count(polls: &[RoutePoll], i: usize, cluster: &str) -> u64 {
 
 /// Connections taken in the polls within `(from, to]`: per cluster. (Counters run since
 /// the gateway started, so a window reaching back before the first poll starts there.)
-fn served_between(polls: &[RoutePoll], from: Duration, to: Duration) -> BTreeMap<String, u64> {
+pub(super) fn served_between(
+    polls: &[RoutePoll],
+    from: Duration,
+    to: Duration,
+) -> BTreeMap<String, u64> {
     let before = polls.iter().rposition(|p| p.at <= from).or(Some(0));
     let until = polls.iter().rposition(|p| p.at <= to);
     let mut out = BTreeMap::new();

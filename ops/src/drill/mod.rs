@@ -3,15 +3,16 @@
 //! federation met its objectives.
 //!
 //! [`scenario`] parses and checks the file, [`run`] drives it, [`analysis`] turns what was
-//! recorded into the report (no I/O), [`render`] draws it.
+//! recorded into the report (no I/O), [`render`] draws it, [`progress`] shows it live.
 
 pub mod analysis;
+pub mod progress;
 pub mod render;
 mod run;
 pub mod scenario;
 
 pub use analysis::Report;
-pub use run::{run, write_report};
+pub use run::{run, run_with_progress, write_report};
 pub use scenario::Scenario;
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Drives a drill: checks the federation, starts the load and the route watchers, injects
 //! and undoes faults on the timeline, stops early at the guard rail or on abort, and
-//! confirms every fault is gone before the report is built.
+//! confirms every fault is gone before the report is built. Progress goes to a callback
+//! each second and on each injection and undo.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use strait_common::api::{Direction, Fault, FaultRequest};
 use strait_common::units::HumanDuration;
 
 use super::analysis::{self, LoadRecording, Recording, Report, RoutePoll, StepRecord};
+use super::progress::Progress;
 use super::scenario::{FROM, FaultKind, LoadEntry, PRIMARY, Scenario, Step};
 use crate::client::Admin;
 use crate::load::{Load, LoadSpec, Steady, SteadySpec};
@@ -21,6 +24,10 @@ use crate::load::{Load, LoadSpec, Steady, SteadySpec};
 const POLL_EVERY: Duration = Duration::from_millis(100);
 /// How often the guard rail is checked.
 const GUARD_EVERY: Duration = Duration::from_millis(250);
+/// How often progress is reported (besides on each injection and undo).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The window whose connections say which cluster serves now.
+const SERVING_WINDOW: Duration = Duration::from_secs(1);
 
 /// One fault injection: which gateway, and what.
 struct Injection {
@@ -52,6 +59,16 @@ impl Client {
 
 /// Runs a drill until its end, its guard rail, or `abort` (Ctrl-C in the CLI).
 pub async fn run(scenario: Scenario, abort: impl Future<Output = ()>) -> anyhow::Result<Report> {
+    run_with_progress(scenario, abort, |_| {}).await
+}
+
+/// [`run`], telling `progress` where the drill stands each second and on each injection
+/// and undo, and once more when every fault is undone.
+pub async fn run_with_progress(
+    scenario: Scenario,
+    abort: impl Future<Output = ()>,
+    mut progress: impl FnMut(&Progress),
+) -> anyhow::Result<Report> {
     let client = Client {
         token: scenario.token()?,
     };
@@ -89,6 +106,9 @@ pub async fn run(scenario: Scenario, abort: impl Future<Output = ()>) -> anyhow:
     let mut next = 0;
     let mut aborted = None;
     let mut guard = tokio::time::interval(GUARD_EVERY);
+    let mut report_tick = tokio::time::interval(PROGRESS_EVERY);
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let now = |plan: &[Planned], loads: &[Running]| progress_of(t0, duration, plan, loads);
     tokio::pin!(abort);
     let end = t0 + duration;
     loop {
@@ -103,7 +123,9 @@ pub async fn run(scenario: Scenario, abort: impl Future<Output = ()>) -> anyhow:
                 } else {
                     undo_step(&client, &mut plan[i], t0).await;
                 }
+                progress(&now(&plan, &loads));
             }
+            _ = report_tick.tick() => progress(&now(&plan, &loads)),
             _ = guard.tick() => {
                 if let Some(why) = guard_rail(&scenario, &loads) {
                     aborted = Some(why);
@@ -124,6 +146,7 @@ pub async fn run(scenario: Scenario, abort: impl Future<Output = ()>) -> anyhow:
         undo_step(&client, p, t0).await;
     }
     let faults_undone = confirm_undone(&client, &plan).await;
+    progress(&now(&plan, &loads));
     let mut recorded = Vec::new();
     for r in loads {
         recorded.push(r.finish(aborted.is_some()).await);
@@ -455,6 +478,17 @@ impl Running {
         }
     }
 
+    /// Long-lived connection breaks so far; `None` when this load keeps none open.
+    fn breaks(&self) -> Option<usize> {
+        self.steady.as_ref().map(|s| s.breaks().len())
+    }
+
+    /// Connections each cluster took from `from` on (the source gateway's counters).
+    fn served_since(&self, from: Duration, now: Duration) -> BTreeMap<String, u64> {
+        let polls = self.polls.lock().unwrap_or_else(|p| p.into_inner());
+        analysis::served_between(&polls, from, now)
+    }
+
     /// New connections finished so far: (failed, total), and those of the last second.
     fn failures(&self) -> ((usize, usize), (usize, usize)) {
         let Some(load) = &self.load else {
@@ -538,6 +572,33 @@ async fn poll_routes(
             .unwrap_or_else(|p| p.into_inner())
             .push(RoutePoll { at, clusters });
     }
+}
+
+/// Where the drill stands: counts over every load, the faults in force.
+fn progress_of(t0: Instant, total: Duration, plan: &[Planned], loads: &[Running]) -> Progress {
+    let elapsed = t0.elapsed();
+    let mut p = Progress {
+        elapsed,
+        total,
+        faults: plan
+            .iter()
+            .filter(|s| !s.injected.is_empty())
+            .map(|s| s.record.label.clone())
+            .collect(),
+        ..Progress::default()
+    };
+    for l in loads {
+        let ((failed, done), _) = l.failures();
+        p.connections += done;
+        p.failed += failed;
+        if let Some(b) = l.breaks() {
+            *p.breaks.get_or_insert(0) += b;
+        }
+        for (c, n) in l.served_since(elapsed.saturating_sub(SERVING_WINDOW), elapsed) {
+            *p.served.entry(c).or_default() += n;
+        }
+    }
+    p
 }
 
 /// Why the guard rail stops the drill now, if it does.
