@@ -1449,6 +1449,57 @@ pub fn bind_fix(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// Files `config` names that cannot be read now (certificates, key, admin token): (field,
+/// problem, fix). `config check` shows them as warnings (a deployment may put them in
+/// place later); a gateway would not start without them.
+pub fn file_warnings(config: &Config) -> Vec<(String, String, String)> {
+    let mut files = vec![
+        (
+            "tls.ca",
+            &config.tls.ca,
+            "copy the federation's ca.pem there (`strait pki init` made it)".to_owned(),
+        ),
+        (
+            "tls.cert",
+            &config.tls.cert,
+            format!(
+                "issue it with `strait pki issue --ca <ca dir> --cluster {} --out <dir>`",
+                config.cluster
+            ),
+        ),
+        (
+            "tls.key",
+            &config.tls.key,
+            "it is written beside the certificate by `strait pki issue`".to_owned(),
+        ),
+    ];
+    if let Some(f) = &config.faults {
+        files.push((
+            "faults.token_file",
+            &f.token_file,
+            "create it with a random token: `openssl rand -hex 32 > <file>`".to_owned(),
+        ));
+    }
+    files
+        .into_iter()
+        .filter_map(|(field, path, missing)| {
+            let e = std::fs::File::open(path).err()?;
+            let fix = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    format!("{missing}, or correct {field} (relative to the config file)")
+                }
+                std::io::ErrorKind::PermissionDenied => "let the user running strait read it (e.g. `chown` it to that user, or `chmod 640` with its group)".to_owned(),
+                _ => format!("check the file {field} names"),
+            };
+            Some((
+                field.to_owned(),
+                format!("{} cannot be read: {e}", path.display()),
+                fix,
+            ))
+        })
+        .collect()
+}
+
 /// Problems the host would have binding what `config` asks for, found by trying (each
 /// address on an ephemeral port, so nothing in use is disturbed): (field, problem, fix).
 /// `config check` shows them as warnings; a gateway would fail to start, or to listen for

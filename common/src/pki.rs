@@ -72,6 +72,23 @@ fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
     })
 }
 
+/// Reads one of a gateway's TLS files (`field` is its config key); a missing or unreadable
+/// one is a [`PkiError::BadFile`] that says what to do (`missing`: how to make it).
+fn read_tls(path: &Path, field: &str, missing: &str) -> Result<Vec<u8>, PkiError> {
+    std::fs::read(path).map_err(|e| {
+        let fix = match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "{missing}, or correct {field} (a relative path is relative to the config file)"
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "let the user running strait read it (e.g. `chown` it to that user, or `chmod 640` with its group), or correct {field}"
+            ),
+            _ => format!("check the file {field} names"),
+        };
+        bad_file(path, format!("cannot be read ({field}): {e}"), fix)
+    })
+}
+
 /// Writes a file atomically (temp file + rename) so a reloading gateway never sees half of it.
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), PkiError> {
     use std::io::Write;
@@ -307,9 +324,17 @@ impl Identity {
         key: &Path,
         expected: &GatewayId,
     ) -> Result<Self, PkiError> {
-        let ca_pem = read(ca)?;
-        let cert_pem = read(cert)?;
-        let key_pem = read(key)?;
+        let issue = format!(
+            "issue it with `strait pki issue --ca <ca dir> --cluster {} --out <dir>`",
+            expected.cluster
+        );
+        let ca_pem = read_tls(
+            ca,
+            "tls.ca",
+            "copy the federation's ca.pem here (`strait pki init` made it)",
+        )?;
+        let cert_pem = read_tls(cert, "tls.cert", &issue)?;
+        let key_pem = read_tls(key, "tls.key", &issue)?;
         let roots = roots_from_pem(ca, &ca_pem)?;
         let certs: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<_, _>>()

@@ -95,6 +95,9 @@ struct Inner {
     /// round would add another, all delivered to the member at once when the network heals
     /// (h2 answers more than 20 reset-before-accepted streams with GOAWAY ENHANCE_YOUR_CALM).
     in_flight: Mutex<HashSet<PeerKey>>,
+    /// Members whose certificate this member refused, with the warning logged: a bad
+    /// certificate is worth a warning once, not every round (cleared by a good exchange).
+    refused: Mutex<HashMap<PeerKey, String>>,
     /// Set when the member stops; the gRPC server drains and closes its connections.
     stopped: watch::Sender<bool>,
     /// Gossip cut (a drill fault): no exchanges out, every request in refused.
@@ -151,6 +154,23 @@ impl From<Status> for Failure {
                 ),
             message: e.message().to_owned(),
         }
+    }
+}
+
+/// When `error` says the member's certificate was refused: what to do about it.
+fn certificate_fix(error: &str, trust_domain: &str) -> Option<String> {
+    // The verifier's words (`expected ..., peer presented ...`), inside rustls' error.
+    if error.contains("peer presented") {
+        Some(format!(
+            "it is not a gateway of this federation (trust domain {trust_domain}) or not the cluster it claims: point discovery.seeds at gateways of this federation"
+        ))
+    } else if error.contains("invalid peer certificate") {
+        Some(
+            "its certificate is not from this federation's CA: every gateway needs a certificate from the CA in tls.ca (`strait pki issue`), or tls.ca must hold its root too"
+                .to_owned(),
+        )
+    } else {
+        None
     }
 }
 
@@ -212,6 +232,7 @@ impl Node {
             stats: NodeStats::default(),
             channels: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashMap::new()),
             stopped: watch::channel(false).0,
             cut: AtomicBool::new(false),
         });
@@ -673,7 +694,14 @@ async fn gossip_loop(shared: Arc<Inner>) {
                         .remove(&key);
                 }
                 let error = match res {
-                    Ok(Ok(())) => return,
+                    Ok(Ok(())) => {
+                        shared
+                            .refused
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&key);
+                        return;
+                    }
                     Ok(Err(f)) => f.message,
                     Err(_) => "timed out".to_owned(),
                 };
@@ -681,7 +709,22 @@ async fn gossip_loop(shared: Arc<Inner>) {
                     .stats
                     .failed_exchanges
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%addr, %error, "gossip exchange failed");
+                let trust_domain = &shared.identity.load().id.trust_domain;
+                match certificate_fix(&error, trust_domain) {
+                    Some(fix)
+                        if shared
+                            .refused
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key.clone(), error.clone())
+                            .as_ref()
+                            != Some(&error) =>
+                    {
+                        let seed = key.1.is_none();
+                        tracing::warn!(%addr, seed, %error, %fix, "gossip peer's certificate refused");
+                    }
+                    _ => tracing::debug!(%addr, %error, "gossip exchange failed"),
+                }
             });
         }
         // Suspicion and leases change with time alone, so the view is refreshed every round.

@@ -361,7 +361,10 @@ pub async fn shutdown_signal() {
 fn config_check(file: &std::path::Path) -> anyhow::Result<()> {
     match Config::load(file) {
         Ok(c) => {
-            for (field, problem, fix) in strait_common::config::bind_warnings(&c) {
+            let warnings = strait_common::config::bind_warnings(&c)
+                .into_iter()
+                .chain(strait_common::config::file_warnings(&c));
+            for (field, problem, fix) in warnings {
                 println!(
                     "{}: warning: field `{field}`: {problem}\n  fix: {fix}",
                     file.display()

@@ -412,3 +412,72 @@ fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with
     );
     drop(taken);
 }
+
+#[test]
+fn missing_certificate_and_token_files_are_warned_by_config_check_and_fail_start_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    let ca_s = ca.to_str().unwrap();
+    let init = strait(&[
+        "pki",
+        "init",
+        "--dir",
+        ca_s,
+        "--trust-domain",
+        "strait.example",
+    ]);
+    assert!(init.status.success());
+    let issue = strait(&[
+        "pki",
+        "issue",
+        "--ca",
+        ca_s,
+        "--cluster",
+        "us-east",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(issue.status.success());
+    // The key is named wrong and the admin token was never created.
+    let cfg = format!(
+        "cluster: us-east\nregion: r\ntrust_domain: strait.example\n\
+         listen: {{tunnel: 127.0.0.1:0, admin: 127.0.0.1:0}}\n\
+         tls: {{ca: {}, cert: us-east.pem, key: us-east.pem.key}}\n\
+         faults: {{token_file: admin-token}}\n",
+        ca.join("ca.pem").display()
+    );
+    let file = d.join("gw.yaml");
+    std::fs::write(&file, cfg).unwrap();
+
+    let check = strait(&["config", "check", file.to_str().unwrap()]);
+    assert!(check.status.success(), "warnings do not fail the check");
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("warning: field `tls.key`")
+            && out.contains("us-east.pem.key cannot be read")
+            && out.contains("strait pki issue"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: field `faults.token_file`") && out.contains("openssl rand -hex 32"),
+        "{out}"
+    );
+
+    let run = strait(&["run", "--config", file.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("us-east.pem.key: cannot be read (tls.key)")
+            && err.contains("fix: issue it with `strait pki issue --ca <ca dir> --cluster us-east"),
+        "{err}"
+    );
+    std::fs::rename(d.join("us-east.key"), d.join("us-east.pem.key")).unwrap();
+    let run = strait(&["run", "--config", file.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("reading faults.token_file") && err.contains("openssl rand -hex 32"),
+        "{err}"
+    );
+}

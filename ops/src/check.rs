@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use strait_common::GatewayId;
 use strait_common::api::PeerStatus;
-use strait_common::config::{Config, bind_warnings};
+use strait_common::config::{Config, bind_warnings, file_warnings};
 use strait_common::pki::Identity;
 
 use crate::client::Admin;
@@ -84,6 +84,9 @@ pub async fn run(config_file: &Path, targets: Targets) -> Vec<Check> {
     };
     for (field, problem, fix) in bind_warnings(&config) {
         out.push(Check::fail(format!("address {field}"), problem, fix));
+    }
+    for (field, problem, fix) in file_warnings(&config) {
+        out.push(Check::fail(format!("file {field}"), problem, fix));
     }
     out.push(certificate(&config));
     let admin_addr = targets.admin.unwrap_or(config.listen.admin);

@@ -400,3 +400,98 @@ async fn a_healed_partition_does_not_flood_the_members_with_stale_gossip() {
         "a member answered the healed link with GOAWAY(ENHANCE_YOUR_CALM, too_many_resets)"
     );
 }
+
+/// The warnings `strait_discovery` logs on this thread, each as its fields (`message=...
+/// addr=... fix=...`).
+struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!(" {}={value:?}", field.name()));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let m = e.metadata();
+        if *m.level() == tracing::Level::WARN && m.target().starts_with("strait_discovery") {
+            let mut f = Fields(String::new());
+            e.record(&mut f);
+            self.0.lock().unwrap().push(f.0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_seed_of_another_federation_gets_one_warning_that_says_the_fix() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(Warnings(warnings.clone())),
+    );
+    let pki = TestPki::new();
+    // Two seeds that are not of this federation: one of another trust domain (whose CA this
+    // member happens to trust too), one with a certificate from another CA.
+    let other = CertificateAuthority::generate("other.example", Duration::from_secs(3600)).unwrap();
+    let stranger = other
+        .issue_gateway_for(
+            &strait_common::GatewayId::new("other.example", "stranger"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let stranger = Arc::new(
+        Identity::from_pem(&other.cert_pem, &stranger.cert_pem, &stranger.key_pem).unwrap(),
+    );
+    let forger = CertificateAuthority::generate(TD, Duration::from_secs(3600)).unwrap();
+    let forged = forger
+        .issue_gateway_for(
+            &strait_common::GatewayId::new(TD, "forged"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let forged =
+        Arc::new(Identity::from_pem(&forger.cert_pem, &forged.cert_pem, &forged.key_pem).unwrap());
+    let (s1, s2) = (start(stranger, vec![]).await, start(forged, vec![]).await);
+    let mine = pki.issue("m0");
+    let both_roots = format!("{}{}", pki.ca.cert_pem, other.cert_pem);
+    let id = Arc::new(Identity::from_pem(&both_roots, &mine.cert_pem, &mine.key_pem).unwrap());
+    let m0 = start(id, vec![s1.addr(), s2.addr()]).await;
+
+    // Many rounds fail against both seeds...
+    eventually(
+        Duration::from_secs(10),
+        "rounds against the seeds",
+        async || m0.stats().failed_exchanges.load(Ordering::Relaxed) >= 20,
+    )
+    .await;
+    // ...and each seed got one warning, naming the problem and the fix. (The seeds' own
+    // warnings about m0's handshakes are logged here too.)
+    let seen: Vec<String> = warnings
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.contains("certificate refused"))
+        .cloned()
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    let about = |addr: SocketAddr| {
+        seen.iter()
+            .find(|w| w.contains(&format!("addr={addr}")))
+            .unwrap_or_else(|| panic!("no warning about {addr}: {seen:#?}"))
+    };
+    let w = about(s1.addr());
+    assert!(
+        w.contains("seed=true")
+            && w.contains("spiffe://other.example/cluster/stranger")
+            && w.contains("point discovery.seeds at gateways of this federation"),
+        "{w}"
+    );
+    let w = about(s2.addr());
+    assert!(
+        w.contains("invalid peer certificate") && w.contains("from the CA in tls.ca"),
+        "{w}"
+    );
+    assert!(m0.view().members.iter().all(|m| m.info.cluster == "m0"));
+}
