@@ -166,6 +166,10 @@ pub struct Member {
     pub gossip_addr: String,
     /// Tunnel RTT from this gateway, when connected.
     pub rtt_ms: Option<f64>,
+    /// Its clock minus this gateway's, in ms, as the last gossip exchange with it measured
+    /// (to within half that exchange's round trip); absent until one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<f64>,
 }
 
 /// One port of a catalog entry.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use rand::seq::IndexedRandom;
@@ -98,6 +98,8 @@ struct Inner {
     /// Members whose certificate this member refused, with the warning logged: a bad
     /// certificate is worth a warning once, not every round (cleared by a good exchange).
     refused: Mutex<HashMap<PeerKey, String>>,
+    /// How far each member's clock is from ours, from the last exchange with it.
+    clocks: Mutex<HashMap<String, ClockOffset>>,
     /// Set when the member stops; the gRPC server drains and closes its connections.
     stopped: watch::Sender<bool>,
     /// Gossip cut (a drill fault): no exchanges out, every request in refused.
@@ -130,6 +132,43 @@ impl Drop for InFlight {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
+    }
+}
+
+/// How far a member's wall clock is from this one's, as one exchange measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClockOffset {
+    /// Its clock minus ours, in milliseconds (positive: it is ahead).
+    pub offset_ms: f64,
+    /// Half the exchange's round trip: the offset is known to within this.
+    pub uncertainty_ms: f64,
+}
+
+impl ClockOffset {
+    /// From a request sent at `asked` and answered at `answered` (our clock) by a member
+    /// whose clock read `theirs_ms` (Unix ms) in between: their reading minus our midpoint.
+    /// `None` when the member sent no time.
+    pub fn estimate(
+        asked: SystemTime,
+        answered: SystemTime,
+        theirs_ms: i64,
+    ) -> Option<ClockOffset> {
+        if theirs_ms == 0 {
+            return None;
+        }
+        let (a, b) = (unix_ms(asked) as f64, unix_ms(answered) as f64);
+        Some(ClockOffset {
+            offset_ms: theirs_ms as f64 - (a + b) / 2.0,
+            uncertainty_ms: (b - a).max(0.0) / 2.0,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch (negative before it).
+fn unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
     }
 }
 
@@ -233,6 +272,7 @@ impl Node {
             channels: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashMap::new()),
+            clocks: Mutex::new(HashMap::new()),
             stopped: watch::channel(false).0,
             cut: AtomicBool::new(false),
         });
@@ -274,6 +314,12 @@ impl Node {
     /// The current view.
     pub fn view(&self) -> Arc<View> {
         self.shared.view.borrow().clone()
+    }
+
+    /// How far each member's clock is from ours (members exchanged with so far).
+    pub fn clock_offsets(&self) -> BTreeMap<String, ClockOffset> {
+        let clocks = self.shared.clocks.lock().unwrap_or_else(|p| p.into_inner());
+        clocks.iter().map(|(c, o)| (c.clone(), *o)).collect()
     }
 
     /// Counters.
@@ -424,6 +470,7 @@ impl pb::gossip_server::Gossip for GossipService {
         let resp = pb::SyncResponse {
             delta: Some(wire::delta_to_pb(&delta)),
             digest: Some(wire::digest_to_pb(&mine)),
+            unix_ms: unix_ms(SystemTime::now()),
         };
         s.count_out(prost::Message::encoded_len(&resp));
         Ok(Response::new(resp))
@@ -579,8 +626,19 @@ async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Re
         digest: Some(wire::digest_to_pb(&shared.lock().digest())),
     };
     shared.count_out(prost::Message::encoded_len(&req));
+    let asked = SystemTime::now();
     let resp = client.sync(req).await?.into_inner();
+    let answered = SystemTime::now();
     shared.count_in(prost::Message::encoded_len(&resp));
+    if let Some(c) = cluster
+        && let Some(offset) = ClockOffset::estimate(asked, answered, resp.unix_ms)
+    {
+        shared
+            .clocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(c.to_owned(), offset);
+    }
     let delta =
         wire::delta_from_pb(resp.delta.unwrap_or_default()).map_err(|e| shared.reject(e))?;
     let theirs =
@@ -729,5 +787,21 @@ async fn gossip_loop(shared: Arc<Inner>) {
         }
         // Suspicion and leases change with time alone, so the view is refreshed every round.
         shared.publish(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_offset_is_their_reading_minus_our_midpoint() {
+        let at = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+        let o = ClockOffset::estimate(at(10_000), at(10_040), 12_020).unwrap();
+        assert_eq!(o.offset_ms, 2_000.0);
+        assert_eq!(o.uncertainty_ms, 20.0);
+        let behind = ClockOffset::estimate(at(10_000), at(10_000), 9_500).unwrap();
+        assert_eq!(behind.offset_ms, -500.0);
+        assert_eq!(ClockOffset::estimate(at(1), at(2), 0), None, "no time sent");
     }
 }

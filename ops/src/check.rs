@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use strait_common::GatewayId;
-use strait_common::api::PeerStatus;
+use strait_common::api::{Member, PeerStatus};
 use strait_common::config::{Config, bind_warnings, file_warnings};
 use strait_common::pki::Identity;
 
@@ -119,6 +119,15 @@ pub async fn run(config_file: &Path, targets: Targets) -> Vec<Check> {
         }
     }
     out.extend(peers(&admin).await);
+    if config.discovery.is_some() {
+        out.push(match admin.members().await {
+            Ok(Ok(members)) => clocks(&members),
+            Ok(Err(refused)) => {
+                Check::fail("clocks", format!("{refused:?}"), "see the gateway's log")
+            }
+            Err(e) => Check::fail("clocks", e.to_string(), "see the gateway's log"),
+        });
+    }
     let imported = imports(&admin, &config, &mut out).await;
     let dns = targets.dns.or(config.listen.dns.filter(|a| a.port() != 0));
     if let Some(dns) = dns {
@@ -158,6 +167,40 @@ fn certificate(config: &Config) -> Check {
             e.to_string(),
             "issue this cluster's certificate with `strait pki issue --cluster <cluster>` and point tls.* at it",
         ),
+    }
+}
+
+/// Clocks further apart than this fail the check: export times decide MCS conflicts
+/// (oldest export wins), and a freshly issued certificate is not yet valid on a host whose
+/// clock is behind.
+const MAX_CLOCK_OFFSET_MS: f64 = 1000.0;
+
+/// The members' clocks agree with this gateway's (as gossip measured them).
+fn clocks(members: &[Member]) -> Check {
+    let measured: Vec<(&str, f64)> = members
+        .iter()
+        .filter_map(|m| Some((m.cluster.as_str(), m.clock_offset_ms?)))
+        .collect();
+    let Some(&(worst, offset)) = measured
+        .iter()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+    else {
+        return Check::pass("clocks", "no member exchanged with yet");
+    };
+    let detail = format!(
+        "{} member(s) measured; largest offset {worst} {offset:+.0} ms",
+        measured.len()
+    );
+    if offset.abs() > MAX_CLOCK_OFFSET_MS {
+        Check::fail(
+            "clocks",
+            detail,
+            format!(
+                "synchronise the clocks of this host and {worst}'s (NTP: chrony or systemd-timesyncd); export times decide MCS conflicts and new certificates are refused by a host whose clock is behind"
+            ),
+        )
+    } else {
+        Check::pass("clocks", detail)
     }
 }
 
@@ -341,4 +384,46 @@ pub fn render(checks: &[Check]) -> String {
         format!("{failed} of {} checks failed\n", checks.len())
     });
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(cluster: &str, clock_offset_ms: Option<f64>) -> Member {
+        Member {
+            cluster: cluster.into(),
+            region: "r".into(),
+            zone: String::new(),
+            alive: true,
+            expired: false,
+            phi: 0.0,
+            last_heard_seconds: 0.0,
+            generation: 1,
+            version: 1,
+            services: 0,
+            tunnel_addr: "127.0.0.1:1".into(),
+            gossip_addr: "127.0.0.1:2".into(),
+            rtt_ms: None,
+            clock_offset_ms,
+        }
+    }
+
+    #[test]
+    fn clocks_fail_beyond_a_second_naming_the_member_furthest_off() {
+        let close = [
+            member("me", None),
+            member("a", Some(12.0)),
+            member("b", Some(-40.0)),
+        ];
+        let c = clocks(&close);
+        assert!(c.ok, "{c:?}");
+        assert_eq!(c.detail, "2 member(s) measured; largest offset b -40 ms");
+        let far = [member("a", Some(12.0)), member("b", Some(-2500.0))];
+        let c = clocks(&far);
+        assert!(!c.ok);
+        assert!(c.detail.contains("b -2500 ms"), "{c:?}");
+        assert!(c.fix.unwrap().contains("NTP"));
+        assert!(clocks(&[member("me", None)]).ok);
+    }
 }

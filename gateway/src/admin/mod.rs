@@ -197,6 +197,7 @@ async fn members(State(s): State<Arc<AdminState>>) -> Response {
         return no_discovery();
     };
     let view = node.view();
+    let clocks = node.clock_offsets();
     let rows: Vec<api::Member> = view
         .members
         .iter()
@@ -218,6 +219,9 @@ async fn members(State(s): State<Arc<AdminState>>) -> Response {
                 .get(&m.info.cluster)
                 .and_then(|p| p.connection())
                 .map(|c| c.rtt().as_secs_f64() * 1000.0),
+            clock_offset_ms: clocks
+                .get(&m.info.cluster)
+                .map(|o| (o.offset_ms * 10.0).round() / 10.0),
         })
         .collect();
     Json(rows).into_response()
