@@ -170,6 +170,9 @@ pub struct Member {
     /// (to within half that exchange's round trip); absent until one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset_ms: Option<f64>,
+    /// The offset is known to within this (half that exchange's round trip), in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_uncertainty_ms: Option<f64>,
 }
 
 /// One port of a catalog entry.

@@ -21,7 +21,7 @@ use crate::tunnel::StreamMetrics;
 use crate::tunnel::header::StreamRequest;
 use crate::tunnel::outbound::{OpenError, open_stream_until};
 use crate::tunnel::peers::PeerSet;
-use crate::tunnel::splice;
+use crate::tunnel::splice::{self, Side};
 
 const CONNECT_DURATION: Desc = Desc::histogram(
     "strait_connect_duration_seconds",
@@ -361,7 +361,9 @@ async fn forward(
                 if !peer_down {
                     routing.record(service, cluster, Outcome::Failure);
                 }
-                fwd.metrics.streams.failed(service, cluster, e.label());
+                fwd.metrics
+                    .streams
+                    .failed(service, cluster, Side::Outbound, e.label());
                 tracing::info!(peer = %cluster, error = %e, "stream to peer failed");
                 // Never replay: bytes that may have been delivered end the connection here.
                 let replay = e.ambiguous() && !with_request.is_empty() && !plan.early_data;

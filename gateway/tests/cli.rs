@@ -11,6 +11,30 @@ fn strait(args: &[&str]) -> std::process::Output {
         .expect("run strait")
 }
 
+/// `strait run` with `config`, expected to refuse to start: its output. A gateway that
+/// starts after all is killed after 30 s and fails the test (rather than hanging it).
+fn run_refused(config: &std::path::Path) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strait");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "strait run started with {} instead of refusing",
+                config.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 #[test]
 fn pki_init_issue_and_config_check() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,7 +145,7 @@ fn run_refuses_a_certificate_for_another_cluster() {
         ca.join("ca.pem").display()
     );
     std::fs::write(d.join("gw.yaml"), cfg).unwrap();
-    let out = strait(&["run", "--config", d.join("gw.yaml").to_str().unwrap()]);
+    let out = run_refused(&d.join("gw.yaml"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -402,7 +426,7 @@ fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with
         "{out}"
     );
 
-    let run = strait(&["run", "--config", file.to_str().unwrap()]);
+    let run = run_refused(&file);
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(
@@ -464,7 +488,7 @@ fn missing_certificate_and_token_files_are_warned_by_config_check_and_fail_start
         "{out}"
     );
 
-    let run = strait(&["run", "--config", file.to_str().unwrap()]);
+    let run = run_refused(&file);
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(
@@ -473,7 +497,7 @@ fn missing_certificate_and_token_files_are_warned_by_config_check_and_fail_start
         "{err}"
     );
     std::fs::rename(d.join("us-east.key"), d.join("us-east.pem.key")).unwrap();
-    let run = strait(&["run", "--config", file.to_str().unwrap()]);
+    let run = run_refused(&file);
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(

@@ -485,7 +485,7 @@ async fn a_lost_answer_never_replays_the_request_on_the_next_cluster() {
     assert_eq!(
         metric(
             &m,
-            "strait_streams_failed_total{service=\"default/svc\",peer=\"east\",reason=\"peer-unresponsive\"}"
+            "strait_streams_failed_total{service=\"default/svc\",peer=\"east\",side=\"outbound\",reason=\"peer-unresponsive\"}"
         ),
         Some(1.0),
         "east was tried first and given up on: {m}"

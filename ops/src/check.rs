@@ -175,23 +175,33 @@ fn certificate(config: &Config) -> Check {
 /// clock is behind.
 const MAX_CLOCK_OFFSET_MS: f64 = 1000.0;
 
-/// The members' clocks agree with this gateway's (as gossip measured them).
+/// The members' clocks agree with this gateway's (as gossip measured them). An offset
+/// counts only beyond its uncertainty (half the round trip of the exchange that measured
+/// it: a cold exchange includes the TCP and TLS handshakes).
 fn clocks(members: &[Member]) -> Check {
-    let measured: Vec<(&str, f64)> = members
+    let measured: Vec<(&str, f64, f64)> = members
         .iter()
-        .filter_map(|m| Some((m.cluster.as_str(), m.clock_offset_ms?)))
+        .filter_map(|m| {
+            let offset = m.clock_offset_ms?;
+            Some((
+                m.cluster.as_str(),
+                offset,
+                m.clock_uncertainty_ms.unwrap_or(0.0),
+            ))
+        })
         .collect();
-    let Some(&(worst, offset)) = measured
+    let beyond = |(_, o, u): &(&str, f64, f64)| (o.abs() - u).max(0.0);
+    let Some(&(worst, offset, uncertainty)) = measured
         .iter()
-        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .max_by(|a, b| beyond(a).total_cmp(&beyond(b)))
     else {
         return Check::pass("clocks", "no member exchanged with yet");
     };
     let detail = format!(
-        "{} member(s) measured; largest offset {worst} {offset:+.0} ms",
+        "{} member(s) measured; largest offset {worst} {offset:+.0} ms (±{uncertainty:.0} ms)",
         measured.len()
     );
-    if offset.abs() > MAX_CLOCK_OFFSET_MS {
+    if offset.abs() - uncertainty > MAX_CLOCK_OFFSET_MS {
         Check::fail(
             "clocks",
             detail,
@@ -406,6 +416,7 @@ mod tests {
             gossip_addr: "127.0.0.1:2".into(),
             rtt_ms: None,
             clock_offset_ms,
+            clock_uncertainty_ms: clock_offset_ms.map(|_| 5.0),
         }
     }
 
@@ -418,12 +429,19 @@ mod tests {
         ];
         let c = clocks(&close);
         assert!(c.ok, "{c:?}");
-        assert_eq!(c.detail, "2 member(s) measured; largest offset b -40 ms");
+        assert_eq!(
+            c.detail,
+            "2 member(s) measured; largest offset b -40 ms (±5 ms)"
+        );
         let far = [member("a", Some(12.0)), member("b", Some(-2500.0))];
         let c = clocks(&far);
         assert!(!c.ok);
         assert!(c.detail.contains("b -2500 ms"), "{c:?}");
         assert!(c.fix.unwrap().contains("NTP"));
         assert!(clocks(&[member("me", None)]).ok);
+        // Measured over a cold exchange: 1.1 s off, give or take 0.2 s, is not proof.
+        let mut cold = member("c", Some(1100.0));
+        cold.clock_uncertainty_ms = Some(200.0);
+        assert!(clocks(&[cold]).ok);
     }
 }

@@ -132,7 +132,7 @@ async fn hundred_mib_both_ways() {
     assert_eq!(
         metric(
             &m,
-            "strait_bytes_total{service=\"default/echo\",peer=\"east\",direction=\"sent\"}"
+            "strait_bytes_total{service=\"default/echo\",peer=\"east\",side=\"outbound\",direction=\"sent\"}"
         ),
         Some(LEN as f64)
     );
@@ -394,7 +394,7 @@ async fn a_restarted_peer_is_reached_by_the_next_fresh_handshake() {
     .unwrap();
     let reconnected = back.elapsed();
     assert!(
-        reconnected < Duration::from_millis(700),
+        reconnected < Duration::from_millis(800),
         "west reached the restarted east only after {reconnected:?}"
     );
     let listener = west.listener("default/echo", 7000).expect("listener bound");
@@ -475,7 +475,7 @@ async fn streams_are_refused_with_the_right_status() {
             selection: Default::default(),
         });
     };
-    let (_east, west, listener) = pair(&pki, echo.addr, exports).await;
+    let (east, west, listener) = pair(&pki, echo.addr, exports).await;
     let conn = west
         .peer("east")
         .unwrap()
@@ -530,6 +530,21 @@ async fn streams_are_refused_with_the_right_status() {
         Status::NoEndpoints,
         "unknown named endpoint"
     );
+    // Refusals are counted on the inbound side; a name east does not export is not a
+    // label value (a caller could otherwise make up series without end).
+    let m = east.render_metrics();
+    for (service, reason, n) in [
+        ("default/secret", "forbidden", 1.0),
+        ("(unknown)", "forbidden", 1.0),
+        ("default/drained", "no-endpoints", 1.0),
+        ("default/broken", "connect-failed", 1.0),
+    ] {
+        let series = format!(
+            "strait_streams_failed_total{{service=\"{service}\",peer=\"west\",side=\"inbound\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(metric(&m, &series), Some(n), "{series}\n{m}");
+    }
+    assert!(!m.contains("nosuch"), "{m}");
     // The tunnel connection survives every refusal.
     let mut c = TcpStream::connect(listener).await.unwrap();
     c.write_all(b"still").await.unwrap();
@@ -827,7 +842,7 @@ async fn refused_by_the_first_cluster_served_by_the_next_bytes_delivered_once() 
     assert_eq!(
         metric(
             &m,
-            "strait_streams_failed_total{service=\"default/svc\",peer=\"east\",reason=\"connect-failed\"}"
+            "strait_streams_failed_total{service=\"default/svc\",peer=\"east\",side=\"outbound\",reason=\"connect-failed\"}"
         ),
         Some(1.0)
     );

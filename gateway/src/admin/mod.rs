@@ -222,6 +222,9 @@ async fn members(State(s): State<Arc<AdminState>>) -> Response {
             clock_offset_ms: clocks
                 .get(&m.info.cluster)
                 .map(|o| (o.offset_ms * 10.0).round() / 10.0),
+            clock_uncertainty_ms: clocks
+                .get(&m.info.cluster)
+                .map(|o| (o.uncertainty_ms * 10.0).round() / 10.0),
         })
         .collect();
     Json(rows).into_response()

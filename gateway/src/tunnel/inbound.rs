@@ -16,6 +16,7 @@ use tracing::Instrument;
 use super::header::{Status, StreamRequest, StreamResponse};
 use super::limits::{Admitted, CallerLimiter, Limited};
 use super::outbound::{read_frame, respond};
+use super::splice::Side;
 use super::{StreamMetrics, codes, splice};
 use crate::desired::Exports;
 use crate::lifetime::Lifetime;
@@ -248,9 +249,21 @@ impl Inbound {
             Ok(ok) => ok,
             Err(resp) => {
                 tracing::info!(%service, status = resp.status().label(), detail = %resp.detail, "stream refused");
+                // The name is the caller's: one this cluster does not export is not a label
+                // value (the series would be unbounded).
+                let exported = self
+                    .exports
+                    .now()
+                    .iter()
+                    .any(|e| e.name == req.service && e.namespace == req.namespace);
+                let label = if exported {
+                    service.as_str()
+                } else {
+                    "(unknown)"
+                };
                 self.metrics
                     .streams
-                    .failed(&service, &peer, resp.status().label());
+                    .failed(label, &peer, Side::Inbound, resp.status().label());
                 let _ = respond(&mut send, &resp).await;
                 return;
             }

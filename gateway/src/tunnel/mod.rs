@@ -49,13 +49,13 @@ const OPENED: Desc = Desc::counter(
 );
 const FAILED: Desc = Desc::counter(
     "strait_streams_failed_total",
-    &["service", "peer", "reason"],
-    "Tunnel streams that did not reach an endpoint, by service, peer and reason (a refusal status: no-endpoints, forbidden, connect-failed, overloaded, unspecified; or peer-down, timeout, stream-error, peer-unresponsive, protocol-error).",
+    &["service", "peer", "side", "reason"],
+    "Tunnel streams that did not reach an endpoint, by service, peer, side (outbound: opened here; inbound: refused here) and reason (a refusal status: no-endpoints, forbidden, connect-failed, overloaded, unspecified; or peer-down, timeout, stream-error, peer-unresponsive, protocol-error). Inbound, a service this cluster does not export is `(unknown)`.",
 );
 const BYTES: Desc = Desc::counter(
     "strait_bytes_total",
-    &["service", "peer", "direction"],
-    "Payload bytes proxied, by service, peer and direction (sent=towards the service).",
+    &["service", "peer", "side", "direction"],
+    "Payload bytes proxied, by service, peer, side (outbound or inbound) and direction (sent=towards the service).",
 );
 const ACTIVE: Desc = Desc::gauge(
     "strait_active_connections",
@@ -77,9 +77,9 @@ impl StreamMetrics {
     }
 
     /// A stream to or from `peer` for `service` did not reach an endpoint.
-    pub fn failed(&self, service: &str, peer: &str, reason: &str) {
+    pub fn failed(&self, service: &str, peer: &str, side: Side, reason: &str) {
         self.0
-            .counter(&FAILED, &[service, peer, reason])
+            .counter(&FAILED, &[service, peer, side.label(), reason])
             .increment(1);
     }
 
@@ -93,12 +93,12 @@ impl StreamMetrics {
         self.0.gauge(&ACTIVE, &[service, peer, side.label()])
     }
 
-    fn bytes(&self, service: &str, peer: &str, sent: u64, received: u64) {
+    fn bytes(&self, service: &str, peer: &str, side: Side, sent: u64, received: u64) {
         self.0
-            .counter(&BYTES, &[service, peer, "sent"])
+            .counter(&BYTES, &[service, peer, side.label(), "sent"])
             .increment(sent);
         self.0
-            .counter(&BYTES, &[service, peer, "received"])
+            .counter(&BYTES, &[service, peer, side.label(), "received"])
             .increment(received);
     }
 }

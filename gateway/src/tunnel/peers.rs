@@ -36,12 +36,13 @@ pub struct PeerState {
 }
 
 impl PeerState {
-    /// Whether new connections may be sent to this peer: up and answering probes, or not
-    /// yet connected for the first time (a peer just learned from discovery, worth a wait).
+    /// Whether new connections may be sent to this peer: up and answering probes, or in
+    /// its very first dial (a peer just learned from discovery, worth a wait; one whose
+    /// first dial failed is not).
     pub fn routable(&self) -> bool {
         match self.status {
             PeerStatus::Up => self.responsive,
-            PeerStatus::Connecting => self.connects == 0,
+            PeerStatus::Connecting => self.connects == 0 && self.last_error.is_none(),
             PeerStatus::Down => false,
         }
     }
@@ -136,13 +137,16 @@ impl PeerHandle {
         self.state.borrow().connection.clone()
     }
 
-    /// The connection once usable: waits while a handshake is under way (a peer just
-    /// learned from discovery), at most `timeout`; `None` at once if the peer is down.
+    /// The connection once usable: waits while the first dial is under way (a peer just
+    /// learned from discovery), at most `timeout`; `None` as soon as a dial failed (the
+    /// next one begins at once, so `Down` may not be seen in between).
     pub async fn ready_connection(&self, timeout: Duration) -> Option<Connection> {
         let mut rx = self.state.subscribe();
-        let settled =
-            tokio::time::timeout(timeout, rx.wait_for(|s| s.status != PeerStatus::Connecting))
-                .await;
+        let settled = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| s.status != PeerStatus::Connecting || s.last_error.is_some()),
+        )
+        .await;
         match settled {
             Ok(Ok(s)) => s.connection.clone(),
             _ => None,
@@ -388,6 +392,8 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
     };
     let mut backoff = INITIAL_BACKOFF;
     let mut rtt = None;
+    // Unanswered rounds in a row: the first is a warning, the rest are expected.
+    let mut unanswered = 0u32;
     loop {
         peer.set(PeerStatus::Connecting, None, None);
         match dial(&dialer, &peer.target, rtt).await {
@@ -395,6 +401,7 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
                 tracing::info!(peer = %cluster, address = %peer.target.address, "tunnel up");
                 metrics.connect(&cluster, true);
                 backoff = INITIAL_BACKOFF;
+                unanswered = 0;
                 gauges.up.set(1.0);
                 peer.set(PeerStatus::Up, Some(conn.clone()), None);
                 let reason = watch_connection(&dialer.tuning, &peer, &conn, &gauges).await;
@@ -408,7 +415,12 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
                 // The round itself waited `connect_timeout`, sending a fresh handshake
                 // every few hundred milliseconds: dial again at once.
                 metrics.connect(&cluster, false);
-                tracing::warn!(peer = %cluster, address = %peer.target.address, error = %e, "tunnel connect failed");
+                unanswered += 1;
+                if unanswered == 1 {
+                    tracing::warn!(peer = %cluster, address = %peer.target.address, error = %e, "tunnel connect failed; dialling on");
+                } else {
+                    tracing::debug!(peer = %cluster, rounds = unanswered, error = %e, "tunnel connect failed");
+                }
                 peer.set(PeerStatus::Down, None, Some(e));
             }
             Err(Dial::Refused(e)) => {
@@ -454,9 +466,11 @@ enum Dial {
 
 /// Least time between two handshakes of one dial round.
 const REDIAL_EVERY: Duration = Duration::from_millis(250);
+/// Time between handshakes of a round while the peer's RTT is unknown.
+const UNKNOWN_RTT_REDIAL: Duration = Duration::from_secs(1);
 
 /// One dial round of at most `connect_timeout`: a fresh handshake every
-/// max(250 ms, 3 RTT) until one completes. A peer that comes back mid-round is reached
+/// max(250 ms, 3 RTT) (1 s while the RTT is unknown) until one completes. A peer that comes back mid-round is reached
 /// by the next fresh Initial, instead of by a retransmission of the first one that
 /// quinn's exponential backoff may put past the deadline. `rtt` is the last connection's
 /// (a slow path gets fewer duplicate handshakes); the handshakes that lose are dropped,
@@ -472,28 +486,43 @@ async fn dial(
     let window = dialer.tuning.connect_timeout.0;
     let deadline = tokio::time::sleep(window);
     tokio::pin!(deadline);
-    let mut fresh = tokio::time::interval(REDIAL_EVERY.max(rtt.unwrap_or_default() * 3));
+    // Without a measured RTT, three times quinn's initial estimate: a distant peer is not
+    // sent a second handshake before the first could have completed.
+    let spacing = rtt.map_or(UNKNOWN_RTT_REDIAL, |r| REDIAL_EVERY.max(r * 3));
+    let mut fresh = tokio::time::interval(spacing);
     fresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut attempts = tokio::task::JoinSet::new();
+    // A refusal stops new handshakes; those under way may still succeed.
+    let mut refused = None;
     loop {
         tokio::select! {
+            // A handshake completing as the deadline passes wins.
+            biased;
+            Some(done) = attempts.join_next() => match done {
+                Ok(Ok(conn)) => return Ok(conn),
+                // Unanswered for the transport's idle timeout: the later ones may still be.
+                Ok(Err(quinn::ConnectionError::TimedOut)) => {}
+                Ok(Err(e)) => refused = Some(e.to_string()),
+                Err(e) => refused = Some(e.to_string()),
+            },
             () = &mut deadline => {
-                return Err(Dial::Unanswered(format!("handshake timed out after {window:?}")));
+                return Err(match refused {
+                    Some(e) => Dial::Refused(e),
+                    None => Dial::Unanswered(format!("handshake timed out after {window:?}")),
+                });
             }
-            _ = fresh.tick() => {
+            _ = fresh.tick(), if refused.is_none() => {
                 let connecting = dialer
                     .endpoint
                     .connect_with(cfg.clone(), peer.address, &peer.cluster)
                     .map_err(|e| Dial::Refused(e.to_string()))?;
                 attempts.spawn(connecting);
             }
-            Some(done) = attempts.join_next() => match done {
-                Ok(Ok(conn)) => return Ok(conn),
-                // Unanswered for the transport's idle timeout: the later ones may still be.
-                Ok(Err(quinn::ConnectionError::TimedOut)) => {}
-                Ok(Err(e)) => return Err(Dial::Refused(e.to_string())),
-                Err(e) => return Err(Dial::Refused(e.to_string())),
-            },
+        }
+        if let Some(e) = &refused
+            && attempts.is_empty()
+        {
+            return Err(Dial::Refused(e.clone()));
         }
     }
 }
@@ -585,4 +614,33 @@ pub fn age(t: SystemTime) -> f64 {
         .duration_since(t)
         .unwrap_or_default()
         .as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> PeerHandle {
+        PeerHandle::new(PeerTarget {
+            cluster: "east".into(),
+            address: "127.0.0.1:9".parse().unwrap(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_peer_whose_first_dial_failed_is_not_routable_nor_waited_for() {
+        let p = handle();
+        assert!(p.state().routable(), "the first dial is worth a wait");
+        // A failed round is followed by the next at once: waiters may never see `Down`.
+        p.set(PeerStatus::Down, None, Some("handshake timed out".into()));
+        p.set(PeerStatus::Connecting, None, None);
+        assert!(!p.state().routable());
+        let waited = tokio::time::timeout(
+            Duration::from_secs(5),
+            p.ready_connection(Duration::from_secs(60)),
+        )
+        .await
+        .expect("returns at once, not after its timeout");
+        assert!(waited.is_none());
+    }
 }

@@ -71,7 +71,7 @@ pub(crate) async fn splice_counted(
         Side::Outbound => (early + moved.tcp_to_quic, moved.quic_to_tcp),
         Side::Inbound => (moved.quic_to_tcp, moved.tcp_to_quic),
     };
-    metrics.bytes(service, peer, towards_service, from_service);
+    metrics.bytes(service, peer, side, towards_service, from_service);
 }
 
 /// Runs both directions until both finished or either side reset.
