@@ -430,6 +430,14 @@ impl Identity {
         })
     }
 
+    /// A signer with this identity's private key, for what the gateway vouches for
+    /// outside TLS (its catalog origin). Verified by [`verify_signature`] against the leaf.
+    pub fn signer(&self) -> Result<Arc<dyn rustls::sign::SigningKey>, PkiError> {
+        Ok(provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())?)
+    }
+
     /// Builds an identity from PEM text (no validity checks; see [`Identity::from_parts`]).
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, String> {
         let roots = roots_from_pem(Path::new("-"), ca_pem.as_bytes()).map_err(|e| e.to_string())?;
@@ -491,6 +499,80 @@ impl Identity {
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
     }
+}
+
+/// Signature schemes a gateway signs with, best first (its key decides which applies).
+const SIGNING_SCHEMES: &[rustls::SignatureScheme] = &[
+    rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+    rustls::SignatureScheme::ED25519,
+    rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+    rustls::SignatureScheme::RSA_PSS_SHA256,
+];
+
+/// Signs `msg` with `key`: the scheme (its TLS code point) and the signature.
+pub fn sign(key: &dyn rustls::sign::SigningKey, msg: &[u8]) -> Result<(u16, Vec<u8>), PkiError> {
+    let signer = key.choose_scheme(SIGNING_SCHEMES).ok_or_else(|| {
+        PkiError::Tls(rustls::Error::General(
+            "no signature scheme for this key".into(),
+        ))
+    })?;
+    let sig = signer.sign(msg)?;
+    Ok((u16::from(signer.scheme()), sig))
+}
+
+/// Whether `signature` (made with `scheme`) over `msg` verifies with the public key of
+/// `leaf`, a certificate already checked by [`check_gateway_chain`].
+pub fn verify_signature(
+    leaf: &CertificateDer<'_>,
+    scheme: u16,
+    msg: &[u8],
+    signature: &[u8],
+) -> bool {
+    let scheme = rustls::SignatureScheme::from(scheme);
+    if !SIGNING_SCHEMES.contains(&scheme) {
+        return false;
+    }
+    let provider = provider();
+    let Some((_, algs)) = provider
+        .signature_verification_algorithms
+        .mapping
+        .iter()
+        .find(|(s, _)| *s == scheme)
+    else {
+        return false;
+    };
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+        return false;
+    };
+    algs.iter()
+        .any(|alg| cert.verify_signature(*alg, msg, signature).is_ok())
+}
+
+/// Checks that `chain` (leaf first) is a gateway certificate of `cluster` in
+/// `trust_domain`, chained to `roots` and valid now, as the tunnel and gossip verifiers do
+/// for a connection. For data a gateway signed and others relayed.
+pub fn check_gateway_chain(
+    roots: &RootCertStore,
+    trust_domain: &str,
+    cluster: &str,
+    chain: &[CertificateDer<'_>],
+) -> Result<(), String> {
+    let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
+    let parsed = ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    )
+    .map_err(|e| e.to_string())?;
+    let got = peer_id(leaf)?;
+    let expected = GatewayId::new(trust_domain, cluster);
+    if got != expected {
+        return Err(format!("expected {expected}, the certificate is {got}"));
+    }
+    Ok(())
 }
 
 /// The crypto provider used throughout (ring).

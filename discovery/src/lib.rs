@@ -10,6 +10,7 @@
 pub mod model;
 pub mod node;
 pub mod phi;
+pub mod seal;
 pub mod source;
 pub mod state;
 pub mod wire;

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::model::{MemberInfo, Service, ServiceKey};
+use crate::seal::Sealing;
 use crate::state::{Catalog, CatalogConfig, CatalogEntry, MemberView, Voice};
 use crate::wire::{self, pb};
 
@@ -76,6 +77,9 @@ pub struct NodeStats {
     pub rejected_messages: AtomicU64,
     /// TLS handshakes refused on the gossip port.
     pub rejected_handshakes: AtomicU64,
+    /// Origin updates refused: not what that cluster signed, or without a valid
+    /// certificate of it (a member that forges, alters or withdraws another's services).
+    pub rejected_origins: AtomicU64,
     /// Rounds in which a contacted member did not answer.
     pub failed_exchanges: AtomicU64,
 }
@@ -226,6 +230,7 @@ impl From<&str> for Failure {
 pub struct PreparedIdentity {
     identity: Arc<Identity>,
     acceptor: tokio_rustls::TlsAcceptor,
+    sealing: Arc<Sealing>,
 }
 
 /// A running discovery member; dropping it stops it.
@@ -260,7 +265,9 @@ impl Node {
         local: BTreeMap<ServiceKey, Service>,
     ) -> std::io::Result<Node> {
         let addr = listener.local_addr()?;
-        let mut catalog = Catalog::new(me, generation, config.catalog.clone());
+        let sealing = Sealing::new(&identity).map_err(std::io::Error::other)?;
+        let mut catalog =
+            Catalog::sealed(me, generation, config.catalog.clone(), Arc::new(sealing));
         catalog.set_local(local);
         let shared = Arc::new(Inner {
             view: watch::channel(Arc::new(View::default())).0,
@@ -346,15 +353,22 @@ impl Node {
     pub fn prepare_identity(identity: Arc<Identity>) -> std::io::Result<PreparedIdentity> {
         Ok(PreparedIdentity {
             acceptor: acceptor(&identity)?,
+            sealing: Arc::new(Sealing::new(&identity).map_err(std::io::Error::other)?),
             identity,
         })
     }
 
     /// Presents a prepared identity from now on (see [`Node::set_identity`]).
     pub fn use_identity(&self, prepared: PreparedIdentity) {
-        let PreparedIdentity { identity, acceptor } = prepared;
+        let PreparedIdentity {
+            identity,
+            acceptor,
+            sealing,
+        } = prepared;
         self.shared.acceptor.store(Arc::new(acceptor));
         self.shared.identity.store(identity);
+        // The origin is signed with the new key from now on, and its certificate sent along.
+        self.shared.lock().set_sealing(sealing);
         // Cached client channels were dialled with the old certificate.
         self.shared
             .channels
@@ -417,6 +431,18 @@ impl Inner {
             ));
         }
         Ok(())
+    }
+
+    fn count_rejected(&self, origins: usize) {
+        if origins > 0 {
+            self.stats
+                .rejected_origins
+                .fetch_add(origins as u64, Ordering::Relaxed);
+            tracing::warn!(
+                origins,
+                "gossip carried origin updates their clusters did not sign; refused"
+            );
+        }
     }
 
     fn count_in(&self, bytes: usize) {
@@ -487,7 +513,9 @@ impl pb::gossip_server::Gossip for GossipService {
         s.count_in(prost::Message::encoded_len(&msg));
         let delta = wire::delta_from_pb(msg.delta.unwrap_or_default()).map_err(|e| s.reject(e))?;
         let now = Instant::now();
-        let changed = s.lock().apply(delta, now).changed;
+        let applied = s.lock().apply(delta, now);
+        s.count_rejected(applied.rejected);
+        let changed = applied.changed;
         if changed {
             s.publish(now);
         }
@@ -647,7 +675,9 @@ async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Re
     let back = {
         let mut c = shared.lock();
         c.note_digest(&theirs, now);
-        if c.apply(delta, now).changed {
+        let applied = c.apply(delta, now);
+        shared.count_rejected(applied.rejected);
+        if applied.changed {
             drop(c);
             shared.publish(now);
             c = shared.lock();

@@ -9,17 +9,22 @@
 //!   *heartbeat* that grows every gossip round.
 //! - Members exchange digests (origin → generation, version, heartbeat) and answer with
 //!   deltas: whole origins for newer generations, entries above the peer's version, or just
-//!   the heartbeat. Entries travel in version order, so a delta cut short by the byte budget
-//!   still leaves the receiver with a consistent prefix.
+//!   the heartbeat. An origin's update is never cut short: the byte budget decides how
+//!   many origins a delta carries.
 //! - Receiving a larger heartbeat renews an origin's lease and feeds its phi detector. An
 //!   origin whose heartbeat stops advancing is suspected (phi) and, after the lease, its
 //!   services are withdrawn; until then they keep being served (static stability).
+//! - Origins are signed ([`crate::seal`]): a sealed catalog signs its own origin at every
+//!   change and heartbeat, and merges another only when the result is what that cluster
+//!   signed. An origin's delta is therefore always whole (never a prefix of its entries).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::{MemberInfo, Service, ServiceKey};
 use crate::phi::PhiDetector;
+use crate::seal::{self, Chain, Seal, Sealing, Statement};
 
 /// Tunables of the catalog.
 #[derive(Debug, Clone)]
@@ -68,6 +73,9 @@ pub struct OriginDigest {
     pub version: u64,
     /// Highest heartbeat known.
     pub heartbeat: u64,
+    /// Fingerprint of the origin's certificate held (0: none); a sender includes the
+    /// certificate when it differs from its own.
+    pub cert: u64,
 }
 
 /// A member's summary of everything it knows: origin cluster → digest.
@@ -88,6 +96,10 @@ pub struct OriginDelta {
     pub full: bool,
     /// Changed entries, in ascending version order.
     pub entries: Vec<(ServiceKey, Entry)>,
+    /// The origin's signature over the state these entries complete.
+    pub seal: Option<Seal>,
+    /// The origin's certificate chain, when the receiver may lack it.
+    pub chain: Option<Chain>,
 }
 
 /// A gossip delta: updates to any number of origins.
@@ -104,16 +116,26 @@ struct Origin {
     version: u64,
     heartbeat: u64,
     entries: BTreeMap<ServiceKey, Entry>,
+    /// [`seal::content_hash`] of `info` and `entries`.
+    content: [u8; 32],
+    /// The origin's signature over its statement now (`None` in an unsealed catalog).
+    seal: Option<Seal>,
+    /// The certificate that verifies it.
+    chain: Option<Chain>,
 }
 
 impl Origin {
     fn new(info: MemberInfo, generation: u64) -> Self {
+        let entries = BTreeMap::new();
         Self {
+            content: seal::content_hash(&info, &entries),
             info,
             generation,
             version: 0,
             heartbeat: 0,
-            entries: BTreeMap::new(),
+            entries,
+            seal: None,
+            chain: None,
         }
     }
 
@@ -122,6 +144,23 @@ impl Origin {
             generation: self.generation,
             version: self.version,
             heartbeat: self.heartbeat,
+            cert: self.chain.as_ref().map_or(0, |c| c.fingerprint),
+        }
+    }
+
+    fn rehash(&mut self) {
+        self.content = seal::content_hash(&self.info, &self.entries);
+    }
+
+    /// The statement of this state, vouched for by the certificate `cert`.
+    fn statement(&self, cert: u64) -> Statement<'_> {
+        Statement {
+            cluster: &self.info.cluster,
+            generation: self.generation,
+            version: self.version,
+            heartbeat: self.heartbeat,
+            content: &self.content,
+            cert,
         }
     }
 
@@ -138,8 +177,15 @@ impl Origin {
         }
     }
 
-    /// The update a peer with digest `theirs` is missing, within `budget` bytes.
-    fn delta_for(&self, theirs: Option<&OriginDigest>, budget: &mut usize) -> Option<OriginDelta> {
+    /// The update a peer with digest `theirs` is missing, if it fits in `budget` bytes; an
+    /// update bigger than the whole budget goes alone (`first`), or this origin would never
+    /// replicate. Never a part of one: it would not be what the origin signed.
+    fn delta_for(
+        &self,
+        theirs: Option<&OriginDigest>,
+        budget: &mut usize,
+        first: bool,
+    ) -> Option<OriginDelta> {
         let (full, since) = match theirs {
             None => (true, 0),
             Some(d) if d.generation < self.generation => (true, 0),
@@ -148,38 +194,44 @@ impl Origin {
             Some(d) if d.heartbeat < self.heartbeat => (false, self.version),
             Some(_) => return None,
         };
-        let header = 32 + self.info.cluster.len();
-        if *budget < header {
-            return None;
-        }
-        *budget -= header;
         let mut changed: Vec<_> = self
             .entries
             .iter()
             .filter(|(_, e)| e.version > since)
             .collect();
         changed.sort_by_key(|(_, e)| e.version);
-        let mut entries = Vec::new();
-        for (key, entry) in changed {
-            let size = 16
-                + key.namespace.len()
-                + key.name.len()
-                + entry.service.as_ref().map_or(0, Service::estimated_size);
-            // The first entry always goes, even over budget: otherwise one entry bigger than
-            // the budget would stop this origin's replication for good.
-            if size > *budget && !entries.is_empty() {
-                break;
-            }
-            *budget = budget.saturating_sub(size);
-            entries.push((key.clone(), entry.clone()));
+        let chain = self
+            .chain
+            .as_ref()
+            .filter(|c| full || theirs.is_none_or(|d| d.cert != c.fingerprint));
+        let size = 32
+            + self.info.cluster.len()
+            + self.seal.as_ref().map_or(0, |s| 16 + s.signature.len())
+            + chain.map_or(0, Chain::size)
+            + changed
+                .iter()
+                .map(|(key, entry)| {
+                    16 + key.namespace.len()
+                        + key.name.len()
+                        + entry.service.as_ref().map_or(0, Service::estimated_size)
+                })
+                .sum::<usize>();
+        if size > *budget && !first {
+            return None;
         }
+        *budget = budget.saturating_sub(size);
         Some(OriginDelta {
             cluster: self.info.cluster.clone(),
             info: full.then(|| self.info.clone()),
             generation: self.generation,
             heartbeat: self.heartbeat,
             full,
-            entries,
+            entries: changed
+                .into_iter()
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect(),
+            seal: self.seal.clone(),
+            chain: chain.cloned(),
         })
     }
 }
@@ -237,6 +289,8 @@ pub struct ApplyStats {
     pub entries_applied: usize,
     /// Origin updates ignored (about ourselves, or an older generation).
     pub ignored: usize,
+    /// Origin updates refused: not what that origin signed, or no valid certificate of it.
+    pub rejected: usize,
     /// Whether the visible catalog may have changed.
     pub changed: bool,
 }
@@ -256,6 +310,9 @@ pub struct Catalog {
     sibling: Option<(OriginDigest, Instant)>,
     /// Since when the voice is `Auto` (it listens a while before it speaks).
     auto_since: Option<Instant>,
+    /// This member's key and the federation's trust: signs the own origin, checks others'.
+    /// `None` only in the state machine's own tests (nothing is signed or checked).
+    sealing: Option<Arc<Sealing>>,
 }
 
 /// Whether a replica speaks for its cluster in gossip. Several replicas of one cluster
@@ -286,7 +343,44 @@ impl Catalog {
             quiet: config.voice != Voice::Speak,
             sibling: None,
             auto_since: None,
+            sealing: None,
             config,
+        }
+    }
+
+    /// A catalog that signs its origin with `sealing` and merges only signed origins of
+    /// the federation (what a running member uses).
+    pub fn sealed(
+        me: MemberInfo,
+        generation: u64,
+        config: CatalogConfig,
+        sealing: Arc<Sealing>,
+    ) -> Self {
+        let mut c = Self::new(me, generation, config);
+        c.set_sealing(sealing);
+        c
+    }
+
+    /// Signs with (and checks against) `sealing` from now on: a rotated certificate.
+    pub fn set_sealing(&mut self, sealing: Arc<Sealing>) {
+        self.local.chain = Some(sealing.chain().clone());
+        self.sealing = Some(sealing);
+        self.reseal();
+    }
+
+    /// Signs the own origin's current state.
+    fn reseal(&mut self) {
+        let Some(s) = &self.sealing else {
+            return;
+        };
+        let cert = s.chain().fingerprint;
+        match s.seal(&self.local.statement(cert)) {
+            Ok(seal) => self.local.seal = Some(seal),
+            Err(e) => {
+                // Peers will refuse the origin until a signature succeeds.
+                tracing::error!(error = %e, "cannot sign this cluster's catalog origin");
+                self.local.seal = None;
+            }
         }
     }
 
@@ -347,6 +441,7 @@ impl Catalog {
             && self.outranks(now)
         {
             self.local.generation = d.generation.saturating_add(1);
+            self.reseal();
         }
     }
 
@@ -390,6 +485,10 @@ impl Catalog {
             );
             changed = true;
         }
+        if changed {
+            self.local.rehash();
+            self.reseal();
+        }
         changed
     }
 
@@ -398,6 +497,9 @@ impl Catalog {
     pub fn tick(&mut self, now: Instant) -> bool {
         self.local.heartbeat += 1;
         self.update_quiet(now);
+        if !self.quiet {
+            self.reseal();
+        }
         let mut changed = false;
         for r in self.remotes.values_mut() {
             if !r.expired && now.saturating_duration_since(r.last_heard) > self.config.lease {
@@ -440,7 +542,9 @@ impl Catalog {
             .map(|r| &r.origin);
         let own = std::iter::once(&self.local).filter(|_| !self.quiet);
         for origin in own.chain(live_remotes) {
-            if let Some(d) = origin.delta_for(theirs.get(&origin.info.cluster), &mut budget) {
+            let first = origins.is_empty();
+            if let Some(d) = origin.delta_for(theirs.get(&origin.info.cluster), &mut budget, first)
+            {
                 origins.push(d);
             }
         }
@@ -462,6 +566,7 @@ impl Catalog {
                         generation: od.generation,
                         version,
                         heartbeat: od.heartbeat,
+                        cert: 0,
                     };
                     match &mut self.sibling {
                         Some((d, at)) if d.generation == od.generation => {
@@ -477,56 +582,135 @@ impl Catalog {
                 }
                 if od.generation > self.local.generation && self.outranks(now) {
                     self.local.generation = od.generation.saturating_add(1);
+                    self.reseal();
                     stats.changed = true;
                 }
                 stats.ignored += 1;
                 continue;
             }
             let min_mean = self.config.min_heartbeat_interval;
-            match self.remotes.get_mut(&od.cluster) {
-                Some(r) if od.generation < r.origin.generation => stats.ignored += 1,
-                Some(r) if od.generation == r.origin.generation => {
-                    let before = r.origin.entries.len();
-                    let n = count_newer(&r.origin, &od.entries);
-                    r.origin.merge(od.entries);
-                    if od.heartbeat > r.origin.heartbeat {
-                        r.origin.heartbeat = od.heartbeat;
-                        r.detector.heartbeat(now);
-                        r.last_heard = now;
-                        if r.expired {
-                            r.expired = false;
-                            stats.changed = true;
+            let (same, replace) = match self.remotes.get(&od.cluster) {
+                Some(r) if od.generation < r.origin.generation => (false, false),
+                Some(r) if od.generation == r.origin.generation => (true, false),
+                Some(_) if !od.full => (false, false),
+                _ => (false, true),
+            };
+            if !same && !replace {
+                stats.ignored += 1;
+                continue;
+            }
+            let existing = self.remotes.get(&od.cluster).map(|r| &r.origin);
+            if same
+                && self.sealing.is_some()
+                && existing.is_some_and(|o| od.heartbeat <= o.heartbeat)
+            {
+                // A signed state is only proven newer by its heartbeat: the same or an
+                // older one (a slow relay, or a replay) carries nothing new.
+                stats.ignored += 1;
+                continue;
+            }
+            if same && od.entries.is_empty() && od.info.is_none() {
+                // Only a heartbeat (the usual case, every round): checked against the state
+                // held, updated in place.
+                let r = self.remotes.get_mut(&od.cluster).expect("checked above");
+                if let Some(sealing) = &self.sealing {
+                    // (A sealed catalog got here only with a newer heartbeat.)
+                    let claim = Claim {
+                        heartbeat: od.heartbeat,
+                        ..Claim::of(&r.origin)
+                    };
+                    match verify(sealing, &claim, r.origin.chain.as_ref(), od.seal, od.chain) {
+                        Ok((seal, chain)) => {
+                            r.origin.seal = Some(seal);
+                            r.origin.chain = Some(chain);
+                        }
+                        Err(why) => {
+                            tracing::debug!(origin = %od.cluster, %why, "origin update refused");
+                            stats.rejected += 1;
+                            continue;
                         }
                     }
-                    stats.entries_applied += n;
-                    stats.changed |= n > 0 || before != r.origin.entries.len();
                 }
-                Some(_) if !od.full => stats.ignored += 1,
-                existing => {
+                if od.heartbeat > r.origin.heartbeat {
+                    r.origin.heartbeat = od.heartbeat;
+                    r.detector.heartbeat(now);
+                    r.last_heard = now;
+                    if r.expired {
+                        r.expired = false;
+                        stats.changed = true;
+                    }
+                }
+                continue;
+            }
+            // What the origin would be after this update.
+            let mut next = match (existing, replace) {
+                (Some(o), false) => o.clone(),
+                _ => {
                     // Unknown origin, or a newer generation (always sent whole): its entries
                     // replace whatever we had (a restarted origin drops what it no longer
                     // exports).
-                    let Some(info) = od.info.or_else(|| existing.map(|r| r.origin.info.clone()))
+                    let Some(info) = od.info.clone().or_else(|| existing.map(|o| o.info.clone()))
                     else {
                         stats.ignored += 1;
                         continue;
                     };
-                    let mut origin = Origin::new(info, od.generation);
-                    origin.heartbeat = od.heartbeat;
-                    stats.entries_applied += od.entries.len();
-                    origin.merge(od.entries);
-                    self.remotes.insert(
-                        od.cluster,
-                        Remote {
-                            origin,
-                            detector: PhiDetector::new(now, min_mean),
-                            last_heard: now,
-                            expired: false,
-                        },
-                    );
+                    Origin::new(info, od.generation)
+                }
+            };
+            let n = if replace {
+                od.entries.len()
+            } else {
+                count_newer(&next, &od.entries)
+            };
+            let before = next.entries.len();
+            let had_entries = !od.entries.is_empty();
+            next.merge(od.entries);
+            if od.heartbeat > next.heartbeat {
+                next.heartbeat = od.heartbeat;
+            }
+            if had_entries || replace {
+                next.rehash();
+            }
+            if let Some(sealing) = &self.sealing {
+                let held = existing.and_then(|o| o.chain.as_ref());
+                match verify(sealing, &Claim::of(&next), held, od.seal, od.chain) {
+                    Ok((seal, chain)) => {
+                        next.seal = Some(seal);
+                        next.chain = Some(chain);
+                    }
+                    Err(why) => {
+                        tracing::debug!(origin = %od.cluster, %why, "origin update refused");
+                        stats.rejected += 1;
+                        continue;
+                    }
+                }
+            }
+            if replace {
+                stats.entries_applied += n;
+                self.remotes.insert(
+                    od.cluster,
+                    Remote {
+                        origin: next,
+                        detector: PhiDetector::new(now, min_mean),
+                        last_heard: now,
+                        expired: false,
+                    },
+                );
+                stats.changed = true;
+                continue;
+            }
+            let r = self.remotes.get_mut(&od.cluster).expect("checked above");
+            if next.heartbeat > r.origin.heartbeat {
+                r.detector.heartbeat(now);
+                r.last_heard = now;
+                if r.expired {
+                    r.expired = false;
                     stats.changed = true;
                 }
             }
+            r.origin = next;
+            stats.entries_applied += n;
+            stats.changed |= n > 0 || before != r.origin.entries.len();
         }
         stats
     }
@@ -586,6 +770,56 @@ impl Catalog {
         }
         out
     }
+}
+
+/// What a state says about its origin: what the origin must have signed.
+struct Claim<'a> {
+    cluster: &'a str,
+    generation: u64,
+    version: u64,
+    heartbeat: u64,
+    content: &'a [u8; 32],
+}
+
+impl<'a> Claim<'a> {
+    fn of(o: &'a Origin) -> Claim<'a> {
+        Claim {
+            cluster: &o.info.cluster,
+            generation: o.generation,
+            version: o.version,
+            heartbeat: o.heartbeat,
+            content: &o.content,
+        }
+    }
+}
+
+/// Checks that `claim` is what its origin signed: `seal` by the certificate sent along
+/// (`chain`, checked against the federation) or the one held.
+fn verify(
+    sealing: &Sealing,
+    claim: &Claim<'_>,
+    held: Option<&Chain>,
+    seal: Option<Seal>,
+    chain: Option<Chain>,
+) -> Result<(Seal, Chain), String> {
+    let seal = seal.ok_or("unsigned")?;
+    let chain = match chain {
+        Some(c) if held.is_some_and(|h| h.fingerprint == c.fingerprint) => c,
+        Some(c) => sealing.check_chain(claim.cluster, &c.certs)?,
+        None => held.cloned().ok_or("no certificate of the origin")?,
+    };
+    let statement = Statement {
+        cluster: claim.cluster,
+        generation: claim.generation,
+        version: claim.version,
+        heartbeat: claim.heartbeat,
+        content: claim.content,
+        cert: chain.fingerprint,
+    };
+    if !sealing.verify(&chain, &statement, &seal) {
+        return Err("not what the origin signed".to_owned());
+    }
+    Ok((seal, chain))
 }
 
 fn count_newer(origin: &Origin, entries: &[(ServiceKey, Entry)]) -> usize {

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use strait_common::identity::is_dns_label;
 
 use crate::model::{Endpoint, MemberInfo, Port, Selection, Service, ServiceKey};
+use crate::seal::{Chain, Seal};
 use crate::state::{Delta, Digest, Entry, OriginDelta, OriginDigest};
 
 /// Generated protobuf and gRPC code.
@@ -21,6 +22,12 @@ pub const MAX_ORIGINS: usize = 4096;
 pub const MAX_ITEMS: usize = 65_536;
 /// Most KEP-5939 selectors per export, and properties per selector or cluster.
 pub const MAX_SELECTION: usize = 32;
+/// Largest origin signature (RSA-4096 is 512 bytes).
+pub const MAX_SIGNATURE: usize = 1024;
+/// Most certificates in an origin's chain, and the largest one.
+pub const MAX_CHAIN: usize = 4;
+/// Largest certificate of an origin's chain.
+pub const MAX_CERT: usize = 16 << 10;
 
 /// Why a gossip message was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +78,7 @@ pub fn digest_to_pb(d: &Digest) -> pb::Digest {
                 generation: o.generation,
                 version: o.version,
                 heartbeat: o.heartbeat,
+                cert: o.cert,
             })
             .collect(),
     }
@@ -86,6 +94,7 @@ pub fn digest_from_pb(d: pb::Digest) -> Result<Digest, WireError> {
             Ok((
                 o.cluster,
                 OriginDigest {
+                    cert: o.cert,
                     generation: o.generation,
                     version: o.version,
                     heartbeat: o.heartbeat,
@@ -122,12 +131,22 @@ pub fn delta_to_pb(d: &Delta) -> pb::Delta {
                         service: e.service.as_ref().map(service_to_pb),
                     })
                     .collect(),
+                seal: o.seal.as_ref().map(|s| pb::Seal {
+                    cert: s.cert,
+                    scheme: s.scheme.into(),
+                    signature: s.signature.clone(),
+                }),
+                chain: o
+                    .chain
+                    .as_ref()
+                    .map(|c| c.certs.to_vec())
+                    .unwrap_or_default(),
             })
             .collect(),
     }
 }
 
-fn service_to_pb(s: &Service) -> pb::Service {
+pub(crate) fn service_to_pb(s: &Service) -> pb::Service {
     pb::Service {
         ports: s
             .ports
@@ -225,6 +244,32 @@ fn origin_from_pb(o: pb::OriginDelta) -> Result<OriginDelta, WireError> {
             },
         ));
     }
+    let seal = match o.seal {
+        Some(s) => {
+            let scheme = u16::try_from(s.scheme)
+                .map_err(|_| bad(format!("{at}.seal.scheme"), "not a signature scheme"))?;
+            if s.signature.is_empty() || s.signature.len() > MAX_SIGNATURE {
+                return Err(bad(
+                    format!("{at}.seal.signature"),
+                    format!("{} bytes (1..={MAX_SIGNATURE})", s.signature.len()),
+                ));
+            }
+            Some(Seal {
+                cert: s.cert,
+                scheme,
+                signature: s.signature,
+            })
+        }
+        None => None,
+    };
+    limit(&format!("{at}.chain"), &o.chain, MAX_CHAIN)?;
+    if o.chain.iter().any(|c| c.is_empty() || c.len() > MAX_CERT) {
+        return Err(bad(
+            format!("{at}.chain"),
+            format!("certificates must be 1..={MAX_CERT} bytes"),
+        ));
+    }
+    let chain = (!o.chain.is_empty()).then(|| Chain::new(o.chain));
     Ok(OriginDelta {
         cluster: o.cluster,
         info,
@@ -232,6 +277,8 @@ fn origin_from_pb(o: pb::OriginDelta) -> Result<OriginDelta, WireError> {
         heartbeat: o.heartbeat,
         full: o.full,
         entries,
+        seal,
+        chain,
     })
 }
 
@@ -307,9 +354,9 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
 /// must not silence its cluster.
 fn selection_from_pb(
     selectors: Vec<pb::Selector>,
-    properties: std::collections::HashMap<String, String>,
+    properties: std::collections::BTreeMap<String, String>,
 ) -> Selection {
-    let fits = |m: &std::collections::HashMap<String, String>| {
+    let fits = |m: &std::collections::BTreeMap<String, String>| {
         m.len() <= MAX_SELECTION && m.iter().all(|(k, v)| k.len() <= 253 && v.len() <= 253)
     };
     if selectors.len() > MAX_SELECTION
@@ -431,6 +478,8 @@ mod tests {
                         ..Default::default()
                     }),
                 }],
+                seal: None,
+                chain: vec![],
             };
             f(&mut o);
             delta_from_pb(pb::Delta { origins: vec![o] })

@@ -48,7 +48,7 @@ const MESSAGES: Desc = Desc::counter(
 const REJECTED: Desc = Desc::counter(
     "strait_discovery_rejected_total",
     &["what"],
-    "Gossip refused, by what (message: malformed or oversized; handshake: bad certificate).",
+    "Gossip refused, by what (message: malformed or oversized; handshake: bad certificate; origin: an origin update its cluster did not sign).",
 );
 const LAG: Desc = Desc::gauge(
     "strait_discovery_convergence_lag_seconds",
@@ -198,6 +198,8 @@ impl Federation {
             .absolute(get(&st.rejected_messages));
         m.counter(&REJECTED, &["handshake"])
             .absolute(get(&st.rejected_handshakes));
+        m.counter(&REJECTED, &["origin"])
+            .absolute(get(&st.rejected_origins));
     }
 }
 

@@ -238,6 +238,8 @@ async fn malformed_and_oversized_messages_are_rejected_without_harm() {
             heartbeat: 1,
             full: false,
             entries: vec![],
+            seal: None,
+            chain: vec![],
         }],
     };
     let err = client
@@ -264,6 +266,8 @@ async fn malformed_and_oversized_messages_are_rejected_without_harm() {
             heartbeat: 1,
             full: true,
             entries: vec![],
+            seal: None,
+            chain: vec![],
         }],
     };
     let err = client
@@ -494,4 +498,117 @@ async fn a_seed_of_another_federation_gets_one_warning_that_says_the_fix() {
         "{w}"
     );
     assert!(m0.view().members.iter().all(|m| m.info.cluster == "m0"));
+}
+
+/// m1's origin as m1 itself sends it to a newcomer: whole, signed, with its certificate.
+async fn origin_of(
+    client: &mut pb::gossip_client::GossipClient<tonic::transport::Channel>,
+    cluster: &str,
+) -> pb::OriginDelta {
+    let resp = client
+        .sync(pb::SyncRequest {
+            digest: Some(pb::Digest::default()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    resp.delta
+        .unwrap()
+        .origins
+        .into_iter()
+        .find(|o| o.cluster == cluster)
+        .unwrap_or_else(|| panic!("{cluster}'s origin"))
+}
+
+#[tokio::test]
+async fn a_malicious_member_can_relay_but_not_forge_alter_withdraw_or_replay_anothers_services() {
+    let pki = TestPki::new();
+    let nodes = federation(&pki, 2).await;
+    until(&nodes[0], "converged", |v| has(v, "m1", "svc1")).await;
+    // A member of the federation with a valid certificate (cluster "mallory") turned bad:
+    // it talks gossip to m0 directly, with whatever it likes to claim about m1.
+    let mallory = identity(&pki, "mallory");
+    let dial = |addr, cluster: &str| {
+        let ch = connect(&mallory, addr, Some(cluster), Duration::from_secs(2)).unwrap();
+        pb::gossip_client::GossipClient::new(ch)
+    };
+    let mut to_m1 = dial(nodes[1].addr(), "m1");
+    let mut to_m0 = dial(nodes[0].addr(), "m0");
+    let genuine = origin_of(&mut to_m1, "m1").await;
+    assert!(genuine.seal.is_some() && !genuine.chain.is_empty());
+    let push = async |client: &mut pb::gossip_client::GossipClient<_>, o: pb::OriginDelta| {
+        client
+            .push(pb::PushRequest {
+                delta: Some(pb::Delta { origins: vec![o] }),
+            })
+            .await
+            .unwrap();
+    };
+    let rejected = || nodes[0].stats().rejected_origins.load(Ordering::Relaxed);
+    let m1_services = || -> Vec<String> {
+        let mut v: Vec<String> = nodes[0]
+            .view()
+            .services
+            .iter()
+            .filter(|e| e.origin.cluster == "m1")
+            .map(|e| format!("{}:{}", e.key.name, e.service.weight))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = m1_services();
+    assert_eq!(before, vec!["svc1:1".to_owned()]);
+
+    // Alter, withdraw and forge m1's services, each with m1's own signature and
+    // certificate attached, and a newer heartbeat so that it would otherwise be taken.
+    let mut attempts = Vec::new();
+    let mut altered = genuine.clone();
+    altered.heartbeat += 1_000;
+    altered.entries[0].service.as_mut().unwrap().weight = 99;
+    attempts.push(("altered", altered));
+    let mut withdrawn = genuine.clone();
+    withdrawn.heartbeat += 1_000;
+    withdrawn.entries[0].service = None;
+    attempts.push(("withdrawn", withdrawn));
+    let mut forged = genuine.clone();
+    forged.heartbeat += 1_000;
+    let mut evil = forged.entries[0].clone();
+    evil.name = "evil".into();
+    evil.version += 1;
+    forged.entries.push(evil);
+    attempts.push(("forged", forged));
+    // A new generation of m1 vouched for by mallory's certificate (the state machine's
+    // tests show a statement mallory signs itself fares no better).
+    let mut usurped = genuine.clone();
+    usurped.generation += 1;
+    let mallory_cert = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pki.issue("mallory").cert_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    usurped.chain = vec![mallory_cert];
+    attempts.push(("usurped", usurped));
+    for (what, o) in attempts {
+        let n = rejected();
+        push(&mut to_m0, o).await;
+        eventually(Duration::from_secs(5), what, async || rejected() > n).await;
+        assert_eq!(m1_services(), before, "{what}: m0's view of m1 changed");
+    }
+
+    // Replay: m1 changes; mallory pushes the old, genuinely signed state.
+    nodes[1].set_local(exports(&["svc1".into(), "later".into()]));
+    until(&nodes[0], "later arrives", |v| has(v, "m1", "later")).await;
+    let n = rejected();
+    push(&mut to_m0, genuine.clone()).await;
+    let newer = m1_services();
+    assert_eq!(newer, vec!["later:1".to_owned(), "svc1:1".to_owned()]);
+    assert_eq!(rejected(), n, "a stale state is ignored, not an attack");
+
+    // Relaying is what members do: m1's current origin through mallory is taken.
+    nodes[1].set_local(exports(&["svc1".into(), "later".into(), "relayed".into()]));
+    let current = origin_of(&mut to_m1, "m1").await;
+    push(&mut to_m0, current).await;
+    until(&nodes[0], "relayed arrives", |v| has(v, "m1", "relayed")).await;
+    assert_eq!(rejected(), n);
 }
