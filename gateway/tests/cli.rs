@@ -379,10 +379,9 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_json_logs_are_one_object_a_line
     }
 }
 
-#[test]
-fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with_the_fix() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A CA (trust domain strait.example) in `d/ca` and a us-east certificate in `d`, made
+/// with the CLI; the CA's directory.
+fn us_east_pki(d: &std::path::Path) -> std::path::PathBuf {
     let ca = d.join("ca");
     let ca_s = ca.to_str().unwrap();
     let init = strait(&[
@@ -394,6 +393,7 @@ fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with
         "strait.example",
     ]);
     assert!(init.status.success());
+    let out = d.to_str().unwrap();
     let issue = strait(&[
         "pki",
         "issue",
@@ -402,9 +402,17 @@ fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with
         "--cluster",
         "us-east",
         "--out",
-        d.to_str().unwrap(),
+        out,
     ]);
     assert!(issue.status.success());
+    ca
+}
+
+#[test]
+fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = us_east_pki(d);
     // A port another process holds, and import addresses that are not on this host.
     let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
@@ -441,28 +449,7 @@ fn addresses_the_host_cannot_bind_are_warned_by_config_check_and_fail_start_with
 fn missing_certificate_and_token_files_are_warned_by_config_check_and_fail_start_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ca = d.join("ca");
-    let ca_s = ca.to_str().unwrap();
-    let init = strait(&[
-        "pki",
-        "init",
-        "--dir",
-        ca_s,
-        "--trust-domain",
-        "strait.example",
-    ]);
-    assert!(init.status.success());
-    let issue = strait(&[
-        "pki",
-        "issue",
-        "--ca",
-        ca_s,
-        "--cluster",
-        "us-east",
-        "--out",
-        d.to_str().unwrap(),
-    ]);
-    assert!(issue.status.success());
+    let ca = us_east_pki(d);
     // The key is named wrong and the admin token was never created.
     let cfg = format!(
         "cluster: us-east\nregion: r\ntrust_domain: strait.example\n\
