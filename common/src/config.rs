@@ -98,6 +98,11 @@ pub struct Discovery {
     /// How often the config file is checked for export changes.
     #[serde(default = "default_exports_reload")]
     pub reload_interval: HumanDuration,
+    /// Take catalog origins that arrive unsigned, from gateways of a version before signed
+    /// origins: only while upgrading a federation (docs/SECURITY.md). An origin once seen
+    /// signed is never again taken unsigned.
+    #[serde(default)]
+    pub accept_unsigned_origins: bool,
 }
 
 impl Discovery {
@@ -113,6 +118,7 @@ impl Discovery {
             phi_threshold: default_phi(),
             advertise: None,
             reload_interval: default_exports_reload(),
+            accept_unsigned_origins: false,
         }
     }
 }

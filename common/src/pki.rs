@@ -550,13 +550,13 @@ pub fn verify_signature(
 
 /// Checks that `chain` (leaf first) is a gateway certificate of `cluster` in
 /// `trust_domain`, chained to `roots` and valid now, as the tunnel and gossip verifiers do
-/// for a connection. For data a gateway signed and others relayed.
+/// for a connection. For data a gateway signed and others relayed. The leaf's expiry.
 pub fn check_gateway_chain(
     roots: &RootCertStore,
     trust_domain: &str,
     cluster: &str,
     chain: &[CertificateDer<'_>],
-) -> Result<(), String> {
+) -> Result<SystemTime, String> {
     let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
     let parsed = ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(
@@ -572,7 +572,7 @@ pub fn check_gateway_chain(
     if got != expected {
         return Err(format!("expected {expected}, the certificate is {got}"));
     }
-    Ok(())
+    Ok(leaf_info(leaf)?.not_after)
 }
 
 /// The crypto provider used throughout (ring).

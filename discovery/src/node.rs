@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::model::{MemberInfo, Service, ServiceKey};
 use crate::seal::Sealing;
-use crate::state::{Catalog, CatalogConfig, CatalogEntry, MemberView, Voice};
+use crate::state::{Catalog, CatalogConfig, CatalogEntry, Digest, MemberView, Voice};
 use crate::wire::{self, pb};
 
 /// Settings of a discovery member.
@@ -302,7 +302,26 @@ impl Node {
 
     /// Replaces this member's exports.
     pub fn set_local(&self, services: BTreeMap<ServiceKey, Service>) {
-        let changed = self.shared.lock().set_local(services);
+        let (changed, size) = {
+            let mut c = self.shared.lock();
+            let changed = c.set_local(services);
+            // The whole origin must fit one gossip message (it is signed whole).
+            let size = changed.then(|| {
+                let me = c.me().cluster.clone();
+                let mut d = c.delta_for(&Digest::new());
+                d.origins.retain(|o| o.cluster == me);
+                prost::Message::encoded_len(&wire::delta_to_pb(&d))
+            });
+            (changed, size)
+        };
+        let limit = self.shared.config.max_message_bytes;
+        if let Some(size) = size.filter(|s| *s > limit) {
+            tracing::error!(
+                size,
+                limit,
+                "this cluster's exports encode to more than one gossip message: new members cannot learn them; export fewer services or endpoints, or raise the message limit"
+            );
+        }
         if changed {
             self.shared.publish(Instant::now());
         }

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use prost::Message;
 use rustls::RootCertStore;
@@ -39,10 +40,14 @@ pub struct Seal {
 /// A gateway's certificate chain (DER, leaf first) and the leaf's fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
-    /// First 8 bytes of the leaf's SHA-256, big-endian; never 0.
+    /// First 8 bytes of the leaf's SHA-256, big-endian; never 0. Names the certificate in
+    /// digests and seals; never trusted alone (a held chain is compared whole).
     pub fingerprint: u64,
     /// The certificates.
     pub certs: Arc<[Vec<u8>]>,
+    /// The leaf's expiry, once checked ([`Sealing::check_chain`]); statements it verifies
+    /// are refused after it.
+    pub not_after: Option<SystemTime>,
 }
 
 impl Chain {
@@ -55,6 +60,7 @@ impl Chain {
             // 0 means "no certificate" in digests.
             fingerprint: u64::from_be_bytes(fp).max(1),
             certs: certs.into(),
+            not_after: None,
         }
     }
 
@@ -135,6 +141,8 @@ pub struct Sealing {
     key: Arc<dyn rustls::sign::SigningKey>,
     chain: Chain,
     roots: Arc<RootCertStore>,
+    /// Which roots: chains checked against other roots are checked again.
+    roots_id: [u8; 32],
     trust_domain: String,
 }
 
@@ -150,12 +158,23 @@ impl std::fmt::Debug for Sealing {
 impl Sealing {
     /// Seals with `identity`'s key and checks others against its roots.
     pub fn new(identity: &Identity) -> Result<Sealing, PkiError> {
+        let mut roots_id = Sha256::new();
+        for anchor in &identity.roots.roots {
+            roots_id.update(anchor.subject.as_ref());
+            roots_id.update(anchor.subject_public_key_info.as_ref());
+        }
         Ok(Sealing {
             key: identity.signer()?,
             chain: Chain::new(identity.certs.iter().map(|c| c.to_vec()).collect()),
             roots: identity.roots.clone(),
+            roots_id: roots_id.finalize().into(),
             trust_domain: identity.id.trust_domain.clone(),
         })
+    }
+
+    /// Whether `other` trusts the same roots (then chains it checked still hold).
+    pub fn same_roots(&self, other: &Sealing) -> bool {
+        self.roots_id == other.roots_id && self.trust_domain == other.trust_domain
     }
 
     /// This member's certificate chain.
@@ -179,13 +198,17 @@ impl Sealing {
             .iter()
             .map(|c| CertificateDer::from(c.as_slice()))
             .collect();
-        pki::check_gateway_chain(&self.roots, &self.trust_domain, cluster, &ders)?;
-        Ok(Chain::new(certs.to_vec()))
+        let not_after = pki::check_gateway_chain(&self.roots, &self.trust_domain, cluster, &ders)?;
+        Ok(Chain {
+            not_after: Some(not_after),
+            ..Chain::new(certs.to_vec())
+        })
     }
 
-    /// Whether `seal` is `chain`'s signature over `statement`.
+    /// Whether `seal` is `chain`'s signature over `statement`, and `chain` has not expired.
     pub fn verify(&self, chain: &Chain, statement: &Statement<'_>, seal: &Seal) -> bool {
-        seal.cert == chain.fingerprint
+        chain.not_after.is_some_and(|t| SystemTime::now() < t)
+            && seal.cert == chain.fingerprint
             && statement.cert == chain.fingerprint
             && chain.certs.first().is_some_and(|leaf| {
                 pki::verify_signature(

@@ -39,6 +39,10 @@ pub struct CatalogConfig {
     pub max_delta_bytes: usize,
     /// Whether this member starts out speaking for its cluster (see [`Voice`]).
     pub voice: Voice,
+    /// Merge origins that arrive unsigned (from gateways of a version before signed
+    /// origins), for the length of a rolling upgrade. An origin once held signed is never
+    /// again taken unsigned.
+    pub accept_unsigned: bool,
 }
 
 impl Default for CatalogConfig {
@@ -51,8 +55,20 @@ impl Default for CatalogConfig {
             min_heartbeat_interval: Duration::from_millis(100),
             max_delta_bytes: 256 << 10,
             voice: Voice::Speak,
+            accept_unsigned: false,
         }
     }
+}
+
+/// How far ahead of this member's own generation a claim about its cluster may be and still
+/// be outranked: a day, in the milliseconds generations count. Claims further ahead (a
+/// forged digest, say `u64::MAX`, which would leave no generation to outrank it with) are
+/// ignored.
+const MAX_GENERATION_LEAD: u64 = 86_400_000;
+
+/// Whether `claimed` is a newer incarnation of this cluster worth outranking.
+fn newer_incarnation(claimed: u64, mine: u64) -> bool {
+    claimed > mine && claimed - mine <= MAX_GENERATION_LEAD
 }
 
 /// One entry of an origin: a live service or a tombstone, with the version it changed at.
@@ -177,14 +193,15 @@ impl Origin {
         }
     }
 
-    /// The update a peer with digest `theirs` is missing, if it fits in `budget` bytes; an
-    /// update bigger than the whole budget goes alone (`first`), or this origin would never
-    /// replicate. Never a part of one: it would not be what the origin signed.
+    /// The update a peer with digest `theirs` is missing, if it fits in `budget` bytes. One
+    /// update per delta may exceed it (`oversize` is then spent), or an origin bigger than
+    /// the budget would never replicate. Never a part of one: it would not be what the
+    /// origin signed.
     fn delta_for(
         &self,
         theirs: Option<&OriginDigest>,
         budget: &mut usize,
-        first: bool,
+        oversize: &mut bool,
     ) -> Option<OriginDelta> {
         let (full, since) = match theirs {
             None => (true, 0),
@@ -216,8 +233,11 @@ impl Origin {
                         + entry.service.as_ref().map_or(0, Service::estimated_size)
                 })
                 .sum::<usize>();
-        if size > *budget && !first {
-            return None;
+        if size > *budget {
+            if !*oversize {
+                return None;
+            }
+            *oversize = false;
         }
         *budget = budget.saturating_sub(size);
         Some(OriginDelta {
@@ -363,6 +383,17 @@ impl Catalog {
 
     /// Signs with (and checks against) `sealing` from now on: a rotated certificate.
     pub fn set_sealing(&mut self, sealing: Arc<Sealing>) {
+        if self
+            .sealing
+            .as_ref()
+            .is_some_and(|old| !old.same_roots(&sealing))
+        {
+            // Other roots (one retired, say): every origin's certificate is checked again,
+            // as it comes (the digest shows none held, so peers send it).
+            for r in self.remotes.values_mut() {
+                r.origin.chain = None;
+            }
+        }
         self.local.chain = Some(sealing.chain().clone());
         self.sealing = Some(sealing);
         self.reseal();
@@ -437,7 +468,7 @@ impl Catalog {
     /// or peers would keep ignoring its origin.
     pub fn note_digest(&mut self, theirs: &Digest, now: Instant) {
         if let Some(d) = theirs.get(&self.local.info.cluster)
-            && d.generation > self.local.generation
+            && newer_incarnation(d.generation, self.local.generation)
             && self.outranks(now)
         {
             self.local.generation = d.generation.saturating_add(1);
@@ -451,7 +482,14 @@ impl Catalog {
     }
 
     /// Replaces this member's exports; returns whether anything changed.
-    pub fn set_local(&mut self, services: BTreeMap<ServiceKey, Service>) -> bool {
+    pub fn set_local(&mut self, mut services: BTreeMap<ServiceKey, Service>) -> bool {
+        // What receivers keep is what is signed: a selection over the wire's limits is
+        // dropped here as they would drop it.
+        for s in services.values_mut() {
+            if !crate::wire::selection_fits(&s.selection) {
+                s.selection = Default::default();
+            }
+        }
         let mut changed = false;
         for (key, service) in &services {
             let same = matches!(self.local.entries.get(key), Some(Entry { service: Some(s), .. }) if s == service);
@@ -541,9 +579,10 @@ impl Catalog {
             .filter(|r| !r.expired)
             .map(|r| &r.origin);
         let own = std::iter::once(&self.local).filter(|_| !self.quiet);
+        let mut oversize = true;
         for origin in own.chain(live_remotes) {
-            let first = origins.is_empty();
-            if let Some(d) = origin.delta_for(theirs.get(&origin.info.cluster), &mut budget, first)
+            if let Some(d) =
+                origin.delta_for(theirs.get(&origin.info.cluster), &mut budget, &mut oversize)
             {
                 origins.push(d);
             }
@@ -566,7 +605,8 @@ impl Catalog {
                         generation: od.generation,
                         version,
                         heartbeat: od.heartbeat,
-                        cert: 0,
+                        // (Only so that peers do not send the certificate every round.)
+                        cert: od.seal.as_ref().map_or(0, |s| s.cert),
                     };
                     match &mut self.sibling {
                         Some((d, at)) if d.generation == od.generation => {
@@ -580,7 +620,7 @@ impl Catalog {
                         _ => self.sibling = Some((heard, now)),
                     }
                 }
-                if od.generation > self.local.generation && self.outranks(now) {
+                if newer_incarnation(od.generation, self.local.generation) && self.outranks(now) {
                     self.local.generation = od.generation.saturating_add(1);
                     self.reseal();
                     stats.changed = true;
@@ -600,10 +640,18 @@ impl Catalog {
                 continue;
             }
             let existing = self.remotes.get(&od.cluster).map(|r| &r.origin);
-            if same
-                && self.sealing.is_some()
-                && existing.is_some_and(|o| od.heartbeat <= o.heartbeat)
-            {
+            // Checked unless it is an unsigned origin taken during an upgrade: never one
+            // held signed before.
+            let check = self.sealing.is_some()
+                && !(self.config.accept_unsigned
+                    && od.seal.is_none()
+                    && existing.is_none_or(|o| o.chain.is_none()));
+            if check && od.seal.is_none() {
+                tracing::debug!(origin = %od.cluster, "unsigned origin update refused");
+                stats.rejected += 1;
+                continue;
+            }
+            if same && check && existing.is_some_and(|o| od.heartbeat <= o.heartbeat) {
                 // A signed state is only proven newer by its heartbeat: the same or an
                 // older one (a slow relay, or a replay) carries nothing new.
                 stats.ignored += 1;
@@ -613,8 +661,8 @@ impl Catalog {
                 // Only a heartbeat (the usual case, every round): checked against the state
                 // held, updated in place.
                 let r = self.remotes.get_mut(&od.cluster).expect("checked above");
-                if let Some(sealing) = &self.sealing {
-                    // (A sealed catalog got here only with a newer heartbeat.)
+                if let Some(sealing) = self.sealing.as_ref().filter(|_| check) {
+                    // (A checked update got here only with a newer heartbeat.)
                     let claim = Claim {
                         heartbeat: od.heartbeat,
                         ..Claim::of(&r.origin)
@@ -671,7 +719,7 @@ impl Catalog {
             if had_entries || replace {
                 next.rehash();
             }
-            if let Some(sealing) = &self.sealing {
+            if let Some(sealing) = self.sealing.as_ref().filter(|_| check) {
                 let held = existing.and_then(|o| o.chain.as_ref());
                 match verify(sealing, &Claim::of(&next), held, od.seal, od.chain) {
                     Ok((seal, chain)) => {
@@ -803,10 +851,12 @@ fn verify(
     chain: Option<Chain>,
 ) -> Result<(Seal, Chain), String> {
     let seal = seal.ok_or("unsigned")?;
-    let chain = match chain {
-        Some(c) if held.is_some_and(|h| h.fingerprint == c.fingerprint) => c,
-        Some(c) => sealing.check_chain(claim.cluster, &c.certs)?,
-        None => held.cloned().ok_or("no certificate of the origin")?,
+    let chain = match (chain, held) {
+        // The same certificate as held: the held one, already checked (a fingerprint is
+        // never trusted alone).
+        (Some(c), Some(h)) if h.certs == c.certs => h.clone(),
+        (Some(c), _) => sealing.check_chain(claim.cluster, &c.certs)?,
+        (None, held) => held.cloned().ok_or("no certificate of the origin")?,
     };
     let statement = Statement {
         cluster: claim.cluster,

@@ -349,28 +349,29 @@ fn service_from_pb(at: &str, s: pb::Service) -> Result<Service, WireError> {
     })
 }
 
+/// Whether a KEP-5939 selection is within the limits a receiver keeps.
+pub(crate) fn selection_fits(s: &Selection) -> bool {
+    let fits = |m: &std::collections::BTreeMap<String, String>| {
+        m.len() <= MAX_SELECTION && m.iter().all(|(k, v)| k.len() <= 253 && v.len() <= 253)
+    };
+    s.selectors.len() <= MAX_SELECTION && s.selectors.iter().all(fits) && fits(&s.properties)
+}
+
 /// KEP-5939 selection from the wire. Over the limits it is dropped (selectors then match
 /// nothing for that export) rather than refusing the whole delta: one oversized export
-/// must not silence its cluster.
+/// must not silence its cluster. (An origin drops it the same way before it signs.)
 fn selection_from_pb(
     selectors: Vec<pb::Selector>,
     properties: std::collections::BTreeMap<String, String>,
 ) -> Selection {
-    let fits = |m: &std::collections::BTreeMap<String, String>| {
-        m.len() <= MAX_SELECTION && m.iter().all(|(k, v)| k.len() <= 253 && v.len() <= 253)
+    let s = Selection {
+        selectors: selectors.into_iter().map(|s| s.match_properties).collect(),
+        properties,
     };
-    if selectors.len() > MAX_SELECTION
-        || !selectors.iter().all(|s| fits(&s.match_properties))
-        || !fits(&properties)
-    {
-        return Selection::default();
-    }
-    Selection {
-        selectors: selectors
-            .into_iter()
-            .map(|s| s.match_properties.into_iter().collect())
-            .collect(),
-        properties: properties.into_iter().collect(),
+    if selection_fits(&s) {
+        s
+    } else {
+        Selection::default()
     }
 }
 

@@ -126,6 +126,7 @@ impl Federation {
                 } else {
                     Voice::Speak
                 },
+                accept_unsigned: d.accept_unsigned_origins,
                 ..Default::default()
             },
             ..Default::default()

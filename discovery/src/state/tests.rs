@@ -723,15 +723,12 @@ mod sealed {
         let stats = c.apply(old, t0);
         assert_eq!((stats.ignored, stats.rejected), (1, 0));
         assert_eq!(visible(&c, t0), vec![("a".into(), "default/web".into(), 2)]);
-        // An old state with a newer heartbeat is not something a ever signed.
+        // The old content under a newer signed heartbeat is not something a ever signed.
+        a.tick(t0);
         let mut replay = a.delta_for(&Digest::new());
-        replay.origins[0].entries[0]
-            .1
-            .service
-            .as_mut()
-            .unwrap()
-            .weight = 1;
-        replay.origins[0].heartbeat += 5;
+        let web = &mut replay.origins[0].entries[0].1;
+        web.version += 1;
+        web.service.as_mut().unwrap().weight = 1;
         assert_eq!(c.apply(replay, t0).rejected, 1);
         assert_eq!(visible(&c, t0), vec![("a".into(), "default/web".into(), 2)]);
     }
@@ -751,5 +748,139 @@ mod sealed {
         assert_eq!(c.apply(d, t0).rejected, 0);
         assert_ne!(c.digest()["a"].cert, before);
         assert_eq!(c.digest()["a"].cert, a.digest()["a"].cert);
+    }
+
+    #[test]
+    fn a_heartbeat_or_an_update_to_a_held_origin_is_checked_too() {
+        let t0 = Instant::now();
+        let ca = ca();
+        let (mut a, mut c) = (member(&ca, "a"), member(&ca, "c"));
+        a.set_local(exports(&[("web", 1)]));
+        c.apply(a.delta_for(&c.digest()), t0);
+        // A heartbeat-only update with a heartbeat a did not sign.
+        a.tick(t0);
+        let mut beat = a.delta_for(&c.digest());
+        assert!(beat.origins[0].entries.is_empty());
+        beat.origins[0].heartbeat += 1;
+        let before = c.digest()["a"];
+        assert_eq!(c.apply(beat, t0).rejected, 1);
+        assert_eq!(c.digest()["a"], before);
+        // An incremental update to the held origin, altered.
+        a.set_local(exports(&[("web", 1), ("api", 1)]));
+        a.tick(t0);
+        let genuine = a.delta_for(&c.digest());
+        assert_eq!(genuine.origins[0].entries.len(), 1, "only api is new");
+        let mut altered = genuine.clone();
+        altered.origins[0].entries[0]
+            .1
+            .service
+            .as_mut()
+            .unwrap()
+            .weight = 7;
+        assert_eq!(c.apply(altered, t0).rejected, 1);
+        assert_eq!(c.digest()["a"], before);
+        assert_eq!(c.apply(genuine, t0).rejected, 0);
+        assert_eq!(visible(&c, t0).len(), 2);
+    }
+
+    #[test]
+    fn an_origin_bigger_than_the_budget_is_still_relayed() {
+        let t0 = Instant::now();
+        let ca = ca();
+        let small = CatalogConfig {
+            max_delta_bytes: 2_000,
+            ..Default::default()
+        };
+        let sealed =
+            |cluster: &str| Catalog::sealed(info(cluster), 1, small.clone(), sealing(&ca, cluster));
+        let (mut big, mut relay, mut c) = (sealed("big"), sealed("relay"), sealed("c"));
+        big.set_local(
+            (0..100)
+                .map(|i| (ServiceKey::new("default", &format!("s{i}")), svc(1)))
+                .collect(),
+        );
+        relay.apply(big.delta_for(&relay.digest()), t0);
+        // The relay's own origin (a newer heartbeat every round) comes first in its deltas.
+        for _ in 0..3 {
+            relay.tick(t0);
+            c.apply(relay.delta_for(&c.digest()), t0);
+        }
+        assert_eq!(visible(&c, t0).len(), 100);
+    }
+
+    #[test]
+    fn unsigned_origins_are_taken_during_an_upgrade_until_one_was_seen_signed() {
+        let t0 = Instant::now();
+        let ca = ca();
+        let upgrading = CatalogConfig {
+            accept_unsigned: true,
+            ..Default::default()
+        };
+        let mut c = Catalog::sealed(info("c"), 1, upgrading, sealing(&ca, "c"));
+        let mut old = node("old", 1);
+        old.set_local(exports(&[("web", 1)]));
+        assert_eq!(c.apply(old.delta_for(&c.digest()), t0).rejected, 0);
+        assert_eq!(visible(&c, t0).len(), 1);
+        // Once a cluster is seen signed, its unsigned updates are refused.
+        let mut a = member(&ca, "a");
+        a.set_local(exports(&[("api", 1)]));
+        c.apply(a.delta_for(&c.digest()), t0);
+        let mut stripped = a.delta_for(&Digest::new());
+        stripped.origins[0].seal = None;
+        stripped.origins[0].heartbeat += 10;
+        assert_eq!(c.apply(stripped, t0).rejected, 1);
+        // Without the upgrade setting nothing unsigned is taken.
+        let mut strict = member(&ca, "strict");
+        assert_eq!(strict.apply(old.delta_for(&Digest::new()), t0).rejected, 1);
+    }
+
+    #[test]
+    fn an_expired_or_no_longer_trusted_certificate_verifies_nothing() {
+        let t0 = Instant::now();
+        let ca = ca();
+        let (mut a, mut c) = (member(&ca, "a"), member(&ca, "c"));
+        a.set_local(exports(&[("web", 1)]));
+        c.apply(a.delta_for(&c.digest()), t0);
+        c.remotes
+            .get_mut("a")
+            .unwrap()
+            .origin
+            .chain
+            .as_mut()
+            .unwrap()
+            .not_after = Some(std::time::SystemTime::UNIX_EPOCH);
+        a.tick(t0);
+        assert_eq!(c.apply(a.delta_for(&c.digest()), t0).rejected, 1);
+        // Other roots: held certificates are checked again (the digest holds none).
+        let other = self::ca();
+        c.set_sealing(sealing(&other, "c"));
+        assert_eq!(c.digest()["a"].cert, 0);
+        a.tick(t0);
+        assert_eq!(
+            c.apply(a.delta_for(&c.digest()), t0).rejected,
+            1,
+            "a's certificate is not from c's roots now"
+        );
+    }
+
+    #[test]
+    fn a_forged_claim_of_a_far_newer_generation_is_not_outranked() {
+        let t0 = Instant::now();
+        let ca = ca();
+        let mut a = member(&ca, "a");
+        let claim = |generation| {
+            Digest::from([(
+                "a".to_owned(),
+                OriginDigest {
+                    generation,
+                    ..Default::default()
+                },
+            )])
+        };
+        a.note_digest(&claim(u64::MAX), t0);
+        assert_eq!(a.digest()["a"].generation, 1);
+        // A genuine newer incarnation (a restart whose clock ran ahead) still is.
+        a.note_digest(&claim(5_000), t0);
+        assert_eq!(a.digest()["a"].generation, 5_001);
     }
 }
