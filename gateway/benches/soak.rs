@@ -170,8 +170,9 @@ async fn soak(concurrent: usize, churn: usize) {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // What the gateways keep after a quiet moment (timers, buffers returned).
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // What the gateways keep once freed memory was handed back (every
+        // `memory::EVERY`), and timers and buffers are gone.
+        tokio::time::sleep(strait_gateway::memory::EVERY + Duration::from_secs(2)).await;
         rows.push(Row {
             phase,
             west: usage(west_pid),

@@ -125,6 +125,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let duration = args.duration.map(Duration::from_secs);
     let args_tour = args.tour;
     let demo = start(args).await?;
+    tokio::spawn(crate::memory::give_back(crate::memory::EVERY));
     if !demo.wait_converged(Duration::from_secs(10)).await {
         println!(
             "(discovery has not converged yet; `strait status` shows the federation as it forms)"

@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod demo;
+pub mod memory;
 pub mod metrics;
 pub mod tunnel;
 

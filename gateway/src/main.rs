@@ -341,6 +341,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let mut gateway = Gateway::start(config).await?;
+    tokio::spawn(strait_gateway::memory::give_back(
+        strait_gateway::memory::EVERY,
+    ));
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),
         _ = gateway.wait() => bail!("a gateway task stopped unexpectedly"),
