@@ -672,7 +672,11 @@ impl Catalog {
                             r.origin.seal = Some(seal);
                             r.origin.chain = Some(chain);
                         }
-                        Err(why) => {
+                        Err(Unverified::NoCertificate) => {
+                            stats.ignored += 1;
+                            continue;
+                        }
+                        Err(Unverified::Refused(why)) => {
                             tracing::debug!(origin = %od.cluster, %why, "origin update refused");
                             stats.rejected += 1;
                             continue;
@@ -726,7 +730,13 @@ impl Catalog {
                         next.seal = Some(seal);
                         next.chain = Some(chain);
                     }
-                    Err(why) => {
+                    Err(Unverified::NoCertificate) => {
+                        // Held certificates were dropped (the roots changed): the next
+                        // update carries it, as our digest shows none.
+                        stats.ignored += 1;
+                        continue;
+                    }
+                    Err(Unverified::Refused(why)) => {
                         tracing::debug!(origin = %od.cluster, %why, "origin update refused");
                         stats.rejected += 1;
                         continue;
@@ -841,6 +851,15 @@ impl<'a> Claim<'a> {
     }
 }
 
+/// Why an update could not be taken as its origin's.
+enum Unverified {
+    /// No certificate of the origin is held and none came with it (held ones are dropped
+    /// when the roots change): nothing is wrong with it, it cannot be checked yet.
+    NoCertificate,
+    /// Not what the origin signed, or no valid certificate of it.
+    Refused(String),
+}
+
 /// Checks that `claim` is what its origin signed: `seal` by the certificate sent along
 /// (`chain`, checked against the federation) or the one held.
 fn verify(
@@ -849,14 +868,17 @@ fn verify(
     held: Option<&Chain>,
     seal: Option<Seal>,
     chain: Option<Chain>,
-) -> Result<(Seal, Chain), String> {
-    let seal = seal.ok_or("unsigned")?;
+) -> Result<(Seal, Chain), Unverified> {
+    let seal = seal.ok_or_else(|| Unverified::Refused("unsigned".into()))?;
     let chain = match (chain, held) {
         // The same certificate as held: the held one, already checked (a fingerprint is
         // never trusted alone).
         (Some(c), Some(h)) if h.certs == c.certs => h.clone(),
-        (Some(c), _) => sealing.check_chain(claim.cluster, &c.certs)?,
-        (None, held) => held.cloned().ok_or("no certificate of the origin")?,
+        (Some(c), _) => sealing
+            .check_chain(claim.cluster, &c.certs)
+            .map_err(Unverified::Refused)?,
+        (None, Some(h)) => h.clone(),
+        (None, None) => return Err(Unverified::NoCertificate),
     };
     let statement = Statement {
         cluster: claim.cluster,
@@ -867,7 +889,7 @@ fn verify(
         cert: chain.fingerprint,
     };
     if !sealing.verify(&chain, &statement, &seal) {
-        return Err("not what the origin signed".to_owned());
+        return Err(Unverified::Refused("not what the origin signed".to_owned()));
     }
     Ok((seal, chain))
 }

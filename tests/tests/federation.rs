@@ -517,3 +517,98 @@ async fn a_gateway_dialling_a_dead_peer_starts_again_at_once_on_the_same_ports()
         .expect("the port is free once the handshake has drained");
     assert_eq!(g0.tunnel_addr(), a);
 }
+
+#[tokio::test]
+async fn signed_origins_stay_trusted_through_a_root_rotation() {
+    use std::time::SystemTime;
+    use strait_common::pki::{CertificateAuthority, write_atomic};
+
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let lease = Duration::from_secs(30);
+    let (g0, mut c0) = member(&pki, "g0", &["svc0"], echo.addr, &[], lease).await;
+    let seed = g0.discovery_addr().unwrap();
+    let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], lease).await;
+    let (g2, _) = member(&pki, "g2", &[], echo.addr, &[seed], lease).await;
+    let gateways = [("g0", &g0), ("g1", &g1), ("g2", &g2)];
+    for g in [&g1, &g2] {
+        eventually(Duration::from_secs(10), "svc0 imported", async || {
+            g.listener("default/svc0", 7000).is_some()
+        })
+        .await;
+    }
+    let reloads = |g: &Gateway| {
+        metric(
+            &g.render_metrics(),
+            "strait_cert_reloads_total{result=\"ok\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let refused_origins = |g: &Gateway| {
+        metric(
+            &g.render_metrics(),
+            "strait_discovery_rejected_total{what=\"origin\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let step = async |what: &str, change: &dyn Fn()| {
+        let before: Vec<f64> = gateways.iter().map(|(_, g)| reloads(g)).collect();
+        change();
+        eventually(Duration::from_secs(10), what, async || {
+            gateways
+                .iter()
+                .zip(&before)
+                .all(|((_, g), b)| reloads(g) > *b)
+        })
+        .await;
+        // Gossip goes on with the new certificates: every member keeps every origin.
+        for (_, g) in &gateways[1..] {
+            assert!(catalog_has(g, "g0", "svc0").await, "{what}");
+        }
+    };
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let new_ca = CertificateAuthority::generate(TD, day).unwrap();
+    let ca_file = pki.ca_path();
+    let both = strait_common::pki::bundle(&[
+        (ca_file.clone(), pki.ca.cert_pem.clone()),
+        ("new/ca.pem".into(), new_ca.cert_pem.clone()),
+    ])
+    .unwrap();
+    step("both roots trusted", &|| {
+        write_atomic(&ca_file, both.as_bytes(), false).unwrap()
+    })
+    .await;
+    step("leaves of the new root", &|| {
+        for (cluster, _) in gateways {
+            pki.write(
+                cluster,
+                &issue_with(&new_ca, TD, cluster, now - day, now + day),
+            );
+        }
+    })
+    .await;
+    step("the old root retired", &|| {
+        write_atomic(&ca_file, new_ca.cert_pem.as_bytes(), false).unwrap()
+    })
+    .await;
+
+    // Origins signed with the new keys reach everyone: a change after the rotation.
+    c0.exports = exports(&["svc0", "after"], echo.addr);
+    pki.write_config(&c0);
+    for g in [&g1, &g2] {
+        eventually(
+            Duration::from_secs(15),
+            "the change after the rotation",
+            async || g.listener("default/after", 7000).is_some(),
+        )
+        .await;
+        assert_eq!(
+            echo_through(g.listener("default/after", 7000).unwrap()).await,
+            b"via discovery"
+        );
+    }
+    for (name, g) in gateways {
+        assert_eq!(refused_origins(g), 0.0, "{name} refused a genuine origin");
+    }
+}
