@@ -502,7 +502,7 @@ impl pb::gossip_server::Gossip for GossipService {
     ) -> Result<Response<pb::SyncResponse>, Status> {
         let s = &self.0;
         s.refuse_if_cut()?;
-        caller(&req).ok_or_else(|| Status::unauthenticated("no gateway identity"))?;
+        let from = caller(&req).ok_or_else(|| Status::unauthenticated("no gateway identity"))?;
         let msg = req.into_inner();
         s.count_in(prost::Message::encoded_len(&msg));
         let theirs =
@@ -510,7 +510,7 @@ impl pb::gossip_server::Gossip for GossipService {
         let (delta, mine) = {
             let mut c = s.lock();
             c.note_digest(&theirs, Instant::now());
-            (c.delta_for(&theirs), c.digest())
+            (c.delta_to(&theirs, Some(&from)), c.digest())
         };
         let resp = pb::SyncResponse {
             delta: Some(wire::delta_to_pb(&delta)),
@@ -701,7 +701,7 @@ async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Re
             shared.publish(now);
             c = shared.lock();
         }
-        c.delta_for(&theirs)
+        c.delta_to(&theirs, cluster)
     };
     if !back.origins.is_empty() {
         let req = pb::PushRequest {

@@ -35,6 +35,10 @@ pub struct Seal {
     pub scheme: u16,
     /// The signature.
     pub signature: Vec<u8>,
+    /// The statement's content hash, sent only to replicas of the origin's own cluster:
+    /// they keep none of its entries, yet must tell a genuine incarnation of their cluster
+    /// from a claimed one.
+    pub content: Option<[u8; 32]>,
 }
 
 /// A gateway's certificate chain (DER, leaf first) and the leaf's fingerprint.
@@ -189,6 +193,7 @@ impl Sealing {
             cert: self.chain.fingerprint,
             scheme,
             signature,
+            content: None,
         })
     }
 

@@ -328,6 +328,8 @@ pub struct Catalog {
     /// The newest sibling incarnation heard (a replica of this cluster with another
     /// generation), and when its heartbeat last grew.
     sibling: Option<(OriginDigest, Instant)>,
+    /// The certificate that verified the sibling's statements (sealed catalogs).
+    sibling_chain: Option<Chain>,
     /// Since when the voice is `Auto` (it listens a while before it speaks).
     auto_since: Option<Instant>,
     /// This member's key and the federation's trust: signs the own origin, checks others'.
@@ -362,6 +364,7 @@ impl Catalog {
             voice: config.voice,
             quiet: config.voice != Voice::Speak,
             sibling: None,
+            sibling_chain: None,
             auto_since: None,
             sealing: None,
             config,
@@ -476,6 +479,29 @@ impl Catalog {
         }
     }
 
+    /// The certificate of `od`, a statement about this member's own cluster by another
+    /// incarnation (a sibling replica, or a previous one of this), if a key of this cluster
+    /// signed it: checked on the content hash sent to replicas ([`Catalog::delta_to`]).
+    fn verify_sibling(&self, sealing: &Sealing, od: &OriginDelta, version: u64) -> Option<Chain> {
+        let seal = od.seal.clone()?;
+        let content = seal.content?;
+        let known = [self.sibling_chain.as_ref(), self.local.chain.as_ref()];
+        let held = known
+            .into_iter()
+            .flatten()
+            .find(|c| c.fingerprint == seal.cert);
+        let claim = Claim {
+            cluster: &self.local.info.cluster,
+            generation: od.generation,
+            version,
+            heartbeat: od.heartbeat,
+            content: &content,
+        };
+        verify(sealing, &claim, held, Some(seal), od.chain.clone())
+            .ok()
+            .map(|(_, chain)| chain)
+    }
+
     /// This member.
     pub fn me(&self) -> &MemberInfo {
         &self.local.info
@@ -571,6 +597,27 @@ impl Catalog {
     /// What a peer with digest `theirs` is missing, within the byte budget. Origins whose
     /// lease ran out here are not passed on, so a dead member is not revived by gossip.
     pub fn delta_for(&self, theirs: &Digest) -> Delta {
+        self.delta_to(theirs, None)
+    }
+
+    /// [`Catalog::delta_for`] a member of cluster `to`: its own cluster's origin carries
+    /// the content hash (a replica holds none of its entries, yet checks its signature).
+    pub fn delta_to(&self, theirs: &Digest, to: Option<&str>) -> Delta {
+        let mut d = self.delta_all(theirs);
+        if let Some(to) = to {
+            let mut held =
+                std::iter::once(&self.local).chain(self.remotes.values().map(|r| &r.origin));
+            if let Some(origin) = held.rfind(|o| o.info.cluster == to)
+                && let Some(od) = d.origins.iter_mut().find(|o| o.cluster == to)
+                && let Some(seal) = &mut od.seal
+            {
+                seal.content = Some(origin.content);
+            }
+        }
+        d
+    }
+
+    fn delta_all(&self, theirs: &Digest) -> Delta {
         let mut budget = self.config.max_delta_bytes;
         let mut origins = Vec::new();
         let live_remotes = self
@@ -600,13 +647,32 @@ impl Catalog {
                 // outrank it so this incarnation is not ignored everywhere.
                 // (Equal is the normal relay of our own state.)
                 if od.generation != self.local.generation {
-                    let version = od.entries.iter().map(|(_, e)| e.version).max().unwrap_or(0);
+                    let mut version = od.entries.iter().map(|(_, e)| e.version).max().unwrap_or(0);
+                    if let Some((d, _)) = &self.sibling
+                        && d.generation == od.generation
+                    {
+                        version = version.max(d.version);
+                    }
+                    // A sealed catalog believes only what a key of its cluster signed.
+                    let mut cert = 0;
+                    if let Some(sealing) = &self.sealing {
+                        match self.verify_sibling(sealing, &od, version) {
+                            Some(chain) => {
+                                cert = chain.fingerprint;
+                                self.sibling_chain = Some(chain);
+                            }
+                            None => {
+                                stats.ignored += 1;
+                                continue;
+                            }
+                        }
+                    }
                     let heard = OriginDigest {
                         generation: od.generation,
                         version,
                         heartbeat: od.heartbeat,
-                        // (Only so that peers do not send the certificate every round.)
-                        cert: od.seal.as_ref().map_or(0, |s| s.cert),
+                        // (So that peers do not send the certificate every round.)
+                        cert,
                     };
                     match &mut self.sibling {
                         Some((d, at)) if d.generation == od.generation => {

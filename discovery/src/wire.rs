@@ -135,6 +135,7 @@ pub fn delta_to_pb(d: &Delta) -> pb::Delta {
                     cert: s.cert,
                     scheme: s.scheme.into(),
                     signature: s.signature.clone(),
+                    content: s.content.map(|c| c.to_vec()).unwrap_or_default(),
                 }),
                 chain: o
                     .chain
@@ -254,10 +255,21 @@ fn origin_from_pb(o: pb::OriginDelta) -> Result<OriginDelta, WireError> {
                     format!("{} bytes (1..={MAX_SIGNATURE})", s.signature.len()),
                 ));
             }
+            let content = match s.content.len() {
+                0 => None,
+                32 => s.content.try_into().ok(),
+                n => {
+                    return Err(bad(
+                        format!("{at}.seal.content"),
+                        format!("{n} bytes (a SHA-256 hash is 32)"),
+                    ));
+                }
+            };
             Some(Seal {
                 cert: s.cert,
                 scheme,
                 signature: s.signature,
+                content,
             })
         }
         None => None,

@@ -336,13 +336,23 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
     })
     .await;
 
-    // The importer routes to us-1 first, and every connection lands there.
+    // The importer routes to us-1 first, and every connection lands there (once its tunnel
+    // to us-1 is up: a peer whose first dial failed gets no connections until then).
     let route = strait_tests::admin(&importer.gateway)
         .route(&format!("{NS}/{HELLO}"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(route.clusters[0].cluster, "us-1", "{route:#?}");
+    strait_tests::eventually(LIMIT, "us-1 takes connections", async || {
+        let route = strait_tests::admin(&importer.gateway)
+            .route(&format!("{NS}/{HELLO}"))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        route.is_some_and(|r| r.clusters[0].cluster == "us-1" && r.clusters[0].eligible)
+    })
+    .await;
     let (_, port) = importer.derived_service(HELLO).await;
     let through = SocketAddr::new(importer.pod_ip, port);
     let read = async || {

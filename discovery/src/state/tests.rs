@@ -890,4 +890,83 @@ mod sealed {
         a.note_digest(&claim(5_000), t0);
         assert_eq!(a.digest()["a"].generation, 5_001);
     }
+
+    /// `exchange` as members do it: each side knows the other's cluster.
+    fn talk(a: &mut Catalog, b: &mut Catalog, now: Instant) {
+        let (ca, cb) = (a.me().cluster.clone(), b.me().cluster.clone());
+        let to_a = b.delta_to(&a.digest(), Some(&ca));
+        let b_digest = b.digest();
+        a.apply(to_a, now);
+        let to_b = a.delta_to(&b_digest, Some(&cb));
+        b.apply(to_b, now);
+    }
+
+    fn replica(ca: &CertificateAuthority, generation: u64, now: Instant) -> Catalog {
+        let mut r = Catalog::sealed(
+            info("a"),
+            generation,
+            CatalogConfig::default(),
+            sealing(ca, "a"),
+        );
+        r.set_local(exports(&[("web", 1)]));
+        r.set_voice(Voice::Auto, now);
+        r
+    }
+
+    #[test]
+    fn signed_replicas_settle_on_the_newest_and_take_over_when_it_is_gone() {
+        let mut now = Instant::now();
+        let ca = ca();
+        let (mut older, mut newer) = (replica(&ca, 5, now), replica(&ca, 7, now));
+        let mut b = member(&ca, "b");
+        for _ in 0..60 {
+            now += Duration::from_millis(100);
+            for r in [&mut older, &mut newer, &mut b] {
+                r.tick(now);
+            }
+            talk(&mut older, &mut b, now);
+            talk(&mut newer, &mut b, now);
+        }
+        assert!(
+            !older.speaks() && newer.speaks(),
+            "the newest incarnation speaks"
+        );
+        assert_eq!(b.digest()["a"].generation, 7);
+        for _ in 0..60 {
+            now += Duration::from_millis(100);
+            older.tick(now);
+            b.tick(now);
+            talk(&mut older, &mut b, now);
+        }
+        assert!(older.speaks(), "a silent sibling gives the voice back");
+        assert!(b.digest()["a"].generation > 7);
+        assert_eq!(
+            visible(&b, now),
+            vec![("a".into(), "default/web".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn a_claimed_incarnation_of_our_cluster_neither_silences_nor_outranks_us() {
+        let mut now = Instant::now();
+        let ca = ca();
+        let mut a = replica(&ca, 5, now);
+        // m holds a valid certificate of its own cluster and claims a live, newer "a".
+        let mut fake = Catalog::sealed(info("a"), 7, CatalogConfig::default(), sealing(&ca, "m"));
+        fake.set_local(exports(&[("evil", 1)]));
+        for _ in 0..60 {
+            now += Duration::from_millis(100);
+            a.tick(now);
+            fake.tick(now);
+            let d = fake.delta_to(&a.digest(), Some("a"));
+            assert!(d.origins[0].seal.as_ref().unwrap().content.is_some());
+            a.apply(d, now);
+        }
+        assert!(a.speaks(), "no genuine sibling: it speaks for its cluster");
+        assert_eq!(
+            a.digest()["a"].generation,
+            5,
+            "and was not made to outrank a fake"
+        );
+    }
 }
