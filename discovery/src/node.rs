@@ -266,8 +266,11 @@ impl Node {
     ) -> std::io::Result<Node> {
         let addr = listener.local_addr()?;
         let sealing = Sealing::new(&identity).map_err(std::io::Error::other)?;
-        let mut catalog =
-            Catalog::sealed(me, generation, config.catalog.clone(), Arc::new(sealing));
+        let catalog_config = CatalogConfig {
+            max_message_bytes: config.max_message_bytes,
+            ..config.catalog.clone()
+        };
+        let mut catalog = Catalog::sealed(me, generation, catalog_config, Arc::new(sealing));
         catalog.set_local(local);
         let shared = Arc::new(Inner {
             view: watch::channel(Arc::new(View::default())).0,

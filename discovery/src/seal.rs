@@ -169,7 +169,11 @@ impl Sealing {
         }
         Ok(Sealing {
             key: identity.signer()?,
-            chain: Chain::new(identity.certs.iter().map(|c| c.to_vec()).collect()),
+            chain: Chain {
+                // Checked when the identity was loaded; replicas sharing it verify with it.
+                not_after: Some(identity.not_after),
+                ..Chain::new(identity.certs.iter().map(|c| c.to_vec()).collect())
+            },
             roots: identity.roots.clone(),
             roots_id: roots_id.finalize().into(),
             trust_domain: identity.id.trust_domain.clone(),

@@ -39,6 +39,8 @@ pub struct CatalogConfig {
     pub max_delta_bytes: usize,
     /// Whether this member starts out speaking for its cluster (see [`Voice`]).
     pub voice: Voice,
+    /// Largest gossip message: a delta with an origin over the budget stays under it.
+    pub max_message_bytes: usize,
     /// Merge origins that arrive unsigned (from gateways of a version before signed
     /// origins), for the length of a rolling upgrade. An origin once held signed is never
     /// again taken unsigned.
@@ -55,6 +57,7 @@ impl Default for CatalogConfig {
             min_heartbeat_interval: Duration::from_millis(100),
             max_delta_bytes: 256 << 10,
             voice: Voice::Speak,
+            max_message_bytes: 1 << 20,
             accept_unsigned: false,
         }
     }
@@ -193,16 +196,9 @@ impl Origin {
         }
     }
 
-    /// The update a peer with digest `theirs` is missing, if it fits in `budget` bytes. One
-    /// update per delta may exceed it (`oversize` is then spent), or an origin bigger than
-    /// the budget would never replicate. Never a part of one: it would not be what the
-    /// origin signed.
-    fn delta_for(
-        &self,
-        theirs: Option<&OriginDigest>,
-        budget: &mut usize,
-        oversize: &mut bool,
-    ) -> Option<OriginDelta> {
+    /// The update a peer with digest `theirs` is missing, if it fits in `budget` bytes
+    /// (taken from it). Never a part of one: it would not be what the origin signed.
+    fn delta_for(&self, theirs: Option<&OriginDigest>, budget: &mut usize) -> Option<OriginDelta> {
         let (full, since) = match theirs {
             None => (true, 0),
             Some(d) if d.generation < self.generation => (true, 0),
@@ -234,12 +230,9 @@ impl Origin {
                 })
                 .sum::<usize>();
         if size > *budget {
-            if !*oversize {
-                return None;
-            }
-            *oversize = false;
+            return None;
         }
-        *budget = budget.saturating_sub(size);
+        *budget -= size;
         Some(OriginDelta {
             cluster: self.info.cluster.clone(),
             info: full.then(|| self.info.clone()),
@@ -396,6 +389,7 @@ impl Catalog {
             for r in self.remotes.values_mut() {
                 r.origin.chain = None;
             }
+            self.sibling_chain = None;
         }
         self.local.chain = Some(sealing.chain().clone());
         self.sealing = Some(sealing);
@@ -469,7 +463,13 @@ impl Catalog {
     /// Learns from a peer's digest which generation of this cluster the federation holds
     /// (even an expired one, which is no longer relayed): a speaking member outranks it,
     /// or peers would keep ignoring its origin.
+    /// A sealed catalog does not: a digest is not signed, and its own cluster's newer
+    /// incarnation reaches it as a signed statement instead ([`Catalog::delta_to`] sends
+    /// it even when it expired), which [`Catalog::apply`] checks.
     pub fn note_digest(&mut self, theirs: &Digest, now: Instant) {
+        if self.sealing.is_some() {
+            return;
+        }
         if let Some(d) = theirs.get(&self.local.info.cluster)
             && newer_incarnation(d.generation, self.local.generation)
             && self.outranks(now)
@@ -604,6 +604,18 @@ impl Catalog {
     /// the content hash (a replica holds none of its entries, yet checks its signature).
     pub fn delta_to(&self, theirs: &Digest, to: Option<&str>) -> Delta {
         let mut d = self.delta_all(theirs);
+        // A member is sent its own cluster's origin even when it expired here: it may be a
+        // newer incarnation of it that the member must outrank (only a signed statement
+        // makes it).
+        if let Some(to) = to
+            && !d.origins.iter().any(|o| o.cluster == to)
+            && let Some(r) = self.remotes.get(to).filter(|r| r.expired)
+        {
+            let mut budget = usize::MAX;
+            if let Some(od) = r.origin.delta_for(theirs.get(to), &mut budget) {
+                d.origins.push(od);
+            }
+        }
         if let Some(to) = to {
             let mut held =
                 std::iter::once(&self.local).chain(self.remotes.values().map(|r| &r.origin));
@@ -626,12 +638,27 @@ impl Catalog {
             .filter(|r| !r.expired)
             .map(|r| &r.origin);
         let own = std::iter::once(&self.local).filter(|_| !self.quiet);
+        // One origin that does not fit the budget may go over it, as long as the message
+        // stays within its limit (less room for framing): or an origin bigger than the
+        // budget would never replicate.
+        let room = self.config.max_message_bytes.saturating_sub(8 << 10);
         let mut oversize = true;
         for origin in own.chain(live_remotes) {
-            if let Some(d) =
-                origin.delta_for(theirs.get(&origin.info.cluster), &mut budget, &mut oversize)
-            {
+            let theirs = theirs.get(&origin.info.cluster);
+            let mut left = budget;
+            if let Some(d) = origin.delta_for(theirs, &mut left) {
+                budget = left;
                 origins.push(d);
+                continue;
+            }
+            if oversize {
+                let spent = self.config.max_delta_bytes - budget;
+                let mut left = room.saturating_sub(spent);
+                if let Some(d) = origin.delta_for(theirs, &mut left) {
+                    oversize = false;
+                    budget = 0;
+                    origins.push(d);
+                }
             }
         }
         Delta { origins }
@@ -686,7 +713,14 @@ impl Catalog {
                         _ => self.sibling = Some((heard, now)),
                     }
                 }
-                if newer_incarnation(od.generation, self.local.generation) && self.outranks(now) {
+                // A verified statement (sealed) is outranked however far ahead; an unsigned
+                // claim only within a day.
+                let newer = if self.sealing.is_some() {
+                    od.generation > self.local.generation
+                } else {
+                    newer_incarnation(od.generation, self.local.generation)
+                };
+                if newer && self.outranks(now) {
                     self.local.generation = od.generation.saturating_add(1);
                     self.reseal();
                     stats.changed = true;
@@ -711,7 +745,7 @@ impl Catalog {
             let check = self.sealing.is_some()
                 && !(self.config.accept_unsigned
                     && od.seal.is_none()
-                    && existing.is_none_or(|o| o.chain.is_none()));
+                    && existing.is_none_or(|o| o.seal.is_none()));
             if check && od.seal.is_none() {
                 tracing::debug!(origin = %od.cluster, "unsigned origin update refused");
                 stats.rejected += 1;

@@ -525,7 +525,8 @@ async fn signed_origins_stay_trusted_through_a_root_rotation() {
 
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
-    let lease = Duration::from_secs(30);
+    // Short leases: an origin whose heartbeats stopped being accepted would be withdrawn.
+    let lease = Duration::from_secs(3);
     let (g0, mut c0) = member(&pki, "g0", &["svc0"], echo.addr, &[], lease).await;
     let seed = g0.discovery_addr().unwrap();
     let (g1, _) = member(&pki, "g1", &[], echo.addr, &[seed], lease).await;
@@ -593,6 +594,21 @@ async fn signed_origins_stay_trusted_through_a_root_rotation() {
     })
     .await;
 
+    // Heartbeats signed with the new keys are taken: after more than a lease, every member
+    // still holds every origin alive.
+    let retired = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "a lease after the retirement",
+        async || retired.elapsed() > lease + Duration::from_secs(1),
+    )
+    .await;
+    for (name, g) in gateways {
+        let rows = admin(g).members().await.unwrap().unwrap();
+        assert_eq!(rows.len(), 3, "{name}: {rows:?}");
+        assert!(rows.iter().all(|m| m.alive), "{name}: {rows:?}");
+    }
+    assert!(catalog_has(&g2, "g0", "svc0").await);
     // Origins signed with the new keys reach everyone: a change after the rotation.
     c0.exports = exports(&["svc0", "after"], echo.addr);
     pki.write_config(&c0);

@@ -337,20 +337,20 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
     .await;
 
     // The importer routes to us-1 first, and every connection lands there (once its tunnel
-    // to us-1 is up: a peer whose first dial failed gets no connections until then).
+    // to us-1 is up: until then connections move on to the next cluster).
     let route = strait_tests::admin(&importer.gateway)
         .route(&format!("{NS}/{HELLO}"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(route.clusters[0].cluster, "us-1", "{route:#?}");
-    strait_tests::eventually(LIMIT, "us-1 takes connections", async || {
-        let route = strait_tests::admin(&importer.gateway)
-            .route(&format!("{NS}/{HELLO}"))
-            .await
-            .ok()
-            .and_then(Result::ok);
-        route.is_some_and(|r| r.clusters[0].cluster == "us-1" && r.clusters[0].eligible)
+    strait_tests::eventually(LIMIT, "the tunnel to us-1 is up", async || {
+        let peers = strait_tests::admin(&importer.gateway).peers().await;
+        peers.is_ok_and(|ps| {
+            ps.iter().any(|p| {
+                p.cluster == "us-1" && p.status == strait_gateway::tunnel::peers::PeerStatus::Up
+            })
+        })
     })
     .await;
     let (_, port) = importer.derived_service(HELLO).await;

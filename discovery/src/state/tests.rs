@@ -871,10 +871,11 @@ mod sealed {
     }
 
     #[test]
-    fn a_forged_claim_of_a_far_newer_generation_is_not_outranked() {
+    fn only_a_signed_newer_incarnation_of_our_cluster_is_outranked() {
         let t0 = Instant::now();
         let ca = ca();
-        let mut a = member(&ca, "a");
+        let key = sealing(&ca, "a");
+        let mut a = Catalog::sealed(info("a"), 1, CatalogConfig::default(), key.clone());
         let claim = |generation| {
             Digest::from([(
                 "a".to_owned(),
@@ -884,18 +885,28 @@ mod sealed {
                 },
             )])
         };
+        // Digests are not signed: neither a forged u64::MAX nor any other claim moves it.
         a.note_digest(&claim(u64::MAX), t0);
-        assert_eq!(a.digest()["a"].generation, 1);
-        // A genuine newer incarnation (a restart whose clock ran ahead) still is.
         a.note_digest(&claim(5_000), t0);
-        assert_eq!(a.digest()["a"].generation, 5_001);
+        assert_eq!(a.digest()["a"].generation, 1);
+        // A previous incarnation (same key) whose clock ran far ahead, as a peer holds it,
+        // is sent to a with the content hash, and outranked however far ahead it is.
+        let mut previous = Catalog::sealed(info("a"), 5_000_000_000, CatalogConfig::default(), key);
+        previous.set_local(exports(&[("web", 1)]));
+        let mut b = member(&ca, "b");
+        b.apply(previous.delta_for(&b.digest()), t0);
+        a.apply(b.delta_to(&a.digest(), Some("a")), t0);
+        assert_eq!(a.digest()["a"].generation, 5_000_000_001);
     }
 
     /// `exchange` as members do it: each side knows the other's cluster.
     fn talk(a: &mut Catalog, b: &mut Catalog, now: Instant) {
         let (ca, cb) = (a.me().cluster.clone(), b.me().cluster.clone());
+        // As the node does: the callee notes the caller's digest first.
+        b.note_digest(&a.digest(), now);
         let to_a = b.delta_to(&a.digest(), Some(&ca));
         let b_digest = b.digest();
+        a.note_digest(&b_digest, now);
         a.apply(to_a, now);
         let to_b = a.delta_to(&b_digest, Some(&cb));
         b.apply(to_b, now);
@@ -968,5 +979,35 @@ mod sealed {
             5,
             "and was not made to outrank a fake"
         );
+    }
+
+    #[test]
+    fn replicas_sharing_one_certificate_settle_on_the_newest() {
+        // As deployed: every replica mounts the cluster's one certificate.
+        let mut now = Instant::now();
+        let ca = ca();
+        let key = sealing(&ca, "a");
+        let shared = |generation| {
+            let mut r =
+                Catalog::sealed(info("a"), generation, CatalogConfig::default(), key.clone());
+            r.set_local(exports(&[("web", 1)]));
+            r.set_voice(Voice::Auto, now);
+            r
+        };
+        let (mut older, mut newer) = (shared(5), shared(7));
+        let mut b = member(&ca, "b");
+        for _ in 0..60 {
+            now += Duration::from_millis(100);
+            for r in [&mut older, &mut newer, &mut b] {
+                r.tick(now);
+            }
+            talk(&mut older, &mut b, now);
+            talk(&mut newer, &mut b, now);
+        }
+        assert!(
+            !older.speaks() && newer.speaks(),
+            "the newest incarnation speaks"
+        );
+        assert_eq!(b.digest()["a"].generation, 7, "no generation race");
     }
 }
