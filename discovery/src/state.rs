@@ -767,21 +767,13 @@ impl Catalog {
                         heartbeat: od.heartbeat,
                         ..Claim::of(&r.origin)
                     };
-                    match verify(sealing, &claim, r.origin.chain.as_ref(), od.seal, od.chain) {
-                        Ok((seal, chain)) => {
-                            r.origin.seal = Some(seal);
-                            r.origin.chain = Some(chain);
-                        }
-                        Err(Unverified::NoCertificate) => {
-                            stats.ignored += 1;
-                            continue;
-                        }
-                        Err(Unverified::Refused(why)) => {
-                            tracing::debug!(origin = %od.cluster, %why, "origin update refused");
-                            stats.rejected += 1;
-                            continue;
-                        }
-                    }
+                    let verified =
+                        verify(sealing, &claim, r.origin.chain.as_ref(), od.seal, od.chain);
+                    let Some((seal, chain)) = counted(&mut stats, &od.cluster, verified) else {
+                        continue;
+                    };
+                    r.origin.seal = Some(seal);
+                    r.origin.chain = Some(chain);
                 }
                 if od.heartbeat > r.origin.heartbeat {
                     r.origin.heartbeat = od.heartbeat;
@@ -825,23 +817,12 @@ impl Catalog {
             }
             if let Some(sealing) = self.sealing.as_ref().filter(|_| check) {
                 let held = existing.and_then(|o| o.chain.as_ref());
-                match verify(sealing, &Claim::of(&next), held, od.seal, od.chain) {
-                    Ok((seal, chain)) => {
-                        next.seal = Some(seal);
-                        next.chain = Some(chain);
-                    }
-                    Err(Unverified::NoCertificate) => {
-                        // Held certificates were dropped (the roots changed): the next
-                        // update carries it, as our digest shows none.
-                        stats.ignored += 1;
-                        continue;
-                    }
-                    Err(Unverified::Refused(why)) => {
-                        tracing::debug!(origin = %od.cluster, %why, "origin update refused");
-                        stats.rejected += 1;
-                        continue;
-                    }
-                }
+                let verified = verify(sealing, &Claim::of(&next), held, od.seal, od.chain);
+                let Some((seal, chain)) = counted(&mut stats, &od.cluster, verified) else {
+                    continue;
+                };
+                next.seal = Some(seal);
+                next.chain = Some(chain);
             }
             if replace {
                 stats.entries_applied += n;
@@ -958,6 +939,28 @@ enum Unverified {
     NoCertificate,
     /// Not what the origin signed, or no valid certificate of it.
     Refused(String),
+}
+
+/// The outcome of [`verify`] for `origin`, counted: the seal and certificate to keep, or
+/// `None` (refused, or ignored until a certificate comes along: held ones were dropped when
+/// the roots changed, and the next update carries it, as our digest shows none).
+fn counted(
+    stats: &mut ApplyStats,
+    origin: &str,
+    verified: Result<(Seal, Chain), Unverified>,
+) -> Option<(Seal, Chain)> {
+    match verified {
+        Ok(ok) => Some(ok),
+        Err(Unverified::NoCertificate) => {
+            stats.ignored += 1;
+            None
+        }
+        Err(Unverified::Refused(why)) => {
+            tracing::debug!(%origin, %why, "origin update refused");
+            stats.rejected += 1;
+            None
+        }
+    }
 }
 
 /// Checks that `claim` is what its origin signed: `seal` by the certificate sent along

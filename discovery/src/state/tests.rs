@@ -912,32 +912,35 @@ mod sealed {
         b.apply(to_b, now);
     }
 
-    fn replica(ca: &CertificateAuthority, generation: u64, now: Instant) -> Catalog {
-        let mut r = Catalog::sealed(
-            info("a"),
-            generation,
-            CatalogConfig::default(),
-            sealing(ca, "a"),
-        );
+    /// A replica of cluster "a" that does not know who speaks, signing with `key`.
+    fn replica(key: &Arc<Sealing>, generation: u64, now: Instant) -> Catalog {
+        let mut r = Catalog::sealed(info("a"), generation, CatalogConfig::default(), key.clone());
         r.set_local(exports(&[("web", 1)]));
         r.set_voice(Voice::Auto, now);
         r
     }
 
+    /// Six seconds of rounds: both replicas tick and talk to `b`.
+    fn rounds(older: &mut Catalog, newer: &mut Catalog, b: &mut Catalog, now: &mut Instant) {
+        for _ in 0..60 {
+            *now += Duration::from_millis(100);
+            for r in [&mut *older, &mut *newer, &mut *b] {
+                r.tick(*now);
+            }
+            talk(older, b, *now);
+            talk(newer, b, *now);
+        }
+    }
     #[test]
     fn signed_replicas_settle_on_the_newest_and_take_over_when_it_is_gone() {
         let mut now = Instant::now();
         let ca = ca();
-        let (mut older, mut newer) = (replica(&ca, 5, now), replica(&ca, 7, now));
+        let (mut older, mut newer) = (
+            replica(&sealing(&ca, "a"), 5, now),
+            replica(&sealing(&ca, "a"), 7, now),
+        );
         let mut b = member(&ca, "b");
-        for _ in 0..60 {
-            now += Duration::from_millis(100);
-            for r in [&mut older, &mut newer, &mut b] {
-                r.tick(now);
-            }
-            talk(&mut older, &mut b, now);
-            talk(&mut newer, &mut b, now);
-        }
+        rounds(&mut older, &mut newer, &mut b, &mut now);
         assert!(
             !older.speaks() && newer.speaks(),
             "the newest incarnation speaks"
@@ -961,7 +964,7 @@ mod sealed {
     fn a_claimed_incarnation_of_our_cluster_neither_silences_nor_outranks_us() {
         let mut now = Instant::now();
         let ca = ca();
-        let mut a = replica(&ca, 5, now);
+        let mut a = replica(&sealing(&ca, "a"), 5, now);
         // m holds a valid certificate of its own cluster and claims a live, newer "a".
         let mut fake = Catalog::sealed(info("a"), 7, CatalogConfig::default(), sealing(&ca, "m"));
         fake.set_local(exports(&[("evil", 1)]));
@@ -987,23 +990,9 @@ mod sealed {
         let mut now = Instant::now();
         let ca = ca();
         let key = sealing(&ca, "a");
-        let shared = |generation| {
-            let mut r =
-                Catalog::sealed(info("a"), generation, CatalogConfig::default(), key.clone());
-            r.set_local(exports(&[("web", 1)]));
-            r.set_voice(Voice::Auto, now);
-            r
-        };
-        let (mut older, mut newer) = (shared(5), shared(7));
+        let (mut older, mut newer) = (replica(&key, 5, now), replica(&key, 7, now));
         let mut b = member(&ca, "b");
-        for _ in 0..60 {
-            now += Duration::from_millis(100);
-            for r in [&mut older, &mut newer, &mut b] {
-                r.tick(now);
-            }
-            talk(&mut older, &mut b, now);
-            talk(&mut newer, &mut b, now);
-        }
+        rounds(&mut older, &mut newer, &mut b, &mut now);
         assert!(
             !older.speaks() && newer.speaks(),
             "the newest incarnation speaks"
