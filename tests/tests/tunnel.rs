@@ -553,6 +553,59 @@ async fn streams_are_refused_with_the_right_status() {
     assert_eq!(&b, b"still");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_on_the_admin_port_neither_starve_a_scrape_nor_stay_forever() {
+    strait_gateway::raise_fd_limit();
+    let pki = TestPki::new();
+    let (u, _) = udp();
+    let g = pki.gateway("east", u, |_| {}).await;
+    let admin = g.admin_addr();
+    // 1,000 clients that start a request and never finish its header (slowloris), and
+    // 1,000 that connect and never send a byte.
+    let mut slow = Vec::new();
+    for i in 0..2000 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                .await
+                .unwrap();
+        }
+        slow.push(s);
+    }
+    // A scrape is answered at once meanwhile.
+    let started = std::time::Instant::now();
+    let metrics = within(
+        Duration::from_secs(5),
+        strait_ops::client::Admin::new(admin).metrics(),
+    )
+    .await
+    .unwrap();
+    assert!(metrics.contains("strait_gateway_info"), "{metrics}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the scrape waited {:?} behind the slow clients",
+        started.elapsed()
+    );
+    // None of them holds its connection for good: each is closed once the header timeout
+    // (10 s) passes, whether it sent part of a request or nothing.
+    let closed = async |s: &mut TcpStream| {
+        let mut b = [0u8; 512];
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let deadline = Duration::from_secs(30);
+    within(deadline, async {
+        for s in &mut slow {
+            closed(s).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn garbage_on_every_port_does_no_harm() {
     let pki = TestPki::new();

@@ -2,7 +2,7 @@
 //! Prometheus metrics, and JSON views of peers, services and identity.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -60,10 +60,34 @@ pub async fn serve(state: AdminState, faults: Arc<Faults>, listener: TcpListener
         .route("/v1/routes/{namespace}/{name}", get(route))
         .merge(crate::faults::api::routes(faults))
         .with_state(Arc::new(state));
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "admin API stopped");
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: keep serving once some are back.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            // Every request header, the first one included, must arrive within
+            // HEADER_TIMEOUT: a client that sends nothing, or a header a byte at a time,
+            // does not keep its connection (and file descriptor) for long.
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = served.await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
     }
 }
+
+/// Time a client has to send a request's header on the admin port.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn ready(State(s): State<Arc<AdminState>>) -> Response {
     let expired = s.identity.load().not_after <= SystemTime::now();
