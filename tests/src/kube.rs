@@ -160,6 +160,16 @@ impl KubeCluster {
         self.set_endpoints(name, ports, endpoints);
     }
 
+    /// A ClusterIP Service `name` with port `http` 80 and one ready endpoint, `backend`.
+    pub fn http_service(&self, name: &str, backend: std::net::SocketAddr) {
+        self.service(
+            name,
+            false,
+            &[("http", 80, backend.port())],
+            &[(backend.ip(), None, true)],
+        );
+    }
+
     /// Creates or replaces the EndpointSlice of Service `name`.
     pub fn set_endpoints(
         &self,

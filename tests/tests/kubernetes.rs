@@ -327,12 +327,7 @@ async fn vanished_api_servers_and_malformed_exports_never_stop_the_data_plane() 
     east.api.set_reachable(true);
     west.api.set_reachable(true);
     let other = backend("east other").await;
-    east.service(
-        "broken",
-        false,
-        &[("http", 80, other.port())],
-        &[(other.ip(), None, true)],
-    );
+    east.http_service("broken", other);
     east.api.create(serde_json::json!({
         "apiVersion": SI,
         "kind": "ServiceExport",
@@ -499,12 +494,7 @@ async fn a_cluster_serving_only_v1alpha1_service_exports_is_read_and_gets_its_st
     let seed = east.gateway.discovery_addr().unwrap();
     let west = KubeCluster::start(&pki, "west", &[seed]).await;
     let web = backend("east web").await;
-    east.service(
-        "web",
-        false,
-        &[("http", 80, web.port())],
-        &[(web.ip(), None, true)],
-    );
+    east.http_service("web", web);
     east.api.create(serde_json::json!({
         "apiVersion": ALPHA,
         "kind": "ServiceExport",

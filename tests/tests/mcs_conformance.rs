@@ -252,12 +252,7 @@ async fn an_external_name_service_is_not_valid_and_an_unexported_service_is_not_
     // A Service with endpoints but no ServiceExport.
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = backend.local_addr().unwrap();
-    a.service(
-        "private",
-        false,
-        &[("http", 80, addr.port())],
-        &[(addr.ip(), None, true)],
-    );
+    a.http_service("private", addr);
     // A third, exported service: once both clusters import it, they have seen the others.
     a.export("public", false, &[("http", 80, 8080)], &[endpoint()]);
     for c in [&a, &b] {
@@ -311,12 +306,7 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
     let importer = KubeCluster::start_with(&pki, "us-2", &[seed], |api| property(api, "us")).await;
     for (cluster, name) in [(&us, "from us"), (&eu, "from eu")] {
         let addr = answering([127, 0, 0, 1], 0, name).await;
-        cluster.service(
-            HELLO,
-            false,
-            &[("http", 80, addr.port())],
-            &[(addr.ip(), None, true)],
-        );
+        cluster.http_service(HELLO, addr);
         cluster.api.create(json!({
             "apiVersion": MCS, "kind": "ServiceExport",
             "metadata": { "name": HELLO, "namespace": NS },
