@@ -20,6 +20,14 @@ const FAILBACK_WINDOW: Duration = Duration::from_secs(1);
 /// A cluster has failed back once its share is this close to its baseline.
 const FAILBACK_SHARE: f64 = 0.9;
 
+/// Whether a connection was in flight when a fault began: it started before the fault
+/// and had not ended by then. Such a connection that fails was *broken* by the fault (a
+/// crash resets what it carried); only connections started after every fault that was
+/// under way count as *new* ones. `fault_starts` and the sample share one clock.
+pub fn in_flight(s: &Sample, fault_starts: &[Duration]) -> bool {
+    fault_starts.iter().any(|&f| s.at < f && s.end() >= f)
+}
+
 /// One poll of the source gateway's route for the load's service.
 #[derive(Debug, Clone, Default)]
 pub struct RoutePoll {
@@ -132,8 +140,11 @@ pub struct LoadReport {
     pub target: String,
     /// New connections started.
     pub started: usize,
-    /// New connections failed.
+    /// New connections failed (not counting those in flight when a fault began).
     pub failed: usize,
+    /// Connections in flight when a fault began that broke (one request each).
+    #[serde(default)]
+    pub broken_in_flight: usize,
     /// Long-lived connections kept.
     pub connections: usize,
     /// Long-lived connection breaks.
@@ -161,7 +172,8 @@ pub struct Bucket {
     pub served: BTreeMap<String, u64>,
     /// New connections started in the bucket that failed.
     pub failed: usize,
-    /// Long-lived connections that broke in the bucket.
+    /// Connections that broke in the bucket: long-lived ones, and requests in flight when
+    /// a fault began.
     pub broken: usize,
     /// p99 time to answer of connections started in the bucket (ms).
     pub p99_ms: Option<f64>,
@@ -191,6 +203,9 @@ pub struct FaultReport {
     pub failback_after_s: Option<f64>,
     /// New connections started during the fault that failed.
     pub failed: usize,
+    /// Connections in flight at its start that broke.
+    #[serde(default)]
+    pub broken: usize,
     /// Why it could not be injected.
     pub error: Option<String>,
 }
@@ -269,10 +284,11 @@ fn share(served: &BTreeMap<String, u64>, cluster: &str) -> Option<f64> {
 
 /// Builds the report.
 pub fn analyse(scenario: &Scenario, rec: &Recording) -> Report {
+    let starts: Vec<Duration> = rec.steps.iter().map(|s| s.start).collect();
     let loads: Vec<LoadReport> = rec
         .loads
         .iter()
-        .map(|l| load_report(l, rec.elapsed))
+        .map(|l| load_report(l, rec.elapsed, &starts))
         .collect();
     let faults: Vec<FaultReport> = rec
         .steps
@@ -315,7 +331,12 @@ pub fn analyse(scenario: &Scenario, rec: &Recording) -> Report {
     }
 }
 
-fn load_report(l: &LoadRecording, elapsed: Duration) -> LoadReport {
+fn load_report(l: &LoadRecording, elapsed: Duration, fault_starts: &[Duration]) -> LoadReport {
+    let (broken, new): (Vec<&Sample>, Vec<&Sample>) = l
+        .samples
+        .iter()
+        .filter(|s| s.result.is_err())
+        .partition(|s| in_flight(s, fault_starts));
     let lat = ok_latencies(l.samples.iter());
     let mut clusters: Vec<String> = Vec::new();
     for p in &l.polls {
@@ -346,8 +367,9 @@ fn load_report(l: &LoadRecording, elapsed: Duration) -> LoadReport {
             Bucket {
                 t: secs(from),
                 served: served_between(&l.polls, from, to),
-                failed: started.iter().filter(|s| s.result.is_err()).count(),
-                broken: l.breaks.iter().filter(|b| in_bucket(b.at)).count(),
+                failed: new.iter().filter(|s| in_bucket(s.at)).count(),
+                broken: l.breaks.iter().filter(|b| in_bucket(b.at)).count()
+                    + broken.iter().filter(|s| in_bucket(s.end())).count(),
                 p99_ms: quantile(&ok_latencies(started.into_iter()), 0.99).map(ms),
             }
         })
@@ -357,7 +379,8 @@ fn load_report(l: &LoadRecording, elapsed: Duration) -> LoadReport {
         service: l.service.clone(),
         target: l.target.to_string(),
         started: l.samples.len(),
-        failed: l.samples.iter().filter(|s| s.result.is_err()).count(),
+        failed: new.len(),
+        broken_in_flight: broken.len(),
         connections: l.connections,
         broken: l.breaks.len(),
         p50_ms: quantile(&lat, 0.5).map(ms),
@@ -381,6 +404,7 @@ fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, until: Duration) -
         rerouted_after_s: None,
         failback_after_s: None,
         failed: 0,
+        broken: 0,
         error: s.error.clone(),
     };
     let (Some(l), Some(victim)) = (load, &s.victim) else {
@@ -391,6 +415,11 @@ fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, until: Duration) -
         .samples
         .iter()
         .filter(|x| during(x.at) && x.result.is_err())
+        .count();
+    r.broken = l
+        .samples
+        .iter()
+        .filter(|x| x.result.is_err() && in_flight(x, &[s.start]))
         .count();
     // Detection: the victim was a candidate in rotation before the fault, and a poll
     // during it shows the source no longer offering it new connections.
@@ -495,11 +524,13 @@ fn judge(
         );
     }
     if let Some(max) = o.max_broken_connections {
-        let broken: usize = loads.iter().map(|l| l.broken).sum();
+        let long_lived: usize = loads.iter().map(|l| l.broken).sum();
+        let in_flight: usize = loads.iter().map(|l| l.broken_in_flight).sum();
+        let broken = long_lived + in_flight;
         push(
             "max_broken_connections",
             max.to_string(),
-            broken.to_string(),
+            format!("{broken} ({in_flight} in flight at a fault, {long_lived} long-lived)"),
             broken <= max,
         );
     }

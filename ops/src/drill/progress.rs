@@ -5,6 +5,7 @@
 //! [`Reporter`] only decides when to write.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::time::Duration;
 
@@ -26,8 +27,10 @@ pub struct Progress {
     pub total: Duration,
     /// New connections finished so far, all loads together.
     pub connections: usize,
-    /// Of those, how many failed.
+    /// Of those, how many failed (new ones: started after every fault under way began).
     pub failed: usize,
+    /// Of those, how many were in flight when a fault began and broke.
+    pub broken: usize,
     /// Long-lived connection breaks so far; `None` when the drill keeps none open.
     pub breaks: Option<usize>,
     /// Connections each cluster took in the last second (the source gateways' counters).
@@ -53,10 +56,13 @@ pub fn line(p: &Progress) -> String {
     let total = p.total.as_secs();
     let elapsed = p.elapsed.min(p.total).as_secs();
     let width = total.to_string().len();
-    let breaks = p
-        .breaks
-        .map(|b| format!(", {b} breaks"))
-        .unwrap_or_default();
+    let mut breaks = String::new();
+    if p.broken > 0 {
+        let _ = write!(breaks, ", {} broken in flight", p.broken);
+    }
+    if let Some(b) = p.breaks {
+        let _ = write!(breaks, ", {b} breaks");
+    }
     let faults = if p.faults.is_empty() {
         "none".to_owned()
     } else {
@@ -169,6 +175,7 @@ mod tests {
             total: Duration::from_secs(20),
             connections: 1234,
             failed: 0,
+            broken: 0,
             breaks: None,
             served: BTreeMap::from([("east".to_owned(), 200), ("west".to_owned(), 0)]),
             faults: Vec::new(),
@@ -222,6 +229,15 @@ mod tests {
             "[ 0s/20s] 1234 connections, 0 failed, served by nobody; faults: none"
         );
         assert_eq!(dark.serving(), None);
+        let crash = Progress {
+            broken: 1,
+            ..split.clone()
+        };
+        assert_eq!(
+            line(&crash),
+            "[ 3s/20s] 1234 connections, 7 failed, 1 broken in flight, 2 breaks, served by \
+             west 62%, east 38%; faults: kill-tunnel east, delay 200ms west"
+        );
     }
 
     #[test]

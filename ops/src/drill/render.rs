@@ -17,6 +17,10 @@ const SHARE_H: f64 = 150.0;
 const FAIL_H: f64 = 50.0;
 const P99_H: f64 = 80.0;
 const GAP: f64 = 26.0;
+/// New connections that failed.
+const FAILED: &str = "#d32f2f";
+/// Connections in flight (or long-lived) that a fault broke.
+const BROKEN: &str = "#f9a825";
 
 /// The terminal summary.
 pub fn summary(r: &Report) -> String {
@@ -33,12 +37,13 @@ pub fn summary(r: &Report) -> String {
     for l in &r.loads {
         let _ = writeln!(
             s,
-            "  load {} -> {} ({}): {} new connections, {} failed, p50 {} p99 {} max {}{}",
+            "  load {} -> {} ({}): {} new connections, {} failed, {} broken in flight at a fault, p50 {} p99 {} max {}{}",
             l.from,
             l.service,
             l.target,
             l.started,
             l.failed,
+            l.broken_in_flight,
             opt_ms(l.p50_ms),
             opt_ms(l.p99_ms),
             opt_ms(l.max_ms),
@@ -55,13 +60,14 @@ pub fn summary(r: &Report) -> String {
     for f in &r.faults {
         let _ = writeln!(
             s,
-            "  fault {:<32} {:<14} detected {}  rerouted {}  failback {}  failed {}{}",
+            "  fault {:<32} {:<14} detected {}  rerouted {}  failback {}  failed {}  broken {}{}",
             f.label,
             format!("{:.2}s..{:.2}s", f.start_s, f.end_s),
             opt_s(f.detected_after_s),
             opt_s(f.rerouted_after_s),
             opt_s(f.failback_after_s),
             f.failed,
+            f.broken,
             f.error
                 .as_ref()
                 .map(|e| format!("  NOT INJECTED: {e}"))
@@ -154,16 +160,16 @@ pub fn svg(r: &Report) -> String {
     // Legend.
     let mut lx = LEFT;
     let ly = height - 18.0;
-    for c in &clusters {
+    let boxes = clusters.iter().map(|c| (c.as_str(), colour(c)));
+    for (label, fill) in boxes.chain([("failed", FAILED), ("broken", BROKEN)]) {
         let _ = writeln!(
             s,
-            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{ly}">{}</text>"#,
+            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{fill}"/><text x="{}" y="{ly}">{}</text>"#,
             ly - 10.0,
-            colour(c),
             lx + 16.0,
-            esc(c)
+            esc(label)
         );
-        lx += 30.0 + 7.0 * c.len() as f64;
+        lx += 30.0 + 7.0 * label.len() as f64;
     }
     for (label, col, dash) in [
         ("fault", "#333", ""),
@@ -196,12 +202,13 @@ fn load_panels(
     let bucket_w = l.timeline.get(1).map_or(0.25, |b| b.t - l.timeline[0].t);
     let _ = writeln!(
         s,
-        r#"<text x="{LEFT}" y="{}" font-weight="bold">{} → {} ({} new connections, {} failed)</text>"#,
+        r#"<text x="{LEFT}" y="{}" font-weight="bold">{} → {} ({} new connections, {} failed; {} broken)</text>"#,
         top + 4.0,
         esc(&l.from),
         esc(&l.service),
         l.started,
-        l.failed
+        l.failed,
+        l.broken_in_flight + l.broken
     );
     let share_top = top + 14.0;
     let fail_top = share_top + SHARE_H + GAP;
@@ -248,19 +255,22 @@ fn load_panels(
         .max()
         .unwrap_or(0)
         .max(1);
+    // New connections that failed (red) under connections a fault broke (orange).
     for b in &l.timeline {
-        let n = b.failed + b.broken;
-        if n == 0 {
-            continue;
+        let mut y = fail_top + FAIL_H;
+        for (n, fill) in [(b.failed, FAILED), (b.broken, BROKEN)] {
+            if n == 0 {
+                continue;
+            }
+            let h = FAIL_H * n as f64 / max_fail as f64;
+            y -= h;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{:.1}" y="{y:.1}" width="{:.1}" height="{h:.1}" fill="{fill}"/>"#,
+                x(b.t),
+                (x(b.t + bucket_w) - x(b.t)).max(0.5)
+            );
         }
-        let h = FAIL_H * n as f64 / max_fail as f64;
-        let _ = writeln!(
-            s,
-            r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="#d32f2f"/>"##,
-            x(b.t),
-            fail_top + FAIL_H - h,
-            (x(b.t + bucket_w) - x(b.t)).max(0.5)
-        );
     }
     axis(s, fail_top, FAIL_H, "failed", &max_fail.to_string(), "0");
     // p99 latency line.
@@ -395,18 +405,19 @@ pub fn html(r: &Report) -> String {
             if o.passed { "pass" } else { "FAIL" }
         );
     }
-    s.push_str("</table><h3>Faults</h3><table><tr><th>fault</th><th>start</th><th>end</th><th>detected after</th><th>rerouted after</th><th>failed back after</th><th>failed connections</th></tr>\n");
+    s.push_str("</table><h3>Faults</h3><table><tr><th>fault</th><th>start</th><th>end</th><th>detected after</th><th>rerouted after</th><th>failed back after</th><th>failed connections</th><th>broken in flight</th></tr>\n");
     for f in &r.faults {
         let _ = writeln!(
             s,
-            "<tr><td>{}</td><td>{:.2}s</td><td>{:.2}s</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{:.2}s</td><td>{:.2}s</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&f.label),
             f.start_s,
             f.end_s,
             opt_s(f.detected_after_s),
             opt_s(f.rerouted_after_s),
             opt_s(f.failback_after_s),
-            f.failed
+            f.failed,
+            f.broken
         );
     }
     let _ = writeln!(s, "</table><pre>{}</pre></body></html>", esc(&summary(r)));

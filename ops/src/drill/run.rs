@@ -127,7 +127,7 @@ pub async fn run_with_progress(
             }
             _ = report_tick.tick() => progress(&now(&plan, &loads)),
             _ = guard.tick() => {
-                if let Some(why) = guard_rail(&scenario, &loads) {
+                if let Some(why) = guard_rail(&scenario, &plan, &loads) {
                     aborted = Some(why);
                     break;
                 }
@@ -489,24 +489,32 @@ impl Running {
         analysis::served_between(&polls, from, now)
     }
 
-    /// New connections finished so far: (failed, total), and those of the last second.
-    fn failures(&self) -> ((usize, usize), (usize, usize)) {
+    /// Connections finished so far, and those of the last second. `fault_starts` (from
+    /// the drill's start) tell the connections a fault broke from new ones that failed.
+    fn failures(&self, fault_starts: &[Duration]) -> Failures {
         let Some(load) = &self.load else {
-            return ((0, 0), (0, 0));
+            return Failures::default();
         };
         let now = load.elapsed();
         let samples = load.samples();
-        let recent: Vec<_> = samples
+        // Samples are timed from the load's start.
+        let starts: Vec<Duration> = fault_starts
             .iter()
-            .filter(|s| s.end() + Duration::from_secs(1) >= now)
+            .map(|f| f.saturating_sub(self.offset))
             .collect();
-        let failed = |v: &mut dyn Iterator<Item = &crate::load::Sample>| {
-            v.filter(|s| s.result.is_err()).count()
-        };
-        (
-            (failed(&mut samples.iter()), samples.len()),
-            (failed(&mut recent.iter().copied()), recent.len()),
-        )
+        let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+        let broken = failed
+            .iter()
+            .filter(|s| analysis::in_flight(s, &starts))
+            .count();
+        let recent = |s: &crate::load::Sample| s.end() + Duration::from_secs(1) >= now;
+        Failures {
+            done: samples.len(),
+            failed: failed.len() - broken,
+            broken,
+            recent: samples.iter().filter(|s| recent(s)).count(),
+            recent_failed: failed.iter().filter(|s| recent(s)).count(),
+        }
     }
 
     async fn finish(self, aborted: bool) -> LoadRecording {
@@ -574,6 +582,26 @@ async fn poll_routes(
     }
 }
 
+/// New connections of one load: finished, failed and broken by a fault (see
+/// [`analysis::in_flight`]), and the last second's finished and failed of either kind.
+#[derive(Debug, Default)]
+struct Failures {
+    done: usize,
+    failed: usize,
+    broken: usize,
+    recent: usize,
+    recent_failed: usize,
+}
+
+/// When each fault injected so far began, from the drill's start (steps are at 1 s or later,
+/// so a zero start is one not injected yet).
+fn fault_starts(plan: &[Planned]) -> Vec<Duration> {
+    plan.iter()
+        .map(|p| p.record.start)
+        .filter(|s| !s.is_zero())
+        .collect()
+}
+
 /// Where the drill stands: counts over every load, the faults in force.
 fn progress_of(t0: Instant, total: Duration, plan: &[Planned], loads: &[Running]) -> Progress {
     let elapsed = t0.elapsed();
@@ -587,10 +615,12 @@ fn progress_of(t0: Instant, total: Duration, plan: &[Planned], loads: &[Running]
             .collect(),
         ..Progress::default()
     };
+    let starts = fault_starts(plan);
     for l in loads {
-        let ((failed, done), _) = l.failures();
-        p.connections += done;
-        p.failed += failed;
+        let f = l.failures(&starts);
+        p.connections += f.done;
+        p.failed += f.failed;
+        p.broken += f.broken;
         if let Some(b) = l.breaks() {
             *p.breaks.get_or_insert(0) += b;
         }
@@ -601,14 +631,16 @@ fn progress_of(t0: Instant, total: Duration, plan: &[Planned], loads: &[Running]
     p
 }
 
-/// Why the guard rail stops the drill now, if it does.
-fn guard_rail(s: &Scenario, loads: &[Running]) -> Option<String> {
+/// Why the guard rail stops the drill now, if it does. It counts every failed connection,
+/// broken ones included: it is there to protect the federation, not to judge it.
+fn guard_rail(s: &Scenario, plan: &[Planned], loads: &[Running]) -> Option<String> {
     let (mut failed, mut recent_failed, mut recent) = (0, 0, 0);
+    let starts = fault_starts(plan);
     for l in loads {
-        let ((f, _), (rf, rt)) = l.failures();
-        failed += f;
-        recent_failed += rf;
-        recent += rt;
+        let f = l.failures(&starts);
+        failed += f.failed + f.broken;
+        recent_failed += f.recent_failed;
+        recent += f.recent;
     }
     if let Some(max) = s.stop_if.failed_connections
         && failed >= max

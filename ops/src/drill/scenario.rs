@@ -147,10 +147,12 @@ pub struct Step {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Objectives {
-    /// Most new connections that may fail over the whole drill.
+    /// Most new connections that may fail over the whole drill (connections in flight when
+    /// a fault began are not new: they count as broken).
     #[serde(default)]
     pub max_failed_connections: Option<usize>,
-    /// Most long-lived connections that may break.
+    /// Most connections open when a fault hit that may break: long-lived ones, and
+    /// requests in flight when a fault began.
     #[serde(default)]
     pub max_broken_connections: Option<usize>,
     /// Longest time from a fault's start until no new connection goes to (or fails at)

@@ -277,3 +277,52 @@ fn a_victim_that_was_never_a_candidate_is_not_detected() {
     assert_eq!(r.faults[0].detected_after_s, None);
     assert!(!r.faults[0].victim_served);
 }
+
+#[test]
+fn a_connection_in_flight_when_the_fault_began_is_broken_not_a_failed_new_one() {
+    let s = parse(&GOOD.replace(
+        "max_failed_connections: 0",
+        "max_failed_connections: 0\n  max_broken_connections: 0",
+    ))
+    .unwrap();
+    let mut rec = recording();
+    // Started 5 ms before the kill at 2 s and reset by it: the crash broke it.
+    rec.loads[0].samples[199] = Sample {
+        at: Duration::from_millis(1995),
+        latency: Duration::from_millis(10),
+        result: Err("reset".into()),
+    };
+    // One that ended just before the fault was not in flight: a failed new connection
+    // would fail the drill; here it succeeded.
+    assert!(!super::analysis::in_flight(
+        &sample(1990, 9, false),
+        &[Duration::from_secs(2)]
+    ));
+    let r = analyse(&s, &rec);
+    let l = &r.loads[0];
+    assert_eq!((l.failed, l.broken_in_flight, l.broken), (0, 1, 0));
+    assert_eq!(r.faults[0].failed, 0);
+    assert_eq!(r.faults[0].broken, 1);
+    // The break shows in the bucket where it happened, apart from failures.
+    let at = |t: f64| l.timeline.iter().find(|b| (b.t - t).abs() < 1e-9).unwrap();
+    assert_eq!((at(2.0).failed, at(2.0).broken), (0, 1));
+    let verdicts: BTreeMap<&str, (bool, &str)> = r
+        .objectives
+        .iter()
+        .map(|o| (o.name.as_str(), (o.passed, o.actual.as_str())))
+        .collect();
+    assert_eq!(verdicts["max_failed_connections"], (true, "0 of 1000"));
+    assert_eq!(
+        verdicts["max_broken_connections"],
+        (false, "1 (1 in flight at a fault, 0 long-lived)")
+    );
+    assert_eq!(r.verdict, Verdict::Failed);
+
+    // The same failure one connection later (started after the kill) is a failed new one.
+    let mut rec = recording();
+    rec.loads[0].samples[200].result = Err("reset".into());
+    let r = analyse(&s, &rec);
+    assert_eq!((r.loads[0].failed, r.loads[0].broken_in_flight), (1, 0));
+    assert_eq!((r.faults[0].failed, r.faults[0].broken), (1, 0));
+    assert!(super::render::summary(&r).contains("1 failed, 0 broken in flight at a fault"));
+}
