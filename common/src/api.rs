@@ -79,6 +79,15 @@ pub struct RttSummary {
 pub struct Peer {
     /// Cluster id.
     pub cluster: String,
+    /// Replica name, when the cluster runs several gateways (empty otherwise).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
+    /// It is draining (its record or its connection said so): no new connections.
+    #[serde(default)]
+    pub draining: bool,
+    /// Proxied connections open through it now.
+    #[serde(default)]
+    pub open_connections: usize,
     /// Tunnel address dialled.
     pub address: String,
     /// Tunnel state.
@@ -252,6 +261,13 @@ pub struct RouteCluster {
     pub peer: Option<PeerStatus>,
     /// Gateway liveness: probes answered.
     pub responsive: bool,
+    /// Its gateways this one keeps tunnels to (1 unless it runs replicas; 0 for this
+    /// cluster itself).
+    #[serde(default)]
+    pub replicas: usize,
+    /// Of those, the ones new connections may go to (up, answering, not draining).
+    #[serde(default)]
+    pub routable_replicas: usize,
     /// RTT percentiles over the last minute.
     pub rtt: Option<RttSummary>,
     /// Service health: ready endpoints there (`null`: unknown, a static import).

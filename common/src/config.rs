@@ -103,6 +103,11 @@ pub struct Discovery {
     /// signed is never again taken unsigned.
     #[serde(default)]
     pub accept_unsigned_origins: bool,
+    /// This gateway's name when its cluster runs several (replicas, e.g. `eu-west-1`): each
+    /// replica announces itself, and peers spread new connections over the live ones. In
+    /// Kubernetes mode the replica name of `kubernetes.replica` by default.
+    #[serde(default)]
+    pub replica: Option<String>,
 }
 
 impl Discovery {
@@ -119,6 +124,7 @@ impl Discovery {
             advertise: None,
             reload_interval: default_exports_reload(),
             accept_unsigned_origins: false,
+            replica: None,
         }
     }
 }
@@ -1149,6 +1155,15 @@ impl Config {
         }
         if d.fanout == 0 || d.fanout > 16 {
             v.push("discovery.fanout", "must be between 1 and 16", "use e.g. 3");
+        }
+        if let Some(r) = &d.replica
+            && !crate::identity::is_dns_label(r)
+        {
+            v.push(
+                "discovery.replica",
+                format!("`{}` is not a DNS label", r.escape_debug()),
+                "use lowercase letters, digits and `-`, e.g. `eu-west-1`",
+            );
         }
         if d.lease.0 <= d.interval.0 * 10 {
             v.push(

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::model::{MemberInfo, Service, ServiceKey};
 use crate::seal::Sealing;
-use crate::state::{Catalog, CatalogConfig, CatalogEntry, Digest, MemberView, Voice};
+use crate::state::{Catalog, CatalogConfig, CatalogEntry, Digest, MemberView, ReplicaView, Voice};
 use crate::wire::{self, pb};
 
 /// Settings of a discovery member.
@@ -60,6 +60,8 @@ pub struct View {
     pub members: Vec<MemberView>,
     /// Every live service (this member's own included).
     pub services: Vec<CatalogEntry>,
+    /// Every gateway replica announced (this member's own first, when it is one).
+    pub replicas: Vec<ReplicaView>,
 }
 
 /// Traffic and error counters of a member.
@@ -335,6 +337,15 @@ impl Node {
         self.shared.lock().set_voice(voice, Instant::now());
     }
 
+    /// Marks this replica draining in its record (peers stop sending it new connections);
+    /// nothing for a cluster's only gateway.
+    pub fn set_draining(&self, draining: bool) {
+        let changed = self.shared.lock().set_draining(draining);
+        if changed {
+            self.shared.publish(Instant::now());
+        }
+    }
+
     /// Watches the view.
     pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
         self.shared.view.subscribe()
@@ -421,11 +432,14 @@ impl Inner {
     }
 
     fn publish(&self, now: Instant) {
-        let (members, services) = {
+        let view = {
             let c = self.lock();
-            (c.members(now), c.services(now))
+            View {
+                members: c.members(now),
+                services: c.services(now),
+                replicas: c.replicas(now),
+            }
         };
-        let view = View { members, services };
         self.view.send_if_modified(|old| {
             // Ages and phi move every round; consumers care about membership and content.
             let same = old.services.len() == view.services.len()
@@ -440,6 +454,13 @@ impl Inner {
                     a.info == b.info
                         && a.alive == b.alive
                         && a.digest.generation == b.digest.generation
+                })
+                && old.replicas.len() == view.replicas.len()
+                && old.replicas.iter().zip(&view.replicas).all(|(a, b)| {
+                    a.replica == b.replica
+                        && a.info == b.info
+                        && a.alive == b.alive
+                        && a.draining == b.draining
                 });
             *old = Arc::new(view);
             !same

@@ -91,7 +91,20 @@ pub struct Statement<'a> {
     pub cert: u64,
 }
 
-impl Statement<'_> {
+/// Something a member signs: its bytes, naming the certificate that vouches for them.
+pub trait Signed {
+    /// The exact bytes signed (each kind starts with its own tag, so one kind's signature
+    /// never verifies as another's).
+    fn bytes(&self) -> Vec<u8>;
+    /// Fingerprint of the certificate that verifies the signature.
+    fn cert(&self) -> u64;
+}
+
+impl Signed for Statement<'_> {
+    fn cert(&self) -> u64 {
+        self.cert
+    }
+
     fn bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(96 + self.cluster.len());
         b.extend_from_slice(b"strait origin statement v1\0");
@@ -105,6 +118,52 @@ impl Statement<'_> {
     }
 }
 
+/// What a gateway replica signs about itself (see [`crate::state::ReplicaRecord`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaStatement<'a> {
+    /// Its cluster.
+    pub cluster: &'a str,
+    /// Its name within the cluster.
+    pub replica: &'a str,
+    /// Its generation (start-up epoch).
+    pub generation: u64,
+    /// Its beat, which only grows within a generation.
+    pub beat: u64,
+    /// Its member details.
+    pub info: &'a MemberInfo,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// Fingerprint of the certificate that verifies the signature.
+    pub cert: u64,
+}
+
+impl Signed for ReplicaStatement<'_> {
+    fn cert(&self) -> u64 {
+        self.cert
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(160);
+        b.extend_from_slice(b"strait replica statement v1\0");
+        put_str(&mut b, self.cluster);
+        put_str(&mut b, self.replica);
+        for n in [self.generation, self.beat] {
+            b.extend_from_slice(&n.to_be_bytes());
+        }
+        put_member(&mut b, self.info);
+        b.push(u8::from(self.draining));
+        b.extend_from_slice(&self.cert.to_be_bytes());
+        b
+    }
+}
+
+fn put_member(b: &mut Vec<u8>, info: &MemberInfo) {
+    put_str(b, &info.region);
+    put_str(b, &info.zone);
+    put_str(b, &info.tunnel_addr.to_string());
+    put_str(b, &info.gossip_addr.to_string());
+}
+
 fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(&(s.len() as u64).to_be_bytes());
     b.extend_from_slice(s.as_bytes());
@@ -114,10 +173,7 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
 /// as its protobuf encoding, whose maps are ordered): what its statement vouches for.
 pub fn content_hash(info: &MemberInfo, entries: &BTreeMap<ServiceKey, Entry>) -> [u8; 32] {
     let mut b = Vec::new();
-    put_str(&mut b, &info.region);
-    put_str(&mut b, &info.zone);
-    put_str(&mut b, &info.tunnel_addr.to_string());
-    put_str(&mut b, &info.gossip_addr.to_string());
+    put_member(&mut b, info);
     let mut h = Sha256::new();
     h.update(&b);
     for (key, entry) in entries {
@@ -191,7 +247,7 @@ impl Sealing {
     }
 
     /// Signs `statement` (whose `cert` must be this member's fingerprint).
-    pub fn seal(&self, statement: &Statement<'_>) -> Result<Seal, PkiError> {
+    pub fn seal(&self, statement: &impl Signed) -> Result<Seal, PkiError> {
         let (scheme, signature) = pki::sign(self.key.as_ref(), &statement.bytes())?;
         Ok(Seal {
             cert: self.chain.fingerprint,
@@ -215,10 +271,10 @@ impl Sealing {
     }
 
     /// Whether `seal` is `chain`'s signature over `statement`, and `chain` has not expired.
-    pub fn verify(&self, chain: &Chain, statement: &Statement<'_>, seal: &Seal) -> bool {
+    pub fn verify(&self, chain: &Chain, statement: &impl Signed, seal: &Seal) -> bool {
         chain.not_after.is_some_and(|t| SystemTime::now() < t)
             && seal.cert == chain.fingerprint
-            && statement.cert == chain.fingerprint
+            && statement.cert() == chain.fingerprint
             && chain.certs.first().is_some_and(|leaf| {
                 pki::verify_signature(
                     &CertificateDer::from(leaf.as_slice()),

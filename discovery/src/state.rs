@@ -26,6 +26,10 @@ use crate::model::{MemberInfo, Service, ServiceKey};
 use crate::phi::PhiDetector;
 use crate::seal::{self, Chain, Seal, Sealing, Statement};
 
+mod replicas;
+use replicas::Replicas;
+pub use replicas::{ReplicaDigest, ReplicaKey, ReplicaRecord, ReplicaView};
+
 /// Tunables of the catalog.
 #[derive(Debug, Clone)]
 pub struct CatalogConfig {
@@ -45,6 +49,9 @@ pub struct CatalogConfig {
     /// origins), for the length of a rolling upgrade. An origin once held signed is never
     /// again taken unsigned.
     pub accept_unsigned: bool,
+    /// This member's name as one of several gateways of its cluster: it announces itself
+    /// in a replica record (`None`: the cluster's only gateway).
+    pub replica: Option<String>,
 }
 
 impl Default for CatalogConfig {
@@ -59,6 +66,7 @@ impl Default for CatalogConfig {
             voice: Voice::Speak,
             max_message_bytes: 1 << 20,
             accept_unsigned: false,
+            replica: None,
         }
     }
 }
@@ -97,8 +105,45 @@ pub struct OriginDigest {
     pub cert: u64,
 }
 
-/// A member's summary of everything it knows: origin cluster → digest.
-pub type Digest = BTreeMap<String, OriginDigest>;
+/// A member's summary of everything it knows: origin cluster → digest (the map it
+/// dereferences to), and each replica record it holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Digest {
+    /// Per origin cluster.
+    pub origins: BTreeMap<String, OriginDigest>,
+    /// Per replica record.
+    pub replicas: BTreeMap<ReplicaKey, ReplicaDigest>,
+}
+
+impl Digest {
+    /// Knows nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<const N: usize> From<[(String, OriginDigest); N]> for Digest {
+    fn from(origins: [(String, OriginDigest); N]) -> Self {
+        Self {
+            origins: BTreeMap::from(origins),
+            replicas: BTreeMap::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Digest {
+    type Target = BTreeMap<String, OriginDigest>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.origins
+    }
+}
+
+impl std::ops::DerefMut for Digest {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.origins
+    }
+}
 
 /// Updates to one origin.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +171,8 @@ pub struct OriginDelta {
 pub struct Delta {
     /// Per-origin updates.
     pub origins: Vec<OriginDelta>,
+    /// Replica records the receiver lacks.
+    pub replicas: Vec<ReplicaRecord>,
 }
 
 #[derive(Debug, Clone)]
@@ -300,11 +347,13 @@ pub struct CatalogEntry {
 pub struct ApplyStats {
     /// Entries that changed the catalog.
     pub entries_applied: usize,
+    /// Replica records merged (newer beats included).
+    pub replicas_applied: usize,
     /// Origin updates ignored (about ourselves, or an older generation).
     pub ignored: usize,
     /// Origin updates refused: not what that origin signed, or no valid certificate of it.
     pub rejected: usize,
-    /// Whether the visible catalog may have changed.
+    /// Whether the visible catalog (or a replica peers route to) may have changed.
     pub changed: bool,
 }
 
@@ -328,6 +377,8 @@ pub struct Catalog {
     /// This member's key and the federation's trust: signs the own origin, checks others'.
     /// `None` only in the state machine's own tests (nothing is signed or checked).
     sealing: Option<Arc<Sealing>>,
+    /// This member's replica record and those of every other replica.
+    replicas: Replicas,
 }
 
 /// Whether a replica speaks for its cluster in gossip. Several replicas of one cluster
@@ -352,6 +403,7 @@ impl Catalog {
     /// value that grows across restarts, e.g. the start time in milliseconds).
     pub fn new(me: MemberInfo, generation: u64, config: CatalogConfig) -> Self {
         Self {
+            replicas: Replicas::new(config.replica.clone(), &me, generation),
             local: Origin::new(me, generation),
             remotes: BTreeMap::new(),
             voice: config.voice,
@@ -390,8 +442,10 @@ impl Catalog {
                 r.origin.chain = None;
             }
             self.sibling_chain = None;
+            self.replicas.forget_chains();
         }
         self.local.chain = Some(sealing.chain().clone());
+        self.replicas.reseal(&sealing);
         self.sealing = Some(sealing);
         self.reseal();
     }
@@ -564,7 +618,10 @@ impl Catalog {
         if !self.quiet {
             self.reseal();
         }
-        let mut changed = false;
+        let (mut changed, beat) = self.replicas.tick(now, self.config.lease);
+        if beat && let Some(s) = &self.sealing {
+            self.replicas.reseal(s);
+        }
         for r in self.remotes.values_mut() {
             if !r.expired && now.saturating_duration_since(r.last_heard) > self.config.lease {
                 r.expired = true;
@@ -576,7 +633,8 @@ impl Catalog {
 
     /// What this member knows, summarised.
     pub fn digest(&self) -> Digest {
-        let mut d: Digest = self
+        let mut d = Digest::new();
+        d.origins = self
             .remotes
             .iter()
             .map(|(c, r)| (c.clone(), r.origin.digest()))
@@ -591,6 +649,7 @@ impl Catalog {
         if let Some(own) = own {
             d.insert(self.local.info.cluster.clone(), own);
         }
+        d.replicas = self.replicas.digest();
         d
     }
 
@@ -661,13 +720,17 @@ impl Catalog {
                 }
             }
         }
-        Delta { origins }
+        Delta {
+            origins,
+            replicas: self.replicas.delta(&theirs.replicas),
+        }
     }
 
     /// Merges a delta received from a peer.
     pub fn apply(&mut self, delta: Delta, now: Instant) -> ApplyStats {
         let mut stats = ApplyStats::default();
-        for od in delta.origins {
+        let Delta { origins, replicas } = delta;
+        for od in origins {
             if od.cluster == self.local.info.cluster {
                 // Only this member writes its own origin. If the federation holds a newer
                 // generation of it (a clock stepped back across a restart, or a forged one),
@@ -851,7 +914,46 @@ impl Catalog {
             stats.entries_applied += n;
             stats.changed |= n > 0 || before != r.origin.entries.len();
         }
+        if !replicas.is_empty() {
+            // A replica often shares its cluster's certificate: any held for the cluster
+            // verifies its record.
+            let known = |cluster: &str, fingerprint: u64| {
+                let origins =
+                    std::iter::once(&self.local).chain(self.remotes.values().map(|r| &r.origin));
+                origins
+                    .filter(|o| o.info.cluster == cluster)
+                    .filter_map(|o| o.chain.as_ref())
+                    .chain(
+                        self.sibling_chain
+                            .as_ref()
+                            .filter(|_| cluster == self.local.info.cluster),
+                    )
+                    .find(|c| c.fingerprint == fingerprint)
+                    .cloned()
+            };
+            let (merged, refused, changed) =
+                self.replicas
+                    .apply(replicas, self.sealing.as_deref(), &known, now);
+            stats.replicas_applied += merged;
+            stats.rejected += refused;
+            stats.changed |= changed;
+        }
         stats
+    }
+
+    /// Marks this replica draining (or not) in its record; whether that changed it.
+    pub fn set_draining(&mut self, draining: bool) -> bool {
+        let changed = self.replicas.set_draining(draining);
+        if changed && let Some(s) = &self.sealing {
+            self.replicas.reseal(s);
+        }
+        changed
+    }
+
+    /// Every gateway replica known: this member's own record first (when it is a named
+    /// replica), then every other held, expired ones included (`alive` false).
+    pub fn replicas(&self, now: Instant) -> Vec<ReplicaView> {
+        self.replicas.views(now)
     }
 
     /// Every member, this one first.

@@ -8,7 +8,7 @@ use strait_common::identity::is_dns_label;
 
 use crate::model::{Endpoint, MemberInfo, Port, Selection, Service, ServiceKey};
 use crate::seal::{Chain, Seal};
-use crate::state::{Delta, Digest, Entry, OriginDelta, OriginDigest};
+use crate::state::{Delta, Digest, Entry, OriginDelta, OriginDigest, ReplicaDigest, ReplicaRecord};
 
 /// Generated protobuf and gRPC code.
 #[allow(missing_docs, clippy::all)]
@@ -81,13 +81,26 @@ pub fn digest_to_pb(d: &Digest) -> pb::Digest {
                 cert: o.cert,
             })
             .collect(),
+        replicas: d
+            .replicas
+            .iter()
+            .map(|((cluster, replica), r)| pb::ReplicaDigest {
+                cluster: cluster.clone(),
+                replica: replica.clone(),
+                generation: r.generation,
+                beat: r.beat,
+                cert: r.cert,
+            })
+            .collect(),
     }
 }
 
 /// Digest from wire, checked.
 pub fn digest_from_pb(d: pb::Digest) -> Result<Digest, WireError> {
     limit("digest.origins", &d.origins, MAX_ORIGINS)?;
-    d.origins
+    limit("digest.replicas", &d.replicas, MAX_ORIGINS)?;
+    let origins = d
+        .origins
         .into_iter()
         .map(|o| {
             label("digest.origins.cluster", &o.cluster)?;
@@ -101,7 +114,56 @@ pub fn digest_from_pb(d: pb::Digest) -> Result<Digest, WireError> {
                 },
             ))
         })
-        .collect()
+        .collect::<Result<_, WireError>>()?;
+    let replicas = d
+        .replicas
+        .into_iter()
+        .map(|r| {
+            label("digest.replicas.cluster", &r.cluster)?;
+            label("digest.replicas.replica", &r.replica)?;
+            Ok((
+                (r.cluster, r.replica),
+                ReplicaDigest {
+                    generation: r.generation,
+                    beat: r.beat,
+                    cert: r.cert,
+                },
+            ))
+        })
+        .collect::<Result<_, WireError>>()?;
+    Ok(Digest { origins, replicas })
+}
+
+fn member_to_pb(m: &MemberInfo) -> pb::Member {
+    pb::Member {
+        region: m.region.clone(),
+        zone: m.zone.clone(),
+        tunnel_addr: m.tunnel_addr.to_string(),
+        gossip_addr: m.gossip_addr.to_string(),
+    }
+}
+
+fn member_from_pb(at: &str, cluster: &str, m: pb::Member) -> Result<MemberInfo, WireError> {
+    Ok(MemberInfo {
+        region: m.region,
+        zone: m.zone,
+        tunnel_addr: addr(&format!("{at}.member.tunnel_addr"), &m.tunnel_addr)?,
+        gossip_addr: addr(&format!("{at}.member.gossip_addr"), &m.gossip_addr)?,
+        cluster: cluster.to_owned(),
+    })
+}
+
+fn seal_to_pb(s: &Seal) -> pb::Seal {
+    pb::Seal {
+        cert: s.cert,
+        scheme: s.scheme.into(),
+        signature: s.signature.clone(),
+        content: s.content.map(|c| c.to_vec()).unwrap_or_default(),
+    }
+}
+
+fn chain_to_pb(c: Option<&Chain>) -> Vec<Vec<u8>> {
+    c.map(|c| c.certs.to_vec()).unwrap_or_default()
 }
 
 /// Delta to wire.
@@ -112,12 +174,7 @@ pub fn delta_to_pb(d: &Delta) -> pb::Delta {
             .iter()
             .map(|o| pb::OriginDelta {
                 cluster: o.cluster.clone(),
-                member: o.info.as_ref().map(|m| pb::Member {
-                    region: m.region.clone(),
-                    zone: m.zone.clone(),
-                    tunnel_addr: m.tunnel_addr.to_string(),
-                    gossip_addr: m.gossip_addr.to_string(),
-                }),
+                member: o.info.as_ref().map(member_to_pb),
                 generation: o.generation,
                 heartbeat: o.heartbeat,
                 full: o.full,
@@ -131,17 +188,22 @@ pub fn delta_to_pb(d: &Delta) -> pb::Delta {
                         service: e.service.as_ref().map(service_to_pb),
                     })
                     .collect(),
-                seal: o.seal.as_ref().map(|s| pb::Seal {
-                    cert: s.cert,
-                    scheme: s.scheme.into(),
-                    signature: s.signature.clone(),
-                    content: s.content.map(|c| c.to_vec()).unwrap_or_default(),
-                }),
-                chain: o
-                    .chain
-                    .as_ref()
-                    .map(|c| c.certs.to_vec())
-                    .unwrap_or_default(),
+                seal: o.seal.as_ref().map(seal_to_pb),
+                chain: chain_to_pb(o.chain.as_ref()),
+            })
+            .collect(),
+        replicas: d
+            .replicas
+            .iter()
+            .map(|r| pb::Replica {
+                cluster: r.info.cluster.clone(),
+                replica: r.replica.clone(),
+                member: Some(member_to_pb(&r.info)),
+                generation: r.generation,
+                beat: r.beat,
+                draining: r.draining,
+                seal: r.seal.as_ref().map(seal_to_pb),
+                chain: chain_to_pb(r.chain.as_ref()),
             })
             .collect(),
     }
@@ -193,20 +255,76 @@ pub fn delta_from_pb(d: pb::Delta) -> Result<Delta, WireError> {
         .into_iter()
         .map(origin_from_pb)
         .collect::<Result<_, _>>()?;
-    Ok(Delta { origins })
+    limit("delta.replicas", &d.replicas, MAX_ORIGINS)?;
+    let replicas = d
+        .replicas
+        .into_iter()
+        .map(replica_from_pb)
+        .collect::<Result<_, _>>()?;
+    Ok(Delta { origins, replicas })
+}
+
+fn replica_from_pb(r: pb::Replica) -> Result<ReplicaRecord, WireError> {
+    label("replica.cluster", &r.cluster)?;
+    label("replica.replica", &r.replica)?;
+    let at = format!("replica[{}/{}]", r.cluster, r.replica);
+    let member = r
+        .member
+        .ok_or_else(|| bad(format!("{at}.member"), "a replica must describe itself"))?;
+    Ok(ReplicaRecord {
+        info: member_from_pb(&at, &r.cluster, member)?,
+        replica: r.replica,
+        generation: r.generation,
+        beat: r.beat,
+        draining: r.draining,
+        seal: r.seal.map(|s| seal_from_pb(&at, s)).transpose()?,
+        chain: chain_from_pb(&at, r.chain)?,
+    })
+}
+
+fn seal_from_pb(at: &str, s: pb::Seal) -> Result<Seal, WireError> {
+    let scheme = u16::try_from(s.scheme)
+        .map_err(|_| bad(format!("{at}.seal.scheme"), "not a signature scheme"))?;
+    if s.signature.is_empty() || s.signature.len() > MAX_SIGNATURE {
+        return Err(bad(
+            format!("{at}.seal.signature"),
+            format!("{} bytes (1..={MAX_SIGNATURE})", s.signature.len()),
+        ));
+    }
+    let content = match s.content.len() {
+        0 => None,
+        32 => s.content.try_into().ok(),
+        n => {
+            return Err(bad(
+                format!("{at}.seal.content"),
+                format!("{n} bytes (a SHA-256 hash is 32)"),
+            ));
+        }
+    };
+    Ok(Seal {
+        cert: s.cert,
+        scheme,
+        signature: s.signature,
+        content,
+    })
+}
+
+fn chain_from_pb(at: &str, chain: Vec<Vec<u8>>) -> Result<Option<Chain>, WireError> {
+    limit(&format!("{at}.chain"), &chain, MAX_CHAIN)?;
+    if chain.iter().any(|c| c.is_empty() || c.len() > MAX_CERT) {
+        return Err(bad(
+            format!("{at}.chain"),
+            format!("certificates must be 1..={MAX_CERT} bytes"),
+        ));
+    }
+    Ok((!chain.is_empty()).then(|| Chain::new(chain)))
 }
 
 fn origin_from_pb(o: pb::OriginDelta) -> Result<OriginDelta, WireError> {
     label("origin.cluster", &o.cluster)?;
     let at = format!("origin[{}]", o.cluster);
     let info = match o.member {
-        Some(m) => Some(MemberInfo {
-            region: m.region,
-            zone: m.zone,
-            tunnel_addr: addr(&format!("{at}.member.tunnel_addr"), &m.tunnel_addr)?,
-            gossip_addr: addr(&format!("{at}.member.gossip_addr"), &m.gossip_addr)?,
-            cluster: o.cluster.clone(),
-        }),
+        Some(m) => Some(member_from_pb(&at, &o.cluster, m)?),
         None if o.full => {
             return Err(bad(
                 format!("{at}.member"),
@@ -245,43 +363,8 @@ fn origin_from_pb(o: pb::OriginDelta) -> Result<OriginDelta, WireError> {
             },
         ));
     }
-    let seal = match o.seal {
-        Some(s) => {
-            let scheme = u16::try_from(s.scheme)
-                .map_err(|_| bad(format!("{at}.seal.scheme"), "not a signature scheme"))?;
-            if s.signature.is_empty() || s.signature.len() > MAX_SIGNATURE {
-                return Err(bad(
-                    format!("{at}.seal.signature"),
-                    format!("{} bytes (1..={MAX_SIGNATURE})", s.signature.len()),
-                ));
-            }
-            let content = match s.content.len() {
-                0 => None,
-                32 => s.content.try_into().ok(),
-                n => {
-                    return Err(bad(
-                        format!("{at}.seal.content"),
-                        format!("{n} bytes (a SHA-256 hash is 32)"),
-                    ));
-                }
-            };
-            Some(Seal {
-                cert: s.cert,
-                scheme,
-                signature: s.signature,
-                content,
-            })
-        }
-        None => None,
-    };
-    limit(&format!("{at}.chain"), &o.chain, MAX_CHAIN)?;
-    if o.chain.iter().any(|c| c.is_empty() || c.len() > MAX_CERT) {
-        return Err(bad(
-            format!("{at}.chain"),
-            format!("certificates must be 1..={MAX_CERT} bytes"),
-        ));
-    }
-    let chain = (!o.chain.is_empty()).then(|| Chain::new(o.chain));
+    let seal = o.seal.map(|s| seal_from_pb(&at, s)).transpose()?;
+    let chain = chain_from_pb(&at, o.chain)?;
     Ok(OriginDelta {
         cluster: o.cluster,
         info,
@@ -495,7 +578,10 @@ mod tests {
                 chain: vec![],
             };
             f(&mut o);
-            delta_from_pb(pb::Delta { origins: vec![o] })
+            delta_from_pb(pb::Delta {
+                origins: vec![o],
+                replicas: vec![],
+            })
         };
         assert!(origin(&|_| {}).is_ok());
         type Mutation = Box<dyn Fn(&mut pb::OriginDelta)>;

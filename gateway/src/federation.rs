@@ -111,6 +111,7 @@ impl Federation {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
+        let replica = replica_name(config);
         let node_config = NodeConfig {
             interval: d.interval.0,
             fanout: d.fanout,
@@ -120,13 +121,15 @@ impl Federation {
                 phi_threshold: d.phi_threshold,
                 min_heartbeat_interval: d.interval.0,
                 // In Kubernetes mode a replica speaks for its cluster only once it knows
-                // it should (the writer Lease) and has read the exports.
-                voice: if config.kubernetes.is_some() {
-                    Voice::Quiet
-                } else {
-                    Voice::Speak
+                // it should (the writer Lease) and has read the exports; replicas from
+                // config files settle among themselves which one speaks.
+                voice: match (&config.kubernetes, &replica) {
+                    (Some(_), _) => Voice::Quiet,
+                    (None, Some(_)) => Voice::Auto,
+                    (None, None) => Voice::Speak,
                 },
                 accept_unsigned: d.accept_unsigned_origins,
+                replica,
                 ..Default::default()
             },
             ..Default::default()
@@ -201,6 +204,33 @@ impl Federation {
             .absolute(get(&st.rejected_handshakes));
         m.counter(&REJECTED, &["origin"])
             .absolute(get(&st.rejected_origins));
+    }
+}
+
+/// This gateway's name among its cluster's replicas (`discovery.replica`; in Kubernetes
+/// mode the pod's name by default, made a DNS label), or `None` for a cluster's only
+/// gateway.
+pub fn replica_name(config: &Config) -> Option<String> {
+    let d = config.discovery.as_ref()?;
+    d.replica.clone().or_else(|| {
+        let k = config.kubernetes.as_ref()?;
+        Some(dns_label(&crate::kubernetes::replica_name(k)))
+    })
+}
+
+/// `name` as a DNS label: lowercase, other characters as `-`, at most 63.
+fn dns_label(name: &str) -> String {
+    let mut s: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    s = s.trim_matches('-').to_owned();
+    if s.is_empty() {
+        "gateway".to_owned()
+    } else {
+        s
     }
 }
 

@@ -132,11 +132,7 @@ pub(crate) fn start(
     let health = Health::default();
     let (holder_tx, holder) = watch::channel(Holder::Unknown);
     let (leader_tx, leader) = watch::channel(false);
-    let me = k
-        .replica
-        .clone()
-        .or_else(|| std::env::var("POD_NAME").ok())
-        .unwrap_or_else(hostname);
+    let me = replica_name(k);
     let lease = strait_kubernetes::lease::run(
         client.clone(),
         k.namespace.clone(),
@@ -292,6 +288,14 @@ pub(crate) fn wanted_of(d: &Desired) -> Vec<ImportedService> {
             }
         })
         .collect()
+}
+
+/// This replica's name: `kubernetes.replica`, else `$POD_NAME`, else the hostname.
+pub fn replica_name(k: &Kubernetes) -> String {
+    k.replica
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(hostname)
 }
 
 fn hostname() -> String {

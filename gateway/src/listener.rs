@@ -18,9 +18,9 @@ use crate::metrics::{Desc, Registry};
 use crate::router::Outcome;
 use crate::routing::{RetryReason, Routing};
 use crate::tunnel::StreamMetrics;
-use crate::tunnel::header::StreamRequest;
+use crate::tunnel::header::{Status, StreamRequest};
 use crate::tunnel::outbound::{OpenError, open_stream_until};
-use crate::tunnel::peers::PeerSet;
+use crate::tunnel::peers::{OpenGuard, PeerHandle, PeerSet, attempt_order};
 use crate::tunnel::splice::{self, Side};
 
 const CONNECT_DURATION: Desc = Desc::histogram(
@@ -330,9 +330,18 @@ async fn forward(
                 }
             }
         }
-        let opened = open_on(&*fwd.peers, cluster, &req, with_request, plan.timeout).await;
+        let replay_ok = with_request.is_empty() || plan.early_data;
+        let opened = open_on(
+            &*fwd.peers,
+            cluster,
+            &req,
+            with_request,
+            plan.timeout,
+            replay_ok,
+        )
+        .await;
         match opened {
-            Ok((mut send, recv)) => {
+            Ok((mut send, recv, _on_replica)) => {
                 routing.record(service, cluster, Outcome::Success);
                 fwd.metrics.served(service, cluster, started.elapsed());
                 if !eager && !early.is_empty() && send.write_all(&early).await.is_err() {
@@ -419,24 +428,79 @@ async fn dial_local(
     Ok(s)
 }
 
-/// Opens a stream on `cluster`'s tunnel; gives up early, as `Abandoned`, when the peer
-/// stops answering probes while we wait (the usual sign of a dead or cut-off gateway).
+/// A stream opened to a peer cluster, and the count of it on the replica it went to.
+type Opened = (quinn::SendStream, quinn::RecvStream, OpenGuard);
+
+/// Opens a stream on one of `cluster`'s replicas, tried in [`attempt_order`]: the next
+/// one when a replica is down, stops answering while we wait, or is draining, so the
+/// connection leaves the cluster only when no replica of it can take it. Bytes sent with
+/// the request that may have been delivered are never sent again (`replay_ok` false).
 async fn open_on(
     peers: &dyn PeerSet,
     cluster: &str,
     req: &StreamRequest,
     early: &[u8],
     timeout: Duration,
-) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
-    let Some(peer) = peers.get(cluster) else {
+    replay_ok: bool,
+) -> Result<Opened, OpenError> {
+    use rand::Rng;
+    let replicas = peers.replicas(cluster);
+    if replicas.is_empty() {
         return Err(OpenError::PeerDown);
+    }
+    let pick = {
+        let mut rng = rand::rng();
+        (
+            rng.random_range(0..replicas.len()),
+            rng.random_range(0..replicas.len()),
+        )
     };
+    let mut last = OpenError::PeerDown;
+    for peer in attempt_order(&replicas, pick) {
+        match open_on_replica(&peer, req, early, timeout).await {
+            Ok((send, recv)) => return Ok((send, recv, peer.count_open())),
+            Err(e) => {
+                let draining = matches!(
+                    &e,
+                    OpenError::Refused {
+                        status: Status::Draining,
+                        ..
+                    }
+                );
+                if draining {
+                    peer.going_away();
+                }
+                let replica_down =
+                    draining || matches!(e, OpenError::PeerDown | OpenError::Abandoned);
+                if !replica_down || (e.ambiguous() && !replay_ok) {
+                    return Err(e);
+                }
+                if replicas.len() > 1 {
+                    tracing::debug!(peer = %peer.target.name(), error = %e, "replica cannot take the stream; trying its siblings");
+                }
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Opens a stream on one replica's tunnel; gives up early, as `Abandoned`, when the peer
+/// stops answering probes (or starts draining) while we wait.
+async fn open_on_replica(
+    peer: &PeerHandle,
+    req: &StreamRequest,
+    early: &[u8],
+    timeout: Duration,
+) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
     let mut state = peer.subscribe();
     let Some(conn) = peer.ready_connection(timeout).await else {
         return Err(OpenError::PeerDown);
     };
     let unresponsive = async move {
-        let _ = state.wait_for(|s| !s.routable()).await;
+        let _ = state
+            .wait_for(|s| !s.routable() || peer.is_draining())
+            .await;
     };
     open_stream_until(&conn, req, early, timeout, unresponsive).await
 }

@@ -314,8 +314,8 @@ impl Routing {
                 .iter()
                 .filter_map(|c| {
                     let cand = candidates.iter().find(|x| x.cluster == c.cluster)?;
-                    let handle = self.0.peers.get(&c.cluster);
-                    let peer = handle.as_ref().map(|p| p.liveness());
+                    let replicas = self.0.peers.replicas(&c.cluster);
+                    let peer = self.0.peers.liveness(&c.cluster);
                     let (reason, detail) = explain(c.out.as_ref());
                     Some(ClusterReport {
                         cluster: c.cluster.clone(),
@@ -328,7 +328,13 @@ impl Routing {
                         zone: cand.zone.clone(),
                         peer: peer.as_ref().map(|p| p.status),
                         responsive: peer.as_ref().is_some_and(|p| p.responsive),
-                        rtt: handle.and_then(|p| p.rtt_summary()),
+                        replicas: peer.as_ref().map_or(0, |p| p.replicas),
+                        routable_replicas: peer.as_ref().map_or(0, |p| p.routable_replicas),
+                        rtt: replicas
+                            .iter()
+                            .filter(|p| p.liveness().routable)
+                            .chain(&replicas)
+                            .find_map(|p| p.rtt_summary()),
                         ready_endpoints: desired
                             .catalog
                             .offers
@@ -528,31 +534,47 @@ pub(crate) mod tests {
 
     /// A peer set whose liveness the test decides.
     #[derive(Default)]
-    pub(crate) struct FakePeers(Mutex<BTreeMap<String, Arc<PeerHandle>>>);
+    pub(crate) struct FakePeers(Mutex<BTreeMap<(String, String), Arc<PeerHandle>>>);
 
     impl FakePeers {
-        /// `cluster`'s tunnel is up (and answering probes) or down from now on.
+        /// `cluster`'s tunnel (its only gateway) is up (and answering probes) or down from
+        /// now on.
         pub(crate) fn set(&self, cluster: &str, up: bool) {
+            self.set_replica(cluster, "", up);
+        }
+
+        /// The tunnel to `replica` of `cluster` is up or down from now on; its handle.
+        pub(crate) fn set_replica(
+            &self,
+            cluster: &str,
+            replica: &str,
+            up: bool,
+        ) -> Arc<PeerHandle> {
             let handle = self
                 .0
                 .lock()
                 .unwrap()
-                .entry(cluster.to_owned())
+                .entry((cluster.to_owned(), replica.to_owned()))
                 .or_insert_with(|| {
                     Arc::new(PeerHandle::new(PeerTarget {
-                        cluster: cluster.into(),
-                        address: "127.0.0.1:9".parse().unwrap(),
+                        replica: replica.into(),
+                        ..PeerTarget::single(cluster, "127.0.0.1:9".parse().unwrap())
                     }))
                 })
                 .clone();
             let status = if up { PeerStatus::Up } else { PeerStatus::Down };
             handle.set(status, None, None);
+            handle
         }
     }
 
     impl PeerSet for FakePeers {
-        fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>> {
-            self.0.lock().unwrap().get(cluster).cloned()
+        fn replicas(&self, cluster: &str) -> Vec<Arc<PeerHandle>> {
+            let map = self.0.lock().unwrap();
+            map.iter()
+                .filter(|((c, _), _)| c == cluster)
+                .map(|(_, h)| h.clone())
+                .collect()
         }
     }
 
@@ -674,6 +696,40 @@ pub(crate) mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_dead_or_draining_replica_is_routed_around_inside_its_cluster() {
+        let s = setup();
+        // East runs two gateways; north one.
+        s.peers.0.lock().unwrap().clear();
+        let east_a = s.peers.set_replica("east", "a", true);
+        let east_b = s.peers.set_replica("east", "b", true);
+        s.peers.set("north", true);
+        let primary = |s: &Setup| {
+            s.routing
+                .report(Some("shop/web"))
+                .pop()
+                .unwrap()
+                .primary
+                .unwrap()
+        };
+        assert_eq!(primary(&s), "east");
+        // One replica dies: the cluster still serves through its sibling.
+        east_a.set(PeerStatus::Down, None, Some("killed".into()));
+        let plan = s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        assert_eq!(plan.attempts[0], "east", "traffic stays in the cluster");
+        assert_eq!(primary(&s), "east");
+        let live = s.peers.liveness("east").unwrap();
+        assert_eq!((live.replicas, live.routable_replicas), (2, 1));
+        // The sibling drains too: now, and only now, traffic leaves the cluster.
+        east_b.going_away();
+        assert!(!s.routing.peer_routable("east"));
+        let plan = s.routing.plan("shop/web", &clusters(&["east", "north"]));
+        assert_eq!(plan.attempts[0], "north");
+        // A fresh connection to the restarted replica brings the cluster back.
+        east_a.set(PeerStatus::Up, None, None);
+        assert!(s.routing.peer_routable("east"));
     }
 
     #[test]

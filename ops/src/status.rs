@@ -33,6 +33,7 @@ pub async fn render(admin: SocketAddr) -> anyhow::Result<String> {
         Ok(rows) => members_table(&mut out, cluster, &rows, rtt),
         Err(_) => peers_table(&mut out, cluster, &peers, rtt),
     }
+    replicas_table(&mut out, &peers);
     let _ = writeln!(out, "\nimported services: {}\n", services.imports.len());
     let _ = writeln!(
         out,
@@ -125,19 +126,59 @@ fn peers_table(out: &mut String, cluster: &str, rows: &[Peer], rtt: impl Fn(&str
     }
 }
 
-/// One service's ranked clusters: `a, b [peer-down]`, with a ramping share as a percentage;
-/// `only` that cluster's when given.
+/// One service's ranked clusters: `a, b [peer-down]`, with a ramping share as a percentage
+/// and, for a cluster running replicas of which some take no connections, how many do
+/// (`a 1/2`); `only` that cluster's when given.
 fn route_line(r: &Route, only: Option<&str>) -> String {
     r.clusters
         .iter()
         .filter(|c| only.is_none_or(|o| o == c.cluster))
-        .map(|c| match &c.reason {
-            Some(why) => format!("[{}: {why}]", c.cluster),
-            None if c.share < 1.0 => format!("{} ({:.0}%)", c.cluster, c.share * 100.0),
-            None => c.cluster.clone(),
+        .map(|c| {
+            let name = if c.replicas > 1 && c.routable_replicas < c.replicas {
+                format!("{} {}/{}", c.cluster, c.routable_replicas, c.replicas)
+            } else {
+                c.cluster.clone()
+            };
+            match &c.reason {
+                Some(why) => format!("[{name}: {why}]"),
+                None if c.share < 1.0 => format!("{name} ({:.0}%)", c.share * 100.0),
+                None => name,
+            }
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The peers that are replicas of a cluster running several gateways, one row each.
+fn replicas_table(out: &mut String, rows: &[Peer]) {
+    let replicas: Vec<&Peer> = rows.iter().filter(|p| !p.replica.is_empty()).collect();
+    if replicas.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\npeer replicas: {}\n", replicas.len());
+    let _ = writeln!(
+        out,
+        "{:<24} {:<22} {:<11} {:>8} {:>6}  STATE",
+        "CLUSTER/REPLICA", "ADDRESS", "TUNNEL", "RTT", "OPEN"
+    );
+    for p in replicas {
+        let state = if p.draining {
+            "draining"
+        } else if p.responsive {
+            "serving"
+        } else {
+            "out"
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:<22} {:<11} {:>8} {:>6}  {state}",
+            format!("{}/{}", p.cluster, p.replica),
+            p.address,
+            p.status.as_str(),
+            p.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.1}ms")),
+            p.open_connections,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +200,8 @@ mod tests {
             zone: String::new(),
             peer: None,
             responsive: false,
+            replicas: 1,
+            routable_replicas: 1,
             rtt: None,
             ready_endpoints: None,
             weight: 1,
@@ -185,5 +228,10 @@ mod tests {
             "east, north (25%), [west: peer-down]"
         );
         assert_eq!(route_line(&route, Some("west")), "[west: peer-down]");
+        // A cluster with a replica out says how many still take connections.
+        let mut route = route;
+        route.clusters[0].replicas = 2;
+        route.clusters[0].routable_replicas = 1;
+        assert_eq!(route_line(&route, Some("east")), "east 1/2");
     }
 }

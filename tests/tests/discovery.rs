@@ -241,6 +241,7 @@ async fn malformed_and_oversized_messages_are_rejected_without_harm() {
             seal: None,
             chain: vec![],
         }],
+        replicas: vec![],
     };
     let err = client
         .push(pb::PushRequest { delta: Some(bad) })
@@ -269,6 +270,7 @@ async fn malformed_and_oversized_messages_are_rejected_without_harm() {
             seal: None,
             chain: vec![],
         }],
+        replicas: vec![],
     };
     let err = client
         .push(pb::PushRequest { delta: Some(huge) })
@@ -539,7 +541,10 @@ async fn a_malicious_member_can_relay_but_not_forge_alter_withdraw_or_replay_ano
     let push = async |client: &mut pb::gossip_client::GossipClient<_>, o: pb::OriginDelta| {
         client
             .push(pb::PushRequest {
-                delta: Some(pb::Delta { origins: vec![o] }),
+                delta: Some(pb::Delta {
+                    origins: vec![o],
+                    replicas: vec![],
+                }),
             })
             .await
             .unwrap();

@@ -362,7 +362,10 @@ fn arb_delta() -> impl Strategy<Value = Delta> {
                 chain: None,
             }
         });
-    proptest::collection::vec(origin, 0..4).prop_map(|origins| Delta { origins })
+    proptest::collection::vec(origin, 0..4).prop_map(|origins| Delta {
+        origins,
+        replicas: vec![],
+    })
 }
 
 fn state(c: &Catalog, now: Instant) -> (Digest, Vec<(String, String, u32)>) {
@@ -998,5 +1001,180 @@ mod sealed {
             "the newest incarnation speaks"
         );
         assert_eq!(b.digest()["a"].generation, 7, "no generation race");
+    }
+
+    /// Replica `name` of cluster "a" (tunnel port `port`), signing with `key`, that does
+    /// not know who speaks.
+    fn named(key: &Arc<Sealing>, name: &str, port: u16, generation: u64, now: Instant) -> Catalog {
+        let mut me = info("a");
+        me.tunnel_addr.set_port(port);
+        let config = CatalogConfig {
+            replica: Some(name.into()),
+            ..Default::default()
+        };
+        let mut r = Catalog::sealed(me, generation, config, key.clone());
+        r.set_local(exports(&[("web", 1)]));
+        r.set_voice(Voice::Auto, now);
+        r
+    }
+
+    /// (replica, tunnel port, alive, draining) of cluster "a" as `c` sees them.
+    fn replicas_of_a(c: &Catalog, now: Instant) -> Vec<(String, u16, bool, bool)> {
+        let mut v: Vec<_> = c
+            .replicas(now)
+            .into_iter()
+            .filter(|r| r.info.cluster == "a")
+            .map(|r| (r.replica, r.info.tunnel_addr.port(), r.alive, r.draining))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn every_replica_announces_itself_and_relays_pass_the_records_on() {
+        let mut now = Instant::now();
+        let ca = ca();
+        let key = sealing(&ca, "a");
+        let (mut r1, mut r2) = (
+            named(&key, "a-1", 7001, 5, now),
+            named(&key, "a-2", 7002, 7, now),
+        );
+        let (mut b, mut c) = (member(&ca, "b"), member(&ca, "c"));
+        rounds(&mut r1, &mut r2, &mut b, &mut now);
+        // Only one speaks for the cluster's origin; both are announced.
+        assert!(!r1.speaks() && r2.speaks());
+        let both = vec![
+            ("a-1".to_owned(), 7001, true, false),
+            ("a-2".to_owned(), 7002, true, false),
+        ];
+        assert_eq!(replicas_of_a(&b, now), both);
+        // c never talks to a replica: b passes the records on, signatures and all.
+        talk(&mut c, &mut b, now);
+        assert_eq!(replicas_of_a(&c, now), both);
+        // A cluster's only gateway has no record: peers dial its origin's address.
+        assert!(b.replicas(now).iter().all(|r| r.info.cluster == "a"));
+    }
+
+    #[test]
+    fn a_lost_replica_expires_but_never_withdraws_what_its_sibling_exports() {
+        let mut now = Instant::now();
+        let ca = ca();
+        let key = sealing(&ca, "a");
+        let (mut r1, mut r2) = (
+            named(&key, "a-1", 7001, 5, now),
+            named(&key, "a-2", 7002, 7, now),
+        );
+        let mut b = member(&ca, "b");
+        rounds(&mut r1, &mut r2, &mut b, &mut now);
+        assert!(r2.speaks(), "the newest speaks");
+        // The speaker dies; the lease (30 s) passes with only a-1 beating.
+        for _ in 0..320 {
+            now += Duration::from_millis(100);
+            r1.tick(now);
+            b.tick(now);
+            talk(&mut r1, &mut b, now);
+            assert_eq!(
+                visible(&b, now),
+                vec![("a".into(), "default/web".into(), 1)],
+                "a's services stay while a replica of it lives"
+            );
+        }
+        assert!(r1.speaks(), "the sibling took the voice");
+        assert_eq!(
+            replicas_of_a(&b, now),
+            vec![
+                ("a-1".to_owned(), 7001, true, false),
+                ("a-2".to_owned(), 7002, false, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn draining_travels_with_the_record_and_a_forged_or_altered_record_is_refused() {
+        let now = Instant::now();
+        let ca = ca();
+        let mut r1 = named(&sealing(&ca, "a"), "a-1", 7001, 5, now);
+        let mut b = member(&ca, "b");
+        assert!(r1.set_draining(true));
+        assert!(!r1.set_draining(true), "no change, no new beat");
+        talk(&mut r1, &mut b, now);
+        assert_eq!(
+            replicas_of_a(&b, now),
+            vec![("a-1".to_owned(), 7001, true, true)]
+        );
+
+        // A relay moves the replica's tunnel address: not what it signed.
+        let mut c = member(&ca, "c");
+        let mut d = b.delta_for(&c.digest());
+        d.replicas[0].info.tunnel_addr.set_port(6666);
+        let stats = c.apply(d, now);
+        assert_eq!((stats.rejected, stats.replicas_applied), (1, 0));
+        assert!(replicas_of_a(&c, now).is_empty());
+
+        // A member of cluster m announces a replica of a, signed with its own key.
+        let mut fake = named(&sealing(&ca, "m"), "a-9", 7009, 9, now);
+        fake.tick(now);
+        let stats = c.apply(fake.delta_for(&c.digest()), now);
+        assert_eq!(stats.replicas_applied, 0);
+        assert!(replicas_of_a(&c, now).is_empty());
+    }
+}
+
+/// Replica records from one writer: the content is a function of (key, generation, beat),
+/// as a replica bumps its beat with every change.
+fn arb_records() -> impl Strategy<Value = Delta> {
+    let record = (0..2usize, 0..2usize, 1..3u64, 0..4u64).prop_map(|(c, r, generation, beat)| {
+        let cluster = ["a", "b"][c];
+        let mut me = info(cluster);
+        me.tunnel_addr
+            .set_port(7000 + (generation * 10 + beat) as u16);
+        ReplicaRecord {
+            replica: format!("{cluster}-{r}"),
+            info: me,
+            generation,
+            beat,
+            draining: beat % 2 == 1,
+            seal: None,
+            chain: None,
+        }
+    });
+    proptest::collection::vec(record, 0..6).prop_map(|replicas| Delta {
+        origins: vec![],
+        replicas,
+    })
+}
+
+fn replica_state(c: &Catalog, now: Instant) -> Vec<(String, String, u16, bool)> {
+    let mut v: Vec<_> = c
+        .replicas(now)
+        .into_iter()
+        .map(|r| {
+            (
+                r.info.cluster,
+                r.replica,
+                r.info.tunnel_addr.port(),
+                r.draining,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+proptest! {
+    #[test]
+    fn replica_records_merge_commutatively_and_idempotently(d1 in arb_records(), d2 in arb_records()) {
+        let now = Instant::now();
+        let (mut x, mut y) = (node("z", 1), node("z", 1));
+        x.apply(d1.clone(), now);
+        x.apply(d2.clone(), now);
+        y.apply(d2.clone(), now);
+        y.apply(d1.clone(), now);
+        prop_assert_eq!(replica_state(&x, now), replica_state(&y, now));
+        prop_assert_eq!(x.digest().replicas, y.digest().replicas);
+        let before = replica_state(&x, now);
+        x.apply(d1, now);
+        x.apply(d2, now);
+        prop_assert_eq!(replica_state(&x, now), before);
     }
 }

@@ -144,6 +144,9 @@ async fn peers(State(s): State<Arc<AdminState>>) -> Json<Vec<api::Peer>> {
                 let st = p.state();
                 api::Peer {
                     cluster: p.target.cluster.clone(),
+                    replica: p.target.replica.clone(),
+                    draining: p.is_draining(),
+                    open_connections: p.open_connections(),
                     address: p.target.address.to_string(),
                     status: st.status,
                     since_seconds: age(st.since),

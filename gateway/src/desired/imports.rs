@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use strait_discovery::model::{MemberInfo, Service, resolve};
 use strait_discovery::node::View;
+use strait_discovery::state::ReplicaView;
 
 use strait_common::config::{PortRange, Selection};
 use strait_kubernetes::imports::Placement;
@@ -113,25 +114,34 @@ impl Allocation {
 }
 
 /// Peers to keep: the configured ones, plus every member of the federation whose lease
-/// holds (suspected members are kept: their connection retries until the lease ends).
+/// holds (suspected members are kept: their connection retries until the lease ends). A
+/// cluster that announces replicas is one peer per live replica record; one that does not
+/// (its only gateway) is its origin's address. A configured peer replaces what discovery
+/// says of its cluster.
 pub(super) fn desired_peers(configured: &[PeerTarget], view: &View, me: &str) -> Vec<PeerTarget> {
-    let mut out: BTreeMap<String, PeerTarget> = view
+    let replicas: Vec<&ReplicaView> = view
+        .replicas
+        .iter()
+        .filter(|r| r.alive && r.info.cluster != me)
+        .collect();
+    let replicated = |cluster: &str| replicas.iter().any(|r| r.info.cluster == cluster);
+    let singles = view
         .members
         .iter()
-        .filter(|m| m.info.cluster != me && !m.expired)
-        .map(|m| {
-            (
-                m.info.cluster.clone(),
-                PeerTarget {
-                    cluster: m.info.cluster.clone(),
-                    address: m.info.tunnel_addr,
-                },
-            )
-        })
+        .filter(|m| m.info.cluster != me && !m.expired && !replicated(&m.info.cluster))
+        .map(|m| PeerTarget::single(&m.info.cluster, m.info.tunnel_addr));
+    let each = replicas.iter().map(|r| PeerTarget {
+        cluster: r.info.cluster.clone(),
+        replica: r.replica.clone(),
+        address: r.info.tunnel_addr,
+        draining: r.draining,
+    });
+    let out: BTreeMap<(String, String), PeerTarget> = singles
+        .chain(each)
+        .filter(|p| !configured.iter().any(|c| c.cluster == p.cluster))
+        .chain(configured.iter().cloned())
+        .map(|p| ((p.cluster.clone(), p.replica.clone()), p))
         .collect();
-    for p in configured {
-        out.insert(p.cluster.clone(), p.clone());
-    }
     out.into_values().collect()
 }
 
@@ -463,6 +473,7 @@ mod tests {
                 entry(&down, "web", &["*"]),
                 entry(&far, "secret", &["ap-south"]),
             ],
+            ..Default::default()
         };
         let local = local(&me, "127.0.10.0/29");
         let range = local.import_range.unwrap();
@@ -497,6 +508,7 @@ mod tests {
         let gone = View {
             members: view.members.clone(),
             services: vec![],
+            ..Default::default()
         };
         assert!(
             desired_imports(
@@ -549,11 +561,9 @@ mod tests {
         let view = View {
             members: vec![me.clone(), member("eu-west", "eu", false), gone],
             services: vec![],
+            ..Default::default()
         };
-        let fixed = PeerTarget {
-            cluster: "static".into(),
-            address: "127.0.0.1:9".parse().unwrap(),
-        };
+        let fixed = PeerTarget::single("static", "127.0.0.1:9".parse().unwrap());
         let peers = desired_peers(std::slice::from_ref(&fixed), &view, "us-east");
         let names: Vec<_> = peers.iter().map(|p| p.cluster.as_str()).collect();
         assert_eq!(
@@ -561,6 +571,53 @@ mod tests {
             vec!["eu-west", "static"],
             "suspected members stay, expired ones and self do not"
         );
+    }
+
+    #[test]
+    fn a_cluster_with_replicas_is_one_peer_per_live_replica() {
+        let me = member("us-east", "us", true);
+        let eu = member("eu-west", "eu", true);
+        let replica = |cluster: &str, name: &str, port: u16, alive: bool, draining: bool| {
+            let mut info = member(cluster, "eu", true).info;
+            info.tunnel_addr.set_port(port);
+            ReplicaView {
+                replica: name.into(),
+                info,
+                draining,
+                alive,
+                last_heard: Duration::ZERO,
+            }
+        };
+        let view = View {
+            members: vec![me.clone(), eu, member("ap-south", "ap", true)],
+            replicas: vec![
+                replica("eu-west", "eu-1", 7001, true, false),
+                replica("eu-west", "eu-2", 7002, true, true),
+                replica("eu-west", "eu-3", 7003, false, false),
+                // This cluster's own siblings are no peers: their services are local.
+                replica("us-east", "us-2", 7004, true, false),
+            ],
+            ..Default::default()
+        };
+        let peers = desired_peers(&[], &view, "us-east");
+        let got: Vec<(String, u16, bool)> = peers
+            .iter()
+            .map(|p| (p.name(), p.address.port(), p.draining))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ap-south".to_owned(), 1, false),
+                ("eu-west/eu-1".to_owned(), 7001, false),
+                ("eu-west/eu-2".to_owned(), 7002, true),
+            ],
+            "live replica records (draining ones marked), expired ones dropped"
+        );
+        // A peer configured by hand replaces what discovery says of its cluster.
+        let fixed = PeerTarget::single("eu-west", "127.0.0.1:9".parse().unwrap());
+        let peers = desired_peers(std::slice::from_ref(&fixed), &view, "us-east");
+        assert_eq!(peers.iter().filter(|p| p.cluster == "eu-west").count(), 1);
+        assert!(peers.contains(&fixed));
     }
 
     #[test]

@@ -34,13 +34,39 @@ use tokio::sync::watch;
 use dns::ServiceEntry;
 pub(crate) use imports::{Allocation, endpoint_key};
 
-/// A peer gateway to keep one tunnel connection to.
+/// A peer gateway to keep one tunnel connection to: a cluster's only gateway, or one
+/// replica of a cluster that runs several.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerTarget {
     /// Its cluster id (its certificate must name it).
     pub cluster: String,
+    /// Its replica name (empty for a cluster's only gateway, or one configured by hand).
+    pub replica: String,
     /// Its tunnel address.
     pub address: SocketAddr,
+    /// It announced that it is draining: no new connections go there.
+    pub draining: bool,
+}
+
+impl PeerTarget {
+    /// A cluster's only gateway at `address`.
+    pub fn single(cluster: &str, address: SocketAddr) -> Self {
+        PeerTarget {
+            cluster: cluster.to_owned(),
+            replica: String::new(),
+            address,
+            draining: false,
+        }
+    }
+
+    /// `cluster/replica`, or the cluster alone for its only gateway (logs and the API).
+    pub fn name(&self) -> String {
+        if self.replica.is_empty() {
+            self.cluster.clone()
+        } else {
+            format!("{}/{}", self.cluster, self.replica)
+        }
+    }
 }
 
 /// One imported service as this gateway serves it: a local address with one listener per
@@ -258,10 +284,7 @@ impl From<&Config> for Local {
             peers: c
                 .peers
                 .iter()
-                .map(|p| PeerTarget {
-                    cluster: p.cluster.clone(),
-                    address: p.address,
-                })
+                .map(|p| PeerTarget::single(&p.cluster, p.address))
                 .collect(),
             imports: c.imports.iter().map(Import::from).collect(),
             import_range: c.discovery.as_ref().map(|d| d.import_addresses),

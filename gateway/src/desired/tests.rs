@@ -147,10 +147,7 @@ impl Federation {
                 .clusters
                 .iter()
                 .enumerate()
-                .map(|(i, (c, _))| PeerTarget {
-                    cluster: c.clone(),
-                    address: tunnel(i),
-                })
+                .map(|(i, (c, _))| PeerTarget::single(c, tunnel(i)))
                 .collect(),
             imports: self
                 .services
@@ -232,7 +229,15 @@ impl Federation {
                 origin_alive: true,
             });
         }
-        (local, View { members, services }, alloc)
+        (
+            local,
+            View {
+                members,
+                services,
+                ..Default::default()
+            },
+            alloc,
+        )
     }
 }
 
@@ -361,6 +366,7 @@ fn headless_endpoints_are_imports_of_their_own_and_routing_sees_every_cluster() 
     let view = View {
         members: vec![here, near.clone(), far.clone()],
         services: vec![pods(&far, 2), pods(&near, 1)],
+        ..Default::default()
     };
     let local = discovering();
     let d = compute(

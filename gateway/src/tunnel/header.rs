@@ -8,7 +8,7 @@
 //! ```text
 //! message StreamRequest  { string service = 1; string namespace = 2; uint32 port = 3; optional string endpoint = 4; }
 //! message StreamResponse { Status status = 1; string detail = 2; }
-//! enum Status { UNSPECIFIED = 0; OK = 1; NO_ENDPOINTS = 2; FORBIDDEN = 3; CONNECT_FAILED = 4; OVERLOADED = 5; }
+//! enum Status { UNSPECIFIED = 0; OK = 1; NO_ENDPOINTS = 2; FORBIDDEN = 3; CONNECT_FAILED = 4; OVERLOADED = 5; DRAINING = 6; }
 //! ```
 
 use prost::Message;
@@ -64,6 +64,10 @@ pub enum Status {
     ConnectFailed = 4,
     /// The remote gateway is at its stream limit.
     Overloaded = 5,
+    /// The remote gateway is draining (shutting down): it takes no new streams; its
+    /// siblings or another cluster should. (A gateway of an older version reads it as
+    /// `Unspecified`, which it retries elsewhere too.)
+    Draining = 6,
 }
 
 impl Status {
@@ -76,6 +80,7 @@ impl Status {
             Status::Forbidden => "forbidden",
             Status::ConnectFailed => "connect-failed",
             Status::Overloaded => "overloaded",
+            Status::Draining => "draining",
         }
     }
 }

@@ -50,7 +50,7 @@ const OPENED: Desc = Desc::counter(
 const FAILED: Desc = Desc::counter(
     "strait_streams_failed_total",
     &["service", "peer", "side", "reason"],
-    "Tunnel streams that did not reach an endpoint, by service, peer, side (outbound: opened here; inbound: refused here) and reason (a refusal status: no-endpoints, forbidden, connect-failed, overloaded, unspecified; or peer-down, timeout, stream-error, peer-unresponsive, protocol-error). Inbound, a service this cluster does not export is `(unknown)`.",
+    "Tunnel streams that did not reach an endpoint, by service, peer, side (outbound: opened here; inbound: refused here) and reason (a refusal status: no-endpoints, forbidden, connect-failed, overloaded, draining, unspecified; or peer-down, timeout, stream-error, peer-unresponsive, protocol-error). Inbound, a service this cluster does not export is `(unknown)`.",
 );
 const BYTES: Desc = Desc::counter(
     "strait_bytes_total",
@@ -104,6 +104,11 @@ impl StreamMetrics {
 }
 
 /// QUIC application error codes used when closing connections and resetting streams.
+/// What a draining gateway sends, on a unidirectional stream, on each tunnel connection it
+/// serves: the peer sends it no new streams (those open finish) and uses its siblings, or
+/// other clusters, until it is back (a fresh connection).
+pub(crate) const GOAWAY: &[u8] = b"strait goaway v1";
+
 pub mod codes {
     use quinn::VarInt;
     /// Gateway shutting down.

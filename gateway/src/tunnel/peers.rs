@@ -1,7 +1,11 @@
-//! Outbound tunnel connections: one per desired peer (configured, or a discovery member),
-//! kept up with reconnect backoff, each judged alive by probes of its own.
+//! Outbound tunnel connections: one per desired peer (configured, or a discovery member;
+//! for a cluster that runs several gateways, one per replica), kept up with reconnect
+//! backoff, each judged alive by probes of its own. A peer cluster is the set of its
+//! replicas: routing sees the cluster (routable while any replica is), and a new
+//! connection picks a replica by the power of two choices ([`attempt_order`]).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -59,6 +63,21 @@ pub(crate) struct PeerHandle {
     pub target: PeerTarget,
     state: watch::Sender<PeerState>,
     rtt: Mutex<VecDeque<Duration>>,
+    /// Proxied connections open through it now (the load the replica choice compares).
+    open: Arc<AtomicUsize>,
+    /// Its record says it is draining.
+    announced_draining: AtomicBool,
+    /// Its current connection said it is going away (a fresh connection clears it).
+    going_away: AtomicBool,
+}
+
+/// Counts one proxied connection through a peer while it lives.
+pub(crate) struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl PeerHandle {
@@ -72,21 +91,61 @@ impl PeerHandle {
             responsive: false,
         };
         Self {
+            announced_draining: AtomicBool::new(target.draining),
+            going_away: AtomicBool::new(false),
             target,
             state: watch::channel(state).0,
             rtt: Mutex::new(VecDeque::with_capacity(RTT_SAMPLES)),
+            open: Arc::default(),
         }
     }
 
     /// What routing needs to know of this peer now (cheap: read for every new connection).
     pub fn liveness(&self) -> Liveness {
         let s = self.state.borrow();
+        let draining = self.is_draining();
         Liveness {
             status: s.status,
-            routable: s.routable(),
+            routable: s.routable() && !draining,
             responsive: s.status == PeerStatus::Up && s.responsive,
             rtt: s.connection.as_ref().map(Connection::rtt),
+            replicas: 1,
+            routable_replicas: usize::from(s.routable() && !draining),
         }
+    }
+
+    /// Whether it is draining: its record says so, or its connection did.
+    pub fn is_draining(&self) -> bool {
+        self.announced_draining.load(Ordering::Relaxed) || self.going_away.load(Ordering::Relaxed)
+    }
+
+    /// Follows what its record says (a new incarnation's record clears it).
+    pub fn set_draining(&self, draining: bool) {
+        if self.announced_draining.swap(draining, Ordering::Relaxed) != draining {
+            tracing::info!(peer = %self.target.name(), draining, "peer announced its drain state");
+            // Wakes whoever waits on its state: streams opening there give up on it.
+            self.state.send_modify(|_| {});
+        }
+    }
+
+    /// Its connection said it is going away (a drain): no new connections until a fresh
+    /// connection is made (its next incarnation).
+    pub fn going_away(&self) {
+        if !self.going_away.swap(true, Ordering::Relaxed) {
+            tracing::info!(peer = %self.target.name(), "peer is draining; new connections go to its siblings or elsewhere");
+            self.state.send_modify(|_| {});
+        }
+    }
+
+    /// Proxied connections open through it now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a proxied connection through it until the guard drops.
+    pub fn count_open(&self) -> OpenGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(self.open.clone())
     }
 
     /// RTT percentiles over the last minute; `None` before the first sample.
@@ -170,6 +229,9 @@ impl PeerHandle {
         connection: Option<Connection>,
         error: Option<String>,
     ) {
+        if status == PeerStatus::Up {
+            self.going_away.store(false, Ordering::Relaxed);
+        }
         self.state.send_modify(|s| {
             if s.status != status {
                 s.since = SystemTime::now();
@@ -190,28 +252,28 @@ impl PeerHandle {
 
 const UP: Desc = Desc::gauge(
     "strait_peer_up",
-    &["peer"],
-    "1 while the tunnel connection to the peer cluster is established.",
+    &["peer", "replica"],
+    "1 while the tunnel connection to the peer cluster's gateway is established (replica: its name when the cluster runs several, else empty).",
 );
 const RTT: Desc = Desc::gauge(
     "strait_peer_rtt_seconds",
-    &["peer"],
-    "Smoothed QUIC RTT to the peer cluster.",
+    &["peer", "replica"],
+    "Smoothed QUIC RTT to the peer cluster's gateway.",
 );
 const RTT_QUANTILE: Desc = Desc::gauge(
     "strait_peer_rtt_quantile_seconds",
-    &["peer", "quantile"],
-    "RTT to the peer cluster over the last minute (quantile 0.5, 0.99).",
+    &["peer", "replica", "quantile"],
+    "RTT to the peer cluster's gateway over the last minute (quantile 0.5, 0.99).",
 );
 const RESPONSIVE: Desc = Desc::gauge(
     "strait_peer_responsive",
-    &["peer"],
-    "1 while the peer answers liveness probes (only then does it get new connections).",
+    &["peer", "replica"],
+    "1 while the peer's gateway answers liveness probes and is not draining (only then does it get new connections).",
 );
 const CONNECTS: Desc = Desc::counter(
     "strait_peer_connects_total",
-    &["peer", "result"],
-    "Tunnel connection attempts to the peer cluster, by result (ok, error).",
+    &["peer", "replica", "result"],
+    "Tunnel connection attempts to the peer cluster's gateway, by result (ok, error).",
 );
 /// The outbound tunnels' metrics.
 pub(crate) const METRICS: &[Desc] = &[UP, RTT, RTT_QUANTILE, RESPONSIVE, CONNECTS];
@@ -227,19 +289,22 @@ impl PeerMetrics {
         Self(registry.clone())
     }
 
-    fn gauges(&self, peer: &str) -> Gauges {
+    fn gauges(&self, peer: &PeerTarget) -> Gauges {
+        let (c, r) = (peer.cluster.as_str(), peer.replica.as_str());
         Gauges {
-            up: self.0.gauge(&UP, &[peer]),
-            rtt: self.0.gauge(&RTT, &[peer]),
-            responsive: self.0.gauge(&RESPONSIVE, &[peer]),
-            p50: self.0.gauge(&RTT_QUANTILE, &[peer, "0.5"]),
-            p99: self.0.gauge(&RTT_QUANTILE, &[peer, "0.99"]),
+            up: self.0.gauge(&UP, &[c, r]),
+            rtt: self.0.gauge(&RTT, &[c, r]),
+            responsive: self.0.gauge(&RESPONSIVE, &[c, r]),
+            p50: self.0.gauge(&RTT_QUANTILE, &[c, r, "0.5"]),
+            p99: self.0.gauge(&RTT_QUANTILE, &[c, r, "0.99"]),
         }
     }
 
-    fn connect(&self, peer: &str, ok: bool) {
+    fn connect(&self, peer: &PeerTarget, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.0.counter(&CONNECTS, &[peer, result]).increment(1);
+        self.0
+            .counter(&CONNECTS, &[&peer.cluster, &peer.replica, result])
+            .increment(1);
     }
 }
 
@@ -254,38 +319,100 @@ pub(crate) struct Dialer {
     pub tuning: TunnelTuning,
 }
 
-/// What routing needs to know of one peer's tunnel now.
+/// What routing needs to know of one peer cluster's tunnels now.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Liveness {
-    /// Tunnel state.
+    /// Tunnel state: the best of its replicas'.
     pub status: PeerStatus,
-    /// New connections may go there (see [`PeerState::routable`]).
+    /// New connections may go there: to at least one replica (see
+    /// [`PeerState::routable`]; a draining replica is not).
     pub routable: bool,
-    /// Up and answering probes.
+    /// A replica is up and answering probes.
     pub responsive: bool,
-    /// Smoothed RTT of the live connection.
+    /// Smoothed RTT of the live connection (the lowest of the routable replicas').
     pub rtt: Option<Duration>,
+    /// Replicas this gateway keeps tunnels to (1 for a cluster's only gateway).
+    pub replicas: usize,
+    /// Of those, the ones new connections may go to.
+    pub routable_replicas: usize,
+}
+
+impl Liveness {
+    /// A cluster's liveness from its replicas'; `None` without any.
+    fn of(replicas: &[Arc<PeerHandle>]) -> Option<Liveness> {
+        let each: Vec<Liveness> = replicas.iter().map(|p| p.liveness()).collect();
+        let rank = |s: PeerStatus| match s {
+            PeerStatus::Up => 2,
+            PeerStatus::Connecting => 1,
+            PeerStatus::Down => 0,
+        };
+        let status = each.iter().map(|l| l.status).max_by_key(|s| rank(*s))?;
+        let rtt = |routable: bool| {
+            each.iter()
+                .filter(|l| l.routable || !routable)
+                .filter_map(|l| l.rtt)
+                .min()
+        };
+        Some(Liveness {
+            status,
+            routable: each.iter().any(|l| l.routable),
+            responsive: each.iter().any(|l| l.responsive),
+            rtt: rtt(true).or_else(|| rtt(false)),
+            replicas: each.len(),
+            routable_replicas: each.iter().filter(|l| l.routable).count(),
+        })
+    }
+}
+
+/// The order in which a new connection tries `cluster`'s replicas: the power of two
+/// choices among the routable ones (two picked at random, `pick`, the one with fewer open
+/// connections first), then the other routable ones by load, then the rest (which fail
+/// at once unless they just came back). Deterministic for a given `pick`.
+pub(crate) fn attempt_order(
+    replicas: &[Arc<PeerHandle>],
+    pick: (usize, usize),
+) -> Vec<Arc<PeerHandle>> {
+    let (mut routable, rest): (Vec<&Arc<PeerHandle>>, Vec<&Arc<PeerHandle>>) =
+        replicas.iter().partition(|p| p.liveness().routable);
+    routable.sort_by_key(|p| p.open_connections());
+    let mut out: Vec<Arc<PeerHandle>> = Vec::with_capacity(replicas.len());
+    if routable.len() >= 2 {
+        let (a, b) = (pick.0 % routable.len(), pick.1 % routable.len());
+        let first = if routable[b].open_connections() < routable[a].open_connections() {
+            b
+        } else {
+            a
+        };
+        out.push(routable.remove(first).clone());
+    }
+    out.extend(routable.into_iter().cloned());
+    out.extend(rest.into_iter().cloned());
+    out
 }
 
 /// The peers as routing and the listeners read them: the tunnel's [`Peers`], or a fake in
 /// tests.
 pub(crate) trait PeerSet: Send + Sync + 'static {
-    /// One peer, if this gateway keeps a tunnel to it.
-    fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>>;
+    /// The replicas of `cluster` this gateway keeps tunnels to (one for a cluster's only
+    /// gateway), in replica-name order; empty when it is not a peer.
+    fn replicas(&self, cluster: &str) -> Vec<Arc<PeerHandle>>;
 
-    /// What is known of `cluster`'s tunnel now; `None` when there is none.
+    /// What is known of `cluster`'s tunnels now; `None` when there is none.
     fn liveness(&self, cluster: &str) -> Option<Liveness> {
-        self.get(cluster).map(|p| p.liveness())
+        Liveness::of(&self.replicas(cluster))
     }
 }
 
-/// The peers this gateway keeps tunnels to, by cluster id. Each has a task keeping its
-/// connection up. Cheap to clone: clones share the set.
+/// The peers this gateway keeps tunnels to, by cluster id and replica name. Each has a
+/// task keeping its connection up. Cheap to clone: clones share the set.
 #[derive(Clone)]
 pub(crate) struct Peers(Arc<Inner>);
 
+/// A peer's key: (cluster, replica name; empty for a cluster's only gateway).
+type Key = (String, String);
+
 struct Inner {
-    map: RwLock<BTreeMap<String, Running>>,
+    map: RwLock<BTreeMap<Key, Running>>,
     dialer: Dialer,
     metrics: PeerMetrics,
     life: Lifetime,
@@ -307,13 +434,23 @@ impl Peers {
         }))
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Running>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Key, Running>> {
         self.0.map.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One peer.
+    /// A peer cluster's first replica (its only gateway, usually).
     pub fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>> {
-        self.read().get(cluster).map(|r| r.handle.clone())
+        self.replicas(cluster).into_iter().next()
+    }
+
+    /// A peer cluster's replicas, in replica-name order.
+    pub fn replicas(&self, cluster: &str) -> Vec<Arc<PeerHandle>> {
+        let from = (cluster.to_owned(), String::new());
+        self.read()
+            .range(from..)
+            .take_while(|((c, _), _)| c == cluster)
+            .map(|(_, r)| r.handle.clone())
+            .collect()
     }
 
     /// Every peer in cluster-id order.
@@ -323,26 +460,33 @@ impl Peers {
 
     /// Makes the set equal to `desired`: new peers get a connection task, peers whose
     /// address changed are restarted, peers no longer desired are no longer reconnected
-    /// (their connection lives on while streams use it).
+    /// (their connection lives on while streams use it); each peer's drain state follows
+    /// what it announced.
     pub fn reconcile(&self, desired: &[PeerTarget]) {
         let mut map = self.0.map.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|cluster, r| {
-            let keep = desired
-                .iter()
-                .any(|p| &p.cluster == cluster && p.address == r.handle.target.address);
-            if !keep {
-                // Only the reconnecting stops: streams still open on the connection keep it
-                // (and the client connections they carry) until they end.
-                tracing::info!(peer = %cluster, "peer removed");
-                r.life.stop();
+        map.retain(|(cluster, replica), r| {
+            let wanted = desired.iter().find(|p| {
+                &p.cluster == cluster
+                    && &p.replica == replica
+                    && p.address == r.handle.target.address
+            });
+            match wanted {
+                Some(p) => r.handle.set_draining(p.draining),
+                None => {
+                    // Only the reconnecting stops: streams still open on the connection
+                    // keep it (and the client connections they carry) until they end.
+                    tracing::info!(peer = %r.handle.target.name(), "peer removed");
+                    r.life.stop();
+                }
             }
-            keep
+            wanted.is_some()
         });
         for p in desired {
-            if map.contains_key(&p.cluster) {
+            let key = (p.cluster.clone(), p.replica.clone());
+            if map.contains_key(&key) {
                 continue;
             }
-            tracing::info!(peer = %p.cluster, address = %p.address, "peer added");
+            tracing::info!(peer = %p.name(), address = %p.address, "peer added");
             let handle = Arc::new(PeerHandle::new(p.clone()));
             let life = self.0.life.child();
             life.spawn(maintain(
@@ -350,7 +494,7 @@ impl Peers {
                 self.0.metrics.clone(),
                 handle.clone(),
             ));
-            map.insert(p.cluster.clone(), Running { handle, life });
+            map.insert(key, Running { handle, life });
         }
     }
 
@@ -376,8 +520,8 @@ impl Peers {
 }
 
 impl PeerSet for Peers {
-    fn get(&self, cluster: &str) -> Option<Arc<PeerHandle>> {
-        Peers::get(self, cluster)
+    fn replicas(&self, cluster: &str) -> Vec<Arc<PeerHandle>> {
+        Peers::replicas(self, cluster)
     }
 }
 
@@ -385,8 +529,8 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Keeps the connection to `peer` up until its lifetime ends.
 async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
-    let cluster = peer.target.cluster.clone();
-    let gauges = metrics.gauges(&cluster);
+    let cluster = peer.target.name();
+    let gauges = metrics.gauges(&peer.target);
     let _ended = Ended {
         peer: peer.clone(),
         gauges: gauges.clone(),
@@ -400,7 +544,7 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
         match dial(&dialer, &peer.target, rtt).await {
             Ok(conn) => {
                 tracing::info!(peer = %cluster, address = %peer.target.address, "tunnel up");
-                metrics.connect(&cluster, true);
+                metrics.connect(&peer.target, true);
                 backoff = INITIAL_BACKOFF;
                 unanswered = 0;
                 gauges.up.set(1.0);
@@ -415,7 +559,7 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
             Err(Dial::Unanswered(e)) => {
                 // The round itself waited `connect_timeout`, sending a fresh handshake
                 // every few hundred milliseconds: dial again at once.
-                metrics.connect(&cluster, false);
+                metrics.connect(&peer.target, false);
                 unanswered += 1;
                 if unanswered == 1 {
                     tracing::warn!(peer = %cluster, address = %peer.target.address, error = %e, "tunnel connect failed; dialling on");
@@ -425,7 +569,7 @@ async fn maintain(dialer: Dialer, metrics: PeerMetrics, peer: Arc<PeerHandle>) {
                 peer.set(PeerStatus::Down, None, Some(e));
             }
             Err(Dial::Refused(e)) => {
-                metrics.connect(&cluster, false);
+                metrics.connect(&peer.target, false);
                 tracing::warn!(peer = %cluster, address = %peer.target.address, error = %e, retry_in = ?backoff, "tunnel connect failed");
                 peer.set(PeerStatus::Down, None, Some(e));
                 // Jitter keeps a federation that lost a peer from reconnecting in lockstep.
@@ -568,6 +712,16 @@ async fn watch_connection(
                 }
                 continue;
             }
+            uni = conn.accept_uni() => {
+                // The only unidirectional stream a gateway opens: it is draining.
+                if let Ok(mut r) = uni
+                    && let Ok(Ok(said)) = tokio::time::timeout(t.keep_alive.0, r.read_to_end(64)).await
+                    && said == super::GOAWAY
+                {
+                    peer.going_away();
+                }
+                continue;
+            }
             due = tick.tick() => due,
         };
         let now = Instant::now();
@@ -590,13 +744,17 @@ async fn watch_connection(
         let responsive = silent < limit;
         if responsive != peer.state().responsive {
             if responsive {
-                tracing::info!(peer = %peer.target.cluster, "peer answers again");
+                tracing::info!(peer = %peer.target.name(), "peer answers again");
             } else {
-                tracing::warn!(peer = %peer.target.cluster, silent = ?silent, "peer unresponsive; routing around it");
+                tracing::warn!(peer = %peer.target.name(), silent = ?silent, "peer unresponsive; routing around it");
             }
             peer.set_responsive(responsive);
-            gauges.responsive.set(if responsive { 1.0 } else { 0.0 });
         }
+        gauges.responsive.set(if responsive && !peer.is_draining() {
+            1.0
+        } else {
+            0.0
+        });
         if responsive && now.saturating_duration_since(sampled) >= RTT_SAMPLE_EVERY {
             sampled = now;
             peer.sample_rtt(rtt);
@@ -622,10 +780,7 @@ mod tests {
     use super::*;
 
     fn handle() -> PeerHandle {
-        PeerHandle::new(PeerTarget {
-            cluster: "east".into(),
-            address: "127.0.0.1:9".parse().unwrap(),
-        })
+        PeerHandle::new(PeerTarget::single("east", "127.0.0.1:9".parse().unwrap()))
     }
 
     #[tokio::test]
@@ -642,5 +797,68 @@ mod tests {
         .await
         .expect("returns at once, not after its timeout");
         assert!(waited.is_none());
+    }
+
+    fn replica(name: &str, up: bool, open: usize) -> Arc<PeerHandle> {
+        let p = Arc::new(PeerHandle::new(PeerTarget {
+            replica: name.into(),
+            ..PeerTarget::single("east", "127.0.0.1:9".parse().unwrap())
+        }));
+        p.set(
+            if up { PeerStatus::Up } else { PeerStatus::Down },
+            None,
+            None,
+        );
+        for _ in 0..open {
+            std::mem::forget(p.count_open());
+        }
+        p
+    }
+
+    fn names(order: &[Arc<PeerHandle>]) -> Vec<&str> {
+        order.iter().map(|p| p.target.replica.as_str()).collect()
+    }
+
+    #[test]
+    fn of_two_random_replicas_the_less_loaded_goes_first_and_dead_ones_last() {
+        let set = [
+            replica("a", true, 5),
+            replica("b", true, 1),
+            replica("c", false, 0),
+            replica("d", true, 3),
+        ];
+        // Routable ones by load: b(1), d(3), a(5). Picks index that list.
+        assert_eq!(names(&attempt_order(&set, (0, 2))), ["b", "d", "a", "c"]);
+        assert_eq!(names(&attempt_order(&set, (2, 1))), ["d", "b", "a", "c"]);
+        assert_eq!(names(&attempt_order(&set, (2, 2))), ["a", "b", "d", "c"]);
+        // A draining replica is tried only after every live one.
+        set[1].going_away();
+        assert_eq!(names(&attempt_order(&set, (0, 0))), ["d", "a", "b", "c"]);
+        // A connection counted on a replica is released with its guard.
+        let before = set[3].open_connections();
+        drop(set[3].count_open());
+        assert_eq!(set[3].open_connections(), before);
+    }
+
+    #[test]
+    fn a_cluster_is_routable_while_any_replica_is() {
+        let set = [replica("a", false, 0), replica("b", true, 0)];
+        let l = Liveness::of(&set).unwrap();
+        assert!(l.routable && l.responsive);
+        assert_eq!(
+            (l.status, l.replicas, l.routable_replicas),
+            (PeerStatus::Up, 2, 1)
+        );
+        set[1].set_draining(true);
+        let l = Liveness::of(&set).unwrap();
+        assert!(!l.routable, "a draining replica takes no new connections");
+        assert_eq!(l.routable_replicas, 0);
+        set[1].set_draining(false);
+        set[1].going_away();
+        assert!(!Liveness::of(&set).unwrap().routable);
+        // Its next incarnation's connection clears what the last one said.
+        set[1].set(PeerStatus::Up, None, None);
+        assert!(Liveness::of(&set).unwrap().routable);
+        assert_eq!(Liveness::of(&[]), None);
     }
 }
