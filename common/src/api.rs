@@ -18,6 +18,9 @@ pub struct Ready {
     pub ready: bool,
     /// The certificate in use has expired.
     pub certificate_expired: bool,
+    /// It drains (it is shutting down): load balancers should send it nothing new.
+    #[serde(default)]
+    pub draining: bool,
     /// Peers with an established tunnel.
     pub peers_up: usize,
     /// Peers known.
@@ -27,6 +30,19 @@ pub struct Ready {
     /// Kubernetes mode: the state of the API integration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesReady>,
+}
+
+/// `POST /v1/drain`: the drain begun (or already under way).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Draining {
+    /// Always true once asked.
+    pub draining: bool,
+    /// This request started it (false: it was already draining).
+    pub started: bool,
+    /// Seconds the service listeners keep accepting.
+    pub accept_for_seconds: f64,
+    /// Longest the drain lasts (seconds); the gateway then exits.
+    pub grace_seconds: f64,
 }
 
 /// The Kubernetes integration as `/ready` reports it.

@@ -60,6 +60,9 @@ pub struct Config {
     /// The DNS server for `clusterset.local` names (served on `listen.dns`).
     #[serde(default)]
     pub dns: Dns,
+    /// Graceful drain on SIGTERM (or `POST /v1/drain`).
+    #[serde(default)]
+    pub drain: Drain,
     /// Kubernetes mode: exports from `ServiceExport` objects, imports written as
     /// `ServiceImport`s with derived Services and EndpointSlices; off when absent.
     #[serde(default)]
@@ -470,6 +473,39 @@ fn default_max_fault() -> HumanDuration {
     HumanDuration(Duration::from_secs(600))
 }
 
+/// How a gateway drains before it exits (SIGTERM, or `POST /v1/drain`): `/ready` fails at
+/// once, peers are told to send no new tunnel streams (they use its siblings or other
+/// clusters), its service listeners keep accepting for `accept_for` (while load balancers
+/// notice `/ready`) and then close, and it exits once no proxied connection is open, or
+/// when `grace` has passed since the drain began.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// Longest the drain lasts: connections still open then are closed.
+    #[serde(default = "default_drain_grace")]
+    pub grace: HumanDuration,
+    /// How long the service listeners keep accepting new client connections.
+    #[serde(default = "default_drain_accept_for")]
+    pub accept_for: HumanDuration,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            grace: default_drain_grace(),
+            accept_for: default_drain_accept_for(),
+        }
+    }
+}
+
+fn default_drain_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+fn default_drain_accept_for() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+
 /// PEM files of this gateway's identity.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -851,6 +887,7 @@ impl Config {
             limits: CallerLimits::default(),
             faults: None,
             dns: Dns::default(),
+            drain: Drain::default(),
             kubernetes: None,
             source: None,
         }
@@ -927,6 +964,20 @@ impl Config {
         }
         self.validate_dns(&mut v);
         self.validate_kubernetes(&mut v);
+        if self.drain.grace.0 > Duration::from_secs(3600) {
+            v.push(
+                "drain.grace",
+                "is over 1h",
+                "use e.g. `30s` (and a Kubernetes terminationGracePeriodSeconds a little longer)",
+            );
+        }
+        if self.drain.accept_for.0 > self.drain.grace.0 {
+            v.push(
+                "drain.accept_for",
+                "is longer than drain.grace",
+                "use a few seconds, e.g. `5s`: long enough for load balancers to see /ready fail",
+            );
+        }
         v.problems
     }
 

@@ -727,7 +727,7 @@ async fn exchange(shared: &Inner, addr: SocketAddr, cluster: Option<&str>) -> Re
         }
         c.delta_to(&theirs, cluster)
     };
-    if !back.origins.is_empty() {
+    if !back.is_empty() {
         let req = pb::PushRequest {
             delta: Some(wire::delta_to_pb(&back)),
         };

@@ -72,10 +72,10 @@ impl Default for CatalogConfig {
 }
 
 /// How far ahead of this member's own generation a claim about its cluster may be and still
-/// be outranked: a day, in the milliseconds generations count. Claims further ahead (a
-/// forged digest, say `u64::MAX`, which would leave no generation to outrank it with) are
-/// ignored.
-const MAX_GENERATION_LEAD: u64 = 86_400_000;
+/// be outranked: a day, in the microseconds generations count (see the gateway's
+/// `start_generation`). Claims further ahead (a forged digest, say `u64::MAX`, which would
+/// leave no generation to outrank it with) are ignored.
+const MAX_GENERATION_LEAD: u64 = 86_400_000_000;
 
 /// Whether `claimed` is a newer incarnation of this cluster worth outranking.
 fn newer_incarnation(claimed: u64, mine: u64) -> bool {
@@ -173,6 +173,13 @@ pub struct Delta {
     pub origins: Vec<OriginDelta>,
     /// Replica records the receiver lacks.
     pub replicas: Vec<ReplicaRecord>,
+}
+
+impl Delta {
+    /// Nothing to send (a quiet replica's delta may carry only its record: it is sent).
+    pub fn is_empty(&self) -> bool {
+        self.origins.is_empty() && self.replicas.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]

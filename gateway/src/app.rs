@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::admin::{self, AdminState};
 use crate::desired::{self, Allocation, Desired, Exports, Local, Sources};
 use crate::dns::{self, Dns, DnsMetrics};
+use crate::drain::{self, Drain, Draining};
 use crate::faults::{FaultMetrics, Faults, Targets, Token};
 use crate::federation::Federation;
 use crate::kubernetes;
@@ -57,6 +58,7 @@ pub struct Gateway {
     listeners: Listeners,
     routing: Routing,
     metrics: Registry,
+    drain: Drain,
 }
 
 impl Gateway {
@@ -135,6 +137,7 @@ impl Gateway {
 
         let span = tracing::info_span!("gateway", cluster = %config.cluster);
         let life = Lifetime::new();
+        let drain = Drain::new();
         let identity = CurrentIdentity::new(identity);
         let streams = StreamMetrics::new(&metrics);
         let peers = Peers::new(
@@ -255,6 +258,7 @@ impl Gateway {
             },
             InboundMetrics::new(&metrics, streams),
             faults.killed(),
+            drain.subscribe(),
         ));
         let mut rotate: Vec<Box<dyn Install>> = vec![Box::new(TunnelServer {
             endpoint: endpoint.clone(),
@@ -280,6 +284,8 @@ impl Gateway {
             federation: federation.clone(),
             metrics: metrics.clone(),
             kubernetes: kube.as_ref().map(|k| k.health.clone()),
+            drain: drain.clone(),
+            drain_config: config.drain.clone(),
         };
 
         let mut tasks = JoinSet::new();
@@ -299,7 +305,7 @@ impl Gateway {
         spawn(Box::pin(routing.clone().run()));
         spawn(Box::pin(dns.clone().follow(desired.clone())));
         spawn(Box::pin(
-            inbound.accept_loop(endpoint.clone(), life.child()),
+            inbound.clone().accept_loop(endpoint.clone(), life.child()),
         ));
         spawn(Box::pin(admin::serve(
             admin_state,
@@ -307,6 +313,24 @@ impl Gateway {
             admin_listener,
         )));
         spawn(Box::pin(faults.expire()));
+        let (open_routing, open_inbound, closing, counting) = (
+            routing.clone(),
+            inbound.clone(),
+            listeners.clone(),
+            listeners.clone(),
+        );
+        spawn(Box::pin(drain::run(
+            drain.clone(),
+            Draining {
+                config: config.drain.clone(),
+                close_listeners: Box::new(move || closing.close()),
+                listeners: Box::new(move || counting.count()),
+                node: node.clone(),
+                open: Box::new(move || {
+                    open_routing.open_connections() + open_inbound.open_streams()
+                }),
+            },
+        )));
         spawn(Box::pin(rotation.run()));
         if let Some(f) = &federation {
             spawn(Box::pin(f.clone().publish(desired.clone())));
@@ -336,7 +360,25 @@ impl Gateway {
             listeners,
             routing,
             metrics,
+            drain,
         })
+    }
+
+    /// Starts draining (see [`crate::drain`]): [`Gateway::wait`] returns once it is over.
+    /// Whether this call started it.
+    pub fn start_drain(&self) -> bool {
+        self.drain.start()
+    }
+
+    /// Drains: returns once no proxied connection is open, or `drain.grace` has passed.
+    pub async fn drain(&self) {
+        self.drain.start();
+        self.drain.drained().await;
+    }
+
+    /// Whether it drains (or has drained).
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_draining()
     }
 
     /// The tunnel's bound UDP address.
@@ -397,7 +439,7 @@ impl Gateway {
         self.metrics.render()
     }
 
-    /// Runs until one of the gateway's tasks ends (which only happens on a fatal error).
+    /// Runs until one of the gateway's tasks ends: a drain that is over, or a fatal error.
     pub async fn wait(&mut self) {
         self.tasks.join_next().await;
     }

@@ -106,11 +106,7 @@ impl Federation {
             tunnel_addr,
             gossip_addr,
         };
-        // A restart must outrank the previous incarnation: start time in milliseconds.
-        let generation = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let generation = start_generation();
         let replica = replica_name(config);
         let node_config = NodeConfig {
             interval: d.interval.0,
@@ -205,6 +201,19 @@ impl Federation {
         m.counter(&REJECTED, &["origin"])
             .absolute(get(&st.rejected_origins));
     }
+}
+
+/// This start's generation: the start time in microseconds, its lowest ten bits random.
+/// A restart outranks the previous incarnation (restarts are more than a millisecond
+/// apart), and replicas that start in the same instant still differ: the newest of a
+/// cluster's replicas speaks for it, so two must never share a generation.
+fn start_generation() -> u64 {
+    use rand::Rng;
+    let micros = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    (micros & !0x3ff) | rand::rng().random_range(0..0x400)
 }
 
 /// This gateway's name among its cluster's replicas (`discovery.replica`; in Kubernetes

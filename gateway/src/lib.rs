@@ -15,6 +15,7 @@ pub mod tunnel;
 pub(crate) mod admin;
 pub(crate) mod desired;
 pub(crate) mod dns;
+pub(crate) mod drain;
 pub(crate) mod faults;
 pub(crate) mod federation;
 pub(crate) mod kubernetes;

@@ -106,6 +106,8 @@ struct Inner {
     bound: Mutex<BTreeMap<Key, Active>>,
     forwarding: Arc<Forwarding>,
     life: Lifetime,
+    /// Closed for good (a drain): nothing is bound again.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 struct Active {
@@ -121,6 +123,7 @@ impl Listeners {
             bound: Mutex::new(BTreeMap::new()),
             forwarding: Arc::new(forwarding),
             life,
+            closed: Default::default(),
         }))
     }
 
@@ -149,9 +152,33 @@ impl Listeners {
             .map(|a| a.address)
     }
 
+    /// Stops accepting on every listener, for good (a drain): connections already
+    /// accepted go on. How many were open.
+    pub fn close(&self) -> usize {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut bound = self.lock();
+        for a in bound.values() {
+            a.life.stop();
+        }
+        let n = bound.len();
+        tracing::info!(listeners = n, "service listeners closed");
+        bound.clear();
+        n
+    }
+
+    /// Listeners bound now.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Makes the bound set equal to `desired`. Returns the listeners that could not be
     /// bound (the rest are serving).
     pub async fn reconcile(&self, desired: &[Import]) -> Vec<anyhow::Error> {
+        if self.0.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Vec::new();
+        }
         let mut wanted: BTreeMap<Key, (&Import, u16)> = BTreeMap::new();
         for imp in desired {
             let endpoint = imp
@@ -218,6 +245,11 @@ impl Listeners {
                 clusters: Vec::new(),
                 endpoint: endpoint.clone(),
             });
+            let mut bound = self.lock();
+            if self.0.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                // Closed while it was being bound.
+                return errors;
+            }
             let life = self.0.life.child();
             life.spawn(serve(
                 self.0.forwarding.clone(),
@@ -225,7 +257,7 @@ impl Listeners {
                 listener,
                 import.clone(),
             ));
-            self.lock().insert(
+            bound.insert(
                 (service, port, endpoint),
                 Active {
                     address,
@@ -448,17 +480,14 @@ async fn open_on(
     if replicas.is_empty() {
         return Err(OpenError::PeerDown);
     }
-    let pick = {
-        let mut rng = rand::rng();
-        (
-            rng.random_range(0..replicas.len()),
-            rng.random_range(0..replicas.len()),
-        )
-    };
+    let tiebreak = rand::rng().random_range(0..replicas.len());
     let mut last = OpenError::PeerDown;
-    for peer in attempt_order(&replicas, pick) {
+    for peer in attempt_order(&replicas, tiebreak) {
+        // Counted from the first byte: a replica that stopped answering collects the
+        // streams waiting on it, and new connections go to its siblings meanwhile.
+        let counted = peer.count_open();
         match open_on_replica(&peer, req, early, timeout).await {
-            Ok((send, recv)) => return Ok((send, recv, peer.count_open())),
+            Ok((send, recv)) => return Ok((send, recv, counted)),
             Err(e) => {
                 let draining = matches!(
                     &e,
@@ -470,8 +499,17 @@ async fn open_on(
                 if draining {
                     peer.going_away();
                 }
-                let replica_down =
-                    draining || matches!(e, OpenError::PeerDown | OpenError::Abandoned);
+                // The replica, not the service, failed: down, gone quiet, draining, or its
+                // connection lost or silent while opening. (A refusal is the service's
+                // answer, the same from every replica.)
+                let replica_down = draining
+                    || matches!(
+                        e,
+                        OpenError::PeerDown
+                            | OpenError::Abandoned
+                            | OpenError::Timeout(_)
+                            | OpenError::Stream(_)
+                    );
                 if !replica_down || (e.ambiguous() && !replay_ok) {
                     return Err(e);
                 }

@@ -345,9 +345,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         strait_gateway::memory::EVERY,
     ));
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
-        _ = gateway.wait() => bail!("a gateway task stopped unexpectedly"),
+        _ = shutdown_signal() => {
+            // Drain first (docs/OPERATIONS.md): a second signal stops at once.
+            tracing::info!("draining before shutdown; a second Ctrl-C or SIGTERM stops at once");
+            gateway.start_drain();
+            tokio::select! {
+                _ = gateway.wait() => {}
+                _ = shutdown_signal() => tracing::warn!("second signal: stopping without waiting for the drain"),
+            }
+        }
+        _ = gateway.wait() => {
+            // The drain asked for on the admin API is over; anything else is a failure.
+            if !gateway.is_draining() {
+                bail!("a gateway task stopped unexpectedly");
+            }
+        }
     }
+    tracing::info!("shutting down");
     gateway.shutdown().await;
     Ok(())
 }

@@ -143,6 +143,11 @@ impl Admin {
         self.call("DELETE", "/v1/faults", None::<&()>).await
     }
 
+    /// `POST /v1/drain` (needs the token): the gateway drains, then exits.
+    pub async fn drain(&self) -> anyhow::Result<Reply<strait_common::api::Draining>> {
+        self.call("POST", "/v1/drain", None::<&()>).await
+    }
+
     /// One call: the decoded answer on a 2xx status, else the gateway's error body.
     async fn call<T: DeserializeOwned>(
         &self,

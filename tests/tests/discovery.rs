@@ -622,3 +622,49 @@ async fn a_malicious_member_can_relay_but_not_forge_alter_withdraw_or_replay_ano
     assert!(after.heartbeat > 0);
     assert_eq!(rejected(), n);
 }
+
+/// Starts replica `name` of `id`'s cluster with `voice`.
+async fn replica(
+    id: Arc<Identity>,
+    name: &str,
+    voice: strait_discovery::state::Voice,
+    seeds: Vec<SocketAddr>,
+) -> Node {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let me = MemberInfo {
+        cluster: id.id.cluster.clone(),
+        region: "r".into(),
+        zone: String::new(),
+        tunnel_addr: addr,
+        gossip_addr: addr,
+    };
+    let mut c = config(seeds);
+    c.catalog.replica = Some(name.into());
+    c.catalog.voice = voice;
+    Node::start(me, 1, id, listener, c).unwrap()
+}
+
+#[tokio::test]
+async fn a_quiet_replica_that_never_sends_an_origin_is_still_announced() {
+    use strait_discovery::state::Voice;
+    let pki = TestPki::new();
+    let b = start(identity(&pki, "b"), vec![]).await;
+    let a = identity(&pki, "a");
+    let speaker = replica(a.clone(), "a-1", Voice::Speak, vec![b.addr()]).await;
+    // a-2 is only ever a gossip client (nobody dials a quiet replica): its record must ride
+    // on its own pushes, which carry no origin.
+    let quiet = replica(a, "a-2", Voice::Quiet, vec![b.addr()]).await;
+    until(&b, "both replicas of a announced", |v| {
+        let mut names: Vec<&str> = v.replicas.iter().map(|r| r.replica.as_str()).collect();
+        names.sort();
+        names == ["a-1", "a-2"] && v.replicas.iter().all(|r| r.alive)
+    })
+    .await;
+    // The tunnel address each announced is its own.
+    let v = b.view();
+    for (name, node) in [("a-1", &speaker), ("a-2", &quiet)] {
+        let r = v.replicas.iter().find(|r| r.replica == name).unwrap();
+        assert_eq!(r.info.tunnel_addr, node.addr());
+    }
+}

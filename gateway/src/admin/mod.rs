@@ -43,10 +43,15 @@ pub struct AdminState {
     pub metrics: Registry,
     /// The Kubernetes integration's health, in Kubernetes mode.
     pub kubernetes: Option<strait_kubernetes::watch::Health>,
+    /// The gateway's drain.
+    pub drain: crate::drain::Drain,
+    /// Its timings.
+    pub drain_config: strait_common::config::Drain,
 }
 
 /// Serves the admin API on an already-bound listener, with the fault routes of `faults`.
 pub async fn serve(state: AdminState, faults: Arc<Faults>, listener: TcpListener) {
+    let state = Arc::new(state);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
@@ -58,8 +63,13 @@ pub async fn serve(state: AdminState, faults: Arc<Faults>, listener: TcpListener
         .route("/v1/catalog", get(catalog))
         .route("/v1/routes", get(routes))
         .route("/v1/routes/{namespace}/{name}", get(route))
-        .merge(crate::faults::api::routes(faults))
-        .with_state(Arc::new(state));
+        .merge(crate::faults::api::routes(faults.clone()))
+        .with_state(state.clone())
+        .merge(
+            Router::new()
+                .route("/v1/drain", axum::routing::post(drain))
+                .with_state((state, faults)),
+        );
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -108,20 +118,47 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
     // Not ready until the API has been read once; after that, an API server that goes
     // away only shows in `error`: the last known state keeps serving.
     let unsynced = kubernetes.as_ref().is_some_and(|k| !k.synced);
+    let draining = s.drain.is_draining();
     let body = api::Ready {
-        ready: !expired && !unsynced,
+        ready: !expired && !unsynced && !draining,
         kubernetes,
         certificate_expired: expired,
+        draining,
         peers_up: up,
         peers: s.peers.all().len(),
         listeners: s.listeners.snapshot().len(),
     };
-    let code = if expired || unsynced {
+    let code = if expired || unsynced || draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// `POST /v1/drain` (with the admin token): starts the drain; the gateway exits once it is
+/// over.
+async fn drain(
+    State((s, faults)): State<(Arc<AdminState>, Arc<Faults>)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Some(refused) = crate::faults::api::refuse(&faults, &headers) {
+        return refused;
+    }
+    let started = s.drain.start();
+    if started {
+        tracing::warn!("drain asked for on the admin API");
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(api::Draining {
+            draining: true,
+            started,
+            accept_for_seconds: s.drain_config.accept_for.0.as_secs_f64(),
+            grace_seconds: s.drain_config.grace.0.as_secs_f64(),
+        }),
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {

@@ -26,8 +26,9 @@ fn error(code: StatusCode, problem: &str, fix: &str) -> Response {
     (code, Json(ApiError::new(problem, fix))).into_response()
 }
 
-/// `None` when the request may go on; the refusal otherwise.
-fn refuse(s: &Faults, headers: &HeaderMap) -> Option<Response> {
+/// `None` when the request may go on; the refusal otherwise. (The admin token guards
+/// `/v1/drain` too.)
+pub(crate) fn refuse(s: &Faults, headers: &HeaderMap) -> Option<Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -108,6 +108,10 @@ pub struct Inbound {
     metrics: InboundMetrics,
     /// Whether a drill has killed the tunnel (connections are dropped at once).
     killed: watch::Receiver<bool>,
+    /// Whether the gateway drains: peers are told to go away, new streams refused.
+    draining: watch::Receiver<bool>,
+    /// The stream limit (the semaphore's size).
+    max_streams: usize,
     /// Per calling cluster budgets (`limits:`).
     callers: CallerLimiter,
     /// Handshakes in progress.
@@ -122,10 +126,13 @@ impl Inbound {
         limits: Limits,
         metrics: InboundMetrics,
         killed: watch::Receiver<bool>,
+        draining: watch::Receiver<bool>,
     ) -> Self {
         Self {
             exports,
             streams: Arc::new(Semaphore::new(max_streams)),
+            max_streams,
+            draining,
             next_endpoint: AtomicUsize::new(0),
             limits,
             metrics,
@@ -133,6 +140,12 @@ impl Inbound {
             callers: CallerLimiter::default(),
             handshaking: Arc::default(),
         }
+    }
+
+    /// Peer streams connected to an endpoint now.
+    pub fn open_streams(&self) -> usize {
+        self.max_streams
+            .saturating_sub(self.streams.available_permits())
     }
 
     /// Accepts tunnel connections until the endpoint closes or `life` ends.
@@ -183,6 +196,8 @@ impl Inbound {
         };
         let span = tracing::info_span!("inbound", peer = %peer, %remote);
         let mut killed = self.killed.clone();
+        let mut draining = self.draining.clone();
+        let mut told = false;
         let streams = async {
             tracing::debug!("peer connected");
             loop {
@@ -193,6 +208,13 @@ impl Inbound {
                     _ = killed.wait_for(|k| *k) => {
                         conn.close(codes::SHUTDOWN, b"tunnel killed by a drill");
                         return;
+                    }
+                    // Draining: the peer is told to open no new streams here (those open
+                    // finish); it is told on connections made during the drain too.
+                    Ok(_) = draining.wait_for(|d| *d), if !told => {
+                        told = true;
+                        tokio::spawn(go_away(conn.clone()).in_current_span());
+                        continue;
                     }
                 };
                 match accepted {
@@ -245,7 +267,13 @@ impl Inbound {
             Err(_) => return self.reject_header(&peer, "no header in time", send, recv),
         };
         let service = format!("{}/{}", req.namespace, req.service);
-        let (tcp, _permit, _admitted) = match self.connect_endpoint(&peer, &req).await {
+        let connected = if *self.draining.borrow() {
+            // A stream that crossed the GOAWAY: the peer tries a sibling or elsewhere.
+            Err(StreamResponse::new(Status::Draining, "gateway draining"))
+        } else {
+            self.connect_endpoint(&peer, &req).await
+        };
+        let (tcp, _permit, _admitted) = match connected {
             Ok(ok) => ok,
             Err(resp) => {
                 tracing::info!(%service, status = resp.status().label(), detail = %resp.detail, "stream refused");
@@ -436,6 +464,20 @@ fn candidates(export: &Export, named: Option<&str>, next: &AtomicUsize) -> Vec<s
         .collect()
 }
 
+/// Tells the peer on `conn` that this gateway is draining: a unidirectional stream with
+/// [`super::GOAWAY`].
+async fn go_away(conn: quinn::Connection) {
+    let sent = async {
+        let mut s = conn.open_uni().await?;
+        s.write_all(super::GOAWAY).await?;
+        s.finish()?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "could not tell the peer this gateway drains");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use strait_common::config::{Endpoint, Protocol, ServicePort};
@@ -533,6 +575,7 @@ mod tests {
                 max_handshakes: 1024,
             },
             InboundMetrics::new(&registry, StreamMetrics::new(&registry)),
+            watch::channel(false).1,
             watch::channel(false).1,
         );
         (inbound, tx)

@@ -364,30 +364,24 @@ impl Liveness {
     }
 }
 
-/// The order in which a new connection tries `cluster`'s replicas: the power of two
-/// choices among the routable ones (two picked at random, `pick`, the one with fewer open
-/// connections first), then the other routable ones by load, then the rest (which fail
-/// at once unless they just came back). Deterministic for a given `pick`.
-pub(crate) fn attempt_order(
-    replicas: &[Arc<PeerHandle>],
-    pick: (usize, usize),
-) -> Vec<Arc<PeerHandle>> {
-    let (mut routable, rest): (Vec<&Arc<PeerHandle>>, Vec<&Arc<PeerHandle>>) =
-        replicas.iter().partition(|p| p.liveness().routable);
-    routable.sort_by_key(|p| p.open_connections());
-    let mut out: Vec<Arc<PeerHandle>> = Vec::with_capacity(replicas.len());
-    if routable.len() >= 2 {
-        let (a, b) = (pick.0 % routable.len(), pick.1 % routable.len());
-        let first = if routable[b].open_connections() < routable[a].open_connections() {
-            b
-        } else {
-            a
-        };
-        out.push(routable.remove(first).clone());
-    }
-    out.extend(routable.into_iter().cloned());
-    out.extend(rest.into_iter().cloned());
-    out
+/// The order in which a new connection tries `cluster`'s replicas: the routable ones,
+/// least loaded first (connections open through each, and those still opening: a replica
+/// that stopped answering collects opening streams and drops out of favour before its
+/// probes find it dead), ties in an order rotated by `tiebreak`; then the rest (which fail
+/// at once unless they just came back). Deterministic for a given `tiebreak`.
+pub(crate) fn attempt_order(replicas: &[Arc<PeerHandle>], tiebreak: usize) -> Vec<Arc<PeerHandle>> {
+    let n = replicas.len().max(1);
+    type Indexed<'a> = Vec<(usize, &'a Arc<PeerHandle>)>;
+    let (mut routable, rest): (Indexed, Indexed) = replicas
+        .iter()
+        .enumerate()
+        .partition(|(_, p)| p.liveness().routable);
+    routable.sort_by_key(|(i, p)| (p.open_connections(), (i + n - tiebreak % n) % n));
+    routable
+        .into_iter()
+        .chain(rest)
+        .map(|(_, p)| p.clone())
+        .collect()
 }
 
 /// The peers as routing and the listeners read them: the tunnel's [`Peers`], or a fake in
@@ -820,20 +814,30 @@ mod tests {
     }
 
     #[test]
-    fn of_two_random_replicas_the_less_loaded_goes_first_and_dead_ones_last() {
+    fn the_least_loaded_replica_goes_first_and_dead_ones_last() {
         let set = [
             replica("a", true, 5),
             replica("b", true, 1),
             replica("c", false, 0),
             replica("d", true, 3),
         ];
-        // Routable ones by load: b(1), d(3), a(5). Picks index that list.
-        assert_eq!(names(&attempt_order(&set, (0, 2))), ["b", "d", "a", "c"]);
-        assert_eq!(names(&attempt_order(&set, (2, 1))), ["d", "b", "a", "c"]);
-        assert_eq!(names(&attempt_order(&set, (2, 2))), ["a", "b", "d", "c"]);
+        assert_eq!(names(&attempt_order(&set, 0)), ["b", "d", "a", "c"]);
+        // Equal loads: the tiebreak rotates which goes first.
+        let even = [
+            replica("a", true, 2),
+            replica("b", true, 2),
+            replica("c", true, 2),
+        ];
+        assert_eq!(names(&attempt_order(&even, 0)), ["a", "b", "c"]);
+        assert_eq!(names(&attempt_order(&even, 1)), ["b", "c", "a"]);
+        assert_eq!(names(&attempt_order(&even, 5)), ["c", "a", "b"]);
+        // A connection still opening counts: the replica it waits on is not chosen next.
+        let opening = even[0].count_open();
+        assert_eq!(names(&attempt_order(&even, 0)), ["b", "c", "a"]);
+        drop(opening);
         // A draining replica is tried only after every live one.
         set[1].going_away();
-        assert_eq!(names(&attempt_order(&set, (0, 0))), ["d", "a", "b", "c"]);
+        assert_eq!(names(&attempt_order(&set, 0)), ["d", "a", "b", "c"]);
         // A connection counted on a replica is released with its guard.
         let before = set[3].open_connections();
         drop(set[3].count_open());
