@@ -88,18 +88,18 @@ impl Gateway {
             .await
             .map_err(|e| bind_error("the admin API", config.listen.admin, e))?;
         let admin_addr = admin_listener.local_addr()?;
-        let dns_sockets =
-            match config.listen.dns {
-                Some(addr) => {
-                    Some(dns::bind(addr).await.map_err(
-                        |e| match e.downcast::<std::io::Error>() {
-                            Ok(io) => bind_error("the DNS server (UDP and TCP)", addr, io),
-                            Err(e) => e.context(format!("binding the DNS server {addr}")),
-                        },
-                    )?)
+        // Replicas of one cluster on one host serve the same addresses (the kernel spreads
+        // clients over them); each replica's own ports (tunnel, admin, gossip) stay its own.
+        let shared_ports = crate::federation::replica_name(&config).is_some();
+        let dns_sockets = match config.listen.dns {
+            Some(addr) => Some(dns::bind(addr, shared_ports).await.map_err(|e| {
+                match e.downcast::<std::io::Error>() {
+                    Ok(io) => bind_error("the DNS server (UDP and TCP)", addr, io),
+                    Err(e) => e.context(format!("binding the DNS server {addr}")),
                 }
-                None => None,
-            };
+            })?),
+            None => None,
+        };
         let dns_addr = match &dns_sockets {
             Some((udp, _)) => Some(udp.local_addr()?),
             None => None,
@@ -135,7 +135,14 @@ impl Gateway {
         };
         let node = federation.as_ref().map(|f| f.node().clone());
 
-        let span = tracing::info_span!("gateway", cluster = %config.cluster);
+        let span = tracing::info_span!(
+            "gateway",
+            cluster = %config.cluster,
+            replica = tracing::field::Empty
+        );
+        if let Some(name) = crate::federation::replica_name(&config) {
+            span.record("replica", name.as_str());
+        }
         let life = Lifetime::new();
         let drain = Drain::new();
         let identity = CurrentIdentity::new(identity);
@@ -230,6 +237,7 @@ impl Gateway {
                 copy_buffer: config.tunnel.copy_buffer.0 as usize,
                 local: Exports::new(desired.clone()),
                 connect_timeout: config.tunnel.endpoint_connect_timeout.0,
+                shared_ports,
             },
             life.child(),
         );
@@ -381,6 +389,11 @@ impl Gateway {
         self.drain.is_draining()
     }
 
+    /// Whether its drain is over (it should now be shut down).
+    pub fn drain_over(&self) -> bool {
+        self.drain.is_over()
+    }
+
     /// The tunnel's bound UDP address.
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.tunnel_addr
@@ -419,6 +432,17 @@ impl Gateway {
     /// The tunnel state of a peer, followed as it changes; `None` if it is not a peer.
     pub fn peer(&self, cluster: &str) -> Option<watch::Receiver<PeerState>> {
         self.peers.get(cluster).map(|p| p.subscribe())
+    }
+
+    /// The replicas of peer `cluster` new connections may go to now, by name (the empty
+    /// name for a cluster's only gateway).
+    pub fn routable_replicas(&self, cluster: &str) -> Vec<String> {
+        self.peers
+            .replicas(cluster)
+            .iter()
+            .filter(|p| p.liveness().routable)
+            .map(|p| p.target.replica.clone())
+            .collect()
     }
 
     /// Open tunnel connections (inbound and outbound).

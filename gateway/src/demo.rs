@@ -48,10 +48,16 @@ pub struct DemoArgs {
     /// bring it back, and print each second which region answered.
     #[arg(long)]
     pub tour: bool,
+    /// Gateways per region (1-3). With several, each is a replica: peers spread
+    /// connections over them, and `down <region>/<n>` or `restart <region>` shows traffic
+    /// stay in the region.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub replicas: u8,
 }
 
 impl DemoArgs {
     /// `regions` regions on ephemeral ports in a temp dir (tests, embedding).
+    /// One gateway per region, as tests mostly want; set `replicas` for more.
     pub fn ephemeral(regions: u8) -> Self {
         DemoArgs {
             regions,
@@ -59,7 +65,64 @@ impl DemoArgs {
             dir: None,
             duration: None,
             tour: false,
+            replicas: 1,
         }
+    }
+}
+
+/// A demo gateway: one replica of its region.
+pub struct Replica {
+    /// Its name (`us-east-2`), or the cluster's when the region runs one gateway.
+    pub name: String,
+    /// The gateway; `None` while it is taken down.
+    gateway: Option<Gateway>,
+    /// The config file written for it.
+    pub config_path: PathBuf,
+    /// Where it listened first (tunnel, admin, gossip, DNS); a restart binds the same ports
+    /// so the federation finds it again.
+    bound: Bound,
+}
+
+type Bound = (
+    SocketAddr,
+    SocketAddr,
+    Option<SocketAddr>,
+    Option<SocketAddr>,
+);
+
+impl Replica {
+    /// Its running gateway, if it runs.
+    pub fn gateway(&self) -> Option<&Gateway> {
+        self.gateway.as_ref()
+    }
+
+    /// Stops it and waits until its ports are free again.
+    async fn take_down(&mut self) -> anyhow::Result<()> {
+        let g = self
+            .gateway
+            .take()
+            .with_context(|| format!("{} is already down", self.name))?;
+        g.shutdown_and_release().await;
+        Ok(())
+    }
+
+    /// Starts it again on the ports it had.
+    async fn bring_up(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.gateway.is_none(), "{} is already up", self.name);
+        let mut config = Config::load(&self.config_path)
+            .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
+        (
+            config.listen.tunnel,
+            config.listen.admin,
+            config.listen.discovery,
+            config.listen.dns,
+        ) = self.bound;
+        self.gateway = Some(
+            Gateway::start(config)
+                .await
+                .with_context(|| format!("restarting {}", self.name))?,
+        );
+        Ok(())
     }
 }
 
@@ -67,32 +130,29 @@ impl DemoArgs {
 pub struct Region {
     /// Cluster id.
     pub cluster: String,
-    /// The region's gateway; `None` while the region is taken down.
-    gateway: Option<Gateway>,
-    /// The config file written for it.
+    /// Its gateways, in order (one, or several replicas).
+    pub replicas: Vec<Replica>,
+    /// The first replica's config file.
     pub config_path: PathBuf,
-    /// Where it listened first (tunnel, admin, gossip); a restart binds the same ports so
-    /// the federation finds it again.
-    bound: (
-        SocketAddr,
-        SocketAddr,
-        Option<SocketAddr>,
-        Option<SocketAddr>,
-    ),
 }
 
 impl Region {
-    /// The region's running gateway.
+    /// The region's first running gateway.
     ///
     /// # Panics
     /// While the region is down.
     pub fn gateway(&self) -> &Gateway {
-        self.gateway.as_ref().expect("region is up")
+        self.gateways().next().expect("region is up")
     }
 
-    /// Whether the region's gateway runs.
+    /// Every running gateway of the region.
+    pub fn gateways(&self) -> impl Iterator<Item = &Gateway> {
+        self.replicas.iter().filter_map(|r| r.gateway.as_ref())
+    }
+
+    /// Whether a gateway of the region runs.
     pub fn is_up(&self) -> bool {
-        self.gateway.is_some()
+        self.gateways().next().is_some()
     }
 }
 
@@ -148,9 +208,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut lines =
         tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
     let mut stdin_open = true;
+    // A gateway drained through its admin API (a drill's rolling restart) is started
+    // again, as a supervisor would.
+    let mut supervise = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            _ = supervise.tick() => demo.restart_drained().await,
             line = lines.next_line(), if stdin_open => match line {
                 Ok(Some(l)) => {
                     if let Err(e) = demo.command(l.trim()).await {
@@ -163,7 +227,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("stopping the demo federation");
     for r in demo.regions {
-        if let Some(g) = r.gateway {
+        for g in r.replicas.into_iter().filter_map(|r| r.gateway) {
             g.shutdown().await;
         }
     }
@@ -173,20 +237,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// Fails, naming the port, when any port of `regions` regions from `base` is taken
 /// (most likely by another demo on the same `--base-port`, whose directory must then be
 /// left alone).
-fn ports_free(base: u16, regions: usize) -> anyhow::Result<()> {
+fn ports_free(base: u16, regions: usize, replicas: usize) -> anyhow::Result<()> {
     for i in 0..regions {
-        for k in 0..4u16 {
+        let mut udp = vec![DNS_PORT];
+        let mut tcp = vec![DNS_PORT];
+        for r in 0..replicas {
+            let (tunnel, admin, gossip) = port_offsets(r);
+            udp.push(tunnel);
+            tcp.extend([admin, gossip]);
+        }
+        let tries = udp
+            .into_iter()
+            .map(|k| (k, true))
+            .chain(tcp.into_iter().map(|k| (k, false)));
+        for (k, is_udp) in tries {
             let port = base + 10 * i as u16 + k;
             let at = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            // Tunnel: UDP; admin and gossip: TCP; DNS: both.
-            let mut tries = Vec::new();
-            if matches!(k, 0 | 3) {
-                tries.push(std::net::UdpSocket::bind(at).map(drop));
-            }
-            if k != 0 {
-                tries.push(std::net::TcpListener::bind(at).map(drop));
-            }
-            if let Some(Err(e)) = tries.into_iter().find(Result::is_err) {
+            let bound = if is_udp {
+                std::net::UdpSocket::bind(at).map(drop)
+            } else {
+                std::net::TcpListener::bind(at).map(drop)
+            };
+            if let Err(e) = bound {
                 anyhow::bail!(
                     "port {port} is in use ({e}): is another `strait demo` running with --base-port {base}? Stop it or pick another --base-port (nothing was changed)"
                 );
@@ -195,6 +267,18 @@ fn ports_free(base: u16, regions: usize) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Region port offsets (from base + 10 x region) of replica `r`: tunnel, admin, gossip.
+/// The first replica has 0, 1, 2 (what the library drills expect), the others 4..9.
+fn port_offsets(r: usize) -> (u16, u16, u16) {
+    match r as u16 {
+        0 => (0, 1, 2),
+        r => (1 + 3 * r, 2 + 3 * r, 3 + 3 * r),
+    }
+}
+
+/// The DNS port offset, shared by a region's replicas.
+const DNS_PORT: u16 = 3;
 
 /// Starts every region: PKI, backends, configs, gateways.
 pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
@@ -208,7 +292,7 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
         }
         None => {
             // Another demo on these ports owns this directory: refuse before touching it.
-            ports_free(args.base_port, n)?;
+            ports_free(args.base_port, n, args.replicas as usize)?;
             let p = std::env::temp_dir().join(format!("strait-demo-{}", args.base_port));
             // A previous demo on these ports that did not clean up (killed) left this.
             let _ = std::fs::remove_dir_all(&p);
@@ -239,6 +323,7 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
     };
     let mut backends = Vec::new();
     let mut regions: Vec<Region> = Vec::new();
+    let mut plans = Vec::new();
     for (i, cluster) in clusters.iter().enumerate() {
         let cert = ca.issue_gateway_for(
             &GatewayId::new(TRUST_DOMAIN, cluster),
@@ -247,40 +332,75 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
         cert.save(&dir, cluster)?;
         let hello = backend::Backend::http_hello(format!("hello from {cluster}\n")).await?;
         let echo = backend::Backend::echo().await?;
-        // Every region joins through the first one; after that, gossip does the rest.
-        let seed = regions.first().and_then(|r| r.gateway().discovery_addr());
-        let yaml = region_config(&RegionPorts {
-            index: i,
-            clusters: &clusters,
-            tunnel: port(i, 0),
-            admin: port(i, 1),
-            gossip: port(i, 2),
-            dns: port(i, 3),
-            seed,
+        // A region's replicas serve the same import addresses, backends and DNS port.
+        plans.push(RegionPlan {
             imports: import_range(i, ephemeral),
+            dns: port(i, DNS_PORT),
             hello: hello.addr.port(),
             echo: echo.addr.port(),
         });
-        let config_path = dir.join(format!("{cluster}.yaml"));
-        write_atomic(&config_path, yaml.as_bytes(), false)?;
-        let config = Config::load(&config_path)
-            .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
-        let gateway = Gateway::start(config).await.with_context(|| {
-            format!("starting region {cluster}; if a port is taken, pick another --base-port")
-        })?;
         backends.extend([hello, echo]);
-        let bound = (
-            gateway.tunnel_addr(),
-            gateway.admin_addr(),
-            gateway.discovery_addr(),
-            gateway.dns_addr(),
-        );
-        regions.push(Region {
-            cluster: (*cluster).to_owned(),
-            gateway: Some(gateway),
-            config_path,
-            bound,
-        });
+    }
+    // The first gateway of every region, then the other replicas. Every region joins
+    // through the first one; an extra replica through the next region's first gateway (a
+    // gateway refuses gossip from its own cluster's identity, its siblings' included). After
+    // that, gossip does the rest.
+    for r in 0..args.replicas as usize {
+        for (i, cluster) in clusters.iter().enumerate() {
+            let seed = if r == 0 {
+                regions.first().map(|f: &Region| f.replicas[0].bound.2)
+            } else {
+                regions
+                    .get((i + 1) % n)
+                    .map(|next| next.replicas[0].bound.2)
+            };
+            let plan = &mut plans[i];
+            let (tunnel, admin, gossip) = port_offsets(r);
+            let name = (args.replicas > 1).then(|| format!("{cluster}-{}", r + 1));
+            let yaml = region_config(&RegionPorts {
+                index: i,
+                clusters: &clusters,
+                replica: name.as_deref(),
+                tunnel: port(i, tunnel),
+                admin: port(i, admin),
+                gossip: port(i, gossip),
+                dns: plan.dns,
+                seeds: seed.flatten().into_iter().collect(),
+                imports: plan.imports.clone(),
+                hello: plan.hello,
+                echo: plan.echo,
+            });
+            let file = name.as_deref().unwrap_or(cluster);
+            let config_path = dir.join(format!("{file}.yaml"));
+            write_atomic(&config_path, yaml.as_bytes(), false)?;
+            let config = Config::load(&config_path)
+                .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
+            let gateway = Gateway::start(config).await.with_context(|| {
+                format!("starting {file}; if a port is taken, pick another --base-port")
+            })?;
+            let bound = (
+                gateway.tunnel_addr(),
+                gateway.admin_addr(),
+                gateway.discovery_addr(),
+                gateway.dns_addr(),
+            );
+            // With --base-port 0 the first replica picked the DNS port: the others share it.
+            plan.dns = bound.3.map_or(plan.dns, |a| a.port());
+            let replica = Replica {
+                name: file.to_owned(),
+                gateway: Some(gateway),
+                config_path,
+                bound,
+            };
+            match regions.get_mut(i) {
+                Some(region) => region.replicas.push(replica),
+                None => regions.push(Region {
+                    cluster: (*cluster).to_owned(),
+                    config_path: replica.config_path.clone(),
+                    replicas: vec![replica],
+                }),
+            }
+        }
     }
     Ok(Demo {
         regions,
@@ -306,14 +426,24 @@ fn import_range(i: usize, ephemeral: bool) -> String {
     }
 }
 
+/// What a region's replicas share.
+struct RegionPlan {
+    imports: String,
+    dns: u16,
+    hello: u16,
+    echo: u16,
+}
+
 struct RegionPorts<'a> {
     index: usize,
     clusters: &'a [&'a str],
+    /// This gateway's replica name, when the region runs several.
+    replica: Option<&'a str>,
     tunnel: u16,
     admin: u16,
     gossip: u16,
     dns: u16,
-    seed: Option<SocketAddr>,
+    seeds: Vec<SocketAddr>,
     imports: String,
     hello: u16,
     echo: u16,
@@ -323,7 +453,8 @@ struct RegionPorts<'a> {
 /// and the headless `hello-pods` to everyone; peers and imports come from discovery.
 fn region_config(r: &RegionPorts<'_>) -> String {
     let cluster = r.clusters[r.index];
-    let seeds = r.seed.map(|s| s.to_string()).unwrap_or_default();
+    let seeds: Vec<String> = r.seeds.iter().map(|s| s.to_string()).collect();
+    let seeds = seeds.join(", ");
     let mut y = String::new();
     let _ = writeln!(
         y,
@@ -347,6 +478,14 @@ fn region_config(r: &RegionPorts<'_>) -> String {
         "discovery:\n  seeds: [{seeds}]\n  import_addresses: {}",
         r.imports
     );
+    if let Some(name) = r.replica {
+        // Its siblings share the region's listeners and DNS port (on one host, the kernel
+        // spreads clients over them): on a drain the others take new clients at once.
+        let _ = writeln!(
+            y,
+            "  replica: {name}\ndrain:\n  grace: 5s\n  accept_for: 0s"
+        );
+    }
     // Short enough to watch: a recovered region waits 3 s, then ramps up over 3 s.
     let _ = writeln!(
         y,
@@ -384,12 +523,13 @@ impl Demo {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let done = self.regions.iter().enumerate().all(|(i, r)| {
-                let Some(g) = &r.gateway else { return true };
-                let hello = g
-                    .listeners()
-                    .iter()
-                    .any(|l| l.service == "demo/hello" && l.clusters.len() == n - 1);
-                hello && (i != 0 || g.listener("demo/echo", 7000).is_some())
+                r.gateways().all(|g| {
+                    let hello = g
+                        .listeners()
+                        .iter()
+                        .any(|l| l.service == "demo/hello" && l.clusters.len() == n - 1);
+                    hello && (i != 0 || g.listener("demo/echo", 7000).is_some())
+                })
             });
             if done {
                 return true;
@@ -410,15 +550,22 @@ impl Demo {
             self.regions.len(),
             self.dir.display()
         );
-        for r in self.regions.iter().filter(|r| r.is_up()) {
-            let g = r.gateway();
-            let _ = writeln!(
-                s,
-                "region {:<9} tunnel udp://{}  admin http://{}",
-                r.cluster,
-                g.tunnel_addr(),
-                g.admin_addr()
-            );
+        for r in &self.regions {
+            for replica in &r.replicas {
+                let Some(g) = replica.gateway() else { continue };
+                let _ = writeln!(
+                    s,
+                    "region {:<9} {:<11} tunnel udp://{}  admin http://{}",
+                    r.cluster,
+                    if r.replicas.len() > 1 {
+                        replica.name.as_str()
+                    } else {
+                        ""
+                    },
+                    g.tunnel_addr(),
+                    g.admin_addr()
+                );
+            }
         }
         let _ = writeln!(
             s,
@@ -486,6 +633,13 @@ impl Demo {
             "\nFailover: type `down <region>` or `up <region>` here ({}), then curl again or\nrun `strait status`; `strait demo --tour` shows the traffic move on its own.",
             names.join(", ")
         );
+        if let Some(r) = self.regions.get(1).filter(|r| r.replicas.len() > 1) {
+            let _ = writeln!(
+                s,
+                "Replicas: `down {c}/2` takes one of {c}'s gateways away (its sibling keeps the traffic in\n{c}); `restart {c}` drains and restarts each in turn, with no connection lost.",
+                c = r.cluster
+            );
+        }
         let _ = writeln!(
             s,
             "\nDrills: strait drill run deploy/drills/gateway-kill.yaml   (library in deploy/drills/; admin token in {})",
@@ -515,56 +669,176 @@ impl Demo {
             })
     }
 
-    /// Takes a region's gateway down (its tunnel, listeners and gossip stop).
-    pub async fn take_down(&mut self, cluster: &str) -> anyhow::Result<()> {
+    /// The replicas `target` names: `<region>` (all of them) or `<region>/<n>` (the n-th,
+    /// from 1); the region's index and the replicas' indexes.
+    fn select(&self, target: &str) -> anyhow::Result<(usize, Vec<usize>)> {
+        let (cluster, nth) = match target.split_once('/') {
+            Some((c, n)) => (c, Some(n)),
+            None => (target, None),
+        };
         let i = self.index(cluster)?;
-        let g = self.regions[i]
-            .gateway
-            .take()
-            .with_context(|| format!("{cluster} is already down"))?;
-        // `up` binds the same ports again, possibly at once.
-        g.shutdown_and_release().await;
-        Ok(())
+        let count = self.regions[i].replicas.len();
+        match nth {
+            None => Ok((i, (0..count).collect())),
+            Some(n) => {
+                let k: usize = n
+                    .parse()
+                    .ok()
+                    .filter(|k| (1..=count).contains(k))
+                    .with_context(|| format!("`{target}`: {cluster} has replicas 1 to {count}"))?;
+                Ok((i, vec![k - 1]))
+            }
+        }
     }
 
-    /// Brings a region back on the ports it had.
-    pub async fn bring_up(&mut self, cluster: &str) -> anyhow::Result<()> {
-        let i = self.index(cluster)?;
-        let r = &mut self.regions[i];
-        anyhow::ensure!(r.gateway.is_none(), "{cluster} is already up");
-        let mut config = Config::load(&r.config_path)
-            .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
-        (
-            config.listen.tunnel,
-            config.listen.admin,
-            config.listen.discovery,
-            config.listen.dns,
-        ) = r.bound;
-        r.gateway = Some(
-            Gateway::start(config)
-                .await
-                .with_context(|| format!("restarting {cluster}"))?,
+    /// Takes gateways down (their tunnel, listeners and gossip stop): `<region>` or
+    /// `<region>/<n>`.
+    pub async fn take_down(&mut self, target: &str) -> anyhow::Result<()> {
+        let (i, which) = self.select(target)?;
+        let region = &mut self.regions[i];
+        anyhow::ensure!(
+            which.iter().any(|&k| region.replicas[k].gateway.is_some()),
+            "{target} is already down"
         );
+        for k in which {
+            if region.replicas[k].gateway.is_some() {
+                // `up` binds the same ports again, possibly at once.
+                region.replicas[k].take_down().await?;
+            }
+        }
         Ok(())
     }
 
-    /// One interactive command: `down <region>`, `up <region>`.
+    /// Brings gateways back on the ports they had: `<region>` or `<region>/<n>`.
+    pub async fn bring_up(&mut self, target: &str) -> anyhow::Result<()> {
+        let (i, which) = self.select(target)?;
+        let region = &mut self.regions[i];
+        anyhow::ensure!(
+            which.iter().any(|&k| region.replicas[k].gateway.is_none()),
+            "{target} is already up"
+        );
+        for k in which {
+            if region.replicas[k].gateway.is_none() {
+                region.replicas[k].bring_up().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A rolling restart of a region: each replica in turn drains (peers and clients move
+    /// to its siblings), stops, and starts again; the next one goes once it is back.
+    pub async fn restart(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let i = self.index(cluster)?;
+        let count = self.regions[i].replicas.len();
+        for k in 0..count {
+            // Its siblings take its connections: they must be in every region's rotation
+            // first (one just brought up may not be yet).
+            for j in (0..count).filter(|&j| j != k) {
+                self.wait_rejoined(i, j, Duration::from_secs(10)).await;
+            }
+            let replica = &mut self.regions[i].replicas[k];
+            let Some(g) = &replica.gateway else {
+                continue;
+            };
+            println!("  {}: draining", replica.name);
+            g.drain().await;
+            replica.take_down().await?;
+            replica.bring_up().await?;
+            println!("  {}: restarted", replica.name);
+        }
+        // The last one back too.
+        for k in 0..count {
+            self.wait_rejoined(i, k, Duration::from_secs(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `limit`) until replica `k` of region `i` is back in service: it has
+    /// its siblings' listeners bound, and every other region's gateways send it new
+    /// connections again.
+    async fn wait_rejoined(&self, i: usize, k: usize, limit: Duration) {
+        let region = &self.regions[i];
+        let replica = &region.replicas[k];
+        let Some(me) = replica.gateway() else {
+            return;
+        };
+        let wanted = region
+            .gateways()
+            .map(|g| g.listeners().len())
+            .max()
+            .unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            let routed = self
+                .regions
+                .iter()
+                .filter(|r| r.cluster != region.cluster)
+                .flat_map(|r| r.gateways())
+                .all(|g| {
+                    let names = g.routable_replicas(&region.cluster);
+                    // A region's only gateway has no replica name.
+                    names.contains(&replica.name)
+                        || (region.replicas.len() == 1 && !names.is_empty())
+                });
+            if me.listeners().len() >= wanted && routed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "  {}: not back in every region's rotation after {limit:?}",
+            replica.name
+        );
+    }
+
+    /// Starts again every gateway whose drain was asked for on its admin API and is over
+    /// (a supervisor's job: a drill's rolling restart relies on it).
+    pub async fn restart_drained(&mut self) {
+        for region in &mut self.regions {
+            for replica in &mut region.replicas {
+                if replica.gateway.as_ref().is_some_and(Gateway::drain_over) {
+                    println!("{} drained; starting it again", replica.name);
+                    let restarted = match replica.take_down().await {
+                        Ok(()) => replica.bring_up().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = restarted {
+                        println!("{e:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One interactive command: `down`, `up` (a region, or one replica as
+    /// `<region>/<n>`), `restart <region>` (rolling).
     pub async fn command(&mut self, line: &str) -> anyhow::Result<()> {
         match line.split_whitespace().collect::<Vec<_>>()[..] {
-            ["down", cluster] => {
-                self.take_down(cluster).await?;
-                println!("{cluster} is down; new connections move to the next region");
+            ["down", target] => {
+                self.take_down(target).await?;
+                if target.contains('/') {
+                    println!("{target} is down; its siblings take its connections, in its region");
+                } else {
+                    println!("{target} is down; new connections move to the next region");
+                }
             }
-            ["up", cluster] => {
-                self.bring_up(cluster).await?;
+            ["up", target] => {
+                self.bring_up(target).await?;
                 println!(
-                    "{cluster} is back; it gets traffic again after {}s of health, ramping up over {}s",
+                    "{target} is back; it gets traffic again after {}s of health, ramping up over {}s",
                     DEMO_DWELL.as_secs(),
                     DEMO_SLOW_START.as_secs()
                 );
             }
+            ["restart", cluster] => {
+                println!("rolling restart of {cluster}:");
+                self.restart(cluster).await?;
+                println!("{cluster} restarted, one replica at a time");
+            }
             [] => {}
-            _ => anyhow::bail!("commands: `down <region>`, `up <region>`"),
+            _ => anyhow::bail!(
+                "commands: `down <region>[/<n>]`, `up <region>[/<n>]`, `restart <region>`"
+            ),
         }
         Ok(())
     }

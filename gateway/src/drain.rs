@@ -51,6 +51,11 @@ impl Drain {
         self.started.subscribe()
     }
 
+    /// Whether the drain is over.
+    pub fn is_over(&self) -> bool {
+        *self.done.borrow()
+    }
+
     /// Waits until the drain is over.
     pub async fn drained(&self) {
         let mut done = self.done.subscribe();

@@ -88,6 +88,24 @@ pub struct Forwarding {
     pub local: Exports,
     /// How long dialling a local endpoint may take.
     pub connect_timeout: Duration,
+    /// Listeners are shared with this cluster's other replicas on the host
+    /// (`SO_REUSEPORT`): each import's address is served by whichever replica the kernel
+    /// picks.
+    pub shared_ports: bool,
+}
+
+/// A TCP listener on `addr`; `shared` with other replicas on this host (`SO_REUSEPORT`).
+pub(crate) fn bind_tcp(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if shared {
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 /// One bound listener, as reported by the admin API.
@@ -223,7 +241,7 @@ impl Listeners {
         let mut errors = Vec::new();
         for ((service, port, endpoint), imp, local_port) in to_bind {
             let addr = SocketAddr::new(imp.listen_on, local_port);
-            let listener = match TcpListener::bind(addr).await {
+            let listener = match bind_tcp(addr, self.0.forwarding.shared_ports) {
                 Ok(l) => l,
                 Err(e) => {
                     errors.push(anyhow::anyhow!(
@@ -609,6 +627,7 @@ mod tests {
                 copy_buffer: 16 << 10,
                 local,
                 connect_timeout: Duration::from_millis(200),
+                shared_ports: false,
             },
             life.clone(),
         );
@@ -623,6 +642,17 @@ mod tests {
 
     fn current(s: &Setup) -> Vec<Import> {
         s.desired.borrow().imports.clone()
+    }
+
+    #[tokio::test]
+    async fn replicas_on_one_host_share_a_listener_address_and_others_do_not() {
+        let first = bind_tcp("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = first.local_addr().unwrap();
+        let sibling = bind_tcp(addr, true).expect("a sibling replica shares the address");
+        assert_eq!(sibling.local_addr().unwrap(), addr);
+        let lone = bind_tcp("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let taken = bind_tcp(lone.local_addr().unwrap(), false).unwrap_err();
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
     }
 
     #[tokio::test]

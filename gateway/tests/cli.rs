@@ -342,6 +342,8 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_json_logs_are_one_object_a_line
                 "demo",
                 "--regions",
                 "2",
+                "--replicas",
+                "2",
                 "--base-port",
                 "0",
                 "--duration",
@@ -362,8 +364,8 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_json_logs_are_one_object_a_line
             .collect();
         assert_eq!(
             logs.len(),
-            2,
-            "one start line per region ({format}):\n{stdout}"
+            4,
+            "one start line per gateway: 2 regions of 2 replicas ({format}):\n{stdout}"
         );
         assert!(
             !stdout.contains('\u{1b}'),

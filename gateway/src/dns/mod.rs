@@ -172,13 +172,13 @@ fn spec(c: &config::Dns, serial: u32) -> Spec {
 }
 
 /// Binds UDP and TCP on `addr` (the same port for both; port 0 picks one free for both).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
+pub async fn bind(addr: SocketAddr, shared: bool) -> anyhow::Result<(UdpSocket, TcpListener)> {
     // With port 0 the UDP port is chosen first and TCP takes the same number; another
     // process may hold it on TCP, so try a few.
     for _ in 0..16 {
-        let udp = udp_socket(addr)?;
+        let udp = udp_socket(addr, shared)?;
         let port = udp.local_addr()?.port();
-        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+        match crate::listener::bind_tcp(SocketAddr::new(addr.ip(), port), shared) {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(e) if addr.port() != 0 => return Err(e.into()),
             Err(_) => continue,
@@ -191,9 +191,13 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
 /// task is busy (the kernel caps them at `net.core.rmem_max` / `wmem_max`).
 const UDP_BUFFER: usize = 4 << 20;
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// The UDP socket; `shared` with other replicas on this host (`SO_REUSEPORT`).
+fn udp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if shared {
+        s.set_reuse_port(true)?;
+    }
     // Best effort: a smaller buffer still works, it only drops sooner under bursts.
     let _ = s.set_recv_buffer_size(UDP_BUFFER);
     let _ = s.set_send_buffer_size(UDP_BUFFER);
