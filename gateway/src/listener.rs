@@ -481,10 +481,23 @@ async fn dial_local(
 /// A stream opened to a peer cluster, and the count of it on the replica it went to.
 type Opened = (quinn::SendStream, quinn::RecvStream, OpenGuard);
 
+/// Least time a replica with siblings left to try is given to answer a stream.
+const SIBLING_AFTER: Duration = Duration::from_millis(250);
+
+/// How long to wait for a replica before trying its sibling: [`SIBLING_AFTER`], or four
+/// round trips on a slow path; never past `timeout`.
+fn sibling_after(peer: &PeerHandle, timeout: Duration) -> Duration {
+    let rtt = peer.liveness().rtt.unwrap_or_default();
+    SIBLING_AFTER.max(rtt * 4).min(timeout)
+}
+
 /// Opens a stream on one of `cluster`'s replicas, tried in [`attempt_order`]: the next
 /// one when a replica is down, stops answering while we wait, or is draining, so the
-/// connection leaves the cluster only when no replica of it can take it. Bytes sent with
-/// the request that may have been delivered are never sent again (`replay_ok` false).
+/// connection leaves the cluster only when no replica of it can take it. A replica with a
+/// sibling still to try gets [`sibling_after`] to answer when nothing sent can be replayed
+/// wrongly: a replica killed a moment ago costs a connection that long, not the probes'
+/// verdict. Bytes sent with the request that may have been delivered are never sent again
+/// (`replay_ok` false).
 async fn open_on(
     peers: &dyn PeerSet,
     cluster: &str,
@@ -500,11 +513,19 @@ async fn open_on(
     }
     let tiebreak = rand::rng().random_range(0..replicas.len());
     let mut last = OpenError::PeerDown;
-    for peer in attempt_order(&replicas, tiebreak) {
+    let order = attempt_order(&replicas, tiebreak);
+    let n = order.len();
+    for (k, peer) in order.into_iter().enumerate() {
         // Counted from the first byte: a replica that stopped answering collects the
         // streams waiting on it, and new connections go to its siblings meanwhile.
         let counted = peer.count_open();
-        match open_on_replica(&peer, req, early, timeout).await {
+        let hedged = k + 1 < n && replay_ok && peer.liveness().routable;
+        let wait = if hedged {
+            sibling_after(&peer, timeout)
+        } else {
+            timeout
+        };
+        match open_on_replica(&peer, req, early, wait).await {
             Ok((send, recv)) => return Ok((send, recv, counted)),
             Err(e) => {
                 let draining = matches!(

@@ -63,8 +63,10 @@ pub struct StepRecord {
     pub kind: String,
     /// What it did, for people (`blackhole on eu-west to us-east`).
     pub label: String,
-    /// The cluster whose traffic it should move.
+    /// The cluster whose traffic it should move (or keep, when it `stays`).
     pub victim: Option<String>,
+    /// A fault the cluster's replicas ride out: its traffic should stay there.
+    pub stays: bool,
     /// When it was injected.
     pub start: Duration,
     /// When it was undone.
@@ -194,6 +196,13 @@ pub struct FaultReport {
     pub end_s: f64,
     /// Whether the hit cluster carried the first load's traffic before the fault.
     pub victim_served: bool,
+    /// A fault the cluster's replicas ride out (kill-replica, rolling-restart): its
+    /// traffic should stay, and is not expected to reroute.
+    #[serde(default)]
+    pub stays: bool,
+    /// For such a fault: connections started during it that another cluster answered.
+    #[serde(default)]
+    pub served_elsewhere: Option<usize>,
     /// Seconds from the start until the source gateway took the victim out of rotation.
     pub detected_after_s: Option<f64>,
     /// Seconds from the start until no new connection went to, failed at, or was slowed
@@ -400,6 +409,8 @@ fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, until: Duration) -
         start_s: secs(s.start),
         end_s: secs(s.end),
         victim_served: false,
+        stays: s.stays,
+        served_elsewhere: None,
         detected_after_s: None,
         rerouted_after_s: None,
         failback_after_s: None,
@@ -437,6 +448,22 @@ fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, until: Duration) -
     let base_share = share(&baseline, victim).unwrap_or(0.0);
     r.victim_served = base_share > 0.0;
     if !r.victim_served {
+        return r;
+    }
+    if s.stays {
+        // Its siblings should have kept every connection in the cluster.
+        r.served_elsewhere = Some(
+            l.samples
+                .iter()
+                .filter(|x| during(x.at))
+                .filter(|x| {
+                    x.result
+                        .as_ref()
+                        .is_ok_and(|c| !c.is_empty() && c != victim)
+                })
+                .count(),
+        );
+        r.detected_after_s = None;
         return r;
     }
     // Reroute: the victim's counter stops growing, and connections stop failing or
@@ -534,7 +561,27 @@ fn judge(
             broken <= max,
         );
     }
-    let judged: Vec<&FaultReport> = faults.iter().filter(|f| f.victim_served).collect();
+    if let Some(max) = o.max_served_elsewhere {
+        let stayed: Vec<&FaultReport> = faults
+            .iter()
+            .filter(|f| f.stays && f.victim_served)
+            .collect();
+        let elsewhere: usize = stayed.iter().filter_map(|f| f.served_elsewhere).sum();
+        push(
+            "max_served_elsewhere",
+            max.to_string(),
+            if stayed.is_empty() {
+                "no replica fault hit a cluster that carried the load".to_owned()
+            } else {
+                elsewhere.to_string()
+            },
+            !stayed.is_empty() && elsewhere <= max,
+        );
+    }
+    let judged: Vec<&FaultReport> = faults
+        .iter()
+        .filter(|f| f.victim_served && !f.stays)
+        .collect();
     let mut timed = |name: &str,
                      limit: Option<Duration>,
                      get: fn(&FaultReport) -> Option<f64>,

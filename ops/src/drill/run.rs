@@ -44,6 +44,20 @@ struct Planned {
     injections: Vec<Injection>,
     /// (admin, id) of what was injected.
     injected: Vec<(SocketAddr, u64)>,
+    /// A rolling restart: what it drives, and the task carrying it out (it ends when the
+    /// last replica is back, from the drill's start).
+    restart: Option<RollingRestart>,
+    restarting: Option<tokio::task::JoinHandle<Result<Duration, String>>>,
+}
+
+/// What a rolling restart drives: each replica's admin API, and where to watch the
+/// cluster come back (the first load's source gateway and service).
+#[derive(Clone)]
+struct RollingRestart {
+    cluster: String,
+    replicas: Vec<SocketAddr>,
+    source: SocketAddr,
+    service: String,
 }
 
 /// Calls gateways' fault APIs with the drill's token.
@@ -165,8 +179,13 @@ pub async fn run_with_progress(
 /// Every gateway answers, with fault injection on and the token accepted.
 async fn preflight(client: &Client, s: &Scenario) -> anyhow::Result<()> {
     let mut problems = Vec::new();
-    for (cluster, admin) in &s.federation.gateways {
-        match client.admin(*admin).faults().await {
+    let each = s
+        .federation
+        .gateways
+        .iter()
+        .flat_map(|(c, a)| a.all().into_iter().map(move |a| (c, a)));
+    for (cluster, admin) in each {
+        match client.admin(admin).faults().await {
             Ok(Ok(_)) => {}
             Ok(Err(refused)) => problems.push(format!("{cluster} ({admin}): {refused}")),
             Err(e) => problems.push(format!("{cluster}: {e:#}")),
@@ -183,7 +202,7 @@ async fn preflight(client: &Client, s: &Scenario) -> anyhow::Result<()> {
 
 /// The listener address of a load's service on its source gateway.
 async fn listener_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<SocketAddr> {
-    let admin = s.federation.gateways[&l.from];
+    let admin = s.federation.gateways[&l.from].first();
     let imports = Admin::new(admin).services().await?.imports;
     let found: Vec<_> = imports
         .iter()
@@ -219,7 +238,7 @@ async fn listener_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<SocketAddr> 
 
 /// The cluster the load's service goes to first now, from its source gateway.
 async fn primary_of(s: &Scenario, l: &LoadEntry) -> anyhow::Result<Option<String>> {
-    let admin = s.federation.gateways[&l.from];
+    let admin = s.federation.gateways[&l.from].first();
     Ok(Admin::new(admin)
         .route(&l.service)
         .await?
@@ -242,21 +261,33 @@ fn plan_step(
             other => Ok(other.to_owned()),
         }
     };
-    let admin = |g: &str| -> anyhow::Result<SocketAddr> {
-        s.federation.gateways.get(g).copied().with_context(|| {
-            format!("`{g}` (resolved from a placeholder) is not in federation.gateways")
-        })
+    let admins = |g: &str| -> anyhow::Result<Vec<SocketAddr>> {
+        s.federation
+            .gateways
+            .get(g)
+            .map(|a| a.all())
+            .with_context(|| {
+                format!("`{g}` (resolved from a placeholder) is not in federation.gateways")
+            })
     };
     let duration = HumanDuration(step.duration.0);
-    let one = |gateway: &str, fault: Fault| -> anyhow::Result<Injection> {
-        Ok(Injection {
-            gateway: gateway.to_owned(),
-            admin: admin(gateway)?,
-            request: FaultRequest { fault, duration },
-        })
+    // A fault on a cluster hits every replica of it.
+    let one = |gateway: &str, fault: Fault| -> anyhow::Result<Vec<Injection>> {
+        Ok(admins(gateway)?
+            .into_iter()
+            .map(|admin| Injection {
+                gateway: gateway.to_owned(),
+                admin,
+                request: FaultRequest {
+                    fault: fault.clone(),
+                    duration,
+                },
+            })
+            .collect())
     };
     let peer = step.peer.as_deref().map(resolve).transpose()?;
     let direction = step.direction.unwrap_or_default();
+    let mut restart = None;
     let (label, victim, injections) = if step.fault == FaultKind::Partition {
         let sides = step.between.as_deref().unwrap_or_default();
         let (a, b) = (resolve(&sides[0])?, resolve(&sides[1])?);
@@ -272,11 +303,36 @@ fn plan_step(
             peer: Some(p.to_owned()),
             direction: Direction::Both,
         };
-        (
-            format!("partition {a} | {b}"),
-            victim,
-            vec![one(&a, cut(&b))?, one(&b, cut(&a))?],
-        )
+        let mut both = one(&a, cut(&b))?;
+        both.extend(one(&b, cut(&a))?);
+        (format!("partition {a} | {b}"), victim, both)
+    } else if step.fault.stays() {
+        let on = resolve(step.on.as_deref().unwrap_or(FROM))?;
+        let all = admins(&on)?;
+        if step.fault == FaultKind::KillReplica {
+            let n = step.replica.unwrap_or(1);
+            let admin = *all
+                .get(n - 1)
+                .with_context(|| format!("{on} has no replica {n}"))?;
+            let injection = Injection {
+                gateway: on.clone(),
+                admin,
+                request: FaultRequest {
+                    fault: Fault::KillTunnel,
+                    duration,
+                },
+            };
+            (format!("kill-replica {on}/{n}"), Some(on), vec![injection])
+        } else {
+            // Carried out by the runner (drain, wait for the restart), not injected.
+            restart = Some(RollingRestart {
+                cluster: on.clone(),
+                replicas: all,
+                source: s.federation.gateways[from].first(),
+                service: s.load[0].service.clone(),
+            });
+            (format!("rolling-restart {on}"), Some(on), Vec::new())
+        }
     } else {
         let on = resolve(step.on.as_deref().unwrap_or(FROM))?;
         let fault = match step.fault {
@@ -302,14 +358,16 @@ fn plan_step(
                     .unwrap_or_else(|| s.load[0].service.clone()),
             },
             FaultKind::CutDiscovery => Fault::CutDiscovery,
-            FaultKind::Partition => unreachable!("handled above"),
+            FaultKind::Partition | FaultKind::KillReplica | FaultKind::RollingRestart => {
+                unreachable!("handled above")
+            }
         };
         // The source gateway itself is no cluster its traffic can move away from.
         let victim = match &peer {
             Some(p) if on == from => Some(p.clone()),
             _ => (on != from).then(|| on.clone()),
         };
-        (label(&fault, &on), victim, vec![one(&on, fault)?])
+        (label(&fault, &on), victim, one(&on, fault)?)
     };
     Ok(Planned {
         at: step.at.0,
@@ -321,12 +379,15 @@ fn plan_step(
                 .unwrap_or_default(),
             label,
             victim,
+            stays: step.fault.stays(),
             start: step.at.0,
             end: step.at.0 + step.duration.0,
             error: None,
         },
         injections,
         injected: Vec::new(),
+        restart,
+        restarting: None,
     })
 }
 
@@ -359,6 +420,11 @@ fn label(f: &Fault, on: &str) -> String {
 
 async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
     p.record.start = t0.elapsed();
+    if let Some(r) = p.restart.clone() {
+        let token = client.token.clone();
+        p.restarting = Some(tokio::spawn(rolling_restart(r, token, t0)));
+        return;
+    }
     let mut errors = Vec::new();
     for inj in &p.injections {
         match client.admin(inj.admin).inject(&inj.request).await {
@@ -374,6 +440,28 @@ async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
 }
 
 async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
+    if let Some(task) = p.restarting.take() {
+        // Its time is up: a restart still under way is stopped (the replica being
+        // drained still finishes its drain and restarts).
+        if !task.is_finished() {
+            task.abort();
+        }
+        match task.await {
+            Ok(Ok(done)) => p.record.end = done,
+            Ok(Err(e)) => {
+                p.record.error = Some(e);
+                p.record.end = t0.elapsed();
+            }
+            Err(_) => {
+                p.record.error = Some(format!(
+                    "not every replica was back within the step's {:?}",
+                    p.duration
+                ));
+                p.record.end = t0.elapsed();
+            }
+        }
+        return;
+    }
     if p.injected.is_empty() {
         return;
     }
@@ -390,6 +478,64 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
     }
     p.injected = left;
     p.record.end = t0.elapsed();
+}
+
+/// How long a rolling restart waits for one replica to drain, restart and be back.
+const REPLICA_BACK_WITHIN: Duration = Duration::from_secs(60);
+
+/// Drains each replica in turn (`POST /v1/drain`) and waits until its supervisor has
+/// started it again and the source gateway sends it new connections, before the next; a
+/// replica drains only while all its siblings are in the source's rotation. When the last
+/// one is back, from the drill's start.
+async fn rolling_restart(
+    r: RollingRestart,
+    token: String,
+    t0: Instant,
+) -> Result<Duration, String> {
+    for (k, admin) in r.replicas.iter().enumerate() {
+        all_in_rotation(&r).await?;
+        let name = format!("{}/{}", r.cluster, k + 1);
+        match Admin::with_token(*admin, token.clone()).drain().await {
+            Ok(Ok(_)) => {}
+            Ok(Err(refused)) => return Err(format!("{name}: {refused}")),
+            Err(e) => return Err(format!("{name}: {e:#}")),
+        }
+        // Back: its admin API answers ready again (a new incarnation: a draining one says
+        // 503 until it exits).
+        let deadline = tokio::time::Instant::now() + REPLICA_BACK_WITHIN;
+        while !matches!(Admin::new(*admin).ready().await, Ok((200, _))) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{name} was not started again within {REPLICA_BACK_WITHIN:?} (is something restarting it, like `strait demo`?)"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    all_in_rotation(&r).await?;
+    Ok(t0.elapsed())
+}
+
+/// Waits until the source gateway sends new connections to every replica of the cluster.
+async fn all_in_rotation(r: &RollingRestart) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + REPLICA_BACK_WITHIN;
+    loop {
+        if let Ok(Ok(route)) = Admin::new(r.source).route(&r.service).await
+            && route
+                .clusters
+                .iter()
+                .any(|c| c.cluster == r.cluster && c.routable_replicas >= r.replicas.len())
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{}'s replicas were not all in the source's rotation within {REPLICA_BACK_WITHIN:?}",
+                r.cluster
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Whether an undo left the fault gone: undone now, or (404) already ended on the
@@ -462,7 +608,7 @@ impl Running {
         });
         let polls = Arc::new(Mutex::new(Vec::new()));
         let poller = tokio::spawn(poll_routes(
-            s.federation.gateways[&l.from],
+            s.federation.gateways[&l.from].first(),
             l.service.clone(),
             polls.clone(),
             t0,
@@ -610,7 +756,9 @@ fn progress_of(t0: Instant, total: Duration, plan: &[Planned], loads: &[Running]
         total,
         faults: plan
             .iter()
-            .filter(|s| !s.injected.is_empty())
+            .filter(|s| {
+                !s.injected.is_empty() || s.restarting.as_ref().is_some_and(|t| !t.is_finished())
+            })
             .map(|s| s.record.label.clone())
             .collect(),
         ..Progress::default()

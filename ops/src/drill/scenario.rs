@@ -50,8 +50,8 @@ pub struct Scenario {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Federation {
-    /// Cluster id → admin API address of its gateway.
-    pub gateways: BTreeMap<String, SocketAddr>,
+    /// Cluster id → admin API address of its gateway, or of each of its replicas.
+    pub gateways: BTreeMap<String, Admins>,
     /// File with the admin token (the gateways' `faults.token_file`); relative to the
     /// scenario file.
     #[serde(default)]
@@ -59,6 +59,31 @@ pub struct Federation {
     /// Environment variable holding the admin token instead.
     #[serde(default)]
     pub token_env: Option<String>,
+}
+
+/// The admin API of a cluster's gateway, or of each of its replicas (a list).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Admins {
+    /// A cluster's only gateway.
+    One(SocketAddr),
+    /// Its replicas, in order (`replica: 1` is the first).
+    Replicas(Vec<SocketAddr>),
+}
+
+impl Admins {
+    /// Every gateway's admin API.
+    pub fn all(&self) -> Vec<SocketAddr> {
+        match self {
+            Admins::One(a) => vec![*a],
+            Admins::Replicas(v) => v.clone(),
+        }
+    }
+
+    /// The first gateway's (loads are driven and routes read there).
+    pub fn first(&self) -> SocketAddr {
+        self.all()[0]
+    }
 }
 
 /// One stream of load.
@@ -108,6 +133,19 @@ pub enum FaultKind {
     Unready,
     /// `on` stops gossiping.
     CutDiscovery,
+    /// One replica of `on` (`replica`, from 1) stops as in a crash; its siblings should
+    /// keep the cluster's traffic.
+    KillReplica,
+    /// Every replica of `on` in turn drains and is restarted by its supervisor (the demo
+    /// does it); the next goes once the previous one is back in the source's rotation.
+    RollingRestart,
+}
+
+impl FaultKind {
+    /// Faults a cluster with replicas rides out: its traffic should stay.
+    pub fn stays(self) -> bool {
+        matches!(self, FaultKind::KillReplica | FaultKind::RollingRestart)
+    }
 }
 
 /// One fault on the timeline.
@@ -138,6 +176,9 @@ pub struct Step {
     /// Share of packets lost (loss).
     #[serde(default)]
     pub fraction: Option<f64>,
+    /// Which replica of `on`, from 1 (kill-replica).
+    #[serde(default)]
+    pub replica: Option<usize>,
     /// `namespace/name` made unready (unready; default: the first load's service).
     #[serde(default)]
     pub service: Option<String>,
@@ -155,6 +196,10 @@ pub struct Objectives {
     /// requests in flight when a fault began.
     #[serde(default)]
     pub max_broken_connections: Option<usize>,
+    /// Most connections another cluster may answer during a fault the hit cluster's
+    /// replicas ride out (kill-replica, rolling-restart).
+    #[serde(default)]
+    pub max_served_elsewhere: Option<usize>,
     /// Longest time from a fault's start until no new connection goes to (or fails at)
     /// the cluster it hit.
     #[serde(default)]
@@ -223,8 +268,15 @@ impl Scenario {
                 "list each gateway as `<cluster>: <admin address>`",
             );
         }
-        for c in f.gateways.keys() {
+        for (c, admins) in &f.gateways {
             v.label(&format!("federation.gateways.{c}"), c);
+            if admins.all().is_empty() {
+                v.push(
+                    &format!("federation.gateways.{c}"),
+                    "lists no admin address",
+                    "give one address, or one per replica: `[127.0.0.1:7411, 127.0.0.1:7415]`",
+                );
+            }
         }
         if f.token_file.is_some() == f.token_env.is_some() {
             v.push(
@@ -403,7 +455,8 @@ impl Scenario {
             self.gateway(v, &field("peer"), p, true);
         }
         let allowed: &[&str] = match s.fault {
-            K::KillTunnel | K::Drain | K::CutDiscovery | K::Partition => &[],
+            K::KillTunnel | K::Drain | K::CutDiscovery | K::Partition | K::RollingRestart => &[],
+            K::KillReplica => &["replica"],
             K::Blackhole => &["peer", "direction"],
             K::Delay => &["peer", "latency"],
             K::Loss => &["peer", "direction", "fraction"],
@@ -415,6 +468,7 @@ impl Scenario {
             ("latency", s.latency.is_some()),
             ("fraction", s.fraction.is_some()),
             ("service", s.service.is_some()),
+            ("replica", s.replica.is_some()),
         ];
         for (name, set) in given {
             if set && !allowed.contains(&name) {
@@ -431,6 +485,33 @@ impl Scenario {
                 "is missing",
                 "give the added delay, e.g. `200ms`",
             );
+        }
+        if s.fault.stays() {
+            let on = s.on.as_deref().unwrap_or_default();
+            let replicas = self.federation.gateways.get(on).map(|a| a.all().len());
+            if on == FROM {
+                v.push(
+                    &field("on"),
+                    "cannot be the load's source",
+                    "name the cluster whose replicas are hit (a cluster id or `$primary`)",
+                );
+            }
+            if replicas.is_some_and(|n| n < 2) {
+                v.push(
+                    &field("on"),
+                    format!("`{on}` lists one admin address: no replica is left to serve"),
+                    "list each replica's admin API: `<cluster>: [<admin 1>, <admin 2>]`",
+                );
+            }
+            if let (Some(r), Some(n)) = (s.replica, replicas)
+                && !(1..=n).contains(&r)
+            {
+                v.push(
+                    &field("replica"),
+                    format!("{r} is not one of {on}'s replicas 1..={n}"),
+                    "count replicas from 1, in federation.gateways order",
+                );
+            }
         }
         if s.fault == K::Loss && s.fraction.is_none() {
             v.push(

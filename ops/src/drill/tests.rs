@@ -169,6 +169,7 @@ fn recording() -> Recording {
             kind: "kill-tunnel".into(),
             label: "kill-tunnel east".into(),
             victim: Some("east".into()),
+            stays: false,
             start: Duration::from_secs(2),
             end: Duration::from_secs(5),
             error: None,
@@ -325,4 +326,88 @@ fn a_connection_in_flight_when_the_fault_began_is_broken_not_a_failed_new_one() 
     assert_eq!((r.loads[0].failed, r.loads[0].broken_in_flight), (1, 0));
     assert_eq!((r.faults[0].failed, r.faults[0].broken), (1, 0));
     assert!(super::render::summary(&r).contains("1 failed, 0 broken in flight at a fault"));
+}
+
+const REPLICATED: &str = r#"
+name: kill-replica
+federation:
+  token_file: token
+  gateways:
+    west: 127.0.0.1:9901
+    east: [127.0.0.1:9902, 127.0.0.1:9906]
+load:
+  - from: west
+    service: demo/hello
+    rate: 100
+duration: 10s
+steps:
+  - at: 2s
+    duration: 3s
+    fault: kill-replica
+    on: east
+    replica: 2
+objectives:
+  max_failed_connections: 0
+  max_served_elsewhere: 0
+"#;
+
+#[test]
+fn replicated_gateways_and_replica_faults_parse_and_bad_ones_name_the_fix() {
+    let s = parse(REPLICATED).unwrap();
+    assert_eq!(s.federation.gateways["east"].all().len(), 2);
+    assert_eq!(
+        s.federation.gateways["west"].first(),
+        "127.0.0.1:9901".parse().unwrap()
+    );
+    let errors = parse(&REPLICATED.replace("replica: 2", "replica: 3")).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.0 == "steps[0].replica" && e.1.contains("1..=2")),
+        "{errors:?}"
+    );
+    let errors = parse(&REPLICATED.replace("on: east", "on: west")).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.0 == "steps[0].on" && e.2.contains("each replica")),
+        "{errors:?}"
+    );
+    let errors =
+        parse(&REPLICATED.replace("fault: kill-replica", "fault: kill-tunnel")).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.0 == "steps[0].replica" && e.1.contains("does not apply")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_replica_fault_is_judged_on_traffic_that_stayed_not_on_a_reroute() {
+    let s = parse(REPLICATED).unwrap();
+    let mut rec = recording();
+    rec.steps[0].stays = true;
+    // Every connection answered by east (the recording's polls show east serving before).
+    for x in &mut rec.loads[0].samples {
+        x.result = Ok("east".into());
+    }
+    let r = analyse(&s, &rec);
+    let f = &r.faults[0];
+    assert!(f.stays && f.victim_served);
+    assert_eq!(f.served_elsewhere, Some(0));
+    assert_eq!(f.rerouted_after_s, None, "not judged as a reroute");
+    let passed: BTreeMap<&str, bool> = r
+        .objectives
+        .iter()
+        .map(|o| (o.name.as_str(), o.passed))
+        .collect();
+    assert!(passed["max_served_elsewhere"], "{:?}", r.objectives);
+    // Three connections during the fault went to north: counted against it.
+    for x in &mut rec.loads[0].samples[250..253] {
+        x.result = Ok("north".into());
+    }
+    let r = analyse(&s, &rec);
+    assert_eq!(r.faults[0].served_elsewhere, Some(3));
+    assert_eq!(r.verdict, Verdict::Failed);
 }
