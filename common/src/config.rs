@@ -107,8 +107,8 @@ pub struct Discovery {
     #[serde(default)]
     pub accept_unsigned_origins: bool,
     /// This gateway's name when its cluster runs several (replicas, e.g. `eu-west-1`): each
-    /// replica announces itself, and peers spread new connections over the live ones. In
-    /// Kubernetes mode the replica name of `kubernetes.replica` by default.
+    /// replica announces itself at its own advertised tunnel address, and peers spread new
+    /// connections over the live ones.
     #[serde(default)]
     pub replica: Option<String>,
 }

@@ -238,6 +238,7 @@ impl Gateway {
                 local: Exports::new(desired.clone()),
                 connect_timeout: config.tunnel.endpoint_connect_timeout.0,
                 shared_ports,
+                open: Default::default(),
             },
             life.child(),
         );
@@ -321,8 +322,8 @@ impl Gateway {
             admin_listener,
         )));
         spawn(Box::pin(faults.expire()));
-        let (open_routing, open_inbound, closing, counting) = (
-            routing.clone(),
+        let (open_listeners, open_inbound, closing, counting) = (
+            listeners.clone(),
             inbound.clone(),
             listeners.clone(),
             listeners.clone(),
@@ -335,7 +336,7 @@ impl Gateway {
                 listeners: Box::new(move || counting.count()),
                 node: node.clone(),
                 open: Box::new(move || {
-                    open_routing.open_connections() + open_inbound.open_streams()
+                    open_listeners.open_connections() + open_inbound.open_streams()
                 }),
             },
         )));

@@ -216,31 +216,11 @@ fn start_generation() -> u64 {
     (micros & !0x3ff) | rand::rng().random_range(0..0x400)
 }
 
-/// This gateway's name among its cluster's replicas (`discovery.replica`; in Kubernetes
-/// mode the pod's name by default, made a DNS label), or `None` for a cluster's only
-/// gateway.
+/// This gateway's name among its cluster's replicas (`discovery.replica`), or `None` for a
+/// cluster's only gateway. Opt-in, in Kubernetes mode too: a replica advertises its own
+/// tunnel address, and pods behind one load balancer address would all claim the same.
 pub fn replica_name(config: &Config) -> Option<String> {
-    let d = config.discovery.as_ref()?;
-    d.replica.clone().or_else(|| {
-        let k = config.kubernetes.as_ref()?;
-        Some(dns_label(&crate::kubernetes::replica_name(k)))
-    })
-}
-
-/// `name` as a DNS label: lowercase, other characters as `-`, at most 63.
-fn dns_label(name: &str) -> String {
-    let mut s: String = name
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(63)
-        .collect();
-    s = s.trim_matches('-').to_owned();
-    if s.is_empty() {
-        "gateway".to_owned()
-    } else {
-        s
-    }
+    config.discovery.as_ref()?.replica.clone()
 }
 
 #[cfg(test)]

@@ -92,6 +92,8 @@ pub struct Forwarding {
     /// (`SO_REUSEPORT`): each import's address is served by whichever replica the kernel
     /// picks.
     pub shared_ports: bool,
+    /// Client connections accepted and not yet finished (a drain waits for them).
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A TCP listener on `addr`; `shared` with other replicas on this host (`SO_REUSEPORT`).
@@ -184,6 +186,14 @@ impl Listeners {
         tracing::info!(listeners = n, "service listeners closed");
         bound.clear();
         n
+    }
+
+    /// Client connections accepted and not yet finished, every listener together.
+    pub fn open_connections(&self) -> usize {
+        self.0
+            .forwarding
+            .open
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Listeners bound now.
@@ -317,8 +327,16 @@ async fn serve(
         match listener.accept().await {
             Ok((tcp, client)) => {
                 let span = tracing::info_span!("outbound", service = %info.service, port = info.port, %client);
+                // Counted from the accept to the end of forwarding: a drain waits for it.
+                fwd.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let open = OpenGuard::on(fwd.open.clone());
+                let forwarded = forward(fwd.clone(), info.clone(), import.load_full(), tcp);
                 tokio::spawn(
-                    forward(fwd.clone(), info.clone(), import.load_full(), tcp).instrument(span),
+                    async move {
+                        forwarded.await;
+                        drop(open);
+                    }
+                    .instrument(span),
                 );
             }
             Err(e) => {
@@ -481,23 +499,26 @@ async fn dial_local(
 /// A stream opened to a peer cluster, and the count of it on the replica it went to.
 type Opened = (quinn::SendStream, quinn::RecvStream, OpenGuard);
 
-/// Least time a replica with siblings left to try is given to answer a stream.
+/// Least time a replica with siblings left to try is given to show it is alive (echo a
+/// liveness probe) while a stream waits for its answer.
 const SIBLING_AFTER: Duration = Duration::from_millis(250);
 
-/// How long to wait for a replica before trying its sibling: [`SIBLING_AFTER`], or four
-/// round trips on a slow path; never past `timeout`.
-fn sibling_after(peer: &PeerHandle, timeout: Duration) -> Duration {
+/// How long a replica may stay silent before a stream waiting on it tries its sibling:
+/// [`SIBLING_AFTER`], or four round trips on a slow path (probes go every keep-alive, so a
+/// live replica echoes several in that time).
+fn sibling_after(peer: &PeerHandle) -> Duration {
     let rtt = peer.liveness().rtt.unwrap_or_default();
-    SIBLING_AFTER.max(rtt * 4).min(timeout)
+    SIBLING_AFTER.max(rtt * 4)
 }
 
 /// Opens a stream on one of `cluster`'s replicas, tried in [`attempt_order`]: the next
 /// one when a replica is down, stops answering while we wait, or is draining, so the
-/// connection leaves the cluster only when no replica of it can take it. A replica with a
-/// sibling still to try gets [`sibling_after`] to answer when nothing sent can be replayed
-/// wrongly: a replica killed a moment ago costs a connection that long, not the probes'
-/// verdict. Bytes sent with the request that may have been delivered are never sent again
-/// (`replay_ok` false).
+/// connection leaves the cluster only when no replica of it can take it. While a sibling is
+/// still to try and nothing sent can be replayed wrongly, a replica that has echoed no
+/// probe [`sibling_after`] the request went out is given up on: a replica killed a moment
+/// ago costs a connection that long, not the probes' verdict, and a live one with a slow
+/// endpoint is waited for. All attempts together take at most `timeout`. Bytes sent with
+/// the request that may have been delivered are never sent again (`replay_ok` false).
 async fn open_on(
     peers: &dyn PeerSet,
     cluster: &str,
@@ -515,17 +536,18 @@ async fn open_on(
     let mut last = OpenError::PeerDown;
     let order = attempt_order(&replicas, tiebreak);
     let n = order.len();
+    let deadline = tokio::time::Instant::now() + timeout;
     for (k, peer) in order.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
         // Counted from the first byte: a replica that stopped answering collects the
         // streams waiting on it, and new connections go to its siblings meanwhile.
         let counted = peer.count_open();
-        let hedged = k + 1 < n && replay_ok && peer.liveness().routable;
-        let wait = if hedged {
-            sibling_after(&peer, timeout)
-        } else {
-            timeout
-        };
-        match open_on_replica(&peer, req, early, wait).await {
+        let silent_after =
+            (k + 1 < n && replay_ok && peer.liveness().routable).then(|| sibling_after(&peer));
+        match open_on_replica(&peer, req, early, left, silent_after).await {
             Ok((send, recv)) => return Ok((send, recv, counted)),
             Err(e) => {
                 let draining = matches!(
@@ -538,9 +560,9 @@ async fn open_on(
                 if draining {
                     peer.going_away();
                 }
-                // The replica, not the service, failed: down, gone quiet, draining, or its
-                // connection lost or silent while opening. (A refusal is the service's
-                // answer, the same from every replica.)
+                // The replica, not the service, failed: down, gone quiet, draining, at its
+                // stream limit, or its connection lost or silent while opening. (Other
+                // refusals are the service's answer, the same from every replica.)
                 let replica_down = draining
                     || matches!(
                         e,
@@ -548,6 +570,10 @@ async fn open_on(
                             | OpenError::Abandoned
                             | OpenError::Timeout(_)
                             | OpenError::Stream(_)
+                            | OpenError::Refused {
+                                status: Status::Overloaded,
+                                ..
+                            }
                     );
                 if !replica_down || (e.ambiguous() && !replay_ok) {
                     return Err(e);
@@ -563,21 +589,38 @@ async fn open_on(
 }
 
 /// Opens a stream on one replica's tunnel; gives up early, as `Abandoned`, when the peer
-/// stops answering probes (or starts draining) while we wait.
+/// stops answering probes (or starts draining) while we wait, or, with `silent_after`,
+/// when it has echoed no probe that long after the request went out.
 async fn open_on_replica(
     peer: &PeerHandle,
     req: &StreamRequest,
     early: &[u8],
     timeout: Duration,
+    silent_after: Option<Duration>,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
     let mut state = peer.subscribe();
     let Some(conn) = peer.ready_connection(timeout).await else {
         return Err(OpenError::PeerDown);
     };
+    let asked = std::time::Instant::now();
     let unresponsive = async move {
-        let _ = state
-            .wait_for(|s| !s.routable() || peer.is_draining())
-            .await;
+        let down = state.wait_for(|s| !s.routable() || peer.is_draining());
+        let silent = async {
+            match silent_after {
+                Some(after) => {
+                    tokio::time::sleep(after).await;
+                    if peer.heard_since(asked) {
+                        // Alive: its endpoint is slow. Wait for the answer.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = down => {}
+            () = silent => {}
+        }
     };
     open_stream_until(&conn, req, early, timeout, unresponsive).await
 }
@@ -649,6 +692,7 @@ mod tests {
                 local,
                 connect_timeout: Duration::from_millis(200),
                 shared_ports: false,
+                open: Default::default(),
             },
             life.clone(),
         );

@@ -295,14 +295,6 @@ impl Routing {
         }
     }
 
-    /// Client connections being proxied now, every service and cluster together.
-    pub fn open_connections(&self) -> usize {
-        lock(&self.0.active)
-            .values()
-            .map(|a| a.load(Ordering::Relaxed))
-            .sum()
-    }
-
     /// Explains the routing of every imported service, or of `only`.
     pub fn report(&self, only: Option<&str>) -> Vec<RouteReport> {
         let desired = self.desired();

@@ -281,3 +281,51 @@ async fn the_admin_api_drains_a_gateway_which_then_stops() {
     within(Duration::from_secs(5), gateway.wait()).await;
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateway_tells_its_peers_on_their_own_connections() {
+    use strait_gateway::tunnel::peers::PeerStatus;
+    let pki = TestPki::new();
+    let hello = Backend::http_hello("hello from east\n".into())
+        .await
+        .unwrap();
+    let (ue, east_addr) = udp();
+    let east = pki
+        .gateway("east", ue, |c| {
+            c.exports.push(export("svc", 7000, hello.addr, &["*"]))
+        })
+        .await;
+    let (uw, _) = udp();
+    let west = pki
+        .gateway("west", uw, |c| {
+            import_from(c, "svc", 7000, &[("east", east_addr)])
+        })
+        .await;
+    wait_peer(&west, "east", PeerStatus::Up).await;
+    assert_eq!(
+        http_get(west.listener("default/svc", 7000).unwrap(), "/")
+            .await
+            .1,
+        "hello from east\n"
+    );
+    assert!(east.start_drain());
+    // No discovery here (no replica record) and no stream sent: only the GOAWAY on west's
+    // own connection can tell it.
+    let admin = admin(&west);
+    eventually(
+        Duration::from_secs(5),
+        "west sees east draining",
+        async || {
+            admin
+                .peers()
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.cluster == "east" && p.draining && p.status == PeerStatus::Up)
+        },
+    )
+    .await;
+    let route = admin.route("default/svc").await.unwrap().unwrap();
+    let row = route.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    assert!(!row.eligible && row.routable_replicas == 0, "{row:?}");
+}

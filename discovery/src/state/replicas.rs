@@ -24,6 +24,9 @@ pub type ReplicaKey = (String, String);
 const FORGET_AFTER_LEASES: u32 = 10;
 /// Beats per lease.
 const BEATS_PER_LEASE: u32 = 10;
+/// Most records of one cluster a member holds: whoever holds a cluster's key can announce
+/// its replicas, but not make every member dial thousands of addresses.
+pub const MAX_PER_CLUSTER: usize = 16;
 
 /// What a member holds of one replica, summarised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -246,11 +249,19 @@ impl Replicas {
                 {
                     own.generation = r.generation.saturating_add(1);
                     own.beat = 0;
+                    // Signed now, or peers would refuse it until the next beat.
+                    self.reseal(sealing);
                 }
                 continue;
             }
             let held = self.held.get(&key);
             if held.is_some_and(|h| !r.newer_than(&h.record.digest())) {
+                continue;
+            }
+            if held.is_none()
+                && self.held.keys().filter(|(c, _)| *c == key.0).count() >= MAX_PER_CLUSTER
+            {
+                refused += 1;
                 continue;
             }
             if let Some(sealing) = sealing {

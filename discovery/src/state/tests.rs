@@ -1178,3 +1178,33 @@ proptest! {
         prop_assert_eq!(replica_state(&x, now), before);
     }
 }
+
+#[test]
+fn a_cluster_gets_at_most_sixteen_replica_records() {
+    let now = Instant::now();
+    let mut c = node("z", 1);
+    let records = (0..20)
+        .map(|i| {
+            let mut me = info("a");
+            me.tunnel_addr.set_port(7000 + i);
+            ReplicaRecord {
+                replica: format!("a-{i}"),
+                info: me,
+                generation: 1,
+                beat: 1,
+                draining: false,
+                seal: None,
+                chain: None,
+            }
+        })
+        .collect();
+    let stats = c.apply(
+        Delta {
+            origins: vec![],
+            replicas: records,
+        },
+        now,
+    );
+    assert_eq!((stats.replicas_applied, stats.rejected), (16, 4));
+    assert_eq!(c.replicas(now).len(), 16);
+}

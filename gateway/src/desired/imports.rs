@@ -113,6 +113,9 @@ impl Allocation {
     }
 }
 
+/// Most replicas of one cluster this gateway keeps tunnels to.
+pub(super) const MAX_REPLICAS: usize = 16;
+
 /// Peers to keep: the configured ones, plus every member of the federation whose lease
 /// holds (suspected members are kept: their connection retries until the lease ends). A
 /// cluster that announces replicas is one peer per live replica record; one that does not
@@ -142,7 +145,23 @@ pub(super) fn desired_peers(configured: &[PeerTarget], view: &View, me: &str) ->
         .chain(configured.iter().cloned())
         .map(|p| ((p.cluster.clone(), p.replica.clone()), p))
         .collect();
-    out.into_values().collect()
+    // Replicas that announce one address (behind one load balancer) are one tunnel: the
+    // balancer, not this gateway, picks the replica. And a cluster gets at most
+    // MAX_REPLICAS tunnels, whatever a holder of its key announces.
+    let mut kept: Vec<PeerTarget> = Vec::new();
+    for p in out.into_values() {
+        let of_cluster = kept.iter().filter(|k| k.cluster == p.cluster).count();
+        if let Some(same) = kept
+            .iter_mut()
+            .find(|k| k.cluster == p.cluster && k.address == p.address)
+        {
+            // Draining only when every replica behind the address is.
+            same.draining &= p.draining;
+        } else if of_cluster < MAX_REPLICAS {
+            kept.push(p);
+        }
+    }
+    kept
 }
 
 /// Imports: the configured ones, plus every service another cluster exports to this one,
@@ -618,6 +637,19 @@ mod tests {
         let peers = desired_peers(std::slice::from_ref(&fixed), &view, "us-east");
         assert_eq!(peers.iter().filter(|p| p.cluster == "eu-west").count(), 1);
         assert!(peers.contains(&fixed));
+        // Replicas behind one load balancer address are one tunnel, draining only when
+        // all of them are.
+        let shared = View {
+            replicas: vec![
+                replica("eu-west", "eu-1", 7001, true, true),
+                replica("eu-west", "eu-2", 7001, true, false),
+            ],
+            ..view.clone()
+        };
+        let peers = desired_peers(&[], &shared, "us-east");
+        let eu: Vec<&PeerTarget> = peers.iter().filter(|p| p.cluster == "eu-west").collect();
+        assert_eq!(eu.len(), 1, "{peers:?}");
+        assert!(!eu[0].draining);
     }
 
     #[test]

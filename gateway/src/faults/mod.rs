@@ -420,23 +420,22 @@ impl Faults {
         self.changed.notify_one();
     }
 
-    /// Tunnel addresses of a peer cluster: its address as a peer and, with discovery, the
-    /// one it advertises.
+    /// Tunnel addresses of a peer cluster: the address of each of its replicas this
+    /// gateway has a tunnel to and, with discovery, every one it advertises (its origin's,
+    /// and each replica record's).
     fn peer_addresses(&self, cluster: &str) -> Result<Vec<SocketAddr>, FaultError> {
         let peers = &self.targets.peers;
         let mut addrs: Vec<SocketAddr> = peers
-            .get(cluster)
+            .replicas(cluster)
+            .iter()
             .map(|p| p.target.address)
-            .into_iter()
             .collect();
         if let Some(node) = &self.targets.discovery {
-            addrs.extend(
-                node.view()
-                    .members
-                    .iter()
-                    .filter(|m| m.info.cluster == cluster)
-                    .map(|m| m.info.tunnel_addr),
-            );
+            let view = node.view();
+            let members = view.members.iter().filter(|m| m.info.cluster == cluster);
+            let replicas = view.replicas.iter().filter(|r| r.info.cluster == cluster);
+            addrs.extend(members.map(|m| m.info.tunnel_addr));
+            addrs.extend(replicas.map(|r| r.info.tunnel_addr));
         }
         addrs.sort();
         addrs.dedup();

@@ -468,7 +468,9 @@ fn candidates(export: &Export, named: Option<&str>, next: &AtomicUsize) -> Vec<s
 /// [`super::GOAWAY`].
 async fn go_away(conn: quinn::Connection) {
     let sent = async {
-        let mut s = conn.open_uni().await?;
+        // Bounded: a peer that allows no stream (an older version) is told nothing here
+        // (it learns from the `draining` answer, or gossip).
+        let mut s = tokio::time::timeout(Duration::from_secs(2), conn.open_uni()).await??;
         s.write_all(super::GOAWAY).await?;
         s.finish()?;
         anyhow::Ok(())

@@ -103,12 +103,12 @@ impl StreamMetrics {
     }
 }
 
-/// QUIC application error codes used when closing connections and resetting streams.
 /// What a draining gateway sends, on a unidirectional stream, on each tunnel connection it
 /// serves: the peer sends it no new streams (those open finish) and uses its siblings, or
 /// other clusters, until it is back (a fresh connection).
 pub(crate) const GOAWAY: &[u8] = b"strait goaway v1";
 
+/// QUIC application error codes used when closing connections and resetting streams.
 pub mod codes {
     use quinn::VarInt;
     /// Gateway shutting down.
@@ -127,7 +127,9 @@ pub mod codes {
 pub fn transport_config(t: &TunnelTuning) -> Arc<TransportConfig> {
     let mut c = TransportConfig::default();
     c.max_concurrent_bidi_streams(VarInt::from_u32(t.max_concurrent_streams));
-    c.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // One: the GOAWAY a draining gateway sends its peers. A gateway accepts none (it never
+    // reads them on its inbound side), so one is all a peer can hold open there.
+    c.max_concurrent_uni_streams(VarInt::from_u32(1));
     c.stream_receive_window(VarInt::from_u64(t.stream_window.0).unwrap_or(VarInt::MAX));
     c.receive_window(VarInt::from_u64(t.connection_window.0).unwrap_or(VarInt::MAX));
     c.send_window(t.connection_window.0);

@@ -2,7 +2,7 @@
 //! for a cluster that runs several gateways, one per replica), kept up with reconnect
 //! backoff, each judged alive by probes of its own. A peer cluster is the set of its
 //! replicas: routing sees the cluster (routable while any replica is), and a new
-//! connection picks a replica by the power of two choices ([`attempt_order`]).
+//! connection tries the least loaded replica first ([`attempt_order`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -69,10 +69,19 @@ pub(crate) struct PeerHandle {
     announced_draining: AtomicBool,
     /// Its current connection said it is going away (a fresh connection clears it).
     going_away: AtomicBool,
+    /// When it last echoed a liveness probe on its current connection.
+    heard: Mutex<Option<Instant>>,
 }
 
-/// Counts one proxied connection through a peer while it lives.
+/// Counts one proxied connection (through a peer, or on the listeners) while it lives.
 pub(crate) struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    /// Releases one count of `counter` (already taken) when dropped.
+    pub(crate) fn on(counter: Arc<AtomicUsize>) -> Self {
+        OpenGuard(counter)
+    }
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -93,6 +102,7 @@ impl PeerHandle {
         Self {
             announced_draining: AtomicBool::new(target.draining),
             going_away: AtomicBool::new(false),
+            heard: Mutex::new(None),
             target,
             state: watch::channel(state).0,
             rtt: Mutex::new(VecDeque::with_capacity(RTT_SAMPLES)),
@@ -135,6 +145,19 @@ impl PeerHandle {
             tracing::info!(peer = %self.target.name(), "peer is draining; new connections go to its siblings or elsewhere");
             self.state.send_modify(|_| {});
         }
+    }
+
+    /// Whether it echoed a liveness probe after `t` (the transport answers, whatever the
+    /// streams are waiting for).
+    pub fn heard_since(&self, t: Instant) -> bool {
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|h| h > t)
+    }
+
+    fn note_heard(&self, at: Instant) {
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
     }
 
     /// Proxied connections open through it now.
@@ -703,6 +726,7 @@ async fn watch_connection(
             echo = conn.read_datagram() => {
                 if echo.is_ok_and(|d| d.len() == 8) {
                     heard = Instant::now();
+                    peer.note_heard(heard);
                 }
                 continue;
             }
@@ -730,6 +754,7 @@ async fn watch_connection(
         let stalled = now.saturating_duration_since(due.into_std()) > t.keep_alive.0;
         if stalled || conn.max_datagram_size().is_none() {
             heard = now;
+            peer.note_heard(now);
         }
         let stats = conn.stats();
         let rtt = stats.path.rtt;

@@ -541,12 +541,20 @@ fn judge(
         });
     };
     if let Some(max) = o.max_failed_connections {
-        let failed: usize = loads.iter().map(|l| l.failed).sum();
+        let mut failed: usize = loads.iter().map(|l| l.failed).sum();
         let started: usize = loads.iter().map(|l| l.started).sum();
+        let mut actual = format!("{failed} of {started}");
+        // Connections a fault broke are judged apart only when the drill says how many
+        // may break; otherwise every failure counts here.
+        let in_flight: usize = loads.iter().map(|l| l.broken_in_flight).sum();
+        if o.max_broken_connections.is_none() && in_flight > 0 {
+            failed += in_flight;
+            actual = format!("{failed} of {started} ({in_flight} in flight at a fault)");
+        }
         push(
             "max_failed_connections",
             max.to_string(),
-            format!("{failed} of {started}"),
+            actual,
             failed <= max,
         );
     }

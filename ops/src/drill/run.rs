@@ -739,13 +739,10 @@ struct Failures {
     recent_failed: usize,
 }
 
-/// When each fault injected so far began, from the drill's start (steps are at 1 s or later,
-/// so a zero start is one not injected yet).
+/// When each fault began, from the drill's start: a step injected so far has its actual
+/// start, one not injected yet its planned one, which no finished connection straddles.
 fn fault_starts(plan: &[Planned]) -> Vec<Duration> {
-    plan.iter()
-        .map(|p| p.record.start)
-        .filter(|s| !s.is_zero())
-        .collect()
+    plan.iter().map(|p| p.record.start).collect()
 }
 
 /// Where the drill stands: counts over every load, the faults in force.

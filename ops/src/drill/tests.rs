@@ -319,6 +319,23 @@ fn a_connection_in_flight_when_the_fault_began_is_broken_not_a_failed_new_one() 
     );
     assert_eq!(r.verdict, Verdict::Failed);
 
+    // Without a limit for broken connections, every failure counts against the failed one.
+    let strict = parse(GOOD).unwrap();
+    let mut rec = recording();
+    rec.loads[0].samples[199] = Sample {
+        at: Duration::from_millis(1995),
+        latency: Duration::from_millis(10),
+        result: Err("reset".into()),
+    };
+    let r = analyse(&strict, &rec);
+    let failed = r
+        .objectives
+        .iter()
+        .find(|o| o.name == "max_failed_connections")
+        .unwrap();
+    assert!(!failed.passed);
+    assert_eq!(failed.actual, "1 of 1000 (1 in flight at a fault)");
+
     // The same failure one connection later (started after the kill) is a failed new one.
     let mut rec = recording();
     rec.loads[0].samples[200].result = Err("reset".into());
