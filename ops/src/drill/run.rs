@@ -425,14 +425,28 @@ async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
         p.restarting = Some(tokio::spawn(rolling_restart(r, token, t0)));
         return;
     }
-    let mut errors = Vec::new();
+    // Every gateway at once; the fault counts from when it is in force on all of them
+    // (a connection started while it was half applied was in flight at it).
+    let mut calls = tokio::task::JoinSet::new();
     for inj in &p.injections {
-        match client.admin(inj.admin).inject(&inj.request).await {
-            Ok(Ok(active)) => p.injected.push((inj.admin, active.id)),
-            Ok(Err(refused)) => errors.push(format!("{}: {refused}", inj.gateway)),
-            Err(e) => errors.push(format!("{}: {e:#}", inj.gateway)),
+        let (admin, request, gateway) = (
+            client.admin(inj.admin),
+            inj.request.clone(),
+            inj.gateway.clone(),
+        );
+        let at = inj.admin;
+        calls.spawn(async move { (at, gateway, admin.inject(&request).await) });
+    }
+    let mut errors = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        match done {
+            Ok((at, _, Ok(Ok(active)))) => p.injected.push((at, active.id)),
+            Ok((_, gateway, Ok(Err(refused)))) => errors.push(format!("{gateway}: {refused}")),
+            Ok((_, gateway, Err(e))) => errors.push(format!("{gateway}: {e:#}")),
+            Err(e) => errors.push(e.to_string()),
         }
     }
+    p.record.start = t0.elapsed();
     if !errors.is_empty() {
         tracing::error!(step = %p.record.label, errors = ?errors, "fault not injected");
         p.record.error = Some(errors.join("; "));
