@@ -57,6 +57,11 @@ fn config(seeds: Vec<SocketAddr>) -> NodeConfig {
 }
 
 async fn start(id: Arc<Identity>, seeds: Vec<SocketAddr>) -> Node {
+    start_with(id, config(seeds)).await
+}
+
+/// A member with `config`, on a fresh loopback port (its tunnel address too).
+async fn start_with(id: Arc<Identity>, config: NodeConfig) -> Node {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let me = MemberInfo {
@@ -66,7 +71,7 @@ async fn start(id: Arc<Identity>, seeds: Vec<SocketAddr>) -> Node {
         tunnel_addr: addr,
         gossip_addr: addr,
     };
-    Node::start(me, 1, id, listener, config(seeds)).unwrap()
+    Node::start(me, 1, id, listener, config).unwrap()
 }
 
 /// Waits (bounded) until `node`'s view satisfies `cond`.
@@ -630,19 +635,10 @@ async fn replica(
     voice: strait_discovery::state::Voice,
     seeds: Vec<SocketAddr>,
 ) -> Node {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let me = MemberInfo {
-        cluster: id.id.cluster.clone(),
-        region: "r".into(),
-        zone: String::new(),
-        tunnel_addr: addr,
-        gossip_addr: addr,
-    };
     let mut c = config(seeds);
     c.catalog.replica = Some(name.into());
     c.catalog.voice = voice;
-    Node::start(me, 1, id, listener, c).unwrap()
+    start_with(id, c).await
 }
 
 #[tokio::test]

@@ -1120,22 +1120,32 @@ mod sealed {
     }
 }
 
+/// Replica `name` of `cluster` at tunnel port `port`, generation 1, beat 1, unsigned.
+fn unsigned_record(cluster: &str, name: &str, port: u16) -> ReplicaRecord {
+    let mut me = info(cluster);
+    me.tunnel_addr.set_port(port);
+    ReplicaRecord {
+        replica: name.into(),
+        info: me,
+        generation: 1,
+        beat: 1,
+        draining: false,
+        seal: None,
+        chain: None,
+    }
+}
+
 /// Replica records from one writer: the content is a function of (key, generation, beat),
 /// as a replica bumps its beat with every change.
 fn arb_records() -> impl Strategy<Value = Delta> {
     let record = (0..2usize, 0..2usize, 1..3u64, 0..4u64).prop_map(|(c, r, generation, beat)| {
         let cluster = ["a", "b"][c];
-        let mut me = info(cluster);
-        me.tunnel_addr
-            .set_port(7000 + (generation * 10 + beat) as u16);
+        let port = 7000 + (generation * 10 + beat) as u16;
         ReplicaRecord {
-            replica: format!("{cluster}-{r}"),
-            info: me,
             generation,
             beat,
             draining: beat % 2 == 1,
-            seal: None,
-            chain: None,
+            ..unsigned_record(cluster, &format!("{cluster}-{r}"), port)
         }
     });
     proptest::collection::vec(record, 0..6).prop_map(|replicas| Delta {
@@ -1184,19 +1194,7 @@ fn a_cluster_gets_at_most_sixteen_replica_records() {
     let now = Instant::now();
     let mut c = node("z", 1);
     let records = (0..20)
-        .map(|i| {
-            let mut me = info("a");
-            me.tunnel_addr.set_port(7000 + i);
-            ReplicaRecord {
-                replica: format!("a-{i}"),
-                info: me,
-                generation: 1,
-                beat: 1,
-                draining: false,
-                seal: None,
-                chain: None,
-            }
-        })
+        .map(|i| unsigned_record("a", &format!("a-{i}"), 7000 + i))
         .collect();
     let stats = c.apply(
         Delta {

@@ -754,6 +754,10 @@ async fn watch_connection(
         let stalled = now.saturating_duration_since(due.into_std()) > t.keep_alive.0;
         if stalled || conn.max_datagram_size().is_none() {
             heard = now;
+        }
+        // Evidence of life for a stream deciding whether to try a sibling: an echo, or a
+        // peer that takes no datagrams (the idle timeout judges it). A stall here is none.
+        if conn.max_datagram_size().is_none() {
             peer.note_heard(now);
         }
         let stats = conn.stats();

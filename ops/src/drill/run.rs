@@ -479,6 +479,9 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
     if p.injected.is_empty() {
         return;
     }
+    // The fault ends as its undo begins: a connection started while it was being lifted
+    // (the revived gateways' reconnects briefly load the host) is not one it slowed.
+    p.record.end = t0.elapsed();
     let mut left = Vec::new();
     for (admin, id) in p.injected.drain(..) {
         // 404: the gateway already ended it on its own timer.
@@ -491,7 +494,6 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
         }
     }
     p.injected = left;
-    p.record.end = t0.elapsed();
 }
 
 /// How long a rolling restart waits for one replica to drain, restart and be back.
