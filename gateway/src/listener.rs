@@ -328,8 +328,7 @@ async fn serve(
             Ok((tcp, client)) => {
                 let span = tracing::info_span!("outbound", service = %info.service, port = info.port, %client);
                 // Counted from the accept to the end of forwarding: a drain waits for it.
-                fwd.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let open = OpenGuard::on(fwd.open.clone());
+                let open = OpenGuard::count(&fwd.open);
                 let forwarded = forward(fwd.clone(), info.clone(), import.load_full(), tcp);
                 tokio::spawn(
                     async move {

@@ -77,9 +77,10 @@ pub(crate) struct PeerHandle {
 pub(crate) struct OpenGuard(Arc<AtomicUsize>);
 
 impl OpenGuard {
-    /// Releases one count of `counter` (already taken) when dropped.
-    pub(crate) fn on(counter: Arc<AtomicUsize>) -> Self {
-        OpenGuard(counter)
+    /// Counts one on `counter` until dropped.
+    pub(crate) fn count(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(counter.clone())
     }
 }
 
@@ -167,8 +168,7 @@ impl PeerHandle {
 
     /// Counts a proxied connection through it until the guard drops.
     pub fn count_open(&self) -> OpenGuard {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(self.open.clone())
+        OpenGuard::count(&self.open)
     }
 
     /// RTT percentiles over the last minute; `None` before the first sample.
