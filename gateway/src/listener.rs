@@ -367,7 +367,13 @@ async fn forward(
     let early = early_bytes(&tcp);
     // Bytes the client already sent ride with the request only when no retry can follow
     // (or the policy allows replays): an attempt that times out may have delivered them.
-    let eager = plan.attempts.len() <= 1 || plan.early_data;
+    // A cluster of several replicas is a retry too (its next replica).
+    let retries = plan.attempts.len() > 1
+        || plan
+            .attempts
+            .first()
+            .is_some_and(|c| fwd.peers.replicas(c).len() > 1);
+    let eager = !retries || plan.early_data;
     let with_request: &[u8] = if eager { &early } else { &[] };
     let mut retry = None;
     for cluster in &plan.attempts {
@@ -612,6 +618,7 @@ async fn open_on_replica(
                         // Alive: its endpoint is slow. Wait for the answer.
                         std::future::pending::<()>().await;
                     }
+                    peer.went_silent(asked);
                 }
                 None => std::future::pending().await,
             }

@@ -69,8 +69,19 @@ pub(crate) struct PeerHandle {
     announced_draining: AtomicBool,
     /// Its current connection said it is going away (a fresh connection clears it).
     going_away: AtomicBool,
-    /// When it last echoed a liveness probe on its current connection.
-    heard: Mutex<Option<Instant>>,
+    /// When it last echoed a liveness probe on its current connection, and since when a
+    /// stream gave up on it for silence.
+    heard: Mutex<Heard>,
+}
+
+/// What was last heard of a peer's transport.
+#[derive(Default)]
+struct Heard {
+    /// Its last probe echo.
+    last: Option<Instant>,
+    /// A stream gave up on it for silence after asking at this instant, and no echo has
+    /// come since.
+    silent_since: Option<Instant>,
 }
 
 /// Counts one proxied connection (through a peer, or on the listeners) while it lives.
@@ -103,7 +114,7 @@ impl PeerHandle {
         Self {
             announced_draining: AtomicBool::new(target.draining),
             going_away: AtomicBool::new(false),
-            heard: Mutex::new(None),
+            heard: Mutex::default(),
             target,
             state: watch::channel(state).0,
             rtt: Mutex::new(VecDeque::with_capacity(RTT_SAMPLES)),
@@ -151,14 +162,32 @@ impl PeerHandle {
     /// Whether it echoed a liveness probe after `t` (the transport answers, whatever the
     /// streams are waiting for).
     pub fn heard_since(&self, t: Instant) -> bool {
-        self.heard
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|h| h > t)
+        self.heard().last.is_some_and(|h| h > t)
+    }
+
+    fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
+        self.heard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn note_heard(&self, at: Instant) {
-        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        let mut h = self.heard();
+        h.last = Some(at);
+        h.silent_since = None;
+    }
+
+    /// A stream that asked at `asked` gave up on it: nothing echoed since. Until it echoes
+    /// a probe again it is tried after its siblings ([`attempt_order`]), so the next
+    /// connections do not wait on it too while its probes are still out.
+    pub fn went_silent(&self, asked: Instant) {
+        let mut h = self.heard();
+        if h.last.is_none_or(|l| l <= asked) {
+            h.silent_since.get_or_insert(asked);
+        }
+    }
+
+    /// Whether a stream gave up on it for silence and it has echoed nothing since.
+    pub fn is_silent(&self) -> bool {
+        self.heard().silent_since.is_some()
     }
 
     /// Proxied connections open through it now.
@@ -390,8 +419,10 @@ impl Liveness {
 /// The order in which a new connection tries `cluster`'s replicas: the routable ones,
 /// least loaded first (connections open through each, and those still opening: a replica
 /// that stopped answering collects opening streams and drops out of favour before its
-/// probes find it dead), ties in an order rotated by `tiebreak`; then the rest (which fail
-/// at once unless they just came back). Deterministic for a given `tiebreak`.
+/// probes find it dead), ties in an order rotated by `tiebreak`, except that one a stream
+/// gave up on for silence comes after its siblings until it echoes a probe again; then
+/// the rest (which fail at once unless they just came back). Deterministic for a given
+/// `tiebreak`.
 pub(crate) fn attempt_order(replicas: &[Arc<PeerHandle>], tiebreak: usize) -> Vec<Arc<PeerHandle>> {
     let n = replicas.len().max(1);
     type Indexed<'a> = Vec<(usize, &'a Arc<PeerHandle>)>;
@@ -399,7 +430,13 @@ pub(crate) fn attempt_order(replicas: &[Arc<PeerHandle>], tiebreak: usize) -> Ve
         .iter()
         .enumerate()
         .partition(|(_, p)| p.liveness().routable);
-    routable.sort_by_key(|(i, p)| (p.open_connections(), (i + n - tiebreak % n) % n));
+    routable.sort_by_key(|(i, p)| {
+        (
+            p.is_silent(),
+            p.open_connections(),
+            (i + n - tiebreak % n) % n,
+        )
+    });
     routable
         .into_iter()
         .chain(rest)
@@ -867,6 +904,17 @@ mod tests {
         // A draining replica is tried only after every live one.
         set[1].going_away();
         assert_eq!(names(&attempt_order(&set, 0)), ["d", "a", "b", "c"]);
+        // A replica a stream gave up on for silence goes after its siblings, however
+        // lightly loaded, until it echoes a probe again.
+        let asked = Instant::now();
+        even[0].went_silent(asked);
+        assert_eq!(names(&attempt_order(&even, 0)), ["b", "c", "a"]);
+        even[0].note_heard(asked + Duration::from_millis(1));
+        assert_eq!(names(&attempt_order(&even, 0)), ["a", "b", "c"]);
+        // An echo that came after the stream asked means it was not silent after all.
+        even[1].note_heard(asked + Duration::from_millis(1));
+        even[1].went_silent(asked);
+        assert_eq!(names(&attempt_order(&even, 0)), ["a", "b", "c"]);
         // A connection counted on a replica is released with its guard.
         let before = set[3].open_connections();
         drop(set[3].count_open());
