@@ -12,10 +12,16 @@
 //! or took longer than 3x the pre-fault p99 + 5 ms. Reroute time = fault until the end of
 //! the last affected connection: from then on every new connection went straight to north.
 //!
+//! The replica sections ([`replicas`]) then kill one of a cluster's two replicas, restart
+//! both in turn, and measure what replicas cost at rest.
+//!
 //! Run: `cargo bench -p strait-gateway --bench failover` (options after `--`:
 //! `--runs N` (default 3), `--rate R` (default 500), `--out FILE.md` (relative to the
 //! workspace), `--west-yaml 'tunnel:\n  keep_alive: 200ms'` (top-level sections set in
-//! west's config, as if appended to its file)).
+//! west's config, as if appended to its file), `--only clusters` or `--only replicas`
+//! (one part)).
+
+mod replicas;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -158,6 +164,9 @@ fn main() {
     let rate: f64 = opt("--rate").and_then(|v| v.parse().ok()).unwrap_or(500.0);
     // YAML sections for west's config, e.g. other tunnel timings for a comparison.
     let west_extra = opt("--west-yaml").unwrap_or_default().replace("\\n", "\n");
+    let only = opt("--only");
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    strait_gateway::raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,7 +183,12 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let mut summary = String::new();
-    for fault in [Fault::Kill, Fault::Blackhole] {
+    let faults = if part("clusters") {
+        vec![Fault::Kill, Fault::Blackhole]
+    } else {
+        Vec::new()
+    };
+    for fault in faults {
         let mut reroutes = Vec::new();
         for run in 1..=runs {
             let o = rt.block_on(run_once(fault, rate, &west_extra));
@@ -203,6 +217,10 @@ fn main() {
         summary += &line;
     }
     report += &summary;
+    if part("replicas") {
+        report += "\n";
+        report += &replicas::report(&rt, runs, rate);
+    }
     if let Some(out) = opt("--out") {
         // cargo runs benches in the package directory; relative paths are from the workspace.
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -1,5 +1,5 @@
-//! Replica benchmark: what several gateways per cluster buy and cost, under 500 new
-//! connections per second.
+//! The failover benchmark's replica sections: what several gateways per cluster buy and
+//! cost, under 500 new connections per second.
 //!
 //! Topology on loopback: `west` (in this process) drives `default/svc`, exported by `east`
 //! (two `strait run` processes, replicas `east-1` and `east-2`, preferred by policy) and
@@ -14,9 +14,6 @@
 //!   connections, and connections another region answered, over the whole load.
 //! - `rest`: west's gossip bytes per second and tunnel connections, idle, with east as one
 //!   gateway and as two replicas.
-//!
-//! Run: `cargo bench -p strait-gateway --bench replicas` (options after `--`: `--runs N`
-//! (default 3), `--rate R` (default 500), `--out FILE.md`, relative to the workspace).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -28,9 +25,10 @@ use strait_gateway::demo::backend::Backend;
 use strait_ops::drill::analysis::in_flight;
 use strait_ops::load::{Load, LoadSpec, Sample, reroute};
 use strait_tests::*;
+use tokio::runtime::Runtime;
 
-const LOAD: Duration = Duration::from_secs(8);
-const FAULT_AT: Duration = Duration::from_secs(2);
+use super::{FAULT_AT, LOAD};
+
 const LEASE: Duration = Duration::from_secs(3);
 
 struct Fed {
@@ -141,14 +139,22 @@ async fn kill(rate: f64) -> (usize, usize, usize, Duration, Duration) {
     let samples = load.finish().await;
     let before: Vec<&Sample> = samples.iter().filter(|s| s.end() < at).collect();
     let p99_before = p99(&before);
+    let slow = p99_before * 3 + Duration::from_millis(5);
     // No connection should be answered by another cluster: only slow or failed ones count.
-    let r = reroute(
-        &samples,
-        at,
-        LOAD,
-        "(none)",
-        p99_before * 3 + Duration::from_millis(5),
-    );
+    let r = reroute(&samples, at, LOAD, "(none)", slow);
+    // What the reroute time is made of: the connections the kill slowed or failed.
+    for s in samples
+        .iter()
+        .filter(|s| s.end() >= at && (s.result.is_err() || s.latency > slow))
+        .take(8)
+    {
+        println!(
+            "  affected: started {:+.0} ms from the kill, took {:.0} ms: {:?}",
+            s.at.as_secs_f64() * 1000.0 - at.as_secs_f64() * 1000.0,
+            s.latency.as_secs_f64() * 1000.0,
+            s.result
+        );
+    }
     let failed = samples
         .iter()
         .filter(|s| s.result.is_err() && !in_flight(s, &[at]))
@@ -208,24 +214,11 @@ async fn rest(replicas: usize) -> (f64, usize) {
     (rate, fed.west.tunnel_connections())
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let runs: usize = opt("--runs").and_then(|v| v.parse().ok()).unwrap_or(3);
-    let rate: f64 = opt("--rate").and_then(|v| v.parse().ok()).unwrap_or(500.0);
-    strait_gateway::raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+/// The replica sections of the report: `runs` kills and rolling restarts at `rate`, and
+/// the cost at rest.
+pub fn report(rt: &Runtime, runs: usize, rate: f64) -> String {
     let mut report = format!(
-        "# Replica benchmark\n\n`cargo bench -p strait-gateway --bench replicas -- --runs {runs} --rate {rate}`; {} cores.\n\n## Kill one of two replicas ({rate} new connections/s, SIGKILL at {}s)\n\n| run | connections | failed new | served by another region | reroute inside the cluster | p99 before |\n|---|---|---|---|---|---|\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "## Kill one of two replicas ({rate} new connections/s, SIGKILL at {}s)\n\n| run | connections | failed new | served by another region | reroute inside the cluster | p99 before |\n|---|---|---|---|---|---|\n",
         FAULT_AT.as_secs(),
     );
     let mut reroutes = Vec::new();
@@ -258,7 +251,7 @@ fn main() {
     }
     let _ = writeln!(
         report,
-        "\n## At rest (west's view, 10 s idle)\n\n| east runs | gossip bytes/s at west | west's tunnel connections |\n|---|---|---|"
+        "\n## Replicas at rest (west's view, 10 s idle)\n\n| east runs | gossip bytes/s at west | west's tunnel connections |\n|---|---|---|"
     );
     for replicas in [1, 2] {
         let (bytes, conns) = rt.block_on(rest(replicas));
@@ -273,10 +266,5 @@ fn main() {
         println!("{line}");
         let _ = writeln!(report, "{line}");
     }
-    if let Some(out) = opt("--out") {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let path = root.join(&out);
-        std::fs::write(&path, report).expect("write report");
-        println!("report written to {}", path.display());
-    }
+    report
 }
