@@ -27,6 +27,15 @@ pub struct Ready {
     pub peers: usize,
     /// Service listeners bound.
     pub listeners: usize,
+    /// Its process id: a drill on the same host signals it (0 from an older gateway).
+    #[serde(default)]
+    pub pid: u32,
+    /// Differs on every start (in one process, too): a restart is a new instance.
+    #[serde(default)]
+    pub instance: u64,
+    /// Its replica name (`discovery.replica`), when it is one of its cluster's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     /// Kubernetes mode: the state of the API integration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesReady>,

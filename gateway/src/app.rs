@@ -295,6 +295,8 @@ impl Gateway {
             kubernetes: kube.as_ref().map(|k| k.health.clone()),
             drain: drain.clone(),
             drain_config: config.drain.clone(),
+            instance: rand::random(),
+            replica: config.discovery.as_ref().and_then(|d| d.replica.clone()),
         };
 
         let mut tasks = JoinSet::new();

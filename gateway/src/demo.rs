@@ -3,12 +3,13 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use strait_common::pki::{CertificateAuthority, write_atomic};
-use strait_common::{Config, GatewayId};
+use strait_common::{Config, GatewayId, api};
+use strait_ops::client::Admin;
 
 use crate::Gateway;
 
@@ -53,6 +54,15 @@ pub struct DemoArgs {
     /// stay in the region.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=3))]
     pub replicas: u8,
+    /// Run each gateway as a `strait run` process of its own, which the demo supervises
+    /// (any that exits is started again), so drills can send them real signals (`fault:
+    /// signal`). `down <region>/<n>` then kills the process outright. Needs fixed ports
+    /// (not `--base-port 0`).
+    #[arg(long)]
+    pub processes: bool,
+    /// The `strait` binary `--processes` runs (default: this one).
+    #[arg(skip)]
+    pub program: Option<PathBuf>,
 }
 
 impl DemoArgs {
@@ -66,6 +76,8 @@ impl DemoArgs {
             duration: None,
             tour: false,
             replicas: 1,
+            processes: false,
+            program: None,
         }
     }
 }
@@ -75,12 +87,23 @@ pub struct Replica {
     /// Its name (`us-east-2`), or the cluster's when the region runs one gateway.
     pub name: String,
     /// The gateway; `None` while it is taken down.
-    gateway: Option<Gateway>,
+    running: Option<Instance>,
     /// The config file written for it.
     pub config_path: PathBuf,
     /// Where it listened first (tunnel, admin, gossip, DNS); a restart binds the same ports
     /// so the federation finds it again.
     bound: Bound,
+    /// With `--processes`: the binary its process runs.
+    program: Option<PathBuf>,
+    /// Whether it should run: false only after `down`. A supervisor keeps trying to start
+    /// one that should and does not.
+    wanted: bool,
+}
+
+/// A running demo gateway: in the demo's process, or a process of its own.
+enum Instance {
+    Here(Gateway),
+    Process(tokio::process::Child),
 }
 
 type Bound = (
@@ -91,40 +114,217 @@ type Bound = (
 );
 
 impl Replica {
-    /// Its running gateway, if it runs.
+    /// Its gateway, when it runs in the demo's process.
     pub fn gateway(&self) -> Option<&Gateway> {
-        self.gateway.as_ref()
+        match &self.running {
+            Some(Instance::Here(g)) => Some(g),
+            _ => None,
+        }
     }
 
-    /// Stops it and waits until its ports are free again.
+    /// Whether it runs (in the demo's process or its own).
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Its admin API, as an operator reaches it.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.bound.1)
+    }
+
+    /// Stops it and waits until its ports are free again; a process is killed outright.
     async fn take_down(&mut self) -> anyhow::Result<()> {
-        let g = self
-            .gateway
+        match self
+            .running
             .take()
-            .with_context(|| format!("{} is already down", self.name))?;
-        g.shutdown_and_release().await;
+            .with_context(|| format!("{} is already down", self.name))?
+        {
+            Instance::Here(g) => g.shutdown_and_release().await,
+            Instance::Process(mut child) => {
+                // SIGKILL, then reaped: the kernel frees its ports with it.
+                let _ = child.kill().await;
+            }
+        }
         Ok(())
     }
 
     /// Starts it again on the ports it had.
     async fn bring_up(&mut self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.gateway.is_none(), "{} is already up", self.name);
-        let mut config = Config::load(&self.config_path)
-            .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
-        (
-            config.listen.tunnel,
-            config.listen.admin,
-            config.listen.discovery,
-            config.listen.dns,
-        ) = self.bound;
-        self.gateway = Some(
-            Gateway::start(config)
-                .await
-                .with_context(|| format!("restarting {}", self.name))?,
-        );
+        anyhow::ensure!(self.running.is_none(), "{} is already up", self.name);
+        self.running = Some(match &self.program {
+            Some(program) => Instance::Process(self.spawn(program).await?),
+            None => {
+                let mut config = Config::load(&self.config_path)
+                    .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
+                (
+                    config.listen.tunnel,
+                    config.listen.admin,
+                    config.listen.discovery,
+                    config.listen.dns,
+                ) = self.bound;
+                Instance::Here(
+                    Gateway::start(config)
+                        .await
+                        .with_context(|| format!("restarting {}", self.name))?,
+                )
+            }
+        });
         Ok(())
     }
+
+    /// Runs `program run --config <its file>`, its output appended to `<name>.log` beside
+    /// the config, and waits until its admin API answers from that process. The process
+    /// dies with the demo.
+    async fn spawn(&self, program: &Path) -> anyhow::Result<tokio::process::Child> {
+        let log_path = self.config_path.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let parent = std::process::id();
+        // SAFETY: prctl(2) and getppid(2), async-signal-safe, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // The demo killed outright takes its gateways with it. (The signal comes
+                // when the thread that forked exits: this runs on the demo's runtime
+                // threads, which live as long as the demo.)
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The demo died before the prctl took effect: do not outlive it.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the demo exited"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {} ({})", self.name, program.display()))?;
+        let pid = child.id().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + PROCESS_START_WITHIN;
+        loop {
+            if let Ok((_, ready)) = self.admin().ready().await
+                && ready.pid == pid
+            {
+                return Ok(child);
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "{} exited at start ({status}); see {}",
+                    self.name,
+                    log_path.display()
+                );
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not answer on its admin API within {PROCESS_START_WITHIN:?}; see {}",
+                self.name,
+                log_path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops it as a supervisor stops a gateway (in turn, for a rolling restart): it
+    /// drains, then it is gone.
+    async fn drain_and_stop(&mut self) -> anyhow::Result<()> {
+        match &mut self.running {
+            Some(Instance::Here(g)) => g.drain().await,
+            Some(Instance::Process(child)) => {
+                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                    // SAFETY: kill(2) on our own child.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+                let _ = tokio::time::timeout(PROCESS_DRAIN_WITHIN, child.wait()).await;
+            }
+            None => return Ok(()),
+        }
+        self.take_down().await
+    }
+
+    /// Whether it stopped on its own: its drain (asked on its admin API) is over, or its
+    /// process exited (a signal, a drain, a crash). A supervisor starts it again.
+    fn stopped(&mut self) -> Option<String> {
+        match &mut self.running {
+            Some(Instance::Here(g)) if g.drain_over() => Some("drained".to_owned()),
+            Some(Instance::Process(child)) => match child.try_wait() {
+                Ok(Some(status)) => Some(format!("exited ({status})")),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The service listeners it has bound, as its admin API lists them.
+    async fn listeners(&self) -> Vec<api::Listener> {
+        match self.gateway() {
+            Some(g) => g.listeners(),
+            None => self
+                .admin()
+                .services()
+                .await
+                .map(|s| s.imports)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Its listener for `service` port `port`.
+    async fn listener(&self, service: &str, port: u16) -> Option<SocketAddr> {
+        self.listeners()
+            .await
+            .into_iter()
+            .find(|l| l.service == service && l.port == port)
+            .map(|l| l.address)
+    }
+
+    /// The names of `cluster`'s replicas it sends new connections to now.
+    async fn routable_replicas(&self, cluster: &str) -> Vec<String> {
+        match self.gateway() {
+            Some(g) => g.routable_replicas(cluster),
+            None => self
+                .admin()
+                .peers()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| {
+                    p.cluster == cluster
+                        && p.status == api::PeerStatus::Up
+                        && p.responsive
+                        && !p.draining
+                })
+                .map(|p| p.replica)
+                .collect(),
+        }
+    }
+
+    /// The cluster its new connections to `service` go to first now.
+    async fn first_cluster(&self, service: &str) -> Option<String> {
+        match self.gateway() {
+            Some(g) => g.route(service).and_then(|r| r.primary),
+            None => match self.admin().route(service).await {
+                Ok(Ok(route)) => route.primary,
+                _ => None,
+            },
+        }
+    }
 }
+
+/// How long a gateway process may take to answer on its admin API.
+const PROCESS_START_WITHIN: Duration = Duration::from_secs(10);
+/// How long a gateway process may take to drain and exit (its grace is 5 s).
+const PROCESS_DRAIN_WITHIN: Duration = Duration::from_secs(15);
 
 /// One demo region.
 pub struct Region {
@@ -137,22 +337,27 @@ pub struct Region {
 }
 
 impl Region {
-    /// The region's first running gateway.
+    /// The region's first gateway running in the demo's process.
     ///
     /// # Panics
-    /// While the region is down.
+    /// While the region is down, or with `--processes`.
     pub fn gateway(&self) -> &Gateway {
         self.gateways().next().expect("region is up")
     }
 
-    /// Every running gateway of the region.
+    /// Every gateway of the region running in the demo's process.
     pub fn gateways(&self) -> impl Iterator<Item = &Gateway> {
-        self.replicas.iter().filter_map(|r| r.gateway.as_ref())
+        self.replicas.iter().filter_map(Replica::gateway)
+    }
+
+    /// Its replicas that run.
+    pub fn running(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.iter().filter(|r| r.is_running())
     }
 
     /// Whether a gateway of the region runs.
     pub fn is_up(&self) -> bool {
-        self.gateways().next().is_some()
+        self.running().next().is_some()
     }
 }
 
@@ -192,7 +397,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     let mut demo = demo;
-    println!("{}", demo.instructions());
+    println!("{}", demo.instructions().await);
     if args_tour {
         demo.tour().await?;
     }
@@ -227,8 +432,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("stopping the demo federation");
     for r in demo.regions {
-        for g in r.replicas.into_iter().filter_map(|r| r.gateway) {
-            g.shutdown().await;
+        for running in r.replicas.into_iter().filter_map(|r| r.running) {
+            match running {
+                Instance::Here(g) => g.shutdown().await,
+                Instance::Process(mut child) => {
+                    let _ = child.kill().await;
+                }
+            }
         }
     }
     Ok(())
@@ -283,6 +493,18 @@ const DNS_PORT: u16 = 3;
 /// Starts every region: PKI, backends, configs, gateways.
 pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
     let n = args.regions as usize;
+    anyhow::ensure!(
+        !args.processes || args.base_port != 0,
+        "--processes needs fixed ports: give a --base-port other than 0"
+    );
+    let program = if args.processes {
+        Some(match &args.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("finding the strait binary")?,
+        })
+    } else {
+        None
+    };
     let (temp, dir) = match &args.dir {
         Some(d) => (None, d.clone()),
         None if args.base_port == 0 => {
@@ -375,23 +597,35 @@ pub async fn start(args: DemoArgs) -> anyhow::Result<Demo> {
             write_atomic(&config_path, yaml.as_bytes(), false)?;
             let config = Config::load(&config_path)
                 .map_err(|e| anyhow::anyhow!("demo config is invalid: {e}"))?;
-            let gateway = Gateway::start(config).await.with_context(|| {
-                format!("starting {file}; if a port is taken, pick another --base-port")
-            })?;
-            let bound = (
-                gateway.tunnel_addr(),
-                gateway.admin_addr(),
-                gateway.discovery_addr(),
-                gateway.dns_addr(),
-            );
-            // With --base-port 0 the first replica picked the DNS port: the others share it.
-            plan.dns = bound.3.map_or(plan.dns, |a| a.port());
-            let replica = Replica {
+            let mut replica = Replica {
                 name: file.to_owned(),
-                gateway: Some(gateway),
+                running: None,
                 config_path,
-                bound,
+                bound: (
+                    config.listen.tunnel,
+                    config.listen.admin,
+                    config.listen.discovery,
+                    config.listen.dns,
+                ),
+                program: program.clone(),
+                wanted: true,
             };
+            if program.is_some() {
+                replica.bring_up().await?;
+            } else {
+                let gateway = Gateway::start(config).await.with_context(|| {
+                    format!("starting {file}; if a port is taken, pick another --base-port")
+                })?;
+                replica.bound = (
+                    gateway.tunnel_addr(),
+                    gateway.admin_addr(),
+                    gateway.discovery_addr(),
+                    gateway.dns_addr(),
+                );
+                replica.running = Some(Instance::Here(gateway));
+            }
+            // With --base-port 0 the first replica picked the DNS port: the others share it.
+            plan.dns = replica.bound.3.map_or(plan.dns, |a| a.port());
             match regions.get_mut(i) {
                 Some(region) => region.replicas.push(replica),
                 None => regions.push(Region {
@@ -522,15 +756,18 @@ impl Demo {
         let n = self.regions.len();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let done = self.regions.iter().enumerate().all(|(i, r)| {
-                r.gateways().all(|g| {
-                    let hello = g
-                        .listeners()
-                        .iter()
-                        .any(|l| l.service == "demo/hello" && l.clusters.len() == n - 1);
-                    hello && (i != 0 || g.listener("demo/echo", 7000).is_some())
-                })
-            });
+            let mut done = true;
+            for (i, r) in self.regions.iter().enumerate() {
+                for replica in r.running() {
+                    let listeners = replica.listeners().await;
+                    let has = |service: &str, clusters: usize| {
+                        listeners
+                            .iter()
+                            .any(|l| l.service == service && l.clusters.len() >= clusters)
+                    };
+                    done &= has("demo/hello", n - 1) && (i != 0 || has("demo/echo", 1));
+                }
+            }
             if done {
                 return true;
             }
@@ -542,7 +779,7 @@ impl Demo {
     }
 
     /// What to try, for people.
-    pub fn instructions(&self) -> String {
+    pub async fn instructions(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -551,8 +788,7 @@ impl Demo {
             self.dir.display()
         );
         for r in &self.regions {
-            for replica in &r.replicas {
-                let Some(g) = replica.gateway() else { continue };
+            for replica in r.running() {
                 let _ = writeln!(
                     s,
                     "region {:<9} {:<11} tunnel udp://{}  admin http://{}",
@@ -562,8 +798,8 @@ impl Demo {
                     } else {
                         ""
                     },
-                    g.tunnel_addr(),
-                    g.admin_addr()
+                    replica.bound.0,
+                    replica.bound.1
                 );
             }
         }
@@ -571,18 +807,23 @@ impl Demo {
             s,
             "\nTry (each region reaches the others' services through mTLS over QUIC):"
         );
-        for r in self.regions.iter().filter(|r| r.is_up()) {
-            if let Some(a) = r.gateway().listener("demo/hello", 8080) {
+        let firsts: Vec<&Replica> = self
+            .regions
+            .iter()
+            .filter_map(|r| r.running().next())
+            .collect();
+        for (r, first) in self.regions.iter().zip(&firsts) {
+            if let Some(a) = first.listener("demo/hello", 8080).await {
                 let _ = writeln!(
                     s,
                     "  curl http://{a}/                  # from {}: served by {}",
                     r.cluster,
-                    first_cluster(r, "demo/hello")
+                    first_cluster(r, "demo/hello").await
                 );
             }
         }
-        for r in self.regions.iter().filter(|r| r.is_up()) {
-            if let Some(a) = r.gateway().listener("demo/echo", 7000) {
+        for (r, first) in self.regions.iter().zip(&firsts) {
+            if let Some(a) = first.listener("demo/echo", 7000).await {
                 let _ = writeln!(
                     s,
                     "  echo hi | nc -q1 {} {}       # from {}: echo is exported to {} only, served by {}",
@@ -590,12 +831,12 @@ impl Demo {
                     a.port(),
                     r.cluster,
                     r.cluster,
-                    first_cluster(r, "demo/echo")
+                    first_cluster(r, "demo/echo").await
                 );
             }
         }
-        if let Some(r) = self.regions.first().filter(|r| r.is_up())
-            && let Some(dns) = r.gateway().dns_addr()
+        if let Some(r) = self.regions.first()
+            && let Some(dns) = r.running().next().and_then(|first| first.bound.3)
         {
             let (ip, port) = (dns.ip(), dns.port());
             let _ = writeln!(
@@ -615,8 +856,10 @@ impl Demo {
                 );
             }
         }
-        if let Some(r) = self.regions.first().filter(|r| r.is_up()) {
-            let a = r.gateway().admin_addr();
+        if let Some(r) = self.regions.first()
+            && let Some(first) = r.running().next()
+        {
+            let a = first.bound.1;
             let _ = writeln!(
                 s,
                 "\nInspect: strait status --admin {a}   (or curl http://{a}/v1/routes, /v1/members, /v1/catalog, /v1/peers, /metrics)"
@@ -651,11 +894,12 @@ impl Demo {
 }
 
 /// The cluster a region's new connections to `service` go to first now.
-fn first_cluster(r: &Region, service: &str) -> String {
-    r.gateway()
-        .route(service)
-        .and_then(|route| route.primary)
-        .unwrap_or_else(|| "(none)".to_owned())
+async fn first_cluster(r: &Region, service: &str) -> String {
+    match r.running().next() {
+        Some(first) => first.first_cluster(service).await,
+        None => None,
+    }
+    .unwrap_or_else(|| "(none)".to_owned())
 }
 
 impl Demo {
@@ -697,11 +941,12 @@ impl Demo {
         let (i, which) = self.select(target)?;
         let region = &mut self.regions[i];
         anyhow::ensure!(
-            which.iter().any(|&k| region.replicas[k].gateway.is_some()),
+            which.iter().any(|&k| region.replicas[k].is_running()),
             "{target} is already down"
         );
         for k in which {
-            if region.replicas[k].gateway.is_some() {
+            region.replicas[k].wanted = false;
+            if region.replicas[k].is_running() {
                 // `up` binds the same ports again, possibly at once.
                 region.replicas[k].take_down().await?;
             }
@@ -714,11 +959,12 @@ impl Demo {
         let (i, which) = self.select(target)?;
         let region = &mut self.regions[i];
         anyhow::ensure!(
-            which.iter().any(|&k| region.replicas[k].gateway.is_none()),
+            which.iter().any(|&k| !region.replicas[k].is_running()),
             "{target} is already up"
         );
         for k in which {
-            if region.replicas[k].gateway.is_none() {
+            region.replicas[k].wanted = true;
+            if !region.replicas[k].is_running() {
                 region.replicas[k].bring_up().await?;
             }
         }
@@ -737,12 +983,11 @@ impl Demo {
                 self.wait_rejoined(i, j, Duration::from_secs(10)).await;
             }
             let replica = &mut self.regions[i].replicas[k];
-            let Some(g) = &replica.gateway else {
+            if !replica.is_running() {
                 continue;
-            };
+            }
             println!("  {}: draining", replica.name);
-            g.drain().await;
-            replica.take_down().await?;
+            replica.drain_and_stop().await?;
             replica.bring_up().await?;
             println!("  {}: restarted", replica.name);
         }
@@ -759,28 +1004,28 @@ impl Demo {
     async fn wait_rejoined(&self, i: usize, k: usize, limit: Duration) {
         let region = &self.regions[i];
         let replica = &region.replicas[k];
-        let Some(me) = replica.gateway() else {
+        if !replica.is_running() {
             return;
-        };
-        let wanted = region
-            .gateways()
-            .map(|g| g.listeners().len())
-            .max()
-            .unwrap_or(0);
+        }
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
-            let routed = self
+            let mut wanted = 0;
+            for sibling in region.running() {
+                wanted = wanted.max(sibling.listeners().await.len());
+            }
+            let mut routed = true;
+            for other in self
                 .regions
                 .iter()
                 .filter(|r| r.cluster != region.cluster)
-                .flat_map(|r| r.gateways())
-                .all(|g| {
-                    let names = g.routable_replicas(&region.cluster);
-                    // A region's only gateway has no replica name.
-                    names.contains(&replica.name)
-                        || (region.replicas.len() == 1 && !names.is_empty())
-                });
-            if me.listeners().len() >= wanted && routed {
+                .flat_map(Region::running)
+            {
+                let names = other.routable_replicas(&region.cluster).await;
+                // A region's only gateway has no replica name.
+                routed &= names.contains(&replica.name)
+                    || (region.replicas.len() == 1 && !names.is_empty());
+            }
+            if replica.listeners().await.len() >= wanted && routed {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -791,13 +1036,20 @@ impl Demo {
         );
     }
 
-    /// Starts again every gateway whose drain was asked for on its admin API and is over
-    /// (a supervisor's job: a drill's rolling restart relies on it).
+    /// Starts again every gateway that stopped on its own: a drain asked for on its admin
+    /// API is over, or (`--processes`) its process exited, killed or drained; and tries
+    /// again one whose start failed (a supervisor's job: a drill's rolling restart and
+    /// signals rely on it).
     pub async fn restart_drained(&mut self) {
         for region in &mut self.regions {
             for replica in &mut region.replicas {
-                if replica.gateway.as_ref().is_some_and(Gateway::drain_over) {
-                    println!("{} drained; starting it again", replica.name);
+                if replica.wanted && !replica.is_running() {
+                    println!("{} is not running; starting it again", replica.name);
+                    if let Err(e) = replica.bring_up().await {
+                        println!("{e:#}");
+                    }
+                } else if let Some(why) = replica.stopped() {
+                    println!("{} {why}; starting it again", replica.name);
                     let restarted = match replica.take_down().await {
                         Ok(()) => replica.bring_up().await,
                         Err(e) => Err(e),
@@ -847,11 +1099,15 @@ impl Demo {
     /// after 3 s the region serving them goes down, after 10 s it comes back. Prints one
     /// line per second with the share each region answered, and what happened.
     pub async fn tour(&mut self) -> anyhow::Result<TourReport> {
-        let from = self.regions[0].gateway();
+        let from = self.regions[0]
+            .running()
+            .next()
+            .context("the first region is down")?;
         let target = from
             .listener("demo/hello", 8080)
+            .await
             .context("the first region has no demo/hello listener yet")?;
-        let victim = first_cluster(&self.regions[0], "demo/hello");
+        let victim = first_cluster(&self.regions[0], "demo/hello").await;
         let total = Duration::from_secs(10) + DEMO_DWELL + DEMO_SLOW_START + Duration::from_secs(3);
         println!(
             "\nFailover tour: 50 new connections/s from {} to demo/hello; {victim} goes down at 3s and comes back at 10s.\n",

@@ -257,3 +257,246 @@ async fn the_fault_api_wants_the_token_and_explains_bad_requests() {
     )
     .await;
 }
+
+/// A demo whose gateways run as processes of their own (`strait demo --processes`): two
+/// regions of two replicas, on a random block of fixed ports.
+async fn process_federation(dir: &std::path::Path) -> Demo {
+    use rand::Rng;
+    strait_gateway::raise_fd_limit();
+    // Fixed ports (the processes bind what their configs say): a random block of 20,
+    // below the ephemeral range other tests' client sockets take ports from.
+    let base = rand::rng().random_range(1_000..1_600u16) * 20;
+    let d = demo::start(DemoArgs {
+        regions: 2,
+        base_port: base,
+        dir: Some(dir.to_owned()),
+        duration: None,
+        tour: false,
+        replicas: 2,
+        processes: true,
+        program: Some(env!("CARGO_BIN_EXE_strait").into()),
+    })
+    .await
+    .unwrap();
+    assert!(
+        d.wait_converged(Duration::from_secs(20)).await,
+        "discovery did not converge"
+    );
+    d
+}
+
+/// Runs drill `s` while the demo's supervisor starts again what stops (as `strait demo`
+/// does between commands).
+async fn supervised(d: &mut Demo, s: Scenario) -> drill::analysis::Report {
+    let drill = drill::run(s, std::future::pending());
+    tokio::pin!(drill);
+    let mut supervise = tokio::time::interval(Duration::from_millis(100));
+    within(Duration::from_secs(90), async {
+        loop {
+            tokio::select! {
+                r = &mut drill => break r.unwrap(),
+                _ = supervise.tick() => d.restart_drained().await,
+            }
+        }
+    })
+    .await
+}
+
+/// `d`'s gateways for a scenario: each cluster's replicas' admin APIs.
+fn replicated_scenario(d: &Demo, rest: &str) -> Scenario {
+    let mut y = format!(
+        "name: test\nfederation:\n  token_file: {}\n  gateways:\n",
+        d.dir.join(TOKEN_FILE).display()
+    );
+    for r in &d.regions {
+        let admins: Vec<String> = r
+            .replicas
+            .iter()
+            .map(|x| x.admin().addr().to_string())
+            .collect();
+        y.push_str(&format!("    {}: [{}]\n", r.cluster, admins.join(", ")));
+    }
+    y.push_str(rest);
+    let path = d.dir.join("drill.yaml");
+    std::fs::write(&path, y).unwrap();
+    Scenario::load(&path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_signals_to_replica_processes_keep_traffic_in_their_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = process_federation(dir.path()).await;
+    let (from, to) = (d.regions[0].cluster.clone(), d.regions[1].cluster.clone());
+    let pid = async |d: &Demo, k: usize| {
+        d.regions[1].replicas[k]
+            .admin()
+            .ready()
+            .await
+            .unwrap()
+            .1
+            .pid
+    };
+    let before = (pid(&d, 0).await, pid(&d, 1).await);
+    assert_ne!(before.0, std::process::id());
+    assert_ne!(before.0, before.1, "each replica is its own process");
+    let s = replicated_scenario(
+        &d,
+        &format!(
+            "load:\n  - from: {from}\n    service: demo/hello\n    rate: 100\nduration: 24s\n\
+             steps:\n  - at: 1500ms\n    duration: 10s\n    fault: signal\n    on: {to}\n    replica: 1\n\
+             \x20 - at: 12s\n    duration: 10s\n    fault: signal\n    on: {to}\n    replica: 2\n    signal: SIGTERM\n\
+             objectives:\n  max_failed_connections: 0\n  max_broken_connections: 2\n  max_served_elsewhere: 0\n"
+        ),
+    );
+    let report = supervised(&mut d, s).await;
+    let text = drill::render::summary(&report);
+    assert_eq!(report.verdict, Verdict::Passed, "{text}");
+    for f in &report.faults {
+        assert!(f.error.is_none(), "{text}");
+        assert!(f.stays && f.victim_served, "{text}");
+        assert_eq!(f.served_elsewhere, Some(0), "{text}");
+    }
+    assert_eq!(report.faults[0].label, format!("SIGKILL {to}/1"));
+    assert_eq!(report.faults[1].label, format!("SIGTERM {to}/2"));
+    assert_eq!(report.loads[0].failed, 0, "{text}");
+    // Both replicas are new processes, started again by the supervisor.
+    let after = (pid(&d, 0).await, pid(&d, 1).await);
+    assert!(
+        after.0 != before.0 && after.1 != before.1,
+        "{before:?} -> {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_to_a_gateway_sharing_the_drills_process_is_refused() {
+    let d = federation().await;
+    let from = d.regions[0].cluster.clone();
+    let s = scenario(
+        &d,
+        &format!(
+            "load:\n  - from: {from}\n    service: demo/hello\n    rate: 20\nduration: 3s\n\
+             steps:\n  - at: 1s\n    duration: 1s\n    fault: signal\n    on: $primary\n"
+        ),
+    );
+    let report = within(
+        Duration::from_secs(30),
+        drill::run(s, std::future::pending()),
+    )
+    .await
+    .unwrap();
+    let text = drill::render::summary(&report);
+    let error = report.faults[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("the drill's own process"), "{text}");
+    assert_ne!(report.verdict, Verdict::Passed, "{text}");
+    // Nobody was signalled: every region still answers.
+    for r in &d.regions {
+        assert!(matches!(
+            Admin::new(r.gateway().admin_addr()).ready().await,
+            Ok((200, _))
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_drill_passes_against_the_in_process_demo() {
+    strait_gateway::raise_fd_limit();
+    let mut d = demo::start(DemoArgs {
+        replicas: 2,
+        ..DemoArgs::ephemeral(2)
+    })
+    .await
+    .unwrap();
+    assert!(d.wait_converged(Duration::from_secs(20)).await);
+    let (from, to) = (d.regions[0].cluster.clone(), d.regions[1].cluster.clone());
+    let s = replicated_scenario(
+        &d,
+        &format!(
+            "load:\n  - from: {from}\n    service: demo/hello\n    rate: 100\nduration: 20s\n\
+             steps:\n  - at: 1500ms\n    duration: 17s\n    fault: rolling-restart\n    on: {to}\n\
+             objectives:\n  max_failed_connections: 0\n  max_served_elsewhere: 0\n"
+        ),
+    );
+    let report = supervised(&mut d, s).await;
+    let text = drill::render::summary(&report);
+    assert_eq!(report.verdict, Verdict::Passed, "{text}");
+    // Restarted in the same process: a new instance, the same pid, is "back".
+    let f = &report.faults[0];
+    assert!(f.error.is_none() && f.end_s < 18.5, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_to_the_in_process_demo_is_refused_and_nothing_is_killed() {
+    use rand::Rng;
+    let dir = tempfile::tempdir().unwrap();
+    let base = rand::rng().random_range(1_000..1_600u16) * 20;
+    // The user's `strait demo` (gateways in one process), and a drill from another.
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args([
+            "demo",
+            "--regions",
+            "2",
+            "--replicas",
+            "2",
+            "--duration",
+            "60",
+        ])
+        .arg("--base-port")
+        .arg(base.to_string())
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin = |region: u16, replica: u16| -> SocketAddr {
+        let offset = if replica == 0 { 1 } else { 2 + 3 * replica };
+        SocketAddr::from(([127, 0, 0, 1], base + 10 * region + offset))
+    };
+    let admins = [admin(0, 0), admin(0, 1), admin(1, 0), admin(1, 1)];
+    eventually(
+        Duration::from_secs(30),
+        "the demo answers and imports",
+        async || {
+            let mut up = 0;
+            for a in admins {
+                up += usize::from(matches!(Admin::new(a).ready().await, Ok((200, _))));
+            }
+            let imported = Admin::new(admins[0])
+                .services()
+                .await
+                .is_ok_and(|s| s.imports.iter().any(|l| l.service == "demo/hello"));
+            up == admins.len() && imported && dir.path().join(TOKEN_FILE).exists()
+        },
+    )
+    .await;
+    let y = format!(
+        "name: test\nfederation:\n  token_file: {}\n  gateways:\n    us-east: [{}, {}]\n    eu-west: [{}, {}]\n\
+         load:\n  - from: us-east\n    service: demo/hello\n    rate: 20\nduration: 4s\n\
+         steps:\n  - at: 1s\n    duration: 2s\n    fault: signal\n    on: eu-west\n    replica: 1\n",
+        dir.path().join(TOKEN_FILE).display(),
+        admins[0],
+        admins[1],
+        admins[2],
+        admins[3]
+    );
+    let path = dir.path().join("drill.yaml");
+    std::fs::write(&path, y).unwrap();
+    let report = within(
+        Duration::from_secs(30),
+        drill::run(Scenario::load(&path).unwrap(), std::future::pending()),
+    )
+    .await
+    .unwrap();
+    let text = drill::render::summary(&report);
+    let error = report.faults[0].error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("shares process") && error.contains("strait demo --processes"),
+        "{text}"
+    );
+    assert_ne!(report.verdict, Verdict::Passed, "{text}");
+    assert!(demo.try_wait().unwrap().is_none(), "the demo still runs");
+    for a in admins {
+        assert!(matches!(Admin::new(a).ready().await, Ok((200, _))));
+    }
+}

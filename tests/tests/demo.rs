@@ -55,7 +55,7 @@ async fn demo_regions_discover_and_reach_each_other() {
             r.cluster
         );
     }
-    let text = d.instructions();
+    let text = d.instructions().await;
     assert!(
         text.contains("curl http://") && text.contains("strait status --admin"),
         "{text}"
@@ -68,12 +68,8 @@ async fn demo_regions_discover_and_reach_each_other() {
 async fn demo_tour_moves_traffic_and_brings_it_back() {
     strait_gateway::raise_fd_limit();
     let mut d = demo::start(DemoArgs {
-        regions: 3,
-        base_port: 0,
-        dir: None,
-        duration: None,
         tour: true,
-        replicas: 1,
+        ..DemoArgs::ephemeral(3)
     })
     .await
     .unwrap();

@@ -172,7 +172,9 @@ fn main() {
         .build()
         .expect("runtime");
     let mut report = format!(
-        "# Failover benchmark\n\n`cargo bench -p strait-gateway --bench failover -- --runs {runs} --rate {rate}`{}\n\n{rate} new connections/s for {}s, fault at {}s; {} cores.\n\n| fault | run | connections | failed | reroute | p99 before | p99 after fault |\n|---|---|---|---|---|---|---|\n",
+        "# Failover benchmark\n\n`cargo bench -p strait-gateway --bench failover -- --runs {runs} --rate {rate}{}`{}\n\n{rate} new connections/s for {}s, fault at {}s; {} cores.\n\n| fault | run | connections | failed | reroute | p99 before | p99 after fault |\n|---|---|---|---|---|---|---|\n",
+        only.as_deref()
+            .map_or(String::new(), |o| format!(" --only {o}")),
         if west_extra.is_empty() {
             String::new()
         } else {

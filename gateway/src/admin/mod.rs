@@ -47,6 +47,10 @@ pub struct AdminState {
     pub drain: crate::drain::Drain,
     /// Its timings.
     pub drain_config: strait_common::config::Drain,
+    /// This start's id (`/ready`'s `instance`).
+    pub instance: u64,
+    /// Its replica name, when it is one.
+    pub replica: Option<String>,
 }
 
 /// Serves the admin API on an already-bound listener, with the fault routes of `faults`.
@@ -127,6 +131,9 @@ async fn ready(State(s): State<Arc<AdminState>>) -> Response {
         peers_up: up,
         peers: s.peers.all().len(),
         listeners: s.listeners.snapshot().len(),
+        pid: std::process::id(),
+        instance: s.instance,
+        replica: s.replica.clone(),
     };
     let code = if expired || unsynced || draining {
         StatusCode::SERVICE_UNAVAILABLE

@@ -6,6 +6,7 @@
 //! recorded into the report (no I/O), [`render`] draws it, [`progress`] shows it live.
 
 pub mod analysis;
+mod process;
 pub mod progress;
 pub mod render;
 mod run;

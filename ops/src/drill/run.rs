@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use strait_common::api::{Direction, Fault, FaultRequest};
+use strait_common::api::{Direction, Fault, FaultRequest, Peer, PeerStatus};
 use strait_common::units::HumanDuration;
 
 use super::analysis::{self, LoadRecording, Recording, Report, RoutePoll, StepRecord};
+use super::process::GatewayProcess;
 use super::progress::Progress;
-use super::scenario::{FROM, FaultKind, LoadEntry, PRIMARY, Scenario, Step};
+use super::scenario::{FROM, FaultKind, LoadEntry, PRIMARY, Scenario, Signal, Step};
 use crate::client::Admin;
 use crate::load::{Load, LoadSpec, Steady, SteadySpec};
 
@@ -44,20 +45,35 @@ struct Planned {
     injections: Vec<Injection>,
     /// (admin, id) of what was injected.
     injected: Vec<(SocketAddr, u64)>,
-    /// A rolling restart: what it drives, and the task carrying it out (it ends when the
-    /// last replica is back, from the drill's start).
-    restart: Option<RollingRestart>,
+    /// A rolling restart or a signal: what it drives, and the task carrying it out (it
+    /// ends when the last replica it stopped is back, from the drill's start).
+    restart: Option<Cycle>,
     restarting: Option<tokio::task::JoinHandle<Result<Duration, String>>>,
 }
 
-/// What a rolling restart drives: each replica's admin API, and where to watch the
-/// cluster come back (the first load's source gateway and service).
+/// Replicas stopped in turn and waited for until their supervisor has them back: each
+/// replica's admin API, which ones (indexes, in order), how they are stopped, and where
+/// to watch the cluster come back (the first load's source gateway and service).
 #[derive(Clone)]
-struct RollingRestart {
+struct Cycle {
     cluster: String,
     replicas: Vec<SocketAddr>,
+    which: Vec<usize>,
+    stop: Stop,
+    /// Per replica: every other gateway of the federation (a signal must not hit a
+    /// process one of them shares).
+    others: Vec<Vec<SocketAddr>>,
     source: SocketAddr,
     service: String,
+}
+
+/// How a [`Cycle`] stops a replica.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// `POST /v1/drain`.
+    Drain,
+    /// A signal to its process.
+    Signal(Signal),
 }
 
 /// Calls gateways' fault APIs with the drill's token.
@@ -324,14 +340,47 @@ fn plan_step(
             };
             (format!("kill-replica {on}/{n}"), Some(on), vec![injection])
         } else {
-            // Carried out by the runner (drain, wait for the restart), not injected.
-            restart = Some(RollingRestart {
+            // Carried out by the runner (stop, wait for the restart), not injected.
+            let (label, which, stop) = if step.fault == FaultKind::Signal {
+                let n = step.replica.unwrap_or(1);
+                anyhow::ensure!(n >= 1 && n <= all.len(), "{on} has no replica {n}");
+                let signal = step.signal.unwrap_or_default();
+                let name = serde_json::to_value(signal)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                (
+                    format!("{name} {on}/{n}"),
+                    vec![n - 1],
+                    Stop::Signal(signal),
+                )
+            } else {
+                (
+                    format!("rolling-restart {on}"),
+                    (0..all.len()).collect(),
+                    Stop::Drain,
+                )
+            };
+            let everyone: Vec<SocketAddr> = s
+                .federation
+                .gateways
+                .values()
+                .flat_map(|a| a.all())
+                .collect();
+            let others = all
+                .iter()
+                .map(|me| everyone.iter().filter(|a| *a != me).copied().collect())
+                .collect();
+            restart = Some(Cycle {
                 cluster: on.clone(),
+                others,
                 replicas: all,
+                which,
+                stop,
                 source: s.federation.gateways[from].first(),
                 service: s.load[0].service.clone(),
             });
-            (format!("rolling-restart {on}"), Some(on), Vec::new())
+            (label, Some(on), Vec::new())
         }
     } else {
         let on = resolve(step.on.as_deref().unwrap_or(FROM))?;
@@ -358,7 +407,10 @@ fn plan_step(
                     .unwrap_or_else(|| s.load[0].service.clone()),
             },
             FaultKind::CutDiscovery => Fault::CutDiscovery,
-            FaultKind::Partition | FaultKind::KillReplica | FaultKind::RollingRestart => {
+            FaultKind::Partition
+            | FaultKind::KillReplica
+            | FaultKind::RollingRestart
+            | FaultKind::Signal => {
                 unreachable!("handled above")
             }
         };
@@ -379,7 +431,8 @@ fn plan_step(
                 .unwrap_or_default(),
             label,
             victim,
-            stays: step.fault.stays(),
+            // A cluster's only gateway signalled: its traffic must move, as in a kill.
+            stays: step.fault.stays() && restart.as_ref().is_none_or(|c| c.replicas.len() > 1),
             start: step.at.0,
             end: step.at.0 + step.duration.0,
             error: None,
@@ -422,7 +475,7 @@ async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
     p.record.start = t0.elapsed();
     if let Some(r) = p.restart.clone() {
         let token = client.token.clone();
-        p.restarting = Some(tokio::spawn(rolling_restart(r, token, t0)));
+        p.restarting = Some(tokio::spawn(cycle(r, token, t0)));
         return;
     }
     // Every gateway at once; the fault counts from when it is in force on all of them
@@ -496,33 +549,73 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
     p.injected = left;
 }
 
-/// How long a rolling restart waits for one replica to drain, restart and be back.
+/// How long a cycle waits for one replica to stop, restart and be back.
 const REPLICA_BACK_WITHIN: Duration = Duration::from_secs(60);
 
-/// Drains each replica in turn (`POST /v1/drain`) and waits until its supervisor has
-/// started it again and the source gateway sends it new connections, before the next; a
-/// replica drains only while all its siblings are in the source's rotation. When the last
-/// one is back, from the drill's start.
-async fn rolling_restart(
-    r: RollingRestart,
-    token: String,
-    t0: Instant,
-) -> Result<Duration, String> {
-    for (k, admin) in r.replicas.iter().enumerate() {
+/// Stops each replica of `r` in turn and waits until it is back: a new instance answers
+/// ready (its supervisor started it again), the source gateway has a fresh tunnel to it,
+/// and the source sends it new connections; a replica stops only while all its siblings
+/// are in the source's rotation. When the last one is back, from the drill's start.
+async fn cycle(r: Cycle, token: String, t0: Instant) -> Result<Duration, String> {
+    for &k in &r.which {
         all_in_rotation(&r).await?;
+        let admin = r.replicas[k];
         let name = format!("{}/{}", r.cluster, k + 1);
-        match Admin::with_token(*admin, token.clone()).drain().await {
-            Ok(Ok(_)) => {}
-            Ok(Err(refused)) => return Err(format!("{name}: {refused}")),
-            Err(e) => return Err(format!("{name}: {e:#}")),
-        }
-        // Back: its admin API answers ready again (a new incarnation: a draining one says
-        // 503 until it exits).
-        let deadline = tokio::time::Instant::now() + REPLICA_BACK_WITHIN;
-        while !matches!(Admin::new(*admin).ready().await, Ok((200, _))) {
+        let (_, was) = Admin::new(admin)
+            .ready()
+            .await
+            .map_err(|e| format!("{name}: {e:#}"))?;
+        let replica = was.replica.clone().unwrap_or_default();
+        let tunnel = source_tunnel(&r, &replica).await;
+        let stopped = tokio::time::Instant::now();
+        let hint = match r.stop {
+            Stop::Drain => {
+                match Admin::with_token(admin, token.clone()).drain().await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(refused)) => return Err(format!("{name}: {refused}")),
+                    Err(e) => return Err(format!("{name}: {e:#}")),
+                }
+                "is something restarting it, like `strait demo`?"
+            }
+            Stop::Signal(signal) => {
+                let process = GatewayProcess::find(admin, was.pid, &r.others[k])
+                    .await
+                    .map_err(|e| format!("{name}: {e}"))?;
+                process
+                    .signal(signal)
+                    .map_err(|e| format!("{name} (pid {}): {e}", process.pid()))?;
+                "is something restarting it, like `strait demo --processes`?"
+            }
+        };
+        let deadline = stopped + REPLICA_BACK_WITHIN;
+        // A new instance answers ready (a draining one says 503 until it exits).
+        loop {
+            match Admin::new(admin).ready().await {
+                Ok((200, now)) if now.instance != was.instance => break,
+                _ => {}
+            }
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!(
-                    "{name} was not started again within {REPLICA_BACK_WITHIN:?} (is something restarting it, like `strait demo`?)"
+                    "{name} was not started again within {REPLICA_BACK_WITHIN:?} ({hint})"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The source's tunnel to it is a new one: after a SIGKILL its connection to the
+        // old process may look alive for a moment.
+        loop {
+            if let Some(now) = source_tunnel(&r, &replica).await
+                && now.status == PeerStatus::Up
+                && now.responsive
+                && !now.draining
+                && (tunnel.as_ref().is_none_or(|t| t.connects != now.connects)
+                    || now.since_seconds < stopped.elapsed().as_secs_f64())
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the source did not connect to {name}'s new instance within {REPLICA_BACK_WITHIN:?}"
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -532,8 +625,19 @@ async fn rolling_restart(
     Ok(t0.elapsed())
 }
 
+/// The source gateway's tunnel to `replica` of the cluster (`""`: its only gateway), as
+/// its `/v1/peers` shows it; `None` when it has none or cannot be read.
+async fn source_tunnel(r: &Cycle, replica: &str) -> Option<Peer> {
+    Admin::new(r.source)
+        .peers()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|p| p.cluster == r.cluster && p.replica == replica)
+}
+
 /// Waits until the source gateway sends new connections to every replica of the cluster.
-async fn all_in_rotation(r: &RollingRestart) -> Result<(), String> {
+async fn all_in_rotation(r: &Cycle) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + REPLICA_BACK_WITHIN;
     loop {
         if let Ok(Ok(route)) = Admin::new(r.source).route(&r.service).await

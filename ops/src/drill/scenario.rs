@@ -139,12 +139,42 @@ pub enum FaultKind {
     /// Every replica of `on` in turn drains and is restarted by its supervisor (the demo
     /// does it); the next goes once the previous one is back in the source's rotation.
     RollingRestart,
+    /// One replica's process (`replica`, from 1) gets a real `signal` (SIGKILL by default,
+    /// or SIGTERM: a drain); its supervisor starts it again (`strait demo --processes`
+    /// does). The gateway must run on the drill's host, in a process of its own.
+    Signal,
 }
 
 impl FaultKind {
-    /// Faults a cluster with replicas rides out: its traffic should stay.
+    /// Faults a cluster with replicas rides out: its traffic should stay. (A signal to a
+    /// cluster's only gateway is the exception, settled when the drill plans the step.)
     pub fn stays(self) -> bool {
-        matches!(self, FaultKind::KillReplica | FaultKind::RollingRestart)
+        matches!(
+            self,
+            FaultKind::KillReplica | FaultKind::RollingRestart | FaultKind::Signal
+        )
+    }
+}
+
+/// A signal a `signal` fault sends.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Signal {
+    /// Killed outright: no drain, no goodbye to anyone.
+    #[default]
+    #[serde(rename = "SIGKILL")]
+    Kill,
+    /// Asked to stop: the gateway drains first.
+    #[serde(rename = "SIGTERM")]
+    Term,
+}
+
+impl Signal {
+    /// The signal's number.
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Kill => 9,
+            Signal::Term => 15,
+        }
     }
 }
 
@@ -176,9 +206,12 @@ pub struct Step {
     /// Share of packets lost (loss).
     #[serde(default)]
     pub fraction: Option<f64>,
-    /// Which replica of `on`, from 1 (kill-replica).
+    /// Which replica of `on`, from 1 (kill-replica, signal).
     #[serde(default)]
     pub replica: Option<usize>,
+    /// What a `signal` fault sends: `SIGKILL` (default) or `SIGTERM`.
+    #[serde(default)]
+    pub signal: Option<Signal>,
     /// `namespace/name` made unready (unready; default: the first load's service).
     #[serde(default)]
     pub service: Option<String>,
@@ -457,6 +490,7 @@ impl Scenario {
         let allowed: &[&str] = match s.fault {
             K::KillTunnel | K::Drain | K::CutDiscovery | K::Partition | K::RollingRestart => &[],
             K::KillReplica => &["replica"],
+            K::Signal => &["replica", "signal"],
             K::Blackhole => &["peer", "direction"],
             K::Delay => &["peer", "latency"],
             K::Loss => &["peer", "direction", "fraction"],
@@ -469,6 +503,7 @@ impl Scenario {
             ("fraction", s.fraction.is_some()),
             ("service", s.service.is_some()),
             ("replica", s.replica.is_some()),
+            ("signal", s.signal.is_some()),
         ];
         for (name, set) in given {
             if set && !allowed.contains(&name) {
@@ -496,7 +531,8 @@ impl Scenario {
                     "name the cluster whose replicas are hit (a cluster id or `$primary`)",
                 );
             }
-            if replicas.is_some_and(|n| n < 2) {
+            // A signalled only gateway is a gateway kill: its traffic moves.
+            if s.fault != K::Signal && replicas.is_some_and(|n| n < 2) {
                 v.push(
                     &field("on"),
                     format!("`{on}` lists one admin address: no replica is left to serve"),
@@ -510,6 +546,26 @@ impl Scenario {
                     &field("replica"),
                     format!("{r} is not one of {on}'s replicas 1..={n}"),
                     "count replicas from 1, in federation.gateways order",
+                );
+            }
+        }
+        if s.fault == K::Signal {
+            // `$primary` may be any cluster but the source.
+            let on = s.on.as_deref().unwrap_or(FROM);
+            let remote = self
+                .federation
+                .gateways
+                .iter()
+                .filter(|(name, _)| name.as_str() == on || on == PRIMARY)
+                .flat_map(|(_, a)| a.all())
+                .find(|a| !a.ip().is_loopback());
+            if let Some(a) = remote {
+                v.push(
+                    &field("on"),
+                    format!(
+                        "a signal needs the gateway's process on this host, and {a} is not loopback"
+                    ),
+                    "run the drill on the gateways' host, against their loopback admin addresses",
                 );
             }
         }

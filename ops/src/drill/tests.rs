@@ -3,7 +3,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::analysis::{LoadRecording, Recording, RoutePoll, StepRecord, Verdict, analyse};
-use super::scenario::Scenario;
+use super::scenario::{FaultKind, Scenario, Signal};
 use crate::load::Sample;
 
 const GOOD: &str = r#"
@@ -396,6 +396,30 @@ fn replicated_gateways_and_replica_faults_parse_and_bad_ones_name_the_fix() {
         errors
             .iter()
             .any(|e| e.0 == "steps[0].replica" && e.1.contains("does not apply")),
+        "{errors:?}"
+    ); // A real signal to one replica's process: SIGKILL unless it says SIGTERM.
+    let signal = REPLICATED.replace("fault: kill-replica", "fault: signal");
+    let s = parse(&signal).unwrap();
+    assert_eq!(s.steps[0].fault, FaultKind::Signal);
+    assert_eq!(s.steps[0].signal, None);
+    assert_eq!(Signal::default(), Signal::Kill);
+    let term = parse(&signal.replace("replica: 2", "replica: 2\n    signal: SIGTERM")).unwrap();
+    assert_eq!(term.steps[0].signal, Some(Signal::Term));
+    assert!(parse(&signal.replace("replica: 2", "replica: 2\n    signal: SIGHUP")).is_err());
+    // A process on another host cannot be signalled.
+    let errors = parse(&signal.replace("127.0.0.1:9906", "10.0.0.2:9906")).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.0 == "steps[0].on" && e.1.contains("10.0.0.2:9906 is not loopback")),
+        "{errors:?}"
+    );
+    let errors =
+        parse(&REPLICATED.replace("replica: 2", "replica: 2\n    signal: SIGTERM")).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.0 == "steps[0].signal" && e.1.contains("does not apply")),
         "{errors:?}"
     );
 }
