@@ -552,7 +552,10 @@ async fn open_on(
         let counted = peer.count_open();
         let silent_after =
             (k + 1 < n && replay_ok && peer.liveness().routable).then(|| sibling_after(&peer));
-        match open_on_replica(&peer, req, early, left, silent_after).await {
+        let pending = peer.asked();
+        let opened = open_on_replica(&peer, req, early, left, silent_after).await;
+        drop(pending);
+        match opened {
             Ok((send, recv)) => return Ok((send, recv, counted)),
             Err(e) => {
                 let draining = matches!(

@@ -65,6 +65,8 @@ pub(crate) struct PeerHandle {
     rtt: Mutex<VecDeque<Duration>>,
     /// Proxied connections open through it now (the load the replica choice compares).
     open: Arc<AtomicUsize>,
+    /// Streams asked of it and not answered yet.
+    unanswered: Arc<Unanswered>,
     /// Its record says it is draining.
     announced_draining: AtomicBool,
     /// Its current connection said it is going away (a fresh connection clears it).
@@ -82,6 +84,67 @@ struct Heard {
     /// A stream gave up on it for silence after asking at this instant, and no echo has
     /// come since.
     silent_since: Option<Instant>,
+}
+
+/// Least mean wait of a replica's unanswered streams that makes it stalled.
+const UNANSWERED_AFTER: Duration = Duration::from_millis(25);
+
+/// Streams asked of a peer and not answered yet: how many, and the sum of when they were
+/// asked (µs from a process-wide epoch), so their mean age is two loads.
+#[derive(Default)]
+struct Unanswered {
+    count: AtomicUsize,
+    asked_sum: std::sync::atomic::AtomicU64,
+}
+
+/// The instant ask times count from (an hour before first use, so any recent instant
+/// is after it).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    })
+}
+
+/// `at` in µs from [`epoch`].
+fn micros(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_micros()).unwrap_or(u64::MAX / 2)
+}
+
+impl Unanswered {
+    /// Their mean age; zero when none waits. (The sum is added before the count and taken
+    /// away after it, so a racing read errs towards younger.)
+    fn mean_age(&self, now: Instant) -> Duration {
+        let n = self.count.load(Ordering::SeqCst) as u64;
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        let mean = self.asked_sum.load(Ordering::SeqCst) / n;
+        Duration::from_micros(micros(now).saturating_sub(mean))
+    }
+}
+
+/// One stream counted as unanswered on a peer until dropped.
+pub(crate) struct AskedGuard {
+    on: Arc<Unanswered>,
+    at: u64,
+}
+
+impl AskedGuard {
+    fn new(on: &Arc<Unanswered>, at: Instant) -> Self {
+        let at = micros(at);
+        on.asked_sum.fetch_add(at, Ordering::SeqCst);
+        on.count.fetch_add(1, Ordering::SeqCst);
+        AskedGuard { on: on.clone(), at }
+    }
+}
+
+impl Drop for AskedGuard {
+    fn drop(&mut self) {
+        self.on.count.fetch_sub(1, Ordering::SeqCst);
+        self.on.asked_sum.fetch_sub(self.at, Ordering::SeqCst);
+    }
 }
 
 /// Counts one proxied connection (through a peer, or on the listeners) while it lives.
@@ -119,6 +182,7 @@ impl PeerHandle {
             state: watch::channel(state).0,
             rtt: Mutex::new(VecDeque::with_capacity(RTT_SAMPLES)),
             open: Arc::default(),
+            unanswered: Arc::default(),
         }
     }
 
@@ -193,6 +257,20 @@ impl PeerHandle {
     /// Proxied connections open through it now.
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a stream asked of it as unanswered until the guard drops.
+    pub fn asked(&self) -> AskedGuard {
+        AskedGuard::new(&self.unanswered, Instant::now())
+    }
+
+    /// Whether the streams asked of it and not answered yet have waited, on average,
+    /// longer than a live replica takes to answer ([`UNANSWERED_AFTER`], or four round
+    /// trips): it is slow or gone, and its siblings are tried first.
+    pub fn is_stalled(&self) -> bool {
+        let rtt = self.state.borrow().connection.as_ref().map(Connection::rtt);
+        let limit = UNANSWERED_AFTER.max(rtt.unwrap_or_default() * 4);
+        self.unanswered.mean_age(Instant::now()) > limit
     }
 
     /// Counts a proxied connection through it until the guard drops.
@@ -419,10 +497,11 @@ impl Liveness {
 /// The order in which a new connection tries `cluster`'s replicas: the routable ones,
 /// least loaded first (connections open through each, and those still opening: a replica
 /// that stopped answering collects opening streams and drops out of favour before its
-/// probes find it dead), ties in an order rotated by `tiebreak`, except that one a stream
-/// gave up on for silence comes after its siblings until it echoes a probe again; then
-/// the rest (which fail at once unless they just came back). Deterministic for a given
-/// `tiebreak`.
+/// probes find it dead), ties in an order rotated by `tiebreak`; before the load, a
+/// replica a stream gave up on for silence comes after its siblings until it echoes a
+/// probe again, and a stalled one ([`PeerHandle::is_stalled`]) after those that answer;
+/// then the rest (which fail at once unless they just came back). Deterministic for a
+/// given `tiebreak` and clock.
 pub(crate) fn attempt_order(replicas: &[Arc<PeerHandle>], tiebreak: usize) -> Vec<Arc<PeerHandle>> {
     let n = replicas.len().max(1);
     type Indexed<'a> = Vec<(usize, &'a Arc<PeerHandle>)>;
@@ -433,6 +512,7 @@ pub(crate) fn attempt_order(replicas: &[Arc<PeerHandle>], tiebreak: usize) -> Ve
     routable.sort_by_key(|(i, p)| {
         (
             p.is_silent(),
+            p.is_stalled(),
             p.open_connections(),
             (i + n - tiebreak % n) % n,
         )
@@ -901,6 +981,18 @@ mod tests {
         let opening = even[0].count_open();
         assert_eq!(names(&attempt_order(&even, 0)), ["b", "c", "a"]);
         drop(opening);
+        // A replica whose streams wait unanswered longer than a live one takes goes after
+        // a busier one that answers; a stream just asked does not count against it.
+        let busy = [replica("a", true, 0), replica("b", true, 4)];
+        let fresh = busy[0].asked();
+        assert_eq!(names(&attempt_order(&busy, 0)), ["a", "b"]);
+        let stuck = AskedGuard::new(&busy[0].unanswered, Instant::now() - UNANSWERED_AFTER * 4);
+        assert!(busy[0].is_stalled(), "mean wait 2x the limit");
+        assert_eq!(names(&attempt_order(&busy, 0)), ["b", "a"]);
+        drop(stuck);
+        assert!(!busy[0].is_stalled());
+        drop(fresh);
+        assert_eq!(names(&attempt_order(&busy, 0)), ["a", "b"]);
         // A draining replica is tried only after every live one.
         set[1].going_away();
         assert_eq!(names(&attempt_order(&set, 0)), ["d", "a", "b", "c"]);
