@@ -41,6 +41,19 @@ fn scenario(d: &Demo, rest: &str) -> Scenario {
     Scenario::load(&path).unwrap()
 }
 
+/// Runs drill `s` to its end (at most 30 s) and returns its report with the summary a
+/// user reads.
+async fn run_to_end(s: Scenario) -> (drill::analysis::Report, String) {
+    let report = within(
+        Duration::from_secs(30),
+        drill::run(s, std::future::pending()),
+    )
+    .await
+    .unwrap();
+    let text = drill::render::summary(&report);
+    (report, text)
+}
+
 /// The faults active on a gateway, read through its admin API.
 async fn active_faults(d: &Demo, admin: SocketAddr) -> Vec<ActiveFault> {
     let token = std::fs::read_to_string(d.dir.join(TOKEN_FILE)).unwrap();
@@ -164,13 +177,7 @@ async fn the_guard_rail_stops_a_drill_that_breaks_too_much() {
              stop_if:\n  failed_connections: 5\n"
         ),
     );
-    let report = within(
-        Duration::from_secs(30),
-        drill::run(s, std::future::pending()),
-    )
-    .await
-    .unwrap();
-    let text = drill::render::summary(&report);
+    let (report, text) = run_to_end(s).await;
     assert_eq!(report.verdict, Verdict::Aborted, "{text}");
     assert!(
         report
@@ -378,13 +385,7 @@ async fn a_signal_to_a_gateway_sharing_the_drills_process_is_refused() {
              steps:\n  - at: 1s\n    duration: 1s\n    fault: signal\n    on: $primary\n"
         ),
     );
-    let report = within(
-        Duration::from_secs(30),
-        drill::run(s, std::future::pending()),
-    )
-    .await
-    .unwrap();
-    let text = drill::render::summary(&report);
+    let (report, text) = run_to_end(s).await;
     let error = report.faults[0].error.as_deref().unwrap_or_default();
     assert!(error.contains("the drill's own process"), "{text}");
     assert_ne!(report.verdict, Verdict::Passed, "{text}");
@@ -482,13 +483,7 @@ async fn a_signal_to_the_in_process_demo_is_refused_and_nothing_is_killed() {
     );
     let path = dir.path().join("drill.yaml");
     std::fs::write(&path, y).unwrap();
-    let report = within(
-        Duration::from_secs(30),
-        drill::run(Scenario::load(&path).unwrap(), std::future::pending()),
-    )
-    .await
-    .unwrap();
-    let text = drill::render::summary(&report);
+    let (report, text) = run_to_end(Scenario::load(&path).unwrap()).await;
     let error = report.faults[0].error.as_deref().unwrap_or_default();
     assert!(
         error.contains("shares process") && error.contains("strait demo --processes"),

@@ -79,14 +79,19 @@ fn set_sections(config: &mut Config, yaml: &str) {
         .unwrap_or_else(|e| panic!("--west-yaml does not fit west's config: {e}"));
 }
 
+/// HTTP backends for east and north, each answering with its cluster's name.
+async fn backends() -> (Backend, Backend) {
+    let hello = async |cluster: &str| {
+        Backend::http_hello(format!("hello from {cluster}\n"))
+            .await
+            .unwrap()
+    };
+    (hello("east").await, hello("north").await)
+}
+
 async fn run_once(fault: Fault, rate: f64, west_extra: &str) -> Outcome {
     let pki = TestPki::new();
-    let be = Backend::http_hello("hello from east\n".into())
-        .await
-        .unwrap();
-    let bn = Backend::http_hello("hello from north\n".into())
-        .await
-        .unwrap();
+    let (be, bn) = backends().await;
     let mut children = Vec::new();
     let mut tunnel = |name: &str, backend: &Backend| {
         let (probe, addr) = udp();

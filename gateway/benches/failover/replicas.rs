@@ -42,12 +42,7 @@ struct Fed {
 
 async fn federation(replicas: usize) -> Fed {
     let pki = TestPki::new();
-    let be = Backend::http_hello("hello from east\n".into())
-        .await
-        .unwrap();
-    let bn = Backend::http_hello("hello from north\n".into())
-        .await
-        .unwrap();
+    let (be, bn) = super::backends().await;
     let (un, _) = udp();
     let north = pki
         .gateway("north", un, |c| {
