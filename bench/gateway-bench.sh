@@ -22,6 +22,8 @@ WRK_CONNS=${WRK_CONNS:-16}
 NGINX_WORKERS=${NGINX_WORKERS:-1}
 PIN=${PIN:-0}                     # 1 = pin load generators / servers with taskset
 SKIP_STRAIT=${SKIP_STRAIT:-0}     # 1 = no strait column (no cargo build)
+IDLE_CONNS=${IDLE_CONNS:-1000}    # idle proxied connections held for the memory-per-connection figure
+PROFILE=${PROFILE:-0}             # 1 = perf record both strait gateways during each load
 STRAIT_BIN=${STRAIT_BIN:-}        # use this binary instead of building
 READY_TIMEOUT=${READY_TIMEOUT:-10}
 OUT_DIR=${OUT_DIR:-$SCRIPT_DIR/out}
@@ -507,12 +509,51 @@ parse_wrk() {
           (p99 == "" ? "NA" : p99), err, bad }' "$1"
 }
 
+# GATEWAYS: the ROLE=PID list of the setup being measured (empty for direct).
+GATEWAYS=()
+
+gateway_ticks() { # gateway_ticks -> utime+stime of every live gateway in GATEWAYS
+  local np t=0
+  for np in "${GATEWAYS[@]}"; do
+    if alive "${np#*=}"; then t=$((t + $(cpu_ticks "${np#*=}"))); fi
+  done
+  echo "$t"
+}
+
+# measured SETUP KIND OUT CMD...: runs a load (its output to OUT), recording the gateways'
+# CPU seconds over it in R[SETUP:KIND.cpu] and, with PROFILE=1 for strait, a perf profile
+# of both gateways (which slows them: figures from such a run are not comparable).
+measured() {
+  local setup=$1 kind=$2 out=$3; shift 3
+  local t0 perf_pid="" pids np rc=0
+  t0=$(gateway_ticks)
+  if ((PROFILE)) && [[ $setup == strait ]] && ((${#GATEWAYS[@]})); then
+    pids=$(for np in "${GATEWAYS[@]}"; do printf '%s,' "${np#*=}"; done)
+    mkdir -p "$OUT_DIR"
+    perf record -q -e cpu-clock -F 999 -g -p "${pids%,}" -o "$OUT_DIR/perf-$kind.data" \
+      -- sleep "$DURATION" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
+  "$@" >"$out" 2>&1 || rc=$?
+  if [[ -n $perf_pid ]]; then
+    wait "$perf_pid" || true
+    perf report -i "$OUT_DIR/perf-$kind.data" --no-children -g none --sort dso,symbol --stdio \
+      2>/dev/null | grep -E '^ +[0-9]' | sed -E 's/( +-)* *$//' | head -n 40 >"$OUT_DIR/perf-$kind.txt" || true
+    log "$setup: profile of the $kind load in $OUT_DIR/perf-$kind.txt"
+  fi
+  ((${#GATEWAYS[@]} == 0)) ||
+    R[$setup:$kind.cpu]=$(awk -v t="$(($(gateway_ticks) - t0))" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN { printf "%.2f", t / hz }')
+  return "$rc"
+}
+
 run_wrk() { # run_wrk SETUP KIND URL [wrk args...]
   local setup=$1 kind=$2 url=$3; shift 3
   local f=$WORK/results/$setup-$kind.wrk rps p50 p99 err bad
   log "$setup: wrk $kind ${DURATION}s -t$WRK_THREADS -c$WRK_CONNS $*"
-  run_client wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" --latency "$@" "$url" >"$f" 2>&1 ||
-    log "$setup: wrk $kind exited non-zero (see below)"
+  measured "$setup" "$kind" "$f" run_client wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${DURATION}s" \
+    --latency "$@" "$url" || log "$setup: wrk $kind exited non-zero (see below)"
+  R[$setup:$kind.requests]=$(awk '/requests in/ { print $1; exit }' "$f")
   read -r rps p50 p99 err bad < <(parse_wrk "$f")
   [[ $rps != NA ]] || { log "$setup: wrk $kind produced no result:"; tail -n 20 "$f" >&2; }
   R[$setup:$kind.rps]=$rps; R[$setup:$kind.p50]=$p50; R[$setup:$kind.p99]=$p99
@@ -522,17 +563,65 @@ run_wrk() { # run_wrk SETUP KIND URL [wrk args...]
 run_iperf() { # run_iperf SETUP PORT
   local setup=$1 port=$2 f=$WORK/results/$1.iperf.json
   log "$setup: iperf3 ${DURATION}s single stream"
-  run_client iperf3 -c 127.0.0.1 -p "$port" -t "$DURATION" -J >"$f" 2>&1 ||
+  measured "$setup" iperf "$f" run_client iperf3 -c 127.0.0.1 -p "$port" -t "$DURATION" -J ||
     log "$setup: iperf3 exited non-zero"
-  R[$setup:iperf.bps]=$(python3 - "$f" <<'EOF'
+  local bps bytes
+  read -r bps bytes < <(python3 - "$f" <<'EOF'
 import json, sys
 try:
-    print(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"])
+    r = json.load(open(sys.argv[1]))["end"]["sum_received"]
+    print(r["bits_per_second"], r["bytes"])
 except Exception:
-    print("NA")
+    print("NA NA")
 EOF
 )
+  R[$setup:iperf.bps]=$bps; R[$setup:iperf.bytes]=$bytes
   [[ ${R[$setup:iperf.bps]} != NA ]] || { log "$setup: iperf3 failed:"; tail -n 20 "$f" >&2; }
+}
+
+# idle_conns SETUP HTTP_PORT ROLE=PID...: holds IDLE_CONNS proxied connections open, each
+# after one full request and answer, and records each gateway's RSS growth per held
+# connection (KiB) in R[SETUP:per_conn.ROLE]. Bounded: the holder gives up after 120 s.
+idle_conns() {
+  local setup=$1 port=$2 np; shift 2
+  local -A before=()
+  ((IDLE_CONNS > 0)) || return 0
+  for np in "$@"; do before[${np%%=*}]=$(rss_kb "${np#*=}"); done
+  log "$setup: holding $IDLE_CONNS idle proxied connections"
+  local flag=$WORK/results/$setup.held
+  rm -f "$flag"
+  "${CLIENT_PREFIX[@]}" python3 - "$port" "$IDLE_CONNS" "$BODY_PATH" "$flag" <<'EOF' &
+import socket, sys, time
+port, n, path, flag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(req)
+    got = b""
+    while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 1024:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("connection closed early")
+        got += chunk
+    socks.append(s)
+open(flag, "w").write("held\n")
+time.sleep(120)
+EOF
+  local holder=$!
+  local deadline=$((SECONDS + 60))
+  while [[ ! -s $flag ]] && alive "$holder" && ((SECONDS < deadline)); do sleep 0.2; done
+  if [[ -s $flag ]]; then
+    sleep 1 # settle
+    for np in "$@"; do
+      R[$setup:per_conn.${np%%=*}]=$(awk -v a="$(rss_kb "${np#*=}")" -v b="${before[${np%%=*}]}" \
+        -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f", (a - b) / n }')
+    done
+  else
+    log "$setup: could not hold $IDLE_CONNS connections"
+  fi
+  kill "$holder" 2>/dev/null || true
+  wait "$holder" 2>/dev/null || true
 }
 
 # bench_setup SETUP HTTP_PORT IPERF_PORT [ROLE=PID...]: smoke check, idle RSS,
@@ -548,6 +637,8 @@ bench_setup() {
     R[$setup:rss_idle.$role]=$(rss_kb "$pid" || echo NA)
     cpu0[$role]=$(cpu_ticks "$pid")
   done
+  GATEWAYS=("$@")
+  (($# == 0)) || idle_conns "$setup" "$hport" "$@"
   (($# == 0)) || start_sampler "$WORK/results/$setup.rss" "$@"
   if ((WARMUP > 0)); then
     run_client wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
@@ -612,7 +703,7 @@ row() { # row LABEL KEY KIND: one table row across the three setups
   local label=$1 key=$2 kind=$3 s cells=()
   for s in direct strait haproxy; do
     if [[ $s == strait ]] && ((!RUN_STRAIT)); then cells+=("skipped")
-    elif [[ $s == direct && $key == rss* || $s == direct && $key == cpu_s ]]; then cells+=("-")
+    elif [[ $s == direct && ($key == rss* || $key == cpu_s || $key == per_conn*) ]]; then cells+=("-")
     else cells+=("$(fmt "${R[$s:$key]:-NA}" "$kind")"); fi
   done
   printf '| %s | %s | %s | %s |\n' "$label" "${cells[@]}"
@@ -639,6 +730,13 @@ ratio_row() {
 }
 
 sum() { if is_num "${1:-}" && is_num "${2:-}"; then echo $(($1 + $2)); else echo NA; fi; }
+
+per() { # per SETUP CPU_KEY COUNT_KEY UNIT -> CPU seconds per UNIT counted, or n/a
+  local cpu=${R[$1:$2]:-NA} count=${R[$1:$3]:-NA}
+  if is_num "$cpu" && is_num "$count" && awk -v c="$count" 'BEGIN { exit !(c > 0) }'; then
+    awk -v s="$cpu" -v c="$count" -v u="$4" 'BEGIN { printf "%.3f", s * u / c }'
+  else echo n/a; fi
+}
 
 pct() { # pct PART WHOLE -> "N.N%" or n/a
   if is_num "${1:-}" && is_num "${2:-}" && (($2 > 0)); then
@@ -671,17 +769,29 @@ report() {
   row "Gateway A (exporter) RSS peak under load (MiB)" rss_peak.A mib
   row "Gateway B (importer) RSS peak under load (MiB)" rss_peak.B mib
   row "Gateway CPU time A+B during load (s)" cpu_s raw
+  row "Memory per idle proxied connection, gateway A (KiB)" per_conn.A raw
+  row "Memory per idle proxied connection, gateway B (KiB)" per_conn.B raw
+  printf '| Gateway CPU s per 1,000 keep-alive requests (A+B) | - | %s | %s |\n' \
+    "$(per strait ka.cpu ka.requests 1000)" "$(per haproxy ka.cpu ka.requests 1000)"
+  printf '| Gateway CPU s per 1,000 new connections (A+B) | - | %s | %s |\n' \
+    "$(per strait nc.cpu nc.requests 1000)" "$(per haproxy nc.cpu nc.requests 1000)"
+  printf '| Gateway CPU s per GB moved (A+B, iperf3) | - | %s | %s |\n' \
+    "$(per strait iperf.cpu iperf.bytes 1000000000)" "$(per haproxy iperf.cpu iperf.bytes 1000000000)"
   echo
   echo "## Ratios (strait / haproxy)"
   echo
   echo "| Ratio | value | target | verdict |"
   echo "|---|---:|---:|---|"
-  ratio_row "keep-alive req/s" "${R[strait:ka.rps]:-NA}" "${R[haproxy:ka.rps]:-NA}" ">=" 1.2 x
-  ratio_row "new-connection req/s" "${R[strait:nc.rps]:-NA}" "${R[haproxy:nc.rps]:-NA}" ">=" 10 x
-  ratio_row "iperf3 throughput" "${R[strait:iperf.bps]:-NA}" "${R[haproxy:iperf.bps]:-NA}" ">=" 1.0 x
+  ratio_row "keep-alive req/s (strait / haproxy)" "${R[strait:ka.rps]:-NA}" "${R[haproxy:ka.rps]:-NA}" ">=" 1.3 x
+  ratio_row "keep-alive p99 (strait / haproxy)" "${R[strait:ka.p99]:-NA}" "${R[haproxy:ka.p99]:-NA}" "<=" 1.0 x
+  ratio_row "new-connection req/s (strait / direct)" "${R[strait:nc.rps]:-NA}" "${R[direct:nc.rps]:-NA}" ">=" 0.5 x
+  ratio_row "iperf3 throughput (strait / haproxy)" "${R[strait:iperf.bps]:-NA}" "${R[haproxy:iperf.bps]:-NA}" ">=" 1.0 x
   local role
   for role in A B; do
     ratio_row "strait idle RSS, gateway $role (MiB)" "${R[strait:rss_idle.$role]:-NA}" 1024 "<=" 10 " MiB"
+  done
+  for role in A B; do
+    ratio_row "strait memory per idle connection, gateway $role (KiB)" "${R[strait:per_conn.$role]:-NA}" 1 "<=" 16 " KiB"
   done
   echo
   echo "## Setup"
@@ -713,7 +823,9 @@ report() {
   [[ $PKI_TOOL == strait ]] || pki_note="openssl test PKI (no strait binary; SKIP_STRAIT run only)"
   echo "- PKI: $pki_note; ECDSA P-256, one CA for both strait and HAProxy."
   echo "- RSS: VmRSS from /proc/PID/status; idle = after readiness, one smoke request and 1 s settle;" \
-    "peak = max of 200 ms samples during warm-up + all loads. CPU time = utime+stime of both gateway processes over the loads."
+    "peak = max of 200 ms samples during warm-up + all loads. CPU time = utime+stime of both gateway processes over the loads." \
+    "Memory per idle connection: RSS growth of each gateway while $IDLE_CONNS client connections (IDLE_CONNS) are held open," \
+    "each after one full request and answer, divided by their number."
   echo "- CPU pinning: $PIN_NOTE."
 }
 
