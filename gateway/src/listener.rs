@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -641,10 +641,12 @@ const EARLY_MAX: usize = 16 << 10;
 /// protocol sends nothing, and must not be delayed). These bytes ride in the same packet
 /// as the stream header when no retry can follow. Resending them after a refusal is safe:
 /// a remote that refuses never connects an endpoint, so they were delivered nowhere.
+/// Read on the stack and kept at their own size: the connection holds them as long as it
+/// lives, and most are a short request.
 fn early_bytes(tcp: &TcpStream) -> Bytes {
-    let mut buf = BytesMut::with_capacity(EARLY_MAX);
-    match tcp.try_read_buf(&mut buf) {
-        Ok(_) => buf.freeze(),
+    let mut buf = [0u8; EARLY_MAX];
+    match tcp.try_read(&mut buf) {
+        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
         // WouldBlock (nothing yet) or an error the splice will meet again on its first read.
         Err(_) => Bytes::new(),
     }

@@ -121,12 +121,17 @@ async fn tcp_to_quic(
     moved: &mut u64,
 ) -> End {
     let mut chunk = INITIAL_CHUNK.min(max_chunk);
-    let mut buf = BytesMut::new();
     loop {
-        // Each chunk is handed to quinn (write_chunk, no copy) and lives until acknowledged,
-        // so every read needs fresh space.
-        buf.reserve(chunk);
-        match r.read_buf(&mut buf).await {
+        // Space is taken only once bytes are there: an idle connection holds no buffer.
+        if let Err(e) = r.readable().await {
+            tracing::debug!(error = %e, "tcp read failed");
+            return End::Reset;
+        }
+        // Each chunk is handed to quinn (write_chunk, no copy) and lives until
+        // acknowledged, so every read gets fresh space.
+        let mut buf = BytesMut::with_capacity(chunk);
+        match r.try_read_buf(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Ok(0) => {
                 return if send.finish().is_ok() {
                     End::Finished
@@ -139,7 +144,7 @@ async fn tcp_to_quic(
                 if n >= chunk {
                     chunk = (chunk * 2).min(max_chunk);
                 }
-                if let Err(e) = send.write_chunk(buf.split().freeze()).await {
+                if let Err(e) = send.write_chunk(buf.freeze()).await {
                     tracing::debug!(error = %e, "stream write failed");
                     return End::Reset;
                 }

@@ -552,6 +552,10 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
 /// How long a cycle waits for one replica to stop, restart and be back.
 const REPLICA_BACK_WITHIN: Duration = Duration::from_secs(60);
 
+/// How long the source's new tunnel to a restarted replica must stay up and answering
+/// before the replica counts as back (longer than the probes take to find a dead one).
+const TUNNEL_SETTLED: Duration = Duration::from_secs(1);
+
 /// Stops each replica of `r` in turn and waits until it is back: a new instance answers
 /// ready (its supervisor started it again), the source gateway has a fresh tunnel to it,
 /// and the source sends it new connections; a replica stops only while all its siblings
@@ -601,17 +605,31 @@ async fn cycle(r: Cycle, token: String, t0: Instant) -> Result<Duration, String>
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // The source's tunnel to it is a new one: after a SIGKILL its connection to the
-        // old process may look alive for a moment.
+        // The source's tunnel to it is a new one, and it lives: after a SIGKILL the
+        // connection to the old process may look alive for a moment, and during a drain the
+        // source may reconnect to the old process just before it exits. A connection to a
+        // dead process stops answering probes within `tunnel.unresponsive_after`, so the
+        // same connection must stay up and answering for `TUNNEL_SETTLED`.
+        let mut settled: Option<(u64, tokio::time::Instant)> = None;
         loop {
-            if let Some(now) = source_tunnel(&r, &replica).await
-                && now.status == PeerStatus::Up
-                && now.responsive
-                && !now.draining
-                && (tunnel.as_ref().is_none_or(|t| t.connects != now.connects)
-                    || now.since_seconds < stopped.elapsed().as_secs_f64())
-            {
-                break;
+            match source_tunnel(&r, &replica).await {
+                Some(now)
+                    if now.status == PeerStatus::Up
+                        && now.responsive
+                        && !now.draining
+                        && (tunnel.as_ref().is_none_or(|t| t.connects != now.connects)
+                            || now.since_seconds < stopped.elapsed().as_secs_f64()) =>
+                {
+                    match settled {
+                        Some((connects, since)) if connects == now.connects => {
+                            if since.elapsed() >= TUNNEL_SETTLED {
+                                break;
+                            }
+                        }
+                        _ => settled = Some((now.connects, tokio::time::Instant::now())),
+                    }
+                }
+                _ => settled = None,
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!(
