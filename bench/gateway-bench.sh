@@ -216,6 +216,8 @@ validate_env() {
   [[ $WRK_THREADS =~ ^[1-9][0-9]*$ && $WRK_CONNS =~ ^[1-9][0-9]*$ ]] ||
     die "WRK_THREADS / WRK_CONNS must be positive integers"
   ((WRK_CONNS >= WRK_THREADS)) || die "WRK_CONNS must be >= WRK_THREADS"
+  [[ $IDLE_CONNS =~ ^[0-9]+$ ]] || die "IDLE_CONNS must be a whole number (got '$IDLE_CONNS')"
+  [[ $PROFILE =~ ^[01]$ ]] || die "PROFILE must be 0 or 1 (got '$PROFILE')"
 }
 
 setup_pinning() {
@@ -533,13 +535,18 @@ measured() {
     perf record -q -e cpu-clock -F 999 -g -p "${pids%,}" -o "$OUT_DIR/perf-$kind.data" \
       -- sleep "$DURATION" >/dev/null 2>&1 &
     perf_pid=$!
+    PIDS+=("$perf_pid")
   fi
   "$@" >"$out" 2>&1 || rc=$?
   if [[ -n $perf_pid ]]; then
     wait "$perf_pid" || true
     perf report -i "$OUT_DIR/perf-$kind.data" --no-children -g none --sort dso,symbol --stdio \
       2>/dev/null | grep -E '^ +[0-9]' | sed -E 's/( +-)* *$//' | head -n 40 >"$OUT_DIR/perf-$kind.txt" || true
-    log "$setup: profile of the $kind load in $OUT_DIR/perf-$kind.txt"
+    if [[ -s $OUT_DIR/perf-$kind.txt ]]; then
+      log "$setup: profile of the $kind load in $OUT_DIR/perf-$kind.txt"
+    else
+      log "$setup: no profile of the $kind load (is perf installed and allowed?)"
+    fi
   fi
   ((${#GATEWAYS[@]} == 0)) ||
     R[$setup:$kind.cpu]=$(awk -v t="$(($(gateway_ticks) - t0))" -v hz="$(getconf CLK_TCK)" \
@@ -586,7 +593,7 @@ idle_conns() {
   local setup=$1 port=$2 np; shift 2
   local -A before=()
   ((IDLE_CONNS > 0)) || return 0
-  for np in "$@"; do before[${np%%=*}]=$(rss_kb "${np#*=}"); done
+  for np in "$@"; do before[${np%%=*}]=$(rss_kb "${np#*=}" || echo NA); done
   log "$setup: holding $IDLE_CONNS idle proxied connections"
   local flag=$WORK/results/$setup.held
   rm -f "$flag"
@@ -609,12 +616,16 @@ open(flag, "w").write("held\n")
 time.sleep(120)
 EOF
   local holder=$!
+  PIDS+=("$holder")
   local deadline=$((SECONDS + 60))
   while [[ ! -s $flag ]] && alive "$holder" && ((SECONDS < deadline)); do sleep 0.2; done
   if [[ -s $flag ]]; then
     sleep 1 # settle
+    local after
     for np in "$@"; do
-      R[$setup:per_conn.${np%%=*}]=$(awk -v a="$(rss_kb "${np#*=}")" -v b="${before[${np%%=*}]}" \
+      after=$(rss_kb "${np#*=}" || echo NA)
+      is_num "$after" && is_num "${before[${np%%=*}]}" || continue
+      R[$setup:per_conn.${np%%=*}]=$(awk -v a="$after" -v b="${before[${np%%=*}]}" \
         -v n="$IDLE_CONNS" 'BEGIN { printf "%.1f", (a - b) / n }')
     done
   else
@@ -635,10 +646,14 @@ bench_setup() {
   for np in "$@"; do
     role=${np%%=*}; pid=${np#*=}
     R[$setup:rss_idle.$role]=$(rss_kb "$pid" || echo NA)
-    cpu0[$role]=$(cpu_ticks "$pid")
   done
   GATEWAYS=("$@")
   (($# == 0)) || idle_conns "$setup" "$hport" "$@"
+  # CPU over the loads only (not the idle connections' set-up and teardown).
+  for np in "$@"; do
+    role=${np%%=*}; pid=${np#*=}
+    cpu0[$role]=$(cpu_ticks "$pid")
+  done
   (($# == 0)) || start_sampler "$WORK/results/$setup.rss" "$@"
   if ((WARMUP > 0)); then
     run_client wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
@@ -720,8 +735,8 @@ ratio_row() {
   local label=$1 num=$2 den=$3 op=$4 target=$5 unit=$6 val verdict
   if is_num "$num" && is_num "$den" && awk -v d="$den" 'BEGIN { exit !(d > 0) }'; then
     val=$(awk -v n="$num" -v d="$den" 'BEGIN { printf "%.2f", n / d }')
-    if awk -v v="$val" -v t="$target" -v op="$op" \
-      'BEGIN { exit !((op == ">=") ? (v >= t) : (v <= t)) }'; then verdict=met
+    if awk -v n="$num" -v d="$den" -v t="$target" -v op="$op" \
+      'BEGIN { v = n / d; exit !((op == ">=") ? (v >= t) : (v <= t)) }'; then verdict=met
     else verdict="NOT met"; fi
     printf '| %s | %s%s | %s %s%s | %s |\n' "$label" "$val" "$unit" "$op" "$target" "$unit" "$verdict"
   else
@@ -778,7 +793,7 @@ report() {
   printf '| Gateway CPU s per GB moved (A+B, iperf3) | - | %s | %s |\n' \
     "$(per strait iperf.cpu iperf.bytes 1000000000)" "$(per haproxy iperf.cpu iperf.bytes 1000000000)"
   echo
-  echo "## Ratios (strait / haproxy)"
+  echo "## Ratios"
   echo
   echo "| Ratio | value | target | verdict |"
   echo "|---|---:|---:|---|"

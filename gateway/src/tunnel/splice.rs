@@ -129,9 +129,10 @@ async fn tcp_to_quic(
         }
         // Each chunk is handed to quinn (write_chunk, no copy) and lives until
         // acknowledged, so every read gets fresh space.
+        // (`read_buf`, not `try_read_buf`: a short read clears the readiness, so the next
+        // `readable` waits instead of costing a read that finds nothing.)
         let mut buf = BytesMut::with_capacity(chunk);
-        match r.try_read_buf(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+        match r.read_buf(&mut buf).await {
             Ok(0) => {
                 return if send.finish().is_ok() {
                     End::Finished

@@ -553,7 +553,9 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
 const REPLICA_BACK_WITHIN: Duration = Duration::from_secs(60);
 
 /// How long the source's new tunnel to a restarted replica must stay up and answering
-/// before the replica counts as back (longer than the probes take to find a dead one).
+/// before the replica counts as back: longer than the probes take to find a dead one with
+/// the default tunnel timings (`unresponsive_after` 500 ms, `keep_alive` 100 ms, about
+/// 550 ms); a source with a much longer `unresponsive_after` needs more.
 const TUNNEL_SETTLED: Duration = Duration::from_secs(1);
 
 /// Stops each replica of `r` in turn and waits until it is back: a new instance answers
