@@ -121,17 +121,11 @@ async fn tcp_to_quic(
     moved: &mut u64,
 ) -> End {
     let mut chunk = INITIAL_CHUNK.min(max_chunk);
+    let mut buf = BytesMut::new();
     loop {
-        // Space is taken only once bytes are there: an idle connection holds no buffer.
-        if let Err(e) = r.readable().await {
-            tracing::debug!(error = %e, "tcp read failed");
-            return End::Reset;
-        }
-        // Each chunk is handed to quinn (write_chunk, no copy) and lives until
-        // acknowledged, so every read gets fresh space.
-        // (`read_buf`, not `try_read_buf`: a short read clears the readiness, so the next
-        // `readable` waits instead of costing a read that finds nothing.)
-        let mut buf = BytesMut::with_capacity(chunk);
+        // Each chunk is handed to quinn (write_chunk, no copy) and lives until acknowledged,
+        // so every read needs fresh space.
+        buf.reserve(chunk);
         match r.read_buf(&mut buf).await {
             Ok(0) => {
                 return if send.finish().is_ok() {
@@ -145,7 +139,7 @@ async fn tcp_to_quic(
                 if n >= chunk {
                     chunk = (chunk * 2).min(max_chunk);
                 }
-                if let Err(e) = send.write_chunk(buf.freeze()).await {
+                if let Err(e) = send.write_chunk(buf.split().freeze()).await {
                     tracing::debug!(error = %e, "stream write failed");
                     return End::Reset;
                 }
