@@ -133,6 +133,13 @@ pub struct Peer {
     pub last_error: Option<String>,
 }
 
+impl Peer {
+    /// Whether it gets new connections now: up, answering probes, not draining.
+    pub fn in_rotation(&self) -> bool {
+        self.status == PeerStatus::Up && self.responsive && !self.draining
+    }
+}
+
 /// One bound service listener (an import) in `GET /v1/services`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listener {

@@ -298,12 +298,7 @@ impl Replica {
                 .await
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|p| {
-                    p.cluster == cluster
-                        && p.status == api::PeerStatus::Up
-                        && p.responsive
-                        && !p.draining
-                })
+                .filter(|p| p.cluster == cluster && p.in_rotation())
                 .map(|p| p.replica)
                 .collect(),
         }

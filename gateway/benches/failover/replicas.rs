@@ -28,7 +28,7 @@ use strait_ops::load::{Load, LoadSpec, Sample};
 use strait_tests::*;
 use tokio::runtime::Runtime;
 
-use super::{FAULT_AT, LOAD};
+use super::{FAULT_AT, LOAD, p99};
 
 const LEASE: Duration = Duration::from_secs(3);
 
@@ -107,14 +107,6 @@ fn load(west: &Gateway, rate: f64, duration: Duration) -> Load {
         duration,
         timeout: Duration::from_secs(5),
     })
-}
-
-fn p99(samples: &[&Sample]) -> Duration {
-    let mut v: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
-    v.sort();
-    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
 }
 
 fn elsewhere(samples: &[Sample]) -> usize {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use strait_common::api::{Direction, Fault, FaultRequest, Peer, PeerStatus};
+use strait_common::api::{Direction, Fault, FaultRequest, Peer};
 use strait_common::units::HumanDuration;
 
 use super::analysis::{self, LoadRecording, Recording, Report, RoutePoll, StepRecord};
@@ -616,9 +616,7 @@ async fn cycle(r: Cycle, token: String, t0: Instant) -> Result<Duration, String>
         loop {
             match source_tunnel(&r, &replica).await {
                 Some(now)
-                    if now.status == PeerStatus::Up
-                        && now.responsive
-                        && !now.draining
+                    if now.in_rotation()
                         && (tunnel.as_ref().is_none_or(|t| t.connects != now.connects)
                             || now.since_seconds < stopped.elapsed().as_secs_f64()) =>
                 {
