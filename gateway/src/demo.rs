@@ -1120,6 +1120,7 @@ impl Demo {
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
+        let mut downs = Vec::new();
         for second in 1..=total.as_secs() {
             tick.tick().await;
             let window = Duration::from_secs(second - 1)..Duration::from_secs(second);
@@ -1148,6 +1149,7 @@ impl Demo {
                 .collect();
             let mut event = String::new();
             if second == 3 {
+                downs.push(load.elapsed());
                 self.take_down(&victim).await?;
                 event = format!("  <- {victim} taken down");
             } else if second == 10 {
@@ -1164,12 +1166,19 @@ impl Demo {
             );
             report.seconds.push(by);
         }
-        // Count failures from every connection, including those still running at a tick.
+        // Count failures from every connection, including those still running at a tick;
+        // one in flight through the region as it went down died with it (broken), a new
+        // one that failed is a failover failure.
         let all = load.finish().await;
-        report.failed = all.iter().filter(|s| s.result.is_err()).count();
+        let errors = all.iter().filter(|s| s.result.is_err());
+        report.broken = errors
+            .clone()
+            .filter(|s| strait_ops::drill::analysis::in_flight(s, &downs))
+            .count();
+        report.failed = errors.count() - report.broken;
         println!(
-            "\n{} failed connections while {victim} went down and came back.\n",
-            report.failed
+            "\n{} failed new connections while {victim} went down and came back ({} in flight through it broken).\n",
+            report.failed, report.broken
         );
         Ok(report)
     }
@@ -1182,6 +1191,8 @@ pub struct TourReport {
     pub victim: String,
     /// Per second: connections answered by each region.
     pub seconds: Vec<std::collections::BTreeMap<String, usize>>,
-    /// Connections that failed.
+    /// New connections that failed (started after the region went down).
     pub failed: usize,
+    /// Connections in flight through the region as it went down that broke.
+    pub broken: usize,
 }

@@ -63,7 +63,7 @@ async fn demo_regions_discover_and_reach_each_other() {
 }
 
 /// The failover tour takes the serving region down and back: traffic moves to the other
-/// region with no failed connection, and returns after the dwell.
+/// region with no failed new connection, and returns after the dwell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_tour_moves_traffic_and_brings_it_back() {
     strait_gateway::raise_fd_limit();
@@ -76,6 +76,8 @@ async fn demo_tour_moves_traffic_and_brings_it_back() {
     assert!(d.wait_converged(Duration::from_secs(10)).await);
     let report = d.tour().await.unwrap();
     assert_eq!(report.failed, 0, "{report:?}");
+    // A request in flight through the region taken down may die with it.
+    assert!(report.broken <= 1, "{report:?}");
     let victim = report.victim.as_str();
     let share = |s: usize, c: &str| report.seconds[s].get(c).copied().unwrap_or(0);
     let others = |s: usize| {
