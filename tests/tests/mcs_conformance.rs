@@ -326,21 +326,21 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
     })
     .await;
 
-    // The importer routes to us-1 first, and every connection lands there (once its tunnel
-    // to us-1 is up: until then connections move on to the next cluster).
+    // The importer routes to us-1 first, and every connection lands there once us-1 takes
+    // new connections: its tunnel up and its ready endpoints in the catalog (until then
+    // connections move on to the next cluster; us-1 may advertise the export before its
+    // endpoints, as the API server's watches deliver them in either order).
     let route = strait_tests::admin(&importer.gateway)
         .route(&format!("{NS}/{HELLO}"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(route.clusters[0].cluster, "us-1", "{route:#?}");
-    strait_tests::eventually(LIMIT, "the tunnel to us-1 is up", async || {
-        let peers = strait_tests::admin(&importer.gateway).peers().await;
-        peers.is_ok_and(|ps| {
-            ps.iter().any(|p| {
-                p.cluster == "us-1" && p.status == strait_gateway::tunnel::peers::PeerStatus::Up
-            })
-        })
+    strait_tests::eventually(LIMIT, "us-1 takes new connections", async || {
+        let route = strait_tests::admin(&importer.gateway)
+            .route(&format!("{NS}/{HELLO}"))
+            .await;
+        route.is_ok_and(|r| r.is_ok_and(|r| r.primary.as_deref() == Some("us-1")))
     })
     .await;
     let (_, port) = importer.derived_service(HELLO).await;
