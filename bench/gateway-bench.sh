@@ -25,6 +25,7 @@ SKIP_STRAIT=${SKIP_STRAIT:-0}     # 1 = no strait column (no cargo build)
 IDLE_CONNS=${IDLE_CONNS:-1000}    # idle proxied connections held for the memory-per-connection figure
 PROFILE=${PROFILE:-0}             # 1 = perf record both strait gateways during each load
 STRAIT_BIN=${STRAIT_BIN:-}        # use this binary instead of building
+STRAIT_TUNNEL=${STRAIT_TUNNEL:-}  # extra `tunnel:` settings for both strait gateways, "key: value; ..."
 READY_TIMEOUT=${READY_TIMEOUT:-10}
 OUT_DIR=${OUT_DIR:-$SCRIPT_DIR/out}
 BODY_PATH=/1k.bin
@@ -339,6 +340,18 @@ start_iperf_server() {
 }
 
 # ------------------------------------------------------------------ strait --
+# tunnel_yaml: the `tunnel:` section from STRAIT_TUNNEL ("key: value; key: value"), or nothing.
+tunnel_yaml() {
+  [[ -n $STRAIT_TUNNEL ]] || return 0
+  echo "tunnel:"
+  local kv
+  IFS=';' read -ra kv <<<"$STRAIT_TUNNEL"
+  for item in "${kv[@]}"; do
+    item=$(echo "$item" | xargs)
+    [[ -n $item ]] && echo "  $item"
+  done
+}
+
 write_strait_configs() {
   cat >"$WORK/pki/bench-a.yaml" <<EOF
 cluster: bench-a
@@ -352,6 +365,7 @@ tls:
   ca: ca.pem
   cert: bench-a.pem
   key: bench-a.key
+$(tunnel_yaml)
 exports:
   - name: nginx
     namespace: bench
@@ -374,6 +388,7 @@ tls:
   ca: ca.pem
   cert: bench-b.pem
   key: bench-b.key
+$(tunnel_yaml)
 peers:
   - cluster: bench-a
     address: 127.0.0.1:$P_SA_TUNNEL
@@ -818,8 +833,9 @@ report() {
   echo "- Backends: $(nginx -v 2>&1 | sed 's/^nginx version: //'), worker_processes $NGINX_WORKERS (NGINX_WORKERS)," \
     "access_log off, keepalive_requests 1000000, static ${BODY_PATH} of 1024 bytes; $(iperf3 -v | head -n1 | cut -d' ' -f1-2) server."
   echo "- Threads: strait STRAIT_WORKER_THREADS=$THREADS, haproxy nbthread $THREADS (THREADS)."
+  [[ -z $STRAIT_TUNNEL ]] || echo "- strait tunnel settings (STRAIT_TUNNEL): \`$STRAIT_TUNNEL\`."
   if ((RUN_STRAIT)); then
-    echo "- strait: ${R[strait:version]:-$STRAIT}; QUIC mTLS tunnel, default tunnel settings, RUST_LOG=${RUST_LOG:-warn}."
+    echo "- strait: ${R[strait:version]:-$STRAIT}; QUIC mTLS tunnel, $([[ -n $STRAIT_TUNNEL ]] && echo "tunnel settings above" || echo "default tunnel settings"), RUST_LOG=${RUST_LOG:-warn}."
   else
     echo "- strait: skipped (SKIP_STRAIT=1)."
   fi

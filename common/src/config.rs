@@ -577,7 +577,9 @@ pub struct TunnelTuning {
     /// Handshakes in progress at most; beyond it new ones are refused.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: u32,
-    /// Largest UDP payload path MTU discovery may probe for (1200..=65527).
+    /// Largest UDP payload path MTU discovery may probe for (1200..=65527). The default
+    /// fits a 9,000-byte jumbo frame; on a 1,500-byte path discovery settles at 1,452 (a
+    /// few lost probes per search, never lost data).
     pub max_udp_payload: u16,
 }
 
@@ -598,7 +600,7 @@ impl Default for TunnelTuning {
             copy_buffer: ByteSize(64 << 10),
             retry_above: default_retry_above(),
             max_handshakes: default_max_handshakes(),
-            max_udp_payload: 1452,
+            max_udp_payload: 8952,
         }
     }
 }
@@ -1400,7 +1402,7 @@ impl TunnelTuning {
             v.push(
                 "tunnel.max_udp_payload",
                 "must be between 1200 and 65527",
-                "use 1452 for Ethernet paths",
+                "use 8952 (the default: jumbo frames where the path has them) or 1452 to stay within 1,500-byte Ethernet",
             );
         }
     }

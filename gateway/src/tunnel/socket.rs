@@ -203,6 +203,20 @@ pub struct FaultSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     rules: Arc<ArcSwapOption<PacketRules>>,
     delayed: mpsc::Sender<Delayed>,
+    /// Most datagrams one GSO send may carry (see [`gso_segments`]).
+    max_segments: usize,
+}
+
+/// Most bytes one segmented (GSO) send may carry: the kernel refuses a batch whose total
+/// exceeds an IP packet's 64 KiB (`EMSGSIZE`), and quinn-udp drops the whole batch then.
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// How many datagrams of up to `max_udp_payload` bytes one GSO send may carry, at most
+/// `offered` (the socket's own limit). quinn batches up to ten full-size datagrams; at
+/// jumbo-frame sizes (ten of 8,952 bytes) that batch is over the kernel's limit and every
+/// full batch would be lost.
+pub(super) fn gso_segments(offered: usize, max_udp_payload: u16) -> usize {
+    offered.min(GSO_MAX_BYTES / usize::from(max_udp_payload.max(1))).max(1)
 }
 
 impl FaultSocket {
@@ -223,13 +237,20 @@ impl fmt::Debug for FaultSocket {
 impl FaultSocket {
     /// Wraps `inner`; must be called inside a tokio runtime (delayed packets are sent by a
     /// task that lives as long as the socket).
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>, rules: Arc<ArcSwapOption<PacketRules>>) -> Self {
+    /// Datagrams are at most `max_udp_payload` bytes.
+    pub fn new(
+        inner: Arc<dyn AsyncUdpSocket>,
+        rules: Arc<ArcSwapOption<PacketRules>>,
+        max_udp_payload: u16,
+    ) -> Self {
         let (tx, rx) = mpsc::channel::<Delayed>(DELAY_QUEUE);
         tokio::spawn(send_delayed(Arc::downgrade(&inner), rules.clone(), rx));
+        let max_segments = gso_segments(inner.max_transmit_segments(), max_udp_payload);
         FaultSocket {
             inner,
             rules,
             delayed: tx,
+            max_segments,
         }
     }
 }
@@ -314,7 +335,8 @@ impl AsyncUdpSocket for FaultSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        // The socket's own limit can drop later (quinn-udp lowers it when GSO fails).
+        self.inner.max_transmit_segments().min(self.max_segments)
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -323,5 +345,39 @@ impl AsyncUdpSocket for FaultSocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gso_batch_of_full_size_datagrams_fits_an_ip_packet() {
+        // quinn offers ten; ten of 1,452 bytes fit, ten jumbo frames (8,952) do not.
+        assert_eq!(gso_segments(10, 1452), 10);
+        assert_eq!(gso_segments(10, 8952), 7);
+        assert_eq!(gso_segments(10, 6500), 10);
+        // At the largest payload, one datagram per send: no GSO.
+        assert_eq!(gso_segments(10, 65527), 1);
+        // Never more than the socket offers (no GSO there: one).
+        assert_eq!(gso_segments(1, 1200), 1);
+        // A batch (more than one datagram) always fits in one IPv4 packet's payload.
+        for payload in [1200u16, 1452, 4000, 8952, 9000, 16000, 40000, 65527] {
+            let n = gso_segments(64, payload);
+            assert!(n == 1 || n * usize::from(payload) <= 65_507, "{n} of {payload}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tunnel_socket_offers_quinn_no_batch_over_the_kernel_limit() {
+        let runtime = quinn::default_runtime().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let inner = runtime.wrap_udp_socket(udp).unwrap();
+        let offered = inner.max_transmit_segments();
+        let socket = FaultSocket::new(inner, Arc::new(ArcSwapOption::empty()), 8952);
+        let segments = socket.max_transmit_segments();
+        assert!(segments >= 1 && segments <= offered);
+        assert!(segments * 8952 <= 65_507, "{segments} segments of 8,952 bytes");
     }
 }
