@@ -190,6 +190,7 @@ enum PkiCmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    strait_gateway::keep_freed_memory();
     let cli = Cli::parse();
     telemetry::init(if cli.log_json || cli.log_format == LogFormatArg::Json {
         LogFormat::Json

@@ -241,11 +241,7 @@ pub(crate) fn endpoint_on(
         .max_udp_payload_size(t.max_udp_payload)
         .map_err(|e| std::io::Error::other(format!("tunnel.max_udp_payload: {e}")))?;
     let socket = runtime.wrap_udp_socket(socket)?;
-    let socket = Arc::new(socket::FaultSocket::new(
-        socket,
-        faults,
-        t.max_udp_payload,
-    ));
+    let socket = Arc::new(socket::FaultSocket::new(socket, faults, t.max_udp_payload));
     let endpoint =
         quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket.clone(), runtime)?;
     Ok((endpoint, TunnelSocket(socket)))

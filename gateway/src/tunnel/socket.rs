@@ -216,7 +216,9 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// jumbo-frame sizes (ten of 8,952 bytes) that batch is over the kernel's limit and every
 /// full batch would be lost.
 pub(super) fn gso_segments(offered: usize, max_udp_payload: u16) -> usize {
-    offered.min(GSO_MAX_BYTES / usize::from(max_udp_payload.max(1))).max(1)
+    offered
+        .min(GSO_MAX_BYTES / usize::from(max_udp_payload.max(1)))
+        .max(1)
 }
 
 impl FaultSocket {
@@ -365,7 +367,10 @@ mod tests {
         // A batch (more than one datagram) always fits in one IPv4 packet's payload.
         for payload in [1200u16, 1452, 4000, 8952, 9000, 16000, 40000, 65527] {
             let n = gso_segments(64, payload);
-            assert!(n == 1 || n * usize::from(payload) <= 65_507, "{n} of {payload}");
+            assert!(
+                n == 1 || n * usize::from(payload) <= 65_507,
+                "{n} of {payload}"
+            );
         }
     }
 
@@ -378,6 +383,9 @@ mod tests {
         let socket = FaultSocket::new(inner, Arc::new(ArcSwapOption::empty()), 8952);
         let segments = socket.max_transmit_segments();
         assert!(segments >= 1 && segments <= offered);
-        assert!(segments * 8952 <= 65_507, "{segments} segments of 8,952 bytes");
+        assert!(
+            segments * 8952 <= 65_507,
+            "{segments} segments of 8,952 bytes"
+        );
     }
 }
