@@ -568,7 +568,8 @@ pub struct TunnelTuning {
     pub connection_window: ByteSize,
     /// UDP socket send and receive buffer size.
     pub udp_buffer: ByteSize,
-    /// Copy buffer per direction of a proxied connection.
+    /// Largest read from a proxied connection's TCP side per write to its stream (the
+    /// other direction writes the received packets as they are, gathered, with no buffer).
     pub copy_buffer: ByteSize,
     /// Handshakes in progress above which a new one must first prove its address (a QUIC
     /// retry: one extra round trip, no state kept for spoofed sources).

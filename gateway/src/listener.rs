@@ -81,7 +81,7 @@ pub struct Forwarding {
     pub peers: Arc<dyn PeerSet>,
     /// What to count.
     pub metrics: ListenerMetrics,
-    /// Bytes read from the client per write to the stream (`tunnel.copy_buffer`).
+    /// Largest read from the client per write to the stream (`tunnel.copy_buffer`).
     pub copy_buffer: usize,
     /// This cluster's exports, for connections routed to this cluster itself (Kubernetes
     /// mode imports a cluster's own services too, as the MCS API does).

@@ -88,7 +88,7 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Deadline for connecting one endpoint (`tunnel.endpoint_connect_timeout`).
     pub endpoint_connect_timeout: Duration,
-    /// Bytes per write towards the endpoint (`tunnel.copy_buffer`).
+    /// Largest read from the endpoint per write to the stream (`tunnel.copy_buffer`).
     pub copy_buffer: usize,
     /// Handshakes in progress above which new ones must prove their address first.
     pub retry_above: usize,
