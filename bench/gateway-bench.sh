@@ -346,9 +346,11 @@ tunnel_yaml() {
   echo "tunnel:"
   local kv
   IFS=';' read -ra kv <<<"$STRAIT_TUNNEL"
+  local item
   for item in "${kv[@]}"; do
-    item=$(echo "$item" | xargs)
-    [[ -n $item ]] && echo "  $item"
+    item=${item#"${item%%[![:space:]]*}"}   # trim, keeping quotes
+    item=${item%"${item##*[![:space:]]}"}
+    if [[ -n $item ]]; then echo "  $item"; fi
   done
 }
 

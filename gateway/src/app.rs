@@ -589,31 +589,6 @@ fn fault_token(config: &Config) -> anyhow::Result<(Token, Duration)> {
     Ok((Token::new(Some(token)), f.max_duration.0))
 }
 
-/// Free memory glibc keeps at the top of a heap before it gives it back to the kernel.
-/// glibc's default (128 KiB, raised only when large mmap'd blocks are freed) gave back
-/// and took again, page by page, the buffers a bulk transfer allocates and frees per read
-/// and per received batch: page faults took ~7% of the gateways' CPU on one iperf3 stream.
-/// 4 MiB keeps that working set; it costs up to that much resident memory per heap after
-/// a load (idle RSS is not affected). Measurements: docs/BENCHMARKS.md (issue 15, step 3).
-const MALLOC_TRIM_THRESHOLD: usize = 4 << 20;
-
-/// Sets glibc's heap trim threshold ([`MALLOC_TRIM_THRESHOLD`]) unless the operator set
-/// one (`GLIBC_TUNABLES=glibc.malloc.trim_threshold=...` or `MALLOC_TRIM_THRESHOLD_`).
-/// Call first thing in `main`, before other threads start.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let operator_set = std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some()
-            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc.trim_threshold"));
-        if !operator_set {
-            // SAFETY: mallopt only sets an allocator parameter; called before any thread.
-            unsafe {
-                libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD as libc::c_int);
-            }
-        }
-    }
-}
-
 /// Raises the open-file limit to its hard maximum: each proxied connection holds two
 /// sockets, and the usual soft limit of 1024 is far below what a gateway carries.
 pub fn raise_fd_limit() {

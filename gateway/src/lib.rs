@@ -25,7 +25,7 @@ pub(crate) mod rotation;
 pub(crate) mod router;
 pub(crate) mod routing;
 
-pub use app::{Gateway, keep_freed_memory, raise_fd_limit};
+pub use app::{Gateway, raise_fd_limit};
 
 /// Entry points for the fuzz targets in `gateway/fuzz/` (not an API).
 #[doc(hidden)]

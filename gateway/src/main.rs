@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use strait_common::config::TunnelTuning;
 use strait_common::pki::{CA_CERT_FILE, CertificateAuthority, write_atomic};
 use strait_common::telemetry::{self, LogFormat};
 use strait_common::{Config, GatewayId};
@@ -190,7 +191,8 @@ enum PkiCmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    strait_gateway::keep_freed_memory();
+    // The default read buffer; `run` sizes it to the configured one.
+    strait_gateway::memory::keep_freed_memory(TunnelTuning::default().copy_buffer.0 as usize);
     let cli = Cli::parse();
     telemetry::init(if cli.log_json || cli.log_format == LogFormatArg::Json {
         LogFormat::Json
@@ -202,6 +204,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pki(cmd) => pki(cmd),
         Command::Run { config } => {
             let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            strait_gateway::memory::keep_freed_memory(config.tunnel.copy_buffer.0 as usize);
             runtime()?.block_on(run(config))
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),

@@ -327,20 +327,28 @@ async fn cluster_selectors_prefer_the_clusters_they_match_and_are_reported_on_th
     .await;
 
     // The importer routes to us-1 first, and every connection lands there once us-1 takes
-    // new connections: its tunnel up and its ready endpoints in the catalog (until then
+    // all new connections: its tunnel up and its ready endpoints in the catalog (until then
     // connections move on to the next cluster; us-1 may advertise the export before its
-    // endpoints, as the API server's watches deliver them in either order).
+    // endpoints, as the API server's watches deliver them in either order), and, if it
+    // was out meanwhile, back from the recovery dwell and slow start (up to 15 s).
     let route = strait_tests::admin(&importer.gateway)
         .route(&format!("{NS}/{HELLO}"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(route.clusters[0].cluster, "us-1", "{route:#?}");
-    strait_tests::eventually(LIMIT, "us-1 takes new connections", async || {
+    strait_tests::eventually(LIMIT * 2, "us-1 takes all new connections", async || {
         let route = strait_tests::admin(&importer.gateway)
             .route(&format!("{NS}/{HELLO}"))
             .await;
-        route.is_ok_and(|r| r.is_ok_and(|r| r.primary.as_deref() == Some("us-1")))
+        route.is_ok_and(|r| {
+            r.is_ok_and(|r| {
+                r.primary.as_deref() == Some("us-1")
+                    && r.clusters
+                        .iter()
+                        .any(|c| c.cluster == "us-1" && c.eligible && c.share >= 1.0)
+            })
+        })
     })
     .await;
     let (_, port) = importer.derived_service(HELLO).await;

@@ -93,6 +93,21 @@ async fn hundred_mib_both_ways() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
     let (_east, west, addr) = pair(&pki, echo.addr, |_| {}).await;
+    // Path MTU discovery reaches the default bound (a jumbo frame) on loopback.
+    let jumbo = strait_common::config::TunnelTuning::default().max_udp_payload;
+    let mtu = async || {
+        let peers = admin(&west).peers().await.unwrap();
+        peers
+            .iter()
+            .find(|p| p.cluster == "east")
+            .and_then(|p| p.mtu)
+    };
+    eventually(
+        Duration::from_secs(10),
+        "discovery reaches the bound",
+        async || mtu().await == Some(jumbo),
+    )
+    .await;
     let c = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = c.into_split();
     const LEN: usize = 100 << 20;
@@ -128,6 +143,14 @@ async fn hundred_mib_both_ways() {
     writer.await.unwrap();
     assert_eq!(total, LEN, "every byte came back, then a clean EOF");
     assert_eq!(digest, expected, "bytes arrived intact and in order");
+    // Full-size batches were sent and delivered: no fall back to 1,200-byte packets (ten
+    // jumbo datagrams in one GSO send were refused by the kernel, every full batch lost,
+    // and quinn took that for an MTU black hole).
+    assert_eq!(
+        mtu().await,
+        Some(jumbo),
+        "the tunnel still sends full-size datagrams"
+    );
     let m = west.render_metrics();
     assert_eq!(
         metric(

@@ -160,7 +160,9 @@ const GATHER: usize = 32;
 async fn quic_to_tcp(recv: &mut RecvStream, w: &mut WriteHalf<'_>, moved: &mut u64) -> End {
     // The chunks are the received packets' own buffers: nothing is copied on the way to
     // the socket, everything that has arrived goes out in one gathered write, and the
-    // connection holds no buffer while it waits.
+    // connection holds no buffer while it waits. A slow TCP reader holds at most one
+    // read's chunks (up to `GATHER`, each keeping its received batch alive) beyond what
+    // the stream's flow-control window lets the peer send.
     let mut chunks: [Bytes; GATHER] = std::array::from_fn(|_| Bytes::new());
     loop {
         match recv.read_chunks(&mut chunks).await {
@@ -190,7 +192,13 @@ async fn quic_to_tcp(recv: &mut RecvStream, w: &mut WriteHalf<'_>, moved: &mut u
 /// Writes all of `chunks` with gathered writes, releasing each chunk once it is written.
 async fn write_all_gathered(w: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> std::io::Result<()> {
     let mut first = 0;
-    while first < chunks.len() {
+    loop {
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+        if first == chunks.len() {
+            return Ok(());
+        }
         let written = {
             let mut slices = [IoSlice::new(&[]); GATHER];
             let pending = &chunks[first..];
@@ -215,11 +223,7 @@ async fn write_all_gathered(w: &mut WriteHalf<'_>, chunks: &mut [Bytes]) -> std:
                 left = 0;
             }
         }
-        while first < chunks.len() && chunks[first].is_empty() {
-            first += 1;
-        }
     }
-    Ok(())
 }
 
 /// Makes closing `tcp` send RST instead of FIN, so the other side sees an abort as an abort.
@@ -277,5 +281,31 @@ mod tests {
             chunks.iter().all(Bytes::is_empty),
             "each chunk released once written"
         );
+    }
+
+    /// Nothing to write is no write (not a zero-length write taken for a closed socket),
+    /// and more chunks than one gathered write takes are all written, in order.
+    #[tokio::test]
+    async fn gathered_writes_skip_empty_chunks_and_take_any_number() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut client = client.unwrap();
+        let (mut server, _) = accepted.unwrap();
+        let mut chunks: Vec<Bytes> = (0..GATHER * 3)
+            .map(|i| Bytes::from(vec![i as u8; i % 3]))
+            .collect();
+        let expected: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
+        {
+            let (_, mut w) = client.split();
+            write_all_gathered(&mut w, &mut [Bytes::new(), Bytes::new()])
+                .await
+                .unwrap();
+            write_all_gathered(&mut w, &mut chunks).await.unwrap();
+            w.shutdown().await.unwrap();
+        }
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expected);
     }
 }
