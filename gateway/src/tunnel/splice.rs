@@ -239,15 +239,19 @@ mod tests {
 
     use super::*;
 
+    /// A connected loopback TCP pair: (client, server).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
     /// Gathered writes that the socket takes only in part resume mid-chunk, in order,
     /// and write every byte once.
     #[tokio::test]
     async fn gathered_writes_resume_mid_chunk_and_keep_the_byte_order() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut client = client.unwrap();
-        let (mut server, _) = accepted.unwrap();
+        let (mut client, mut server) = tcp_pair().await;
         // A small send buffer: the gathered write is taken a piece at a time.
         socket2::SockRef::from(&client)
             .set_send_buffer_size(4096)
@@ -287,11 +291,7 @@ mod tests {
     /// and more chunks than one gathered write takes are all written, in order.
     #[tokio::test]
     async fn gathered_writes_skip_empty_chunks_and_take_any_number() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut client = client.unwrap();
-        let (mut server, _) = accepted.unwrap();
+        let (mut client, mut server) = tcp_pair().await;
         let mut chunks: Vec<Bytes> = (0..GATHER * 3)
             .map(|i| Bytes::from(vec![i as u8; i % 3]))
             .collect();
