@@ -580,8 +580,8 @@ pub struct TunnelTuning {
     pub max_handshakes: u32,
     /// Largest UDP payload path MTU discovery may probe for (1200..=65527). The default
     /// fits a 9,000-byte jumbo frame; on a 1,500-byte path discovery settles near the
-    /// path's limit (1,470 on IPv4, 1,441 on IPv6) after about fifteen lost probes, and
-    /// loses some again at each ten-minute search: probes only, never data.
+    /// path's limit (1,470 on IPv4, 1,441 on IPv6) after about twenty lost probes, and
+    /// loses as many again at each ten-minute search: probes only, never data.
     pub max_udp_payload: u16,
 }
 
