@@ -26,11 +26,12 @@ const MMAP_FROM: usize = 128 << 10;
 /// Sets glibc's heap trim threshold to [`HEAP_KEEP`] and its mmap threshold to
 /// [`MMAP_FROM`], each raised to twice the largest read buffer (`tunnel.copy_buffer`) when
 /// that is larger (at most 32 MiB, glibc's ceiling), so reads come from the heap. Setting
-/// either turns off glibc's own adjustment of both, so both are set. An operator's own `GLIBC_TUNABLES`
-/// (`glibc.malloc.trim_threshold` / `mmap_threshold`) or `MALLOC_TRIM_THRESHOLD_` /
-/// `MALLOC_MMAP_THRESHOLD_` wins: then nothing is set. Call before any other thread
-/// starts (glibc reads these settings without a lock). On 64-bit glibc only: a 32-bit
-/// one refuses an mmap threshold over 512 KiB (the call then changes nothing).
+/// either turns off glibc's own adjustment of both, so both are set. An operator's own
+/// `GLIBC_TUNABLES` (`glibc.malloc.trim_threshold` / `mmap_threshold`) or
+/// `MALLOC_TRIM_THRESHOLD_` / `MALLOC_MMAP_THRESHOLD_` wins: then nothing is set. Call
+/// before any other thread starts (glibc reads these settings without a lock). On 64-bit
+/// glibc only: a 32-bit one refuses an mmap threshold over 512 KiB (the call then changes
+/// nothing).
 pub fn keep_freed_memory(copy_buffer: usize) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

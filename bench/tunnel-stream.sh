@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# tunnel-stream.sh - one iperf3 stream through a strait gateway pair on loopback, for
+# several binaries in interleaved rounds: the quick A/B behind docs/BENCHMARKS.md's issue-15
+# manual figures (the full comparison with HAProxy is gateway-bench.sh).
+#
+#   bash bench/tunnel-stream.sh OLD_BINARY NEW_BINARY ...
+#
+# Per load it prints Gbit/s (iperf3, received), CPU seconds of both gateways per GB moved,
+# their minor page faults per GB (/proc/PID/stat) and the tunnel's path MTU afterwards
+# (`/v1/peers`). Each round restarts the pair. Environment: ROUNDS (3), LOADS per round (2),
+# DURATION seconds per load (5), THREADS (STRAIT_WORKER_THREADS, 2), STRAIT_TUNNEL (extra
+# `tunnel:` lines, "key: value; key: value"). Needs iperf3, curl, python3.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+LOADS=${LOADS:-2}
+DURATION=${DURATION:-5}
+THREADS=${THREADS:-2}
+STRAIT_TUNNEL=${STRAIT_TUNNEL:-}
+(($# > 0)) || { echo "usage: $0 STRAIT_BINARY..." >&2; exit 2; }
+for b in "$@"; do [[ -x $b ]] || { echo "not an executable: $b" >&2; exit 2; }; done
+for t in iperf3 curl python3; do
+  command -v "$t" >/dev/null || { echo "needs $t (apt-get install $t)" >&2; exit 2; }
+done
+
+WORK=$(mktemp -d /tmp/strait-stream.XXXXXX)
+PIDS=()
+stop_all() {
+  ((${#PIDS[@]})) && kill -9 "${PIDS[@]}" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+trap 'stop_all; [[ -n ${KEEP_WORK:-} ]] || rm -rf "$WORK"' EXIT
+
+free_ports() { # free_ports N: N distinct free loopback ports (TCP and UDP)
+  python3 - "$1" <<'EOF'
+import socket, sys
+held, ports = [], []
+while len(ports) < int(sys.argv[1]):
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); continue
+    held += [t, u]; ports.append(p)
+print(*ports)
+EOF
+}
+
+tunnel_yaml() {
+  [[ -n $STRAIT_TUNNEL ]] || return 0
+  echo "tunnel:"
+  local item items
+  IFS=';' read -ra items <<<"$STRAIT_TUNNEL"
+  for item in "${items[@]}"; do
+    item=${item#"${item%%[![:space:]]*}"}
+    item=${item%"${item##*[![:space:]]}"}
+    if [[ -n $item ]]; then echo "  $item"; fi
+  done
+}
+
+read -r P_IPERF P_TA P_TB P_AA P_AB P_IMPORT <<<"$(free_ports 6)"
+"$1" pki init --dir "$WORK/ca" --trust-domain stream.strait >/dev/null
+for id in stream-a stream-b; do
+  "$1" pki issue --ca "$WORK/ca" --cluster "$id" --out "$WORK" >/dev/null
+done
+[[ -e $WORK/ca.pem ]] || cp "$WORK/ca/ca.pem" "$WORK/"
+cat >"$WORK/stream-a.yaml" <<EOF
+cluster: stream-a
+region: bench
+trust_domain: stream.strait
+listen: {tunnel: "127.0.0.1:$P_TA", admin: "127.0.0.1:$P_AA"}
+tls: {ca: ca.pem, cert: stream-a.pem, key: stream-a.key}
+$(tunnel_yaml)
+exports:
+  - name: iperf
+    namespace: bench
+    ports: [{name: iperf, port: 5201, target_port: $P_IPERF}]
+    endpoints: [{address: 127.0.0.1}]
+EOF
+cat >"$WORK/stream-b.yaml" <<EOF
+cluster: stream-b
+region: bench
+trust_domain: stream.strait
+listen: {tunnel: "127.0.0.1:$P_TB", admin: "127.0.0.1:$P_AB"}
+tls: {ca: ca.pem, cert: stream-b.pem, key: stream-b.key}
+$(tunnel_yaml)
+peers: [{cluster: stream-a, address: "127.0.0.1:$P_TA"}]
+imports:
+  - name: iperf
+    namespace: bench
+    address: 127.0.0.1
+    ports: [{name: iperf, port: 5201, listen_port: $P_IMPORT}]
+    clusters: [stream-a]
+EOF
+
+# ticks (utime+stime) and minor faults of both gateways
+usage() {
+  local t=0 m=0 f p
+  for p in "$@"; do
+    read -r -a f <"/proc/$p/stat"
+    t=$((t + f[13] + f[14])); m=$((m + f[9]))
+  done
+  echo "$t $m"
+}
+
+gateway() { # gateway BINARY a|b: runs stream-a or stream-b in the foreground
+  cd "$WORK" && STRAIT_WORKER_THREADS=$THREADS RUST_LOG=warn \
+    exec "$1" run --config "stream-$2.yaml" >"$WORK/$2.log" 2>&1
+}
+
+round() { # round BINARY
+  local bin=$1 a b i c0 m0 c1 m1 mtu
+  iperf3 -s -B 127.0.0.1 -p "$P_IPERF" >/dev/null 2>&1 & PIDS+=($!)
+  gateway "$bin" a & a=$!; PIDS+=($a)
+  gateway "$bin" b & b=$!; PIDS+=($b)
+  for i in $(seq 100); do
+    curl -sf "http://127.0.0.1:$P_AB/ready" >/dev/null && break
+    ((i < 100)) || { echo "gateway B not ready: $(tail -3 "$WORK/b.log")" >&2; exit 1; }
+    sleep 0.1
+  done
+  printf '%s:' "$bin"
+  for i in $(seq "$LOADS"); do
+    read -r c0 m0 <<<"$(usage "$a" "$b")"
+    iperf3 -c 127.0.0.1 -p "$P_IMPORT" -t "$DURATION" -J >"$WORK/iperf.json"
+    read -r c1 m1 <<<"$(usage "$a" "$b")"
+    mtu=$(curl -sf "http://127.0.0.1:$P_AB/v1/peers" |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)[0].get("mtu"))')
+    python3 - "$WORK/iperf.json" "$((c1 - c0))" "$((m1 - m0))" "$(getconf CLK_TCK)" "$mtu" \
+      <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))["end"]["sum_received"]
+gb = r["bytes"] / 1e9
+ticks, faults, hz, mtu = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+print("  %.2f Gbit/s, %.3f CPU s/GB, %dk faults/GB, mtu %s"
+      % (r["bits_per_second"] / 1e9, ticks / hz / gb, faults / gb / 1000, mtu), end=";")
+EOF
+  done
+  echo
+  stop_all
+}
+
+for r in $(seq "$ROUNDS"); do
+  for bin in "$@"; do round "$bin"; done
+done
