@@ -340,19 +340,8 @@ start_iperf_server() {
 }
 
 # ------------------------------------------------------------------ strait --
-# tunnel_yaml: the `tunnel:` section from STRAIT_TUNNEL ("key: value; key: value"), or nothing.
-tunnel_yaml() {
-  [[ -n $STRAIT_TUNNEL ]] || return 0
-  echo "tunnel:"
-  local kv
-  IFS=';' read -ra kv <<<"$STRAIT_TUNNEL"
-  local item
-  for item in "${kv[@]}"; do
-    item=${item#"${item%%[![:space:]]*}"}   # trim, keeping quotes
-    item=${item%"${item##*[![:space:]]}"}
-    if [[ -n $item ]]; then echo "  $item"; fi
-  done
-}
+# shellcheck source=tunnel-yaml.sh
+source "$(dirname "${BASH_SOURCE[0]}")/tunnel-yaml.sh"
 
 write_strait_configs() {
   cat >"$WORK/pki/bench-a.yaml" <<EOF

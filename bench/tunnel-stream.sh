@@ -48,17 +48,8 @@ print(*ports)
 EOF
 }
 
-tunnel_yaml() {
-  [[ -n $STRAIT_TUNNEL ]] || return 0
-  echo "tunnel:"
-  local item items
-  IFS=';' read -ra items <<<"$STRAIT_TUNNEL"
-  for item in "${items[@]}"; do
-    item=${item#"${item%%[![:space:]]*}"}
-    item=${item%"${item##*[![:space:]]}"}
-    if [[ -n $item ]]; then echo "  $item"; fi
-  done
-}
+# shellcheck source=tunnel-yaml.sh
+source "$(dirname "${BASH_SOURCE[0]}")/tunnel-yaml.sh"
 
 read -r P_IPERF P_TA P_TB P_AA P_AB P_IMPORT <<<"$(free_ports 6)"
 "$1" pki init --dir "$WORK/ca" --trust-domain stream.strait >/dev/null
