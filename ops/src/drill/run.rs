@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
@@ -49,6 +49,17 @@ struct Planned {
     /// ends when the last replica it stopped is back, from the drill's start).
     restart: Option<Cycle>,
     restarting: Option<tokio::task::JoinHandle<Result<Duration, String>>>,
+    /// When the cycle stopped its first replica, from the drill's start: the fault's real
+    /// start (the checks before the stop take a while, and a connection started during them
+    /// that the stop then breaks was in flight at it, not a new one that failed).
+    stopped: Arc<OnceLock<Duration>>,
+}
+
+impl Planned {
+    /// When the fault began: for a cycle, when it stopped its first replica.
+    fn start(&self) -> Duration {
+        self.stopped.get().copied().unwrap_or(self.record.start)
+    }
 }
 
 /// Replicas stopped in turn and waited for until their supervisor has them back: each
@@ -441,6 +452,7 @@ fn plan_step(
         injected: Vec::new(),
         restart,
         restarting: None,
+        stopped: Arc::default(),
     })
 }
 
@@ -475,7 +487,7 @@ async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
     p.record.start = t0.elapsed();
     if let Some(r) = p.restart.clone() {
         let token = client.token.clone();
-        p.restarting = Some(tokio::spawn(cycle(r, token, t0)));
+        p.restarting = Some(tokio::spawn(cycle(r, token, t0, p.stopped.clone())));
         return;
     }
     // Every gateway at once; the fault counts from when it is in force on all of them
@@ -507,6 +519,7 @@ async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
 }
 
 async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
+    p.record.start = p.start();
     if let Some(task) = p.restarting.take() {
         // Its time is up: a restart still under way is stopped (the replica being
         // drained still finishes its drain and restarts).
@@ -562,7 +575,12 @@ const TUNNEL_SETTLED: Duration = Duration::from_secs(1);
 /// ready (its supervisor started it again), the source gateway has a fresh tunnel to it,
 /// and the source sends it new connections; a replica stops only while all its siblings
 /// are in the source's rotation. When the last one is back, from the drill's start.
-async fn cycle(r: Cycle, token: String, t0: Instant) -> Result<Duration, String> {
+async fn cycle(
+    r: Cycle,
+    token: String,
+    t0: Instant,
+    stopped_first: Arc<OnceLock<Duration>>,
+) -> Result<Duration, String> {
     for &k in &r.which {
         all_in_rotation(&r).await?;
         let admin = r.replicas[k];
@@ -576,6 +594,7 @@ async fn cycle(r: Cycle, token: String, t0: Instant) -> Result<Duration, String>
         let stopped = tokio::time::Instant::now();
         let hint = match r.stop {
             Stop::Drain => {
+                stopped_first.get_or_init(|| t0.elapsed());
                 match Admin::with_token(admin, token.clone()).drain().await {
                     Ok(Ok(_)) => {}
                     Ok(Err(refused)) => return Err(format!("{name}: {refused}")),
@@ -587,6 +606,7 @@ async fn cycle(r: Cycle, token: String, t0: Instant) -> Result<Duration, String>
                 let process = GatewayProcess::find(admin, was.pid, &r.others[k])
                     .await
                     .map_err(|e| format!("{name}: {e}"))?;
+                stopped_first.get_or_init(|| t0.elapsed());
                 process
                     .signal(signal)
                     .map_err(|e| format!("{name} (pid {}): {e}", process.pid()))?;
@@ -880,7 +900,7 @@ struct Failures {
 /// When each fault began, from the drill's start: a step injected so far has its actual
 /// start, one not injected yet its planned one, which no finished connection straddles.
 fn fault_starts(plan: &[Planned]) -> Vec<Duration> {
-    plan.iter().map(|p| p.record.start).collect()
+    plan.iter().map(Planned::start).collect()
 }
 
 /// Where the drill stands: counts over every load, the faults in force.
