@@ -264,6 +264,7 @@ impl Gateway {
                 copy_buffer: config.tunnel.copy_buffer.0 as usize,
                 retry_above: config.tunnel.retry_above as usize,
                 max_handshakes: config.tunnel.max_handshakes as usize,
+                max_concurrent_streams: config.tunnel.max_concurrent_streams,
             },
             InboundMetrics::new(&metrics, streams),
             faults.killed(),

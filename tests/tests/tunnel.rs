@@ -960,6 +960,43 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
 }
 
 #[tokio::test]
+async fn stream_credit_grows_with_use_up_to_max_concurrent_streams() {
+    use std::future::Future;
+    // Above the initial credit (256): east has to raise it twice, and stop at the limit.
+    const MAX: usize = 600;
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (_east, west, _) = pair(&pki, echo.addr, |c| {
+        c.tunnel.max_concurrent_streams = MAX as u32
+    })
+    .await;
+    assert!(MAX as u32 > tunnel::INITIAL_STREAM_CREDIT * 2);
+    let conn = tunnel_to_east(&west);
+    let req = echo_request();
+    let mut held = Vec::new();
+    for _ in 0..MAX {
+        let opened = within(
+            Duration::from_secs(10),
+            open_stream(&conn, &req, &[], Duration::from_secs(5)),
+        )
+        .await;
+        held.push(opened.expect("served within the credit"));
+    }
+    // East grants no more than the limit: one more stream waits while all are open.
+    let mut next = std::pin::pin!(conn.open_bi());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        next.as_mut().poll(&mut cx).is_pending(),
+        "a stream beyond tunnel.max_concurrent_streams was allowed"
+    );
+    // Streams that end return their credit (east announces it in batches of an eighth).
+    held.truncate(MAX - MAX / 4);
+    within(Duration::from_secs(5), next)
+        .await
+        .expect("credit returned by the streams that ended");
+}
+
+#[tokio::test]
 async fn peer_vanishing_mid_stream_resets_the_client_instead_of_hanging() {
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();

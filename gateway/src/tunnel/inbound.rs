@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use quinn::{Connection, Incoming, RecvStream, SendStream};
+use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use strait_common::config::Export;
 use strait_common::pki::peer_id;
 use tokio::net::TcpStream;
@@ -94,6 +94,9 @@ pub struct Limits {
     pub retry_above: usize,
     /// Handshakes in progress at most.
     pub max_handshakes: usize,
+    /// Streams a peer may have open on one connection (`tunnel.max_concurrent_streams`):
+    /// the most its [stream credit](raised_credit) grows to.
+    pub max_concurrent_streams: u32,
 }
 
 /// The serving side of the tunnel: authorizes each peer stream against this cluster's
@@ -198,6 +201,10 @@ impl Inbound {
         let mut killed = self.killed.clone();
         let mut draining = self.draining.clone();
         let mut told = false;
+        let max = self.limits.max_concurrent_streams;
+        let mut credit = super::initial_stream_credit(max);
+        // One reference per stream being served.
+        let open = Arc::new(());
         let streams = async {
             tracing::debug!("peer connected");
             loop {
@@ -219,11 +226,21 @@ impl Inbound {
                 };
                 match accepted {
                     Ok((send, recv)) => {
+                        let serving = open.clone();
+                        let now_open =
+                            u32::try_from(Arc::strong_count(&open) - 1).unwrap_or(u32::MAX);
+                        if let Some(more) = raised_credit(credit, now_open, max) {
+                            credit = more;
+                            conn.set_max_concurrent_bi_streams(VarInt::from_u32(more));
+                        }
                         let me = self.clone();
                         let peer = peer.clone();
                         tokio::spawn(
-                            async move { me.serve_stream(peer, send, recv).await }
-                                .in_current_span(),
+                            async move {
+                                me.serve_stream(peer, send, recv).await;
+                                drop(serving);
+                            }
+                            .in_current_span(),
                         );
                     }
                     Err(e) => {
@@ -403,6 +420,14 @@ fn authorize<'a>(
     Ok((export, port.target()))
 }
 
+/// The stream credit of a peer's connection once a stream was accepted with `open` being
+/// served (this one included), if it grows: doubled, up to `max`, when half of `granted` is
+/// in use. The peer has the other half while the new limit travels to it; a burst beyond
+/// that waits a round trip for it, never an error.
+fn raised_credit(granted: u32, open: u32, max: u32) -> Option<u32> {
+    (open.saturating_mul(2) >= granted && granted < max).then(|| granted.saturating_mul(2).min(max))
+}
+
 /// One handshake in progress, counted until dropped.
 struct Handshaking(Arc<AtomicUsize>);
 
@@ -575,6 +600,7 @@ mod tests {
                 copy_buffer: 16 << 10,
                 retry_above: 64,
                 max_handshakes: 1024,
+                max_concurrent_streams: 16,
             },
             InboundMetrics::new(&registry, StreamMetrics::new(&registry)),
             watch::channel(false).1,
@@ -660,6 +686,28 @@ mod tests {
             .connect_endpoint("west", &request("web", 80, None))
             .await;
         assert_eq!(status(gone), Status::Forbidden, "withdrawn");
+    }
+
+    #[test]
+    fn stream_credit_doubles_at_half_use_up_to_the_limit() {
+        assert_eq!(
+            raised_credit(256, 127, 16_384),
+            None,
+            "less than half in use"
+        );
+        assert_eq!(raised_credit(256, 128, 16_384), Some(512));
+        assert_eq!(raised_credit(512, 300, 16_384), Some(1024));
+        assert_eq!(raised_credit(8192, 4096, 10_000), Some(10_000), "capped");
+        assert_eq!(raised_credit(10_000, 9_999, 10_000), None, "at the limit");
+        assert_eq!(
+            raised_credit(16, 16, 16),
+            None,
+            "a low limit is granted whole"
+        );
+        assert_eq!(
+            raised_credit(u32::MAX / 2 + 1, u32::MAX, u32::MAX),
+            Some(u32::MAX)
+        );
     }
 
     #[tokio::test]
