@@ -13,6 +13,7 @@
 //! 1 MiB of it. The same pass unmaps the read-only file pages ([`release_code_pages`]);
 //! what runs is mapped again from the page cache at its next use.
 
+use std::ops::Range;
 use std::time::Duration;
 
 /// Least free memory glibc keeps at the top of a heap before it gives it back to the
@@ -76,91 +77,115 @@ pub async fn give_back(every: Duration) {
     }
 }
 
-/// A read-only mapping of a file, from `/proc/self/smaps`.
-#[derive(Debug, PartialEq)]
-struct FileMapping {
-    start: usize,
-    end: usize,
-    /// Resident KiB.
-    rss_kb: usize,
+/// Whether [`release_code_pages`] is turned off: `STRAIT_RELEASE_CODE=0` keeps every code
+/// page the gateway touched mapped (for someone comparing RSS with another build, or
+/// wary of the minor faults after each pass).
+fn code_release_off() -> bool {
+    std::env::var("STRAIT_RELEASE_CODE").is_ok_and(|v| v.trim() == "0")
 }
 
-/// The mappings whose pages can be dropped and read again from their file unchanged:
-/// file-backed, not writable, and holding no private (anonymous) page. That excludes what
-/// the dynamic loader relocated before it made it read-only (RELRO), and code a debugger
-/// patched.
-fn releasable(smaps: &str) -> Vec<FileMapping> {
-    let mut found = Vec::new();
-    let mut current: Option<FileMapping> = None;
-    let mut anonymous_kb = None;
-    let mut finish = |m: Option<FileMapping>, anon: Option<usize>| {
-        if let Some(m) = m
-            && anon == Some(0)
-            && m.rss_kb > 0
-        {
-            found.push(m);
+/// One program header of a loaded object: its type, flags and place (relative to the
+/// object's load address).
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    kind: u32,
+    flags: u32,
+    vaddr: usize,
+    memsz: usize,
+}
+
+/// The whole pages of `segments` (loaded at `base`) that hold only read-only, loaded
+/// content: code and constants. Pages shared with a writable segment or the RELRO region
+/// (data the loader relocated before making it read-only: it exists only in memory) are
+/// left out, so every page kept reads back from the file as it is.
+fn read_only_pages(base: usize, segments: &[Segment], page: usize) -> Vec<Range<usize>> {
+    let down = |a: usize| a / page * page;
+    let up = |a: usize| a.div_ceil(page) * page;
+    let protected: Vec<Range<usize>> = segments
+        .iter()
+        .filter(|s| {
+            (s.kind == libc::PT_LOAD && s.flags & libc::PF_W != 0) || s.kind == libc::PT_GNU_RELRO
+        })
+        .map(|s| down(base + s.vaddr)..up(base + s.vaddr + s.memsz))
+        .collect();
+    let mut pages = Vec::new();
+    for s in segments
+        .iter()
+        .filter(|s| s.kind == libc::PT_LOAD && s.flags & libc::PF_W == 0)
+    {
+        let whole = up(base + s.vaddr)..down(base + s.vaddr + s.memsz);
+        let mut left: Vec<Range<usize>> = std::iter::once(whole).collect();
+        for p in &protected {
+            left = left
+                .into_iter()
+                .flat_map(|r| [r.start..r.end.min(p.start), r.start.max(p.end)..r.end])
+                .filter(|r| r.start < r.end)
+                .collect();
         }
-    };
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let Some(first) = fields.next() else { continue };
-        if let Some(key) = first.strip_suffix(':') {
-            let kb = fields.next().and_then(|v| v.parse::<usize>().ok());
-            match (key, current.as_mut()) {
-                ("Rss", Some(m)) => m.rss_kb = kb.unwrap_or(0),
-                ("Anonymous", Some(_)) => anonymous_kb = kb,
-                _ => {}
-            }
-            continue;
-        }
-        // A mapping's header: `start-end perms offset dev inode [path]`.
-        finish(current.take(), anonymous_kb.take());
-        let perms = fields.next().unwrap_or("");
-        let inode = fields.nth(2).unwrap_or("0");
-        let path = fields.next().unwrap_or("");
-        let readable_only = perms.starts_with('r') && perms.as_bytes().get(1) == Some(&b'-');
-        if !readable_only || inode == "0" || !path.starts_with('/') {
-            continue;
-        }
-        let Some((start, end)) = first.split_once('-') else {
-            continue;
-        };
-        if let (Ok(start), Ok(end)) = (
-            usize::from_str_radix(start, 16),
-            usize::from_str_radix(end, 16),
-        ) {
-            current = Some(FileMapping {
-                start,
-                end,
-                rss_kb: 0,
-            });
-        }
+        pages.extend(left);
     }
-    finish(current, anonymous_kb);
-    found
+    pages
 }
 
-/// Unmaps the resident pages of this process's read-only file mappings (its code and
-/// constants, its libraries') that hold no private page; the pages stay in the page cache
-/// and whatever runs next maps its own again. Returns the KiB that were resident.
+/// The program's own code and constants ([`read_only_pages`]), found once: the
+/// executable is loaded before `main` and never unloaded. Libraries are left alone (one
+/// loaded later could be unloaded between finding its pages and releasing them).
+fn program_pages() -> &'static [Range<usize>] {
+    static PAGES: std::sync::OnceLock<Vec<Range<usize>>> = std::sync::OnceLock::new();
+    PAGES.get_or_init(|| {
+        unsafe extern "C" fn first(
+            info: *mut libc::dl_phdr_info,
+            _size: libc::size_t,
+            out: *mut libc::c_void,
+        ) -> libc::c_int {
+            // SAFETY: glibc passes a valid `dl_phdr_info` whose `dlpi_phdr` points at
+            // `dlpi_phnum` program headers, and `out` is the Vec below.
+            let (info, out) = unsafe { (&*info, &mut *out.cast::<Vec<Range<usize>>>()) };
+            let phdrs = if info.dlpi_phdr.is_null() {
+                &[][..]
+            } else {
+                // SAFETY: as above.
+                unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+            };
+            let segments: Vec<Segment> = phdrs
+                .iter()
+                .map(|p| Segment {
+                    kind: p.p_type,
+                    flags: p.p_flags,
+                    vaddr: p.p_vaddr as usize,
+                    memsz: p.p_memsz as usize,
+                })
+                .collect();
+            // SAFETY: sysconf with a valid name.
+            let page =
+                usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+            *out = read_only_pages(info.dlpi_addr as usize, &segments, page);
+            // The program is the first object reported: stop.
+            1
+        }
+        let mut pages: Vec<Range<usize>> = Vec::new();
+        // SAFETY: the callback only reads what glibc hands it and writes `pages`.
+        unsafe { libc::dl_iterate_phdr(Some(first), (&raw mut pages).cast()) };
+        pages
+    })
+}
+
+/// Unmaps the program's code and constants from this process's page tables
+/// ([`program_pages`]); the pages stay in the page cache, and whatever runs next maps its
+/// own again (a minor fault). Returns the bytes released (resident or not). Nothing with
+/// `STRAIT_RELEASE_CODE=0`.
 pub fn release_code_pages() -> usize {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+    if code_release_off() {
         return 0;
-    };
+    }
     let mut released = 0;
-    for m in releasable(&smaps) {
-        // SAFETY: the range is a whole mapping of a file, not writable, with no private
-        // page: MADV_DONTNEED only drops page-table entries, and every page reads back
-        // from the file as it was. A mapping gone meanwhile makes the call fail (ENOMEM).
-        let r = unsafe {
-            libc::madvise(
-                m.start as *mut libc::c_void,
-                m.end - m.start,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if r == 0 {
-            released += m.rss_kb;
+    for r in program_pages() {
+        // SAFETY: whole pages of the executable's read-only loaded segments, which live as
+        // long as the process and hold only file content (no RELRO, no writable page):
+        // MADV_DONTNEED drops page-table entries, and each page reads back unchanged.
+        if unsafe { libc::madvise(r.start as *mut libc::c_void, r.len(), libc::MADV_DONTNEED) } == 0
+        {
+            released += r.len();
         }
     }
     released
@@ -175,8 +200,8 @@ async fn trim() {
         unsafe {
             libc::malloc_trim(0);
         }
-        let kib = release_code_pages();
-        tracing::trace!(kib, "released code pages");
+        let bytes = release_code_pages();
+        tracing::trace!(bytes, "released code pages");
     })
     .await;
 }
@@ -186,54 +211,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_unwritten_read_only_file_mappings_are_released() {
-        let smaps = "\
-5594fa71e000-5594faab4000 r--p 00000000 fe:00 8006361                    /usr/bin/strait
-Size:               3672 kB
-Rss:                1736 kB
-Anonymous:             0 kB
-VmFlags: rd mr mw me sd
-5594faab4000-5594fb95d000 r-xp 00395000 fe:00 8006361                    /usr/bin/strait
-Rss:                8208 kB
-Anonymous:             0 kB
-5594fb95d000-5594fb9ca000 r--p 0123d000 fe:00 8006361                    /usr/bin/strait
-Rss:                 436 kB
-Anonymous:           436 kB
-5594fb9ca000-5594fb9d1000 rw-p 012a9000 fe:00 8006361                    /usr/bin/strait
-Rss:                  28 kB
-Anonymous:            20 kB
-7fc5d5958000-7fc5d6ad5000 rw-p 00000000 00:00 0
-Rss:                1352 kB
-Anonymous:          1352 kB
-7fc5d6eff000-7fc5d7055000 r-xp 00026000 fe:00 326279                     /usr/lib/x86_64-linux-gnu/libc.so.6
-Rss:                1000 kB
-Anonymous:             0 kB
-7fc5d7055000-7fc5d7056000 ---p 00000000 00:00 0
-Rss:                   0 kB
-Anonymous:             0 kB
-7fc5d71c7000-7fc5d71cb000 r--p 00000000 00:00 0                          [vvar]
-Rss:                   0 kB
-7fc5d71cd000-7fc5d71cf000 r-xp 00000000 00:00 0                          [vdso]
-Rss:                   8 kB
-Anonymous:             0 kB
-7fc5d8000000-7fc5d8001000 r--p 00000000 fe:00 42                         /tmp/not resident
-Rss:                   0 kB
-Anonymous:             0 kB
-7fc5d9000000-7fc5d9001000 r--s 00000000 fe:00 43                         /tmp/cut short
-Rss:                   4 kB
-";
-        let found = releasable(smaps);
-        let at = |start: usize, end: usize, rss_kb: usize| FileMapping { start, end, rss_kb };
+    fn only_whole_read_only_loaded_pages_are_released() {
+        let load = |flags, vaddr, memsz| Segment {
+            kind: libc::PT_LOAD,
+            flags,
+            vaddr,
+            memsz,
+        };
+        // The layout of the release binary (lld): headers and constants, code, then data
+        // whose first part is RELRO; plus a non-loaded header that must be ignored.
+        let segments = [
+            Segment {
+                kind: libc::PT_PHDR,
+                flags: libc::PF_R,
+                vaddr: 0x40,
+                memsz: 0x380,
+            },
+            load(libc::PF_R, 0, 0x39_9300),
+            load(libc::PF_R | libc::PF_X, 0x39_a300, 0xea_eb10),
+            load(libc::PF_R | libc::PF_W, 0x124_9e10, 0x6_c1f0),
+            Segment {
+                kind: libc::PT_GNU_RELRO,
+                flags: libc::PF_R,
+                vaddr: 0x124_9e10,
+                memsz: 0x6_c1f0,
+            },
+        ];
+        let base = 0x5594_fa71_e000;
         assert_eq!(
-            found,
-            vec![
-                at(0x5594fa71e000, 0x5594faab4000, 1736),
-                at(0x5594faab4000, 0x5594fb95d000, 8208),
-                at(0x7fc5d6eff000, 0x7fc5d7055000, 1000),
-            ],
-            "code and constants of the binary and libc; not RELRO (relocated), writable \
-             data, anonymous memory, the vDSO, nothing resident, nor a mapping whose \
-             private pages are unknown"
+            read_only_pages(base, &segments, 0x1000),
+            vec![base..base + 0x39_9000, base + 0x39_b000..base + 0x124_8000,],
+            "whole pages only: a page the code shares with its neighbours stays"
+        );
+        // A read-only segment sharing pages with a writable one loses those pages.
+        let shared = [
+            load(libc::PF_R | libc::PF_X, 0, 0x5000),
+            load(libc::PF_R | libc::PF_W, 0x3800, 0x1000),
+        ];
+        assert_eq!(
+            read_only_pages(0, &shared, 0x1000),
+            vec![0..0x3000],
+            "the pages the data segment touches stay"
         );
     }
 
@@ -247,40 +265,21 @@ Rss:                   4 kB
             .unwrap()
     }
 
+    /// A pointer the loader relocated (position-independent code keeps it in RELRO).
+    static RELOCATED: &str = "relocated before main";
+
     #[test]
-    fn released_code_pages_leave_the_resident_set_and_private_pages_keep_their_content() {
-        use std::io::Write;
-        use std::os::fd::AsRawFd;
-        // A read-only private mapping of a file whose page was written before it was made
-        // read-only, like the loader's RELRO: its content exists only in memory.
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&[b'f'; 4096]).unwrap();
-        // SAFETY: a fresh private mapping of our own file, unmapped below.
-        let page = unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            *(p as *mut u8) = b'm';
-            assert_eq!(libc::mprotect(p, 4096, libc::PROT_READ), 0);
-            p as *const u8
-        };
+    fn released_code_pages_leave_the_resident_set_and_relocated_data_stays() {
+        assert!(!program_pages().is_empty(), "the program's code was found");
         let before = rss_file_kb();
         let released = release_code_pages();
         let after = rss_file_kb();
-        assert!(released > 0, "this test binary's code was resident");
+        assert!(released > 0, "the program's code was released");
         assert!(
             after < before,
             "resident file pages {before} KiB -> {after} KiB"
         );
-        // SAFETY: still mapped, one page long.
-        assert_eq!(unsafe { *page }, b'm', "a private page was dropped");
-        // SAFETY: the mapping made above.
-        unsafe { libc::munmap(page as *mut libc::c_void, 4096) };
+        // Had the RELRO page been dropped, this pointer would read back unrelocated.
+        assert_eq!(*std::hint::black_box(&RELOCATED), "relocated before main");
     }
 }

@@ -959,41 +959,119 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
     );
 }
 
+/// Whether `fut` is still waiting when polled once now (without a runtime wake-up).
+fn pending<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    fut.poll(&mut cx).is_pending()
+}
+
 #[tokio::test]
-async fn stream_credit_grows_with_use_up_to_max_concurrent_streams() {
-    use std::future::Future;
-    // Above the initial credit (256): east has to raise it twice, and stop at the limit.
+async fn stream_credit_starts_small_grows_with_use_and_stops_at_the_limit() {
+    // Above twice the initial credit: east has to raise it twice, and stop at the limit.
     const MAX: usize = 600;
+    let initial = tunnel::INITIAL_STREAM_CREDIT as usize;
+    assert!(MAX > initial * 2);
     let pki = TestPki::new();
     let echo = Backend::echo().await.unwrap();
     let (_east, west, _) = pair(&pki, echo.addr, |c| {
         c.tunnel.max_concurrent_streams = MAX as u32
     })
     .await;
-    assert!(MAX as u32 > tunnel::INITIAL_STREAM_CREDIT * 2);
     let conn = tunnel_to_east(&west);
+    // Opening a stream stays local until it carries bytes, so how many open at once is the
+    // credit east granted with the handshake: the initial one, not the limit.
+    let mut first = Vec::new();
+    for k in 0..initial {
+        let mut open = std::pin::pin!(conn.open_bi());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match open.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Ok(stream)) => first.push(stream),
+            other => panic!("stream {k} of the initial credit: {:?}", other.map(|_| ())),
+        }
+    }
+    let mut next = std::pin::pin!(conn.open_bi());
+    assert!(
+        pending(next.as_mut()),
+        "more than the initial credit of {initial} granted up front"
+    );
+    // Used, they make east raise the credit: the waiting stream opens.
+    let header = strait_gateway::tunnel::header::encode(&echo_request());
+    let serve = async |(mut send, mut recv): (quinn::SendStream, quinn::RecvStream)| {
+        send.write_all(&header).await.unwrap();
+        let answer: strait_gateway::tunnel::header::StreamResponse = within(
+            Duration::from_secs(5),
+            strait_gateway::tunnel::outbound::read_frame(&mut recv),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), Status::Ok);
+        (send, recv)
+    };
+    let mut served = Vec::new();
+    for stream in first {
+        served.push(serve(stream).await);
+    }
+    let waited = within(Duration::from_secs(5), next)
+        .await
+        .expect("credit raised as the first streams were used");
+    served.push(serve(waited).await);
     let req = echo_request();
-    let mut held = Vec::new();
-    for _ in 0..MAX {
+    while served.len() < MAX {
         let opened = within(
             Duration::from_secs(10),
             open_stream(&conn, &req, &[], Duration::from_secs(5)),
         )
         .await;
-        held.push(opened.expect("served within the credit"));
+        served.push(opened.expect("served within the credit"));
     }
     // East grants no more than the limit: one more stream waits while all are open.
-    let mut next = std::pin::pin!(conn.open_bi());
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut over = std::pin::pin!(conn.open_bi());
     assert!(
-        next.as_mut().poll(&mut cx).is_pending(),
+        pending(over.as_mut()),
         "a stream beyond tunnel.max_concurrent_streams was allowed"
     );
     // Streams that end return their credit (east announces it in batches of an eighth).
-    held.truncate(MAX - MAX / 4);
-    within(Duration::from_secs(5), next)
+    served.truncate(MAX - MAX / 4);
+    within(Duration::from_secs(5), over)
         .await
         .expect("credit returned by the streams that ended");
+}
+
+#[tokio::test]
+async fn a_gateway_lets_the_peer_it_dialed_open_no_stream_towards_it() {
+    let pki = TestPki::new();
+    let tuning = strait_common::config::TunnelTuning::default();
+    let identity = |cluster: &str| {
+        let cert = pki.issue(cluster);
+        strait_common::pki::Identity::from_pem(&pki.ca.cert_pem, &cert.cert_pem, &cert.key_pem)
+            .unwrap()
+    };
+    // East as the tunnel serves it; west dials it with the tunnel's client side.
+    let server = quinn::Endpoint::server(
+        tunnel::server_config(&identity("east"), &tuning).unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .unwrap();
+    let mut client = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    client.set_default_client_config(
+        tunnel::client_config(&identity("west"), "east", &tuning).unwrap(),
+    );
+    let dialing = client
+        .connect(server.local_addr().unwrap(), "east")
+        .unwrap();
+    let (dialed, accepted) = within(Duration::from_secs(5), async {
+        let incoming = server.accept().await.unwrap();
+        tokio::join!(dialing, incoming)
+    })
+    .await;
+    let (dialed, accepted) = (dialed.unwrap(), accepted.unwrap());
+    assert!(
+        pending(std::pin::pin!(accepted.open_bi())),
+        "the dialing side granted its peer streams it never accepts"
+    );
+    // The other way, the initial credit.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(std::pin::pin!(dialed.open_bi()).poll(&mut cx).is_ready());
 }
 
 #[tokio::test]

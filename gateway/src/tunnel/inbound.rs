@@ -226,7 +226,12 @@ impl Inbound {
                 };
                 match accepted {
                     Ok((send, recv)) => {
+                        // Counted until the peer's credit for it comes back: once the
+                        // peer has all of it (our FIN acknowledged), a few round trips at
+                        // most (quinn does not report a reset stream's acknowledgement).
                         let serving = open.clone();
+                        let acked = send.stopped();
+                        let ack_wait = conn.rtt() * 3 + ACK_WAIT;
                         let now_open =
                             u32::try_from(Arc::strong_count(&open) - 1).unwrap_or(u32::MAX);
                         if let Some(more) = raised_credit(credit, now_open, max) {
@@ -238,6 +243,7 @@ impl Inbound {
                         tokio::spawn(
                             async move {
                                 me.serve_stream(peer, send, recv).await;
+                                let _ = tokio::time::timeout(ack_wait, acked).await;
                                 drop(serving);
                             }
                             .in_current_span(),
@@ -420,10 +426,15 @@ fn authorize<'a>(
     Ok((export, port.target()))
 }
 
-/// The stream credit of a peer's connection once a stream was accepted with `open` being
-/// served (this one included), if it grows: doubled, up to `max`, when half of `granted` is
-/// in use. The peer has the other half while the new limit travels to it; a burst beyond
-/// that waits a round trip for it, never an error.
+/// Besides round trips, how long a served stream stays counted after it ended, waiting for
+/// the peer to acknowledge it (quinn delays acknowledgements up to 25 ms).
+const ACK_WAIT: Duration = Duration::from_millis(50);
+
+/// The stream credit of a peer's connection once a stream was accepted with `open` in use
+/// (this one included; a stream counts until the peer has all of it), if it grows:
+/// doubled, up to `max`, when half of `granted` is in use. The peer has the other half
+/// while the new limit travels to it; a burst beyond that waits about a round trip for it
+/// (within `tunnel.connect_timeout`, like any stream being opened).
 fn raised_credit(granted: u32, open: u32, max: u32) -> Option<u32> {
     (open.saturating_mul(2) >= granted && granted < max).then(|| granted.saturating_mul(2).min(max))
 }

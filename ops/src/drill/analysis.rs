@@ -67,12 +67,27 @@ pub struct StepRecord {
     pub victim: Option<String>,
     /// A fault the cluster's replicas ride out: its traffic should stay there.
     pub stays: bool,
-    /// When it was injected.
+    /// When it was injected; for a rolling restart or a signal, when it stopped its first
+    /// replica.
     pub start: Duration,
+    /// When it stopped each replica (signal or drain), if it stops replicas: each is a
+    /// moment connections may be in flight at.
+    pub stops: Vec<Duration>,
     /// When it was undone.
     pub end: Duration,
     /// Why it could not be injected, if it was not.
     pub error: Option<String>,
+}
+
+impl StepRecord {
+    /// The moments the fault struck: every replica it stopped, or its start.
+    pub fn strikes(&self) -> Vec<Duration> {
+        if self.stops.is_empty() {
+            vec![self.start]
+        } else {
+            self.stops.clone()
+        }
+    }
 }
 
 /// A whole drill's raw record.
@@ -293,7 +308,7 @@ fn share(served: &BTreeMap<String, u64>, cluster: &str) -> Option<f64> {
 
 /// Builds the report.
 pub fn analyse(scenario: &Scenario, rec: &Recording) -> Report {
-    let starts: Vec<Duration> = rec.steps.iter().map(|s| s.start).collect();
+    let starts: Vec<Duration> = rec.steps.iter().flat_map(StepRecord::strikes).collect();
     let loads: Vec<LoadReport> = rec
         .loads
         .iter()
@@ -430,7 +445,7 @@ fn fault_report(s: &StepRecord, load: Option<&LoadRecording>, until: Duration) -
     r.broken = l
         .samples
         .iter()
-        .filter(|x| x.result.is_err() && in_flight(x, &[s.start]))
+        .filter(|x| x.result.is_err() && in_flight(x, &s.strikes()))
         .count();
     // Detection: the victim was a candidate in rotation before the fault, and a poll
     // during it shows the source no longer offering it new connections.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
@@ -49,16 +49,21 @@ struct Planned {
     /// ends when the last replica it stopped is back, from the drill's start).
     restart: Option<Cycle>,
     restarting: Option<tokio::task::JoinHandle<Result<Duration, String>>>,
-    /// When the cycle stopped its first replica, from the drill's start: the fault's real
-    /// start (the checks before the stop take a while, and a connection started during them
-    /// that the stop then breaks was in flight at it, not a new one that failed).
-    stopped: Arc<OnceLock<Duration>>,
+    /// When the cycle stopped each replica, from the drill's start: the moments the fault
+    /// struck (the checks before each stop take a while, and a connection started during
+    /// them that the stop then breaks was in flight at it, not a new one that failed).
+    stopped: Arc<Mutex<Vec<Duration>>>,
 }
 
 impl Planned {
-    /// When the fault began: for a cycle, when it stopped its first replica.
-    fn start(&self) -> Duration {
-        self.stopped.get().copied().unwrap_or(self.record.start)
+    /// The moments the fault struck so far: each replica a cycle stopped, or its start.
+    fn strikes(&self) -> Vec<Duration> {
+        let stops = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        if stops.is_empty() {
+            vec![self.record.start]
+        } else {
+            stops.clone()
+        }
     }
 }
 
@@ -445,6 +450,7 @@ fn plan_step(
             // A cluster's only gateway signalled: its traffic must move, as in a kill.
             stays: step.fault.stays() && restart.as_ref().is_none_or(|c| c.replicas.len() > 1),
             start: step.at.0,
+            stops: Vec::new(),
             end: step.at.0 + step.duration.0,
             error: None,
         },
@@ -519,7 +525,6 @@ async fn inject_step(client: &Client, p: &mut Planned, t0: Instant) {
 }
 
 async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
-    p.record.start = p.start();
     if let Some(task) = p.restarting.take() {
         // Its time is up: a restart still under way is stopped (the replica being
         // drained still finishes its drain and restarts).
@@ -540,6 +545,12 @@ async fn undo_step(client: &Client, p: &mut Planned, t0: Instant) {
                 p.record.end = t0.elapsed();
             }
         }
+        // The fault struck when the cycle stopped replicas (none stopped: at its start).
+        let stops = p.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(&first) = stops.first() {
+            p.record.start = first;
+        }
+        p.record.stops = stops;
         return;
     }
     if p.injected.is_empty() {
@@ -579,7 +590,7 @@ async fn cycle(
     r: Cycle,
     token: String,
     t0: Instant,
-    stopped_first: Arc<OnceLock<Duration>>,
+    stops: Arc<Mutex<Vec<Duration>>>,
 ) -> Result<Duration, String> {
     for &k in &r.which {
         all_in_rotation(&r).await?;
@@ -594,7 +605,10 @@ async fn cycle(
         let stopped = tokio::time::Instant::now();
         let hint = match r.stop {
             Stop::Drain => {
-                stopped_first.get_or_init(|| t0.elapsed());
+                stops
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(t0.elapsed());
                 match Admin::with_token(admin, token.clone()).drain().await {
                     Ok(Ok(_)) => {}
                     Ok(Err(refused)) => return Err(format!("{name}: {refused}")),
@@ -606,7 +620,10 @@ async fn cycle(
                 let process = GatewayProcess::find(admin, was.pid, &r.others[k])
                     .await
                     .map_err(|e| format!("{name}: {e}"))?;
-                stopped_first.get_or_init(|| t0.elapsed());
+                stops
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(t0.elapsed());
                 process
                     .signal(signal)
                     .map_err(|e| format!("{name} (pid {}): {e}", process.pid()))?;
@@ -900,7 +917,7 @@ struct Failures {
 /// When each fault began, from the drill's start: a step injected so far has its actual
 /// start, one not injected yet its planned one, which no finished connection straddles.
 fn fault_starts(plan: &[Planned]) -> Vec<Duration> {
-    plan.iter().map(Planned::start).collect()
+    plan.iter().flat_map(Planned::strikes).collect()
 }
 
 /// Where the drill stands: counts over every load, the faults in force.

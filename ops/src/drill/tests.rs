@@ -171,6 +171,7 @@ fn recording() -> Recording {
             victim: Some("east".into()),
             stays: false,
             start: Duration::from_secs(2),
+            stops: vec![],
             end: Duration::from_secs(5),
             error: None,
         }],
@@ -343,6 +344,36 @@ fn a_connection_in_flight_when_the_fault_began_is_broken_not_a_failed_new_one() 
     assert_eq!((r.loads[0].failed, r.loads[0].broken_in_flight), (1, 0));
     assert_eq!((r.faults[0].failed, r.faults[0].broken), (1, 0));
     assert!(super::render::summary(&r).contains("1 failed, 0 broken in flight at a fault"));
+}
+
+#[test]
+fn a_connection_in_flight_when_any_replica_was_stopped_is_broken() {
+    let s = parse(&GOOD.replace(
+        "max_failed_connections: 0",
+        "max_failed_connections: 0\n  max_broken_connections: 1",
+    ))
+    .unwrap();
+    // A rolling restart that stopped one replica at 2 s and the next at 3.5 s.
+    let mut rec = recording();
+    rec.steps[0].stops = vec![Duration::from_secs(2), Duration::from_millis(3500)];
+    rec.loads[0].samples[349] = Sample {
+        at: Duration::from_millis(3495),
+        latency: Duration::from_millis(10),
+        result: Err("reset".into()),
+    };
+    let passed = |r: &super::analysis::Report, name: &str| {
+        r.objectives.iter().find(|o| o.name == name).unwrap().passed
+    };
+    let r = analyse(&s, &rec);
+    assert_eq!((r.loads[0].failed, r.loads[0].broken_in_flight), (0, 1));
+    assert_eq!(r.faults[0].broken, 1);
+    assert!(passed(&r, "max_failed_connections"));
+    assert!(passed(&r, "max_broken_connections"));
+    // Only the first stop known: the same connection is a failed new one.
+    rec.steps[0].stops.truncate(1);
+    let r = analyse(&s, &rec);
+    assert_eq!((r.loads[0].failed, r.loads[0].broken_in_flight), (1, 0));
+    assert!(!passed(&r, "max_failed_connections"));
 }
 
 const REPLICATED: &str = r#"
