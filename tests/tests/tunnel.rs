@@ -1038,6 +1038,36 @@ async fn stream_credit_starts_small_grows_with_use_and_stops_at_the_limit() {
 }
 
 #[tokio::test]
+async fn a_stream_waiting_for_credit_gives_up_with_its_peer() {
+    // East grants one stream, and one held connection uses it: the next stream waits for
+    // credit that a dead east would never send. Given up on, it is as good as down (sent
+    // nothing), at once, not at the timeout.
+    let pki = TestPki::new();
+    let echo = Backend::echo().await.unwrap();
+    let (_east, west, addr) = pair(&pki, echo.addr, |c| c.tunnel.max_concurrent_streams = 1).await;
+    let _held = held_connection(addr).await;
+    let conn = tunnel_to_east(&west);
+    let waited = within(
+        Duration::from_secs(5),
+        strait_gateway::tunnel::outbound::open_stream_until(
+            &conn,
+            &echo_request(),
+            b"early",
+            Duration::from_secs(30),
+            async {},
+        ),
+    )
+    .await;
+    match waited {
+        Err(e) => {
+            assert!(matches!(e, OpenError::PeerDown), "{e}");
+            assert!(!e.ambiguous(), "nothing was sent");
+        }
+        Ok(_) => panic!("a stream beyond the credit was opened"),
+    }
+}
+
+#[tokio::test]
 async fn a_gateway_lets_the_peer_it_dialed_open_no_stream_towards_it() {
     let pki = TestPki::new();
     let tuning = strait_common::config::TunnelTuning::default();

@@ -93,7 +93,8 @@ pub async fn open_stream(
 }
 
 /// [`open_stream`] that gives up as [`OpenError::Abandoned`] when `abandon` completes first
-/// (the peer stopped answering). A stream given up on is reset, not finished, so the
+/// (the peer stopped answering), or as [`OpenError::PeerDown`] if that happens while the
+/// stream still waits for the peer's credit to open (nothing sent). A stream given up on is reset, not finished, so the
 /// remote never takes it for a complete request.
 pub async fn open_stream_until(
     conn: &Connection,
@@ -103,10 +104,16 @@ pub async fn open_stream_until(
     abandon: impl std::future::Future<Output = ()>,
 ) -> Result<(SendStream, RecvStream), OpenError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let (mut send, mut recv) = tokio::time::timeout_at(deadline, conn.open_bi())
-        .await
-        .map_err(|_| OpenError::Timeout(timeout))?
-        .map_err(|e| OpenError::Stream(e.to_string()))?;
+    let mut abandon = std::pin::pin!(abandon);
+    // Opening waits for the peer's stream credit; a peer that stopped answering never
+    // grants more, so the wait ends with it (nothing was sent: as good as down).
+    let (mut send, mut recv) = tokio::select! {
+        biased;
+        opened = tokio::time::timeout_at(deadline, conn.open_bi()) => opened
+            .map_err(|_| OpenError::Timeout(timeout))?
+            .map_err(|e| OpenError::Stream(e.to_string()))?,
+        () = &mut abandon => return Err(OpenError::PeerDown),
+    };
     let exchange = async {
         let mut first = header::encode(req);
         first.extend_from_slice(early);
@@ -118,7 +125,7 @@ pub async fn open_stream_until(
     };
     let answered = tokio::select! {
         r = tokio::time::timeout_at(deadline, exchange) => r.unwrap_or(Err(OpenError::Timeout(timeout))),
-        () = abandon => Err(OpenError::Abandoned),
+        () = &mut abandon => Err(OpenError::Abandoned),
     };
     match answered {
         Ok(resp) if resp.status() == Status::Ok => Ok((send, recv)),
