@@ -91,11 +91,13 @@ struct Segment {
     kind: u32,
     flags: u32,
     vaddr: usize,
+    /// Bytes read from the file (the rest of `memsz` is zeros the loader wrote).
+    filesz: usize,
     memsz: usize,
 }
 
-/// The whole pages of `segments` (loaded at `base`) that hold only read-only, loaded
-/// content: code and constants. Pages shared with a writable segment or the RELRO region
+/// The whole pages of `segments` (loaded at `base`) that hold only read-only content read
+/// from the file: code and constants. Pages shared with a writable segment or the RELRO region
 /// (data the loader relocated before making it read-only: it exists only in memory) are
 /// left out, so every page kept reads back from the file as it is.
 fn read_only_pages(base: usize, segments: &[Segment], page: usize) -> Vec<Range<usize>> {
@@ -113,7 +115,7 @@ fn read_only_pages(base: usize, segments: &[Segment], page: usize) -> Vec<Range<
         .iter()
         .filter(|s| s.kind == libc::PT_LOAD && s.flags & libc::PF_W == 0)
     {
-        let whole = up(base + s.vaddr)..down(base + s.vaddr + s.memsz);
+        let whole = up(base + s.vaddr)..down(base + s.vaddr + s.filesz);
         let mut left: Vec<Range<usize>> = std::iter::once(whole).collect();
         for p in &protected {
             left = left
@@ -122,9 +124,58 @@ fn read_only_pages(base: usize, segments: &[Segment], page: usize) -> Vec<Range<
                 .filter(|r| r.start < r.end)
                 .collect();
         }
-        pages.extend(left);
+        pages.extend(left.into_iter().filter(|r| r.start < r.end));
     }
     pages
+}
+
+/// `/proc/self/pagemap` flags of a page: present, swapped, file-backed.
+const PRESENT: u64 = 1 << 63;
+const SWAPPED: u64 = 1 << 62;
+const FILE: u64 = 1 << 61;
+
+/// The runs of `pages` (starting at `start`, one `/proc/self/pagemap` entry each) that hold
+/// no private copy: a page a debugger's breakpoint or a uprobe wrote (present and not
+/// file-backed, or swapped out) stays, since dropping it would drop the probe.
+fn file_page_runs(start: usize, entries: &[u64], page: usize) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (i, &e) in entries.iter().enumerate() {
+        let private = (e & PRESENT != 0 && e & FILE == 0) || e & SWAPPED != 0;
+        if private {
+            continue;
+        }
+        let at = start + i * page;
+        match runs.last_mut() {
+            Some(r) if r.end == at => r.end = at + page,
+            _ => runs.push(at..at + page),
+        }
+    }
+    runs
+}
+
+/// [`file_page_runs`] of `r`, read from `/proc/self/pagemap` (`None` if it cannot be read).
+fn unmodified_runs(
+    pagemap: &std::fs::File,
+    r: &Range<usize>,
+    page: usize,
+) -> Option<Vec<Range<usize>>> {
+    use std::os::unix::fs::FileExt;
+    let n = r.len() / page;
+    let mut raw = vec![0u8; n * 8];
+    pagemap
+        .read_exact_at(&mut raw, (r.start / page * 8) as u64)
+        .ok()?;
+    let entries: Vec<u64> = raw
+        .chunks_exact(8)
+        .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+        .collect();
+    Some(file_page_runs(r.start, &entries, page))
+}
+
+/// The system's page size.
+fn page_size() -> usize {
+    // SAFETY: sysconf with a valid name.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// The program's own code and constants ([`read_only_pages`]), found once: the
@@ -153,13 +204,11 @@ fn program_pages() -> &'static [Range<usize>] {
                     kind: p.p_type,
                     flags: p.p_flags,
                     vaddr: p.p_vaddr as usize,
+                    filesz: p.p_filesz as usize,
                     memsz: p.p_memsz as usize,
                 })
                 .collect();
-            // SAFETY: sysconf with a valid name.
-            let page =
-                usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-            *out = read_only_pages(info.dlpi_addr as usize, &segments, page);
+            *out = read_only_pages(info.dlpi_addr as usize, &segments, page_size());
             // The program is the first object reported: stop.
             1
         }
@@ -178,21 +227,38 @@ pub fn release_code_pages() -> usize {
     if code_release_off() {
         return 0;
     }
+    // Pages a debugger or a uprobe wrote are private copies: they must stay.
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+        return 0;
+    };
+    let page = page_size();
     let mut released = 0;
     for r in program_pages() {
-        // SAFETY: whole pages of the executable's read-only loaded segments, which live as
-        // long as the process and hold only file content (no RELRO, no writable page):
-        // MADV_DONTNEED drops page-table entries, and each page reads back unchanged.
-        if unsafe { libc::madvise(r.start as *mut libc::c_void, r.len(), libc::MADV_DONTNEED) } == 0
-        {
-            released += r.len();
+        let Some(runs) = unmodified_runs(&pagemap, r, page) else {
+            return released;
+        };
+        for run in runs {
+            // SAFETY: whole pages of the executable's read-only loaded segments, which live
+            // as long as the process and hold only file content (no RELRO, no writable
+            // page, no page written since it was mapped): MADV_DONTNEED drops page-table
+            // entries, and each page reads back unchanged.
+            let r = unsafe {
+                libc::madvise(
+                    run.start as *mut libc::c_void,
+                    run.len(),
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if r == 0 {
+                released += run.len();
+            }
         }
     }
     released
 }
 
 /// Trims the heap and releases code pages, off the async workers (the trim walks every
-/// arena, the release reads `/proc/self/smaps`).
+/// arena, the release reads `/proc/self/pagemap`).
 async fn trim() {
     let _ = tokio::task::spawn_blocking(|| {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -216,6 +282,7 @@ mod tests {
             kind: libc::PT_LOAD,
             flags,
             vaddr,
+            filesz: memsz,
             memsz,
         };
         // The layout of the release binary (lld): headers and constants, code, then data
@@ -225,6 +292,7 @@ mod tests {
                 kind: libc::PT_PHDR,
                 flags: libc::PF_R,
                 vaddr: 0x40,
+                filesz: 0x380,
                 memsz: 0x380,
             },
             load(libc::PF_R, 0, 0x39_9300),
@@ -234,6 +302,7 @@ mod tests {
                 kind: libc::PT_GNU_RELRO,
                 flags: libc::PF_R,
                 vaddr: 0x124_9e10,
+                filesz: 0x6_c1f0,
                 memsz: 0x6_c1f0,
             },
         ];
@@ -253,6 +322,29 @@ mod tests {
             vec![0..0x3000],
             "the pages the data segment touches stay"
         );
+        // Zeros the loader wrote past the file's bytes are not in the file; a segment
+        // smaller than a page has no whole page.
+        let zero_filled = [
+            Segment {
+                filesz: 0x2800,
+                ..load(libc::PF_R, 0, 0x4000)
+            },
+            load(libc::PF_R, 0x8100, 0x200),
+        ];
+        assert_eq!(read_only_pages(0, &zero_filled, 0x1000), vec![0..0x2000]);
+    }
+
+    #[test]
+    fn pages_a_debugger_or_a_uprobe_wrote_are_kept() {
+        let file = PRESENT | FILE;
+        let never_touched = 0;
+        let written = PRESENT; // a private copy: present, not file-backed
+        let swapped = SWAPPED;
+        let entries = [file, never_touched, written, file, file, swapped, file];
+        assert_eq!(
+            file_page_runs(0x10_000, &entries, 0x1000),
+            vec![0x10_000..0x12_000, 0x13_000..0x15_000, 0x16_000..0x17_000]
+        );
     }
 
     /// Resident KiB of file pages of this process.
@@ -268,8 +360,40 @@ mod tests {
     /// A pointer the loader relocated (position-independent code keeps it in RELRO).
     static RELOCATED: &str = "relocated before main";
 
+    /// This process's `/proc/self/pagemap` entry for the page at `addr`.
+    fn pagemap_entry(addr: usize) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 8];
+        std::fs::File::open("/proc/self/pagemap")
+            .unwrap()
+            .read_exact_at(&mut b, (addr / page_size() * 8) as u64)
+            .unwrap();
+        u64::from_ne_bytes(b)
+    }
+
     #[test]
     fn released_code_pages_leave_the_resident_set_and_relocated_data_stays() {
+        // The program's first page (its ELF header, no Rust object) written as a debugger
+        // writes a breakpoint: with the same bytes, so nothing changes but its privacy.
+        let header = program_pages()[0].start;
+        let page = page_size();
+        // SAFETY: one whole page of our own read-only mapping, made writable for one
+        // volatile rewrite of a byte with its own value, then read-only again.
+        unsafe {
+            let p = header as *mut libc::c_void;
+            assert_eq!(
+                libc::mprotect(p, page, libc::PROT_READ | libc::PROT_WRITE),
+                0
+            );
+            let b = header as *mut u8;
+            b.write_volatile(b.read_volatile());
+            assert_eq!(libc::mprotect(p, page, libc::PROT_READ), 0);
+        }
+        let written = pagemap_entry(header);
+        assert!(
+            written & PRESENT != 0 && written & FILE == 0,
+            "{written:#x}"
+        );
         assert!(!program_pages().is_empty(), "the program's code was found");
         let before = rss_file_kb();
         let released = release_code_pages();
@@ -281,5 +405,10 @@ mod tests {
         );
         // Had the RELRO page been dropped, this pointer would read back unrelocated.
         assert_eq!(*std::hint::black_box(&RELOCATED), "relocated before main");
+        let after = pagemap_entry(header);
+        assert!(
+            after & PRESENT != 0 && after & FILE == 0,
+            "the written page was dropped: {after:#x}"
+        );
     }
 }

@@ -1065,6 +1065,32 @@ async fn a_stream_waiting_for_credit_gives_up_with_its_peer() {
         }
         Ok(_) => panic!("a stream beyond the credit was opened"),
     }
+    // A live peer that grants nothing in time is at its stream limit: overloaded, and
+    // as nothing was sent, the next cluster may take the early bytes.
+    let timed_out = strait_gateway::tunnel::outbound::open_stream_until(
+        &conn,
+        &echo_request(),
+        b"early",
+        Duration::from_millis(200),
+        std::future::pending(),
+    )
+    .await;
+    match timed_out {
+        Err(e) => {
+            assert!(
+                matches!(
+                    e,
+                    OpenError::Refused {
+                        status: Status::Overloaded,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(!e.ambiguous() && e.retryable(), "nothing was sent");
+        }
+        Ok(_) => panic!("a stream beyond the credit was opened"),
+    }
 }
 
 #[tokio::test]

@@ -227,10 +227,11 @@ impl Inbound {
                 match accepted {
                     Ok((send, recv)) => {
                         // Counted until the peer's credit for it comes back: once the
-                        // peer has all of it (our FIN acknowledged), a few round trips at
-                        // most (quinn does not report a reset stream's acknowledgement).
+                        // peer has all of it (our FIN or reset acknowledged). A few round
+                        // trips after it ends stand for that: quinn reports no reset's
+                        // acknowledgement, and a `stopped()` waiter on a reset stream
+                        // stays in its map as long as the connection lives.
                         let serving = open.clone();
-                        let acked = send.stopped();
                         let ack_wait = conn.rtt() * 3 + ACK_WAIT;
                         let now_open =
                             u32::try_from(Arc::strong_count(&open) - 1).unwrap_or(u32::MAX);
@@ -243,7 +244,7 @@ impl Inbound {
                         tokio::spawn(
                             async move {
                                 me.serve_stream(peer, send, recv).await;
-                                let _ = tokio::time::timeout(ack_wait, acked).await;
+                                tokio::time::sleep(ack_wait).await;
                                 drop(serving);
                             }
                             .in_current_span(),
@@ -426,12 +427,13 @@ fn authorize<'a>(
     Ok((export, port.target()))
 }
 
-/// Besides round trips, how long a served stream stays counted after it ended, waiting for
-/// the peer to acknowledge it (quinn delays acknowledgements up to 25 ms).
+/// Besides three round trips, how long a served stream stays counted after it ended: the
+/// peer acknowledging its end (quinn delays acknowledgements up to 25 ms).
 const ACK_WAIT: Duration = Duration::from_millis(50);
 
 /// The stream credit of a peer's connection once a stream was accepted with `open` in use
-/// (this one included; a stream counts until the peer has all of it), if it grows:
+/// (this one included; a stream counts until a little after the peer has all of it), if
+/// it grows:
 /// doubled, up to `max`, when half of `granted` is in use. The peer has the other half
 /// while the new limit travels to it; a burst beyond that waits about a round trip for it
 /// (within `tunnel.connect_timeout`, like any stream being opened).

@@ -110,7 +110,11 @@ pub async fn open_stream_until(
     let (mut send, mut recv) = tokio::select! {
         biased;
         opened = tokio::time::timeout_at(deadline, conn.open_bi()) => opened
-            .map_err(|_| OpenError::Timeout(timeout))?
+            // The peer is at its stream limit: nothing was sent, the next may serve it.
+            .map_err(|_| OpenError::Refused {
+                status: Status::Overloaded,
+                detail: format!("no stream credit from the peer within {timeout:?}"),
+            })?
             .map_err(|e| OpenError::Stream(e.to_string()))?,
         () = &mut abandon => return Err(OpenError::PeerDown),
     };
