@@ -81,7 +81,12 @@ pub async fn give_back(every: Duration) {
 /// page the gateway touched mapped (for someone comparing RSS with another build, or
 /// wary of the minor faults after each pass).
 fn code_release_off() -> bool {
-    std::env::var("STRAIT_RELEASE_CODE").is_ok_and(|v| v.trim() == "0")
+    switched_off(std::env::var("STRAIT_RELEASE_CODE").ok().as_deref())
+}
+
+/// Whether a switch's value turns it off: `0`.
+fn switched_off(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim() == "0")
 }
 
 /// One program header of a loaded object: its type, flags and place (relative to the
@@ -332,6 +337,15 @@ mod tests {
             load(libc::PF_R, 0x8100, 0x200),
         ];
         assert_eq!(read_only_pages(0, &zero_filled, 0x1000), vec![0..0x2000]);
+    }
+
+    #[test]
+    fn strait_release_code_0_turns_the_release_off() {
+        assert!(switched_off(Some("0")));
+        assert!(switched_off(Some(" 0\n")));
+        for on in [None, Some(""), Some("1"), Some("no")] {
+            assert!(!switched_off(on), "{on:?}");
+        }
     }
 
     #[test]
