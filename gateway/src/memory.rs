@@ -126,7 +126,6 @@ fn read_only_pages(base: usize, segments: &[Segment], page: usize) -> Vec<Range<
             left = left
                 .into_iter()
                 .flat_map(|r| [r.start..r.end.min(p.start), r.start.max(p.end)..r.end])
-                .filter(|r| r.start < r.end)
                 .collect();
         }
         pages.extend(left.into_iter().filter(|r| r.start < r.end));

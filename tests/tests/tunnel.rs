@@ -959,10 +959,10 @@ async fn streams_beyond_the_inbound_limit_are_told_overloaded() {
     );
 }
 
-/// Whether `fut` is still waiting when polled once now (without a runtime wake-up).
-fn pending<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> bool {
+/// `fut` polled once now, without a runtime to wake it: whether it is ready at once.
+fn poll_now<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    fut.poll(&mut cx).is_pending()
+    fut.poll(&mut cx)
 }
 
 #[tokio::test]
@@ -982,16 +982,14 @@ async fn stream_credit_starts_small_grows_with_use_and_stops_at_the_limit() {
     // credit east granted with the handshake: the initial one, not the limit.
     let mut first = Vec::new();
     for k in 0..initial {
-        let mut open = std::pin::pin!(conn.open_bi());
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match open.as_mut().poll(&mut cx) {
+        match poll_now(std::pin::pin!(conn.open_bi())) {
             std::task::Poll::Ready(Ok(stream)) => first.push(stream),
             other => panic!("stream {k} of the initial credit: {:?}", other.map(|_| ())),
         }
     }
     let mut next = std::pin::pin!(conn.open_bi());
     assert!(
-        pending(next.as_mut()),
+        poll_now(next.as_mut()).is_pending(),
         "more than the initial credit of {initial} granted up front"
     );
     // Used, they make east raise the credit: the waiting stream opens.
@@ -1027,7 +1025,7 @@ async fn stream_credit_starts_small_grows_with_use_and_stops_at_the_limit() {
     // East grants no more than the limit: one more stream waits while all are open.
     let mut over = std::pin::pin!(conn.open_bi());
     assert!(
-        pending(over.as_mut()),
+        poll_now(over.as_mut()).is_pending(),
         "a stream beyond tunnel.max_concurrent_streams was allowed"
     );
     // Streams that end return their credit (east announces it in batches of an eighth).
@@ -1058,13 +1056,11 @@ async fn a_stream_waiting_for_credit_gives_up_with_its_peer() {
         ),
     )
     .await;
-    match waited {
-        Err(e) => {
-            assert!(matches!(e, OpenError::PeerDown), "{e}");
-            assert!(!e.ambiguous(), "nothing was sent");
-        }
-        Ok(_) => panic!("a stream beyond the credit was opened"),
-    }
+    let Err(e) = waited else {
+        panic!("a stream beyond the credit was opened")
+    };
+    assert!(matches!(e, OpenError::PeerDown), "{e}");
+    assert!(!e.ambiguous(), "nothing was sent");
     // A live peer that grants nothing in time is at its stream limit: overloaded, and
     // as nothing was sent, the next cluster may take the early bytes.
     let timed_out = strait_gateway::tunnel::outbound::open_stream_until(
@@ -1075,22 +1071,18 @@ async fn a_stream_waiting_for_credit_gives_up_with_its_peer() {
         std::future::pending(),
     )
     .await;
-    match timed_out {
-        Err(e) => {
-            assert!(
-                matches!(
-                    e,
-                    OpenError::Refused {
-                        status: Status::Overloaded,
-                        ..
-                    }
-                ),
-                "{e}"
-            );
-            assert!(!e.ambiguous() && e.retryable(), "nothing was sent");
+    let Err(e) = timed_out else {
+        panic!("a stream beyond the credit was opened")
+    };
+    let overloaded = matches!(
+        e,
+        OpenError::Refused {
+            status: Status::Overloaded,
+            ..
         }
-        Ok(_) => panic!("a stream beyond the credit was opened"),
-    }
+    );
+    assert!(overloaded, "{e}");
+    assert!(!e.ambiguous() && e.retryable(), "nothing was sent");
 }
 
 #[tokio::test]
@@ -1122,12 +1114,11 @@ async fn a_gateway_lets_the_peer_it_dialed_open_no_stream_towards_it() {
     .await;
     let (dialed, accepted) = (dialed.unwrap(), accepted.unwrap());
     assert!(
-        pending(std::pin::pin!(accepted.open_bi())),
+        poll_now(std::pin::pin!(accepted.open_bi())).is_pending(),
         "the dialing side granted its peer streams it never accepts"
     );
     // The other way, the initial credit.
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    assert!(std::pin::pin!(dialed.open_bi()).poll(&mut cx).is_ready());
+    assert!(poll_now(std::pin::pin!(dialed.open_bi())).is_ready());
 }
 
 #[tokio::test]

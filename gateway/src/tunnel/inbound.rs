@@ -233,6 +233,7 @@ impl Inbound {
                         // stays in its map as long as the connection lives.
                         let serving = open.clone();
                         let ack_wait = conn.rtt() * 3 + ACK_WAIT;
+                        // This stream included.
                         let now_open =
                             u32::try_from(Arc::strong_count(&open) - 1).unwrap_or(u32::MAX);
                         if let Some(more) = raised_credit(credit, now_open, max) {
@@ -433,10 +434,9 @@ const ACK_WAIT: Duration = Duration::from_millis(50);
 
 /// The stream credit of a peer's connection once a stream was accepted with `open` in use
 /// (this one included; a stream counts until a little after the peer has all of it), if
-/// it grows:
-/// doubled, up to `max`, when half of `granted` is in use. The peer has the other half
-/// while the new limit travels to it; a burst beyond that waits about a round trip for it
-/// (within `tunnel.connect_timeout`, like any stream being opened).
+/// it grows: doubled, up to `max`, when half of `granted` is in use. The peer has the other
+/// half while the new limit travels to it; a burst beyond that waits about a round trip
+/// for it (within `tunnel.connect_timeout`, like any stream being opened).
 fn raised_credit(granted: u32, open: u32, max: u32) -> Option<u32> {
     (open.saturating_mul(2) >= granted && granted < max).then(|| granted.saturating_mul(2).min(max))
 }

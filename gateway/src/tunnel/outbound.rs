@@ -94,8 +94,8 @@ pub async fn open_stream(
 
 /// [`open_stream`] that gives up as [`OpenError::Abandoned`] when `abandon` completes first
 /// (the peer stopped answering), or as [`OpenError::PeerDown`] if that happens while the
-/// stream still waits for the peer's credit to open (nothing sent). A stream given up on is reset, not finished, so the
-/// remote never takes it for a complete request.
+/// stream still waits for the peer's credit to open (nothing sent). A stream given up on
+/// is reset, not finished, so the remote never takes it for a complete request.
 pub async fn open_stream_until(
     conn: &Connection,
     req: &StreamRequest,

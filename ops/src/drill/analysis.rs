@@ -82,11 +82,17 @@ pub struct StepRecord {
 impl StepRecord {
     /// The moments the fault struck: every replica it stopped, or its start.
     pub fn strikes(&self) -> Vec<Duration> {
-        if self.stops.is_empty() {
-            vec![self.start]
-        } else {
-            self.stops.clone()
-        }
+        strikes(self.start, &self.stops)
+    }
+}
+
+/// The moments a fault that started at `start` struck: each replica it stopped (`stops`),
+/// or its start when it stops none.
+pub fn strikes(start: Duration, stops: &[Duration]) -> Vec<Duration> {
+    if stops.is_empty() {
+        vec![start]
+    } else {
+        stops.to_vec()
     }
 }
 

@@ -59,11 +59,7 @@ impl Planned {
     /// The moments the fault struck so far: each replica a cycle stopped, or its start.
     fn strikes(&self) -> Vec<Duration> {
         let stops = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
-        if stops.is_empty() {
-            vec![self.record.start]
-        } else {
-            stops.clone()
-        }
+        analysis::strikes(self.record.start, &stops)
     }
 }
 
@@ -592,6 +588,13 @@ async fn cycle(
     t0: Instant,
     stops: Arc<Mutex<Vec<Duration>>>,
 ) -> Result<Duration, String> {
+    // Just before each stop: a connection started earlier and broken by it was in flight.
+    let note_stop = || {
+        stops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(t0.elapsed());
+    };
     for &k in &r.which {
         all_in_rotation(&r).await?;
         let admin = r.replicas[k];
@@ -605,10 +608,7 @@ async fn cycle(
         let stopped = tokio::time::Instant::now();
         let hint = match r.stop {
             Stop::Drain => {
-                stops
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(t0.elapsed());
+                note_stop();
                 match Admin::with_token(admin, token.clone()).drain().await {
                     Ok(Ok(_)) => {}
                     Ok(Err(refused)) => return Err(format!("{name}: {refused}")),
@@ -620,10 +620,7 @@ async fn cycle(
                 let process = GatewayProcess::find(admin, was.pid, &r.others[k])
                     .await
                     .map_err(|e| format!("{name}: {e}"))?;
-                stops
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(t0.elapsed());
+                note_stop();
                 process
                     .signal(signal)
                     .map_err(|e| format!("{name} (pid {}): {e}", process.pid()))?;
