@@ -5,6 +5,7 @@
 #   client -> nginx / iperf3                                  (direct)
 #   client -> strait B (import) =QUIC mTLS=> strait A (export) -> backend
 #   client -> haproxy B (tcp)   =TLS 1.3 mTLS=> haproxy A     -> backend
+#   client -> relay B (haproxy) =plain TCP=>    relay A       -> backend   (RELAY=1)
 #
 # Usage: bash bench/gateway-bench.sh      (see bench/README.md for env vars)
 set -euo pipefail
@@ -22,6 +23,7 @@ WRK_CONNS=${WRK_CONNS:-16}
 NGINX_WORKERS=${NGINX_WORKERS:-1}
 PIN=${PIN:-0}                     # 1 = pin load generators / servers with taskset
 SKIP_STRAIT=${SKIP_STRAIT:-0}     # 1 = no strait column (no cargo build)
+RELAY=${RELAY:-1}                 # 1 = also an HAProxy pair without TLS: what two relay hops cost
 IDLE_CONNS=${IDLE_CONNS:-1000}    # idle proxied connections held for the memory-per-connection figure
 IDLE_STEADY=${IDLE_STEADY:-11}    # seconds after the first idle sample for the steady one
 PROFILE=${PROFILE:-0}             # 1 = perf record both strait gateways during each load
@@ -221,6 +223,7 @@ validate_env() {
   [[ $IDLE_CONNS =~ ^[0-9]+$ ]] || die "IDLE_CONNS must be a whole number (got '$IDLE_CONNS')"
   [[ $IDLE_STEADY =~ ^[0-9]+$ ]] || die "IDLE_STEADY must be a whole number of seconds (got '$IDLE_STEADY')"
   [[ $PROFILE =~ ^[01]$ ]] || die "PROFILE must be 0 or 1 (got '$PROFILE')"
+  [[ $RELAY =~ ^[01]$ ]] || die "RELAY must be 0 or 1 (got '$RELAY')"
 }
 
 setup_pinning() {
@@ -428,40 +431,48 @@ defaults
 EOF
 }
 
+# write_haproxy_configs NAME TLS PA_NGINX PA_IPERF PB_NGINX PB_IPERF: the pair's configs as
+# $WORK/NAME-{a,b}.cfg; TLS=1 puts mTLS between the two, TLS=0 plain TCP (the relay column).
 write_haproxy_configs() {
-  local pki=$WORK/pki
+  local name=$1 tls=$2 pa_nginx=$3 pa_iperf=$4 pb_nginx=$5 pb_iperf=$6 pki=$WORK/pki
+  local bind_tls="" server_tls="" what="plain TCP, no TLS (the relay column)"
+  if ((tls)); then
+    bind_tls=" ssl crt $pki/haproxy-a.bundle.pem ca-file $pki/ca.pem verify required"
+    server_tls=" ssl crt $pki/haproxy-b.bundle.pem ca-file $pki/ca.pem verify required"
+    what="TLS 1.3, client certificate required (mTLS)"
+  fi
   {
-    haproxy_global "$WORK/haproxy-a.sock"
+    haproxy_global "$WORK/$name-a.sock"
     cat <<EOF
-# exporter side: TLS termination, client certificate required (mTLS)
+# exporter side: $what
 frontend a_nginx
-    bind 127.0.0.1:$P_HA_NGINX ssl crt $pki/haproxy-a.bundle.pem ca-file $pki/ca.pem verify required
+    bind 127.0.0.1:$pa_nginx$bind_tls
     default_backend nginx
 frontend a_iperf
-    bind 127.0.0.1:$P_HA_IPERF ssl crt $pki/haproxy-a.bundle.pem ca-file $pki/ca.pem verify required
+    bind 127.0.0.1:$pa_iperf$bind_tls
     default_backend iperf
 backend nginx
     server nginx 127.0.0.1:$P_NGINX
 backend iperf
     server iperf 127.0.0.1:$P_IPERF
 EOF
-  } >"$WORK/haproxy-a.cfg"
+  } >"$WORK/$name-a.cfg"
   {
-    haproxy_global "$WORK/haproxy-b.sock"
+    haproxy_global "$WORK/$name-b.sock"
     cat <<EOF
-# importer side: plain TCP in, TLS 1.3 with client certificate out
+# importer side: plain TCP in; out: $what
 frontend b_nginx
-    bind 127.0.0.1:$P_HB_NGINX
+    bind 127.0.0.1:$pb_nginx
     default_backend to_a_nginx
 frontend b_iperf
-    bind 127.0.0.1:$P_HB_IPERF
+    bind 127.0.0.1:$pb_iperf
     default_backend to_a_iperf
 backend to_a_nginx
-    server a 127.0.0.1:$P_HA_NGINX ssl crt $pki/haproxy-b.bundle.pem ca-file $pki/ca.pem verify required
+    server a 127.0.0.1:$pa_nginx$server_tls
 backend to_a_iperf
-    server a 127.0.0.1:$P_HA_IPERF ssl crt $pki/haproxy-b.bundle.pem ca-file $pki/ca.pem verify required
+    server a 127.0.0.1:$pa_iperf$server_tls
 EOF
-  } >"$WORK/haproxy-b.cfg"
+  } >"$WORK/$name-b.cfg"
 }
 
 start_haproxy() { # start_haproxy NAME CONFIG PORT; -db: foreground, no master-worker
@@ -717,13 +728,26 @@ bench_strait() {
 }
 
 bench_haproxy() {
-  write_haproxy_configs
+  write_haproxy_configs haproxy 1 "$P_HA_NGINX" "$P_HA_IPERF" "$P_HB_NGINX" "$P_HB_IPERF"
   local a b full reused
   start_haproxy haproxy-a "$WORK/haproxy-a.cfg" "$P_HA_NGINX"; a=$LAST_PID
   start_haproxy haproxy-b "$WORK/haproxy-b.cfg" "$P_HB_NGINX"; b=$LAST_PID
   bench_setup haproxy "$P_HB_NGINX" "$P_HB_IPERF" A="$a" B="$b"
   read -r full reused < <(haproxy_tls_stats "$WORK/haproxy-a.sock" 2>/dev/null || echo "n/a n/a")
   R[haproxy:tls_full]=$full; R[haproxy:tls_reused]=$reused
+  stop_proc "$b"; stop_proc "$a"
+}
+
+# The relay column: the same HAProxy pair without TLS, i.e. two plain TCP relay hops. It
+# is not a target; it shows what any two-gateway path costs on this machine before
+# encryption (a bound for the new-connection ratio against direct TCP).
+bench_relay() {
+  ((RELAY)) || return 0
+  write_haproxy_configs relay 0 "$P_RA_NGINX" "$P_RA_IPERF" "$P_RB_NGINX" "$P_RB_IPERF"
+  local a b
+  start_haproxy relay-a "$WORK/relay-a.cfg" "$P_RA_NGINX"; a=$LAST_PID
+  start_haproxy relay-b "$WORK/relay-b.cfg" "$P_RB_NGINX"; b=$LAST_PID
+  bench_setup relay "$P_RB_NGINX" "$P_RB_IPERF" A="$a" B="$b"
   stop_proc "$b"; stop_proc "$a"
 }
 
@@ -740,14 +764,21 @@ fmt() { # fmt VALUE KIND -> formatted cell
   esac
 }
 
-row() { # row LABEL KEY KIND: one table row across the three setups
+COLS=(direct strait haproxy)      # the report's columns; main adds relay when RELAY=1
+
+cells_row() { # cells_row LABEL CELL...: one Markdown table row
+  local label=$1; shift
+  printf '| %s |' "$label"; printf ' %s |' "$@"; printf '\n'
+}
+
+row() { # row LABEL KEY KIND: one table row across the setups
   local label=$1 key=$2 kind=$3 s cells=()
-  for s in direct strait haproxy; do
+  for s in "${COLS[@]}"; do
     if [[ $s == strait ]] && ((!RUN_STRAIT)); then cells+=("skipped")
     elif [[ $s == direct && ($key == rss* || $key == cpu_s || $key == per_conn*) ]]; then cells+=("-")
     else cells+=("$(fmt "${R[$s:$key]:-NA}" "$kind")"); fi
   done
-  printf '| %s | %s | %s | %s |\n' "$label" "${cells[@]}"
+  cells_row "$label" "${cells[@]}"
 }
 
 errs_cell() { # errs_cell SETUP
@@ -779,6 +810,14 @@ per() { # per SETUP CPU_KEY COUNT_KEY UNIT -> CPU seconds per UNIT counted, or n
   else echo n/a; fi
 }
 
+per_row() { # per_row LABEL CPU_KEY COUNT_KEY UNIT: `per` for every gateway column
+  local label=$1 s cells=()
+  for s in "${COLS[@]}"; do
+    if [[ $s == direct ]]; then cells+=("-"); else cells+=("$(per "$s" "$2" "$3" "$4")"); fi
+  done
+  cells_row "$label" "${cells[@]}"
+}
+
 pct() { # pct PART WHOLE -> "N.N%" or n/a
   if is_num "${1:-}" && is_num "${2:-}" && (($2 > 0)); then
     awk -v p="$1" -v w="$2" 'BEGIN { printf "%.1f%%", 100 * p / w }'
@@ -794,8 +833,10 @@ report() {
   echo "Host: $(uname -sr), $ncpu CPU(s) ($cpu_model). Loopback (127.0.0.1) only."
   echo "Client (wrk/iperf3), backends (nginx, iperf3 -s) and both gateways of a pair all share these $ncpu CPU(s)."
   echo
-  echo "| Metric | direct | strait | haproxy |"
-  echo "|---|---:|---:|---:|"
+  cells_row Metric "${COLS[@]}"
+  local c seps=()
+  for c in "${COLS[@]}"; do seps+=("---:"); done
+  cells_row "---" "${seps[@]}"
   row "Keep-alive rate (req/s)" ka.rps int
   row "Keep-alive latency p50 (ms)" ka.p50 ms
   row "Keep-alive latency p99 (ms)" ka.p99 ms
@@ -803,8 +844,9 @@ report() {
   row "New-connection latency p50 (ms)" nc.p50 ms
   row "New-connection latency p99 (ms)" nc.p99 ms
   row "iperf3 single stream (Gbit/s, received)" iperf.bps gbit
-  printf '| wrk socket errors/non-2xx (keep-alive / new-conn) | %s | %s | %s |\n' \
-    "$(errs_cell direct)" "$(errs_cell strait)" "$(errs_cell haproxy)"
+  local s cells=()
+  for s in "${COLS[@]}"; do cells+=("$(errs_cell "$s")"); done
+  cells_row "wrk socket errors/non-2xx (keep-alive / new-conn)" "${cells[@]}"
   row "Gateway A (exporter) RSS idle, 1 s (MiB)" rss_idle.A mib
   row "Gateway B (importer) RSS idle, 1 s (MiB)" rss_idle.B mib
   row "Gateway A (exporter) RSS idle, steady (MiB)" rss_steady.A mib
@@ -814,12 +856,9 @@ report() {
   row "Gateway CPU time A+B during load (s)" cpu_s raw
   row "Memory per idle proxied connection, gateway A (KiB)" per_conn.A raw
   row "Memory per idle proxied connection, gateway B (KiB)" per_conn.B raw
-  printf '| Gateway CPU s per 1,000 keep-alive requests (A+B) | - | %s | %s |\n' \
-    "$(per strait ka.cpu ka.requests 1000)" "$(per haproxy ka.cpu ka.requests 1000)"
-  printf '| Gateway CPU s per 1,000 new connections (A+B) | - | %s | %s |\n' \
-    "$(per strait nc.cpu nc.requests 1000)" "$(per haproxy nc.cpu nc.requests 1000)"
-  printf '| Gateway CPU s per GB moved (A+B, iperf3) | - | %s | %s |\n' \
-    "$(per strait iperf.cpu iperf.bytes 1000000000)" "$(per haproxy iperf.cpu iperf.bytes 1000000000)"
+  per_row "Gateway CPU s per 1,000 keep-alive requests (A+B)" ka.cpu ka.requests 1000
+  per_row "Gateway CPU s per 1,000 new connections (A+B)" nc.cpu nc.requests 1000
+  per_row "Gateway CPU s per GB moved (A+B, iperf3)" iperf.cpu iperf.bytes 1000000000
   echo
   echo "## Ratios"
   echo
@@ -829,6 +868,10 @@ report() {
   ratio_row "keep-alive p99 (strait / haproxy)" "${R[strait:ka.p99]:-NA}" "${R[haproxy:ka.p99]:-NA}" "<=" 1.0 x
   ratio_row "new-connection req/s (strait / direct)" "${R[strait:nc.rps]:-NA}" "${R[direct:nc.rps]:-NA}" ">=" 0.5 x
   ratio_row "iperf3 throughput (strait / haproxy)" "${R[strait:iperf.bps]:-NA}" "${R[haproxy:iperf.bps]:-NA}" ">=" 1.0 x
+  if ((RELAY)); then # context, not targets: the same ratios for two hops without encryption
+    ratio_row "context: keep-alive req/s (relay / haproxy)" "${R[relay:ka.rps]:-NA}" "${R[haproxy:ka.rps]:-NA}" ">=" 1.3 x
+    ratio_row "context: new-connection req/s (relay / direct)" "${R[relay:nc.rps]:-NA}" "${R[direct:nc.rps]:-NA}" ">=" 0.5 x
+  fi
   local role
   for role in A B; do
     ratio_row "strait idle RSS (steady), gateway $role (MiB)" "${R[strait:rss_steady.$role]:-NA}" 1024 "<=" 10 " MiB"
@@ -861,6 +904,11 @@ report() {
     "${R[haproxy:tls_reused]:-n/a} resumed TLS handshakes ($(pct "${R[haproxy:tls_reused]:-}" \
       "$(sum "${R[haproxy:tls_full]:-}" "${R[haproxy:tls_reused]:-}")") resumed)." \
     "In mode tcp every client TCP connection is its own TLS connection (no pooling); keep-alive is end to end."
+  if ((RELAY)); then
+    echo "- relay (RELAY=1): the same HAProxy pair with no TLS between the two, i.e. two plain TCP relay hops;" \
+      "not a target, but what any two-gateway path costs on this machine before encryption." \
+      "Its \"context\" ratios say how far the same targets are from an unencrypted pair."
+  fi
   echo "- Caveat: this is the distro HAProxy build linked against OpenSSL 3.0, which HAProxy upstream reports as" \
     "clearly slower than OpenSSL 1.1.1 for TLS handshakes with several threads; the new-connection column inherits that."
   local pki_note="\`strait pki init\` / \`strait pki issue\`"
@@ -889,8 +937,9 @@ main() {
   mkdir -p "$WORK/logs" "$WORK/results"
   log "workdir $WORK"
   read -r P_NGINX P_IPERF P_SA_TUNNEL P_SA_ADMIN P_SB_TUNNEL P_SB_ADMIN P_SB_NGINX P_SB_IPERF \
-    P_HA_NGINX P_HA_IPERF P_HB_NGINX P_HB_IPERF <<<"$(alloc_ports 12)"
-  [[ -n ${P_HB_IPERF:-} ]] || die "could not allocate ports"
+    P_HA_NGINX P_HA_IPERF P_HB_NGINX P_HB_IPERF P_RA_NGINX P_RA_IPERF P_RB_NGINX P_RB_IPERF \
+    <<<"$(alloc_ports 16)"
+  [[ -n ${P_RB_IPERF:-} ]] || die "could not allocate ports"
 
   setup_pki
   start_nginx
@@ -899,6 +948,8 @@ main() {
   bench_direct
   bench_strait
   bench_haproxy
+  bench_relay
+  ((!RELAY)) || COLS+=(relay)
 
   mkdir -p "$OUT_DIR"
   local out
