@@ -334,13 +334,25 @@ fn drill_cmd(cmd: DrillCmd) -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     raise_fd_limit();
     let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("STRAIT_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(n) = worker_threads(std::env::var("STRAIT_WORKER_THREADS").ok().as_deref())? {
         b.worker_threads(n);
     }
     Ok(b.enable_all().build()?)
+}
+
+/// The runtime's worker threads from `STRAIT_WORKER_THREADS` (docs/OPERATIONS.md "Worker
+/// threads"): unset or empty keeps tokio's default, one per CPU.
+fn worker_threads(value: Option<&str>) -> anyhow::Result<Option<usize>> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => bail!(
+            "STRAIT_WORKER_THREADS={v:?} is not a thread count: give a whole number of at \
+             least 1, or unset it for one thread per CPU"
+        ),
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -494,6 +506,26 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
                 ca.join(CA_CERT_FILE).display()
             );
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn worker_threads_takes_a_positive_count_and_names_the_variable_otherwise() {
+        assert_eq!(worker_threads(None).unwrap(), None);
+        assert_eq!(worker_threads(Some(" ")).unwrap(), None);
+        assert_eq!(worker_threads(Some("1")).unwrap(), Some(1));
+        assert_eq!(worker_threads(Some(" 4 ")).unwrap(), Some(4));
+        for bad in ["0", "-1", "two", "1.5"] {
+            let e = worker_threads(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("STRAIT_WORKER_THREADS") && e.contains(bad),
+                "{e}"
+            );
         }
     }
 }
