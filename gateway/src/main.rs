@@ -1,6 +1,8 @@
 //! The `strait` command: run a gateway, check a config, manage the federation PKI, or
 //! start the local demo federation.
 
+use std::ffi::OsStr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -334,25 +336,30 @@ fn drill_cmd(cmd: DrillCmd) -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     raise_fd_limit();
     let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads(std::env::var("STRAIT_WORKER_THREADS").ok().as_deref())? {
-        b.worker_threads(n);
+    if let Some(n) = worker_threads(std::env::var_os("STRAIT_WORKER_THREADS").as_deref())? {
+        b.worker_threads(n.get());
     }
     Ok(b.enable_all().build()?)
 }
 
 /// The runtime's worker threads from `STRAIT_WORKER_THREADS` (docs/OPERATIONS.md "Worker
 /// threads"): unset or empty keeps tokio's default, one per CPU.
-fn worker_threads(value: Option<&str>) -> anyhow::Result<Option<usize>> {
-    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+fn worker_threads(value: Option<&OsStr>) -> anyhow::Result<Option<NonZeroUsize>> {
+    // Bytes that are not UTF-8 become U+FFFD, which no count parses as.
+    let Some(v) = value.map(OsStr::to_string_lossy) else {
         return Ok(None);
     };
-    match v.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(Some(n)),
-        _ => bail!(
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let n = v.parse().with_context(|| {
+        format!(
             "STRAIT_WORKER_THREADS={v:?} is not a thread count: give a whole number of at \
              least 1, or unset it for one thread per CPU"
-        ),
-    }
+        )
+    })?;
+    Ok(Some(n))
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -512,20 +519,29 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::ffi::OsStr;
+    use std::num::NonZeroUsize;
+    use std::os::unix::ffi::OsStrExt;
+
     use super::worker_threads;
 
     #[test]
     fn worker_threads_takes_a_positive_count_and_names_the_variable_otherwise() {
+        let threads = |v: &str| worker_threads(Some(OsStr::new(v)));
         assert_eq!(worker_threads(None).unwrap(), None);
-        assert_eq!(worker_threads(Some(" ")).unwrap(), None);
-        assert_eq!(worker_threads(Some("1")).unwrap(), Some(1));
-        assert_eq!(worker_threads(Some(" 4 ")).unwrap(), Some(4));
+        assert_eq!(threads(" ").unwrap(), None);
+        assert_eq!(threads("1").unwrap().map(NonZeroUsize::get), Some(1));
+        assert_eq!(threads(" 4 ").unwrap().map(NonZeroUsize::get), Some(4));
         for bad in ["0", "-1", "two", "1.5"] {
-            let e = worker_threads(Some(bad)).unwrap_err().to_string();
+            let e = threads(bad).unwrap_err().to_string();
             assert!(
                 e.contains("STRAIT_WORKER_THREADS") && e.contains(bad),
                 "{e}"
             );
         }
+        // Not UTF-8 (an environment can hold any bytes): refused, not ignored.
+        let not_utf8 = OsStr::from_bytes(b"2\xff");
+        let e = worker_threads(Some(not_utf8)).unwrap_err().to_string();
+        assert!(e.contains("STRAIT_WORKER_THREADS"), "{e}");
     }
 }

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# keepalive-pair.sh - HTTP requests through a strait gateway pair on loopback, for several
+# binaries in interleaved rounds: the quick look behind docs/BENCHMARKS.md's issue-15
+# per-request figures (the full comparison with HAProxy is gateway-bench.sh).
+#
+#   bash bench/keepalive-pair.sh BINARY...
+#
+# nginx serves a 1 KiB file; gateway B imports it from gateway A; `wrk -t2 -c16` runs
+# DURATION seconds through B after a 1 s warm-up. Per load it prints req/s, each gateway's
+# CPU µs per request (and the user-space part) and its context switches per request
+# (voluntary + involuntary, all threads). PERF_STAT=1 also counts gateway B's syscalls and
+# scheduler events per request with `perf stat` tracepoints (cheap, unlike strace, which
+# serialises the threads). Environment: ROUNDS (3), DURATION (5), THREADS
+# (STRAIT_WORKER_THREADS, 2), CLOSE=1 for `Connection: close`. Needs nginx, wrk, curl,
+# python3 (and perf for PERF_STAT=1). KEEP_WORK=1 keeps the temp dir (configs, logs).
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+THREADS=${THREADS:-2}
+CLOSE=${CLOSE:-0}
+PERF_STAT=${PERF_STAT:-0}
+(($# > 0)) || { echo "usage: $0 STRAIT_BINARY..." >&2; exit 2; }
+for b in "$@"; do [[ -x $b ]] || { echo "not an executable: $b" >&2; exit 2; }; done
+for t in nginx wrk curl python3; do
+  command -v "$t" >/dev/null || { echo "needs $t (apt-get install $t)" >&2; exit 2; }
+done
+((!PERF_STAT)) || command -v perf >/dev/null || { echo "PERF_STAT=1 needs perf" >&2; exit 2; }
+
+WORK=$(mktemp -d /tmp/strait-keepalive.XXXXXX)
+NGINX=""
+GATEWAYS=()
+stop_gateways() {
+  ((${#GATEWAYS[@]})) || return 0
+  kill -9 "${GATEWAYS[@]}" 2>/dev/null || true
+  for p in "${GATEWAYS[@]}"; do wait "$p" 2>/dev/null || true; done
+  GATEWAYS=()
+}
+cleanup() {
+  stop_gateways
+  if [[ -n $NGINX ]]; then kill -TERM "$NGINX" 2>/dev/null || true; wait "$NGINX" 2>/dev/null || true; fi
+  [[ -n ${KEEP_WORK:-} ]] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+read -r P_NGINX P_TA P_TB P_AA P_AB P_IMPORT <<<"$(python3 - <<'EOF'
+import socket
+held, ports = [], []
+while len(ports) < 6:
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p))
+    except OSError:
+        t.close(); continue
+    held += [t, u]; ports.append(p)
+print(*ports)
+EOF
+)"
+
+mkdir -p "$WORK/www"
+head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
+chmod a+rX "$WORK" "$WORK/www" "$WORK/www/1k.bin" # nginx's workers run as another user
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$P_NGINX; root $WORK/www; }
+}
+EOF
+nginx -c "$WORK/nginx.conf" -p "$WORK" &
+NGINX=$!
+
+"$1" pki init --dir "$WORK/ca" --trust-domain keepalive.strait >/dev/null
+for id in ka-a ka-b; do "$1" pki issue --ca "$WORK/ca" --cluster "$id" --out "$WORK" >/dev/null; done
+[[ -e $WORK/ca.pem ]] || cp "$WORK/ca/ca.pem" "$WORK/"
+cat >"$WORK/a.yaml" <<EOF
+cluster: ka-a
+region: bench
+trust_domain: keepalive.strait
+listen: {tunnel: "127.0.0.1:$P_TA", admin: "127.0.0.1:$P_AA"}
+tls: {ca: ca.pem, cert: ka-a.pem, key: ka-a.key}
+exports:
+  - name: web
+    namespace: bench
+    ports: [{name: http, port: 80, target_port: $P_NGINX}]
+    endpoints: [{address: 127.0.0.1}]
+EOF
+cat >"$WORK/b.yaml" <<EOF
+cluster: ka-b
+region: bench
+trust_domain: keepalive.strait
+listen: {tunnel: "127.0.0.1:$P_TB", admin: "127.0.0.1:$P_AB"}
+tls: {ca: ca.pem, cert: ka-b.pem, key: ka-b.key}
+peers: [{cluster: ka-a, address: "127.0.0.1:$P_TA"}]
+imports:
+  - name: web
+    namespace: bench
+    address: 127.0.0.1
+    ports: [{name: http, port: 80, listen_port: $P_IMPORT}]
+    clusters: [ka-a]
+EOF
+
+# counters PID -> "cpu_ticks user_ticks voluntary involuntary" over all its threads
+counters() {
+  local f
+  read -r -a f <"/proc/$1/stat"
+  cat /proc/"$1"/task/*/status | awk -v t=$((f[13] + f[14])) -v u="${f[13]}" '
+    /^voluntary_ctxt/ { v += $2 } /^nonvoluntary_ctxt/ { n += $2 }
+    END { print t, u, v, n }'
+}
+
+gateway() { # gateway BINARY a|b
+  cd "$WORK" && STRAIT_WORKER_THREADS=$THREADS RUST_LOG=warn \
+    exec "$1" run --config "$2.yaml" >"$WORK/$2.log" 2>&1
+}
+
+url=http://127.0.0.1:$P_IMPORT/1k.bin
+wrk_args=(-t2 -c16)
+((!CLOSE)) || wrk_args+=(-H 'Connection: close')
+events=raw_syscalls:sys_enter,syscalls:sys_enter_futex,syscalls:sys_enter_sendmsg
+events+=,syscalls:sys_enter_recvmmsg,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_writev
+events+=,syscalls:sys_enter_recvfrom,syscalls:sys_enter_accept4,syscalls:sys_enter_connect
+events+=,sched:sched_switch,sched:sched_wakeup
+hz=$(getconf CLK_TCK)
+
+for r in $(seq "$ROUNDS"); do
+  for bin in "$@"; do
+    gateway "$bin" a & a=$!; GATEWAYS+=("$a")
+    gateway "$bin" b & b=$!; GATEWAYS+=("$b")
+    for i in $(seq 100); do
+      curl -sf -o /dev/null "$url" && break
+      ((i < 100)) || { tail -n3 "$WORK"/*.log "$WORK/nginx.err" >&2; echo "pair not serving" >&2; exit 1; }
+      sleep 0.1
+    done
+    wrk "${wrk_args[@]}" -d1s "$url" >/dev/null
+    read -r a0 <<<"$(counters "$a")"; read -r b0 <<<"$(counters "$b")"
+    perf_pid=""
+    if ((PERF_STAT)); then
+      timeout -s INT "$DURATION" perf stat -x, -o "$WORK/perf.csv" -e "$events" -p "$b" &
+      perf_pid=$!
+    fi
+    out=$(wrk "${wrk_args[@]}" -d"${DURATION}s" "$url")
+    [[ -z $perf_pid ]] || wait "$perf_pid" || true
+    read -r a1 <<<"$(counters "$a")"; read -r b1 <<<"$(counters "$b")"
+    n=$(awk '/requests in/ { print $1 }' <<<"$out")
+    python3 - "$bin" "$n" "$DURATION" "$hz" "$a0" "$a1" "$b0" "$b1" <<'EOF'
+import os, sys
+bin, n, d, hz = os.path.basename(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def per(before, after):
+    b, a = [int(x) for x in before.split()], [int(x) for x in after.split()]
+    cpu, user, vol, inv = [(y - x) for x, y in zip(b, a)]
+    return "%.1f µs (user %.1f), %.2f+%.2f switches" % (
+        cpu / hz * 1e6 / n, user / hz * 1e6 / n, vol / n, inv / n)
+print("%-20s %7.0f req/s | A %s | B %s" % (
+    bin, n / d, per(sys.argv[5], sys.argv[6]), per(sys.argv[7], sys.argv[8])))
+EOF
+    if ((PERF_STAT)); then
+      awk -F, -v n="$n" '$3 ~ /:/ { printf "    B %-34s %.2f per request\n", $3, $1 / n }' "$WORK/perf.csv"
+    fi
+    stop_gateways
+  done
+done
