@@ -10,7 +10,8 @@
 # CPU µs per request (and the user-space part) and its context switches per request
 # (voluntary + involuntary, all threads). PERF_STAT=1 also counts gateway B's syscalls and
 # scheduler events per request with `perf stat` tracepoints (cheap, unlike strace, which
-# serialises the threads). Environment: ROUNDS (3), DURATION (5), THREADS
+# serialises the threads). PERF_RECORD=1 instead samples gateway B (`perf record`, cpu-clock)
+# and prints its 25 hottest symbols, user space and kernel. Environment: ROUNDS (3), DURATION (5), THREADS
 # (STRAIT_WORKER_THREADS, 2), CLOSE=1 for `Connection: close`. Needs nginx, wrk, curl,
 # python3 (and perf for PERF_STAT=1). KEEP_WORK=1 keeps the temp dir (configs, logs).
 set -euo pipefail
@@ -20,12 +21,14 @@ DURATION=${DURATION:-5}
 THREADS=${THREADS:-2}
 CLOSE=${CLOSE:-0}
 PERF_STAT=${PERF_STAT:-0}
+PERF_RECORD=${PERF_RECORD:-0}
 (($# > 0)) || { echo "usage: $0 STRAIT_BINARY..." >&2; exit 2; }
 for b in "$@"; do [[ -x $b ]] || { echo "not an executable: $b" >&2; exit 2; }; done
 for t in nginx wrk curl python3; do
   command -v "$t" >/dev/null || { echo "needs $t (apt-get install $t)" >&2; exit 2; }
 done
-((!PERF_STAT)) || command -v perf >/dev/null || { echo "PERF_STAT=1 needs perf" >&2; exit 2; }
+((!PERF_STAT && !PERF_RECORD)) || command -v perf >/dev/null || { echo "PERF_STAT / PERF_RECORD need perf" >&2; exit 2; }
+((!(PERF_STAT && PERF_RECORD))) || { echo "PERF_STAT and PERF_RECORD: one at a time" >&2; exit 2; }
 
 WORK=$(mktemp -d /tmp/strait-keepalive.XXXXXX)
 NGINX=""
@@ -144,6 +147,9 @@ for r in $(seq "$ROUNDS"); do
     if ((PERF_STAT)); then
       timeout -s INT "$DURATION" perf stat -x, -o "$WORK/perf.csv" -e "$events" -p "$b" &
       perf_pid=$!
+    elif ((PERF_RECORD)); then
+      timeout -s INT "$DURATION" perf record -q -e cpu-clock -o "$WORK/perf.data" -p "$b" 2>/dev/null &
+      perf_pid=$!
     fi
     out=$(wrk "${wrk_args[@]}" -d"${DURATION}s" "$url")
     [[ -z $perf_pid ]] || wait "$perf_pid" || true
@@ -162,6 +168,9 @@ print("%-20s %7.0f req/s | A %s | B %s" % (
 EOF
     if ((PERF_STAT)); then
       awk -F, -v n="$n" '$3 ~ /:/ { printf "    B %-34s %.2f per request\n", $3, $1 / n }' "$WORK/perf.csv"
+    elif ((PERF_RECORD)); then
+      perf report -q -i "$WORK/perf.data" --sort dso,symbol --percent-limit 0.5 2>/dev/null |
+        sed 's/[[:space:]-]*$//' | grep . | head -n 25 | sed 's/^/    B /'
     fi
     stop_gateways
   done
