@@ -116,24 +116,6 @@ dump_log() { # dump_log NAME: tail of every $WORK/logs/NAME*.log
   done
 }
 
-# alloc_ports N: N distinct ports on 127.0.0.1, each free for TCP *and* UDP
-# (sockets are held until all are chosen, so the N ports never repeat).
-alloc_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-n, held, ports = int(sys.argv[1]), [], []
-while len(ports) < n:
-    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("127.0.0.1", p))
-    except OSError:
-        t.close(); u.close(); continue
-    held += [t, u]; ports.append(p)
-print(" ".join(map(str, ports)))
-EOF
-}
-
 tcp_open() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
 # wait_until NAME PID CMD...: poll CMD every 100 ms for up to READY_TIMEOUT s,
@@ -346,8 +328,8 @@ start_iperf_server() {
 }
 
 # ------------------------------------------------------------------ strait --
-# shellcheck source=tunnel-yaml.sh
-source "$(dirname "${BASH_SOURCE[0]}")/tunnel-yaml.sh"
+# shellcheck source=pair-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pair-lib.sh" # free_ports, tunnel_yaml
 
 write_strait_configs() {
   cat >"$WORK/pki/bench-a.yaml" <<EOF
@@ -943,7 +925,7 @@ main() {
   log "workdir $WORK"
   read -r P_NGINX P_IPERF P_SA_TUNNEL P_SA_ADMIN P_SB_TUNNEL P_SB_ADMIN P_SB_NGINX P_SB_IPERF \
     P_HA_NGINX P_HA_IPERF P_HB_NGINX P_HB_IPERF P_RA_NGINX P_RA_IPERF P_RB_NGINX P_RB_IPERF \
-    <<<"$(alloc_ports 16)"
+    <<<"$(free_ports 16)"
   [[ -n ${P_RB_IPERF:-} ]] || die "could not allocate ports"
 
   setup_pki

@@ -8,12 +8,17 @@
 # nginx serves a 1 KiB file; gateway B imports it from gateway A; `wrk -t2 -c16` runs
 # DURATION seconds through B after a 1 s warm-up. Per load it prints req/s, each gateway's
 # CPU µs per request (and the user-space part) and its context switches per request
-# (voluntary + involuntary, all threads). PERF_STAT=1 also counts gateway B's syscalls and
-# scheduler events per request with `perf stat` tracepoints (cheap, unlike strace, which
-# serialises the threads). PERF_RECORD=1 instead samples gateway B (`perf record`, cpu-clock)
-# and prints its 25 hottest symbols, user space and kernel. Environment: ROUNDS (3), DURATION (5), THREADS
-# (STRAIT_WORKER_THREADS, 2), CLOSE=1 for `Connection: close`. Needs nginx, wrk, curl,
-# python3 (and perf for PERF_STAT=1). KEEP_WORK=1 keeps the temp dir (configs, logs).
+# (voluntary + involuntary, all threads).
+#
+# PERF_STAT=1 also counts gateway B's syscalls and scheduler events per request with
+# `perf stat` tracepoints (cheap, unlike strace, which serialises the threads).
+# PERF_RECORD=1 instead samples gateway B (`perf record`, cpu-clock) and prints its 25
+# hottest symbols, user space and kernel.
+#
+# Environment: ROUNDS (3), DURATION (5), THREADS (STRAIT_WORKER_THREADS, 2), CLOSE=1 for
+# `Connection: close`, STRAIT_TUNNEL (extra `tunnel:` lines, as in tunnel-stream.sh),
+# KEEP_WORK=1 to keep the temp dir (configs, logs). Needs nginx, wrk, curl, python3 (and
+# perf for PERF_STAT / PERF_RECORD).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -46,21 +51,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r P_NGINX P_TA P_TB P_AA P_AB P_IMPORT <<<"$(python3 - <<'EOF'
-import socket
-held, ports = [], []
-while len(ports) < 6:
-    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("127.0.0.1", p))
-    except OSError:
-        t.close(); continue
-    held += [t, u]; ports.append(p)
-print(*ports)
-EOF
-)"
+# shellcheck source=pair-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pair-lib.sh"
 
+read -r P_NGINX P_TA P_TB P_AA P_AB P_IMPORT <<<"$(free_ports 6)"
 mkdir -p "$WORK/www"
 head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
 chmod a+rX "$WORK" "$WORK/www" "$WORK/www/1k.bin" # nginx's workers run as another user
@@ -79,35 +73,9 @@ EOF
 nginx -c "$WORK/nginx.conf" -p "$WORK" &
 NGINX=$!
 
-"$1" pki init --dir "$WORK/ca" --trust-domain keepalive.strait >/dev/null
-for id in ka-a ka-b; do "$1" pki issue --ca "$WORK/ca" --cluster "$id" --out "$WORK" >/dev/null; done
-[[ -e $WORK/ca.pem ]] || cp "$WORK/ca/ca.pem" "$WORK/"
-cat >"$WORK/a.yaml" <<EOF
-cluster: ka-a
-region: bench
-trust_domain: keepalive.strait
-listen: {tunnel: "127.0.0.1:$P_TA", admin: "127.0.0.1:$P_AA"}
-tls: {ca: ca.pem, cert: ka-a.pem, key: ka-a.key}
-exports:
-  - name: web
-    namespace: bench
-    ports: [{name: http, port: 80, target_port: $P_NGINX}]
-    endpoints: [{address: 127.0.0.1}]
-EOF
-cat >"$WORK/b.yaml" <<EOF
-cluster: ka-b
-region: bench
-trust_domain: keepalive.strait
-listen: {tunnel: "127.0.0.1:$P_TB", admin: "127.0.0.1:$P_AB"}
-tls: {ca: ca.pem, cert: ka-b.pem, key: ka-b.key}
-peers: [{cluster: ka-a, address: "127.0.0.1:$P_TA"}]
-imports:
-  - name: web
-    namespace: bench
-    address: 127.0.0.1
-    ports: [{name: http, port: 80, listen_port: $P_IMPORT}]
-    clusters: [ka-a]
-EOF
+pair_pki "$1" "$WORK" keepalive.strait ka-a ka-b
+pair_configs "$WORK" keepalive.strait ka-a ka-b web http "$P_NGINX" "$P_IMPORT" \
+  "$P_TA" "$P_AA" "$P_TB" "$P_AB"
 
 # counters PID -> "cpu_ticks user_ticks voluntary involuntary" over all its threads
 counters() {
@@ -120,7 +88,7 @@ counters() {
 
 gateway() { # gateway BINARY a|b
   cd "$WORK" && STRAIT_WORKER_THREADS=$THREADS RUST_LOG=warn \
-    exec "$1" run --config "$2.yaml" >"$WORK/$2.log" 2>&1
+    exec "$1" run --config "ka-$2.yaml" >"$WORK/$2.log" 2>&1
 }
 
 url=http://127.0.0.1:$P_IMPORT/1k.bin

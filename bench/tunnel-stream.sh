@@ -32,59 +32,13 @@ stop_all() {
 }
 trap 'stop_all; [[ -n ${KEEP_WORK:-} ]] || rm -rf "$WORK"' EXIT
 
-free_ports() { # free_ports N: N distinct free loopback ports (TCP and UDP)
-  python3 - "$1" <<'EOF'
-import socket, sys
-held, ports = [], []
-while len(ports) < int(sys.argv[1]):
-    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("127.0.0.1", p))
-    except OSError:
-        t.close(); continue
-    held += [t, u]; ports.append(p)
-print(*ports)
-EOF
-}
-
-# shellcheck source=tunnel-yaml.sh
-source "$(dirname "${BASH_SOURCE[0]}")/tunnel-yaml.sh"
+# shellcheck source=pair-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pair-lib.sh"
 
 read -r P_IPERF P_TA P_TB P_AA P_AB P_IMPORT <<<"$(free_ports 6)"
-"$1" pki init --dir "$WORK/ca" --trust-domain stream.strait >/dev/null
-for id in stream-a stream-b; do
-  "$1" pki issue --ca "$WORK/ca" --cluster "$id" --out "$WORK" >/dev/null
-done
-[[ -e $WORK/ca.pem ]] || cp "$WORK/ca/ca.pem" "$WORK/"
-cat >"$WORK/stream-a.yaml" <<EOF
-cluster: stream-a
-region: bench
-trust_domain: stream.strait
-listen: {tunnel: "127.0.0.1:$P_TA", admin: "127.0.0.1:$P_AA"}
-tls: {ca: ca.pem, cert: stream-a.pem, key: stream-a.key}
-$(tunnel_yaml)
-exports:
-  - name: iperf
-    namespace: bench
-    ports: [{name: iperf, port: 5201, target_port: $P_IPERF}]
-    endpoints: [{address: 127.0.0.1}]
-EOF
-cat >"$WORK/stream-b.yaml" <<EOF
-cluster: stream-b
-region: bench
-trust_domain: stream.strait
-listen: {tunnel: "127.0.0.1:$P_TB", admin: "127.0.0.1:$P_AB"}
-tls: {ca: ca.pem, cert: stream-b.pem, key: stream-b.key}
-$(tunnel_yaml)
-peers: [{cluster: stream-a, address: "127.0.0.1:$P_TA"}]
-imports:
-  - name: iperf
-    namespace: bench
-    address: 127.0.0.1
-    ports: [{name: iperf, port: 5201, listen_port: $P_IMPORT}]
-    clusters: [stream-a]
-EOF
+pair_pki "$1" "$WORK" stream.strait stream-a stream-b
+pair_configs "$WORK" stream.strait stream-a stream-b iperf iperf "$P_IPERF" "$P_IMPORT" \
+  "$P_TA" "$P_AA" "$P_TB" "$P_AB"
 
 # ticks (utime+stime) and minor faults of both gateways
 usage() {
