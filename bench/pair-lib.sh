@@ -42,26 +42,19 @@ pair_pki() {
 pair_configs() {
   local dir=$1 trust=$2 a=$3 b=$4 service=$5 port_name=$6 target=$7 import=$8
   local ta=$9 aa=${10} tb=${11} ab=${12}
-  cat >"$dir/$a.yaml" <<EOF
-cluster: $a
-region: bench
-trust_domain: $trust
-listen: {tunnel: "127.0.0.1:$ta", admin: "127.0.0.1:$aa"}
-tls: {ca: ca.pem, cert: $a.pem, key: $a.key}
-$(tunnel_yaml)
+  {
+    gateway_head "$a" "$trust" "$ta" "$aa"
+    cat <<EOF
 exports:
   - name: $service
     namespace: bench
     ports: [{name: $port_name, port: 80, target_port: $target}]
     endpoints: [{address: 127.0.0.1}]
 EOF
-  cat >"$dir/$b.yaml" <<EOF
-cluster: $b
-region: bench
-trust_domain: $trust
-listen: {tunnel: "127.0.0.1:$tb", admin: "127.0.0.1:$ab"}
-tls: {ca: ca.pem, cert: $b.pem, key: $b.key}
-$(tunnel_yaml)
+  } >"$dir/$a.yaml"
+  {
+    gateway_head "$b" "$trust" "$tb" "$ab"
+    cat <<EOF
 peers: [{cluster: $a, address: "127.0.0.1:$ta"}]
 imports:
   - name: $service
@@ -69,5 +62,18 @@ imports:
     address: 127.0.0.1
     ports: [{name: $port_name, port: 80, listen_port: $import}]
     clusters: [$a]
+EOF
+  } >"$dir/$b.yaml"
+}
+
+# gateway_head ID TRUST_DOMAIN TUNNEL_PORT ADMIN_PORT: the top of a bench gateway's config.
+gateway_head() {
+  cat <<EOF
+cluster: $1
+region: bench
+trust_domain: $2
+listen: {tunnel: "127.0.0.1:$3", admin: "127.0.0.1:$4"}
+tls: {ca: ca.pem, cert: $1.pem, key: $1.key}
+$(tunnel_yaml)
 EOF
 }
