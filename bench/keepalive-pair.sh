@@ -12,8 +12,8 @@
 #
 # PERF_STAT=1 also counts gateway B's syscalls and scheduler events per request with
 # `perf stat` tracepoints (cheap, unlike strace, which serialises the threads).
-# PERF_RECORD=1 instead samples gateway B (`perf record`, cpu-clock) and prints its 25
-# hottest symbols, user space and kernel.
+# PERF_RECORD=1 instead samples gateway B (`perf record`, cpu-clock) and prints up to 25
+# of its hottest symbols (0.5% or more), user space and kernel.
 #
 # Environment: ROUNDS (3), DURATION (5), THREADS (STRAIT_WORKER_THREADS, 2), CLOSE=1 for
 # `Connection: close`, STRAIT_TUNNEL (extra `tunnel:` lines, as in tunnel-stream.sh),
@@ -38,6 +38,7 @@ done
 WORK=$(mktemp -d /tmp/strait-keepalive.XXXXXX)
 NGINX=""
 GATEWAYS=()
+perf_pid=""
 stop_gateways() {
   ((${#GATEWAYS[@]})) || return 0
   kill -9 "${GATEWAYS[@]}" 2>/dev/null || true
@@ -45,6 +46,7 @@ stop_gateways() {
   GATEWAYS=()
 }
 cleanup() {
+  if [[ -n $perf_pid ]]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true; fi
   stop_gateways
   if [[ -n $NGINX ]]; then kill -TERM "$NGINX" 2>/dev/null || true; wait "$NGINX" 2>/dev/null || true; fi
   [[ -n ${KEEP_WORK:-} ]] || rm -rf "$WORK"
@@ -120,7 +122,7 @@ for r in $(seq "$ROUNDS"); do
       perf_pid=$!
     fi
     out=$(wrk "${wrk_args[@]}" -d"${DURATION}s" "$url")
-    [[ -z $perf_pid ]] || wait "$perf_pid" || true
+    [[ -z $perf_pid ]] || { wait "$perf_pid" || true; perf_pid=""; }
     read -r a1 <<<"$(counters "$a")"; read -r b1 <<<"$(counters "$b")"
     n=$(awk '/requests in/ { print $1 }' <<<"$out")
     python3 - "$bin" "$n" "$DURATION" "$hz" "$a0" "$a1" "$b0" "$b1" <<'EOF'
@@ -137,8 +139,10 @@ EOF
     if ((PERF_STAT)); then
       awk -F, -v n="$n" '$3 ~ /:/ { printf "    B %-34s %.2f per request\n", $3, $1 / n }' "$WORK/perf.csv"
     elif ((PERF_RECORD)); then
+      # awk reads all of its input (no SIGPIPE under pipefail) and keeps the first 25.
       perf report -q -i "$WORK/perf.data" --sort dso,symbol --percent-limit 0.5 2>/dev/null |
-        sed 's/[[:space:]-]*$//' | grep . | head -n 25 | sed 's/^/    B /'
+        awk '{ sub(/[[:space:]-]+$/, "") } NF && ++k <= 25 { print "    B " $0 }' ||
+        echo "    B (no profile: perf record or report failed)"
     fi
     stop_gateways
   done
