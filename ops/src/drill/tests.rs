@@ -129,6 +129,15 @@ fn sample(at_ms: u64, latency_ms: u64, ok: bool) -> Sample {
 }
 
 /// West's traffic to east moves to north when east is killed at 2 s, and returns at 6 s.
+/// The GOOD scenario with `max_broken_connections: limit` beside its failed limit.
+fn good_with_broken_limit(limit: u32) -> Scenario {
+    parse(&GOOD.replace(
+        "max_failed_connections: 0",
+        &format!("max_failed_connections: 0\n  max_broken_connections: {limit}"),
+    ))
+    .unwrap()
+}
+
 fn recording() -> Recording {
     let mut polls = Vec::new();
     let (mut east, mut north) = (0u64, 0u64);
@@ -282,11 +291,7 @@ fn a_victim_that_was_never_a_candidate_is_not_detected() {
 
 #[test]
 fn a_connection_in_flight_when_the_fault_began_is_broken_not_a_failed_new_one() {
-    let s = parse(&GOOD.replace(
-        "max_failed_connections: 0",
-        "max_failed_connections: 0\n  max_broken_connections: 0",
-    ))
-    .unwrap();
+    let s = good_with_broken_limit(0);
     let mut rec = recording();
     // Started 5 ms before the kill at 2 s and reset by it: the crash broke it.
     rec.loads[0].samples[199] = Sample {
@@ -348,11 +353,7 @@ fn a_connection_in_flight_when_the_fault_began_is_broken_not_a_failed_new_one() 
 
 #[test]
 fn a_connection_in_flight_when_any_replica_was_stopped_is_broken() {
-    let s = parse(&GOOD.replace(
-        "max_failed_connections: 0",
-        "max_failed_connections: 0\n  max_broken_connections: 1",
-    ))
-    .unwrap();
+    let s = good_with_broken_limit(1);
     // A rolling restart that stopped one replica at 2 s and the next at 3.5 s.
     let mut rec = recording();
     rec.steps[0].stops = vec![Duration::from_secs(2), Duration::from_millis(3500)];
